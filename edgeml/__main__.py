@@ -1,0 +1,5 @@
+import sys
+
+from edgeml.cli import main
+
+sys.exit(main())

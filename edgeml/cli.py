@@ -1,0 +1,92 @@
+"""The ``edgeml`` command line.
+
+Each verb lives in its own module under :mod:`edgeml.commands` and exposes
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules import their
+heavy dependencies (onnxruntime, scikit-learn, matplotlib) inside ``run`` so that ``edgeml
+--help`` and the daemon's start-up stay fast. The list below is explicit on purpose: no
+registration happens as a side effect of importing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from edgeml import __version__
+from edgeml.errors import EdgemlError
+
+# verb -> module under edgeml.commands (order is the order shown in --help)
+VERBS: tuple[tuple[str, str], ...] = (
+    ("run", "run"),
+    ("demo", "demo"),
+    ("convert", "convert"),
+    ("keygen", "keygen"),
+    ("models", "models"),
+    ("push", "push"),
+    ("promote", "promote"),
+    ("rollback", "rollback"),
+    ("retire", "retire"),
+    ("status", "status"),
+    ("log", "log"),
+    ("replay", "replay"),
+    ("bench", "bench"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeml",
+        description="Edge inference runtime: score MQTT sensor streams with several ONNX "
+        "model versions at once.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeml {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="more log output on stderr (-v info, -vv debug)",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, module_name in VERBS:
+        try:
+            module = importlib.import_module(f"edgeml.commands.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"edgeml.commands.{module_name}":
+                raise
+            continue  # verb not built yet in this checkout
+        p = sub.add_parser(
+            verb, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    """Plain one-line records on stderr: journald adds its own time stamp and unit name."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    try:
+        return int(args._run(args) or 0)
+    except EdgemlError as exc:
+        print(f"edgeml {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
