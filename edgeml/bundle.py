@@ -1,0 +1,811 @@
+"""The ``.edgeml`` bundle: one zip with ``manifest.json``, ``model.onnx`` and, when signed,
+``signature.json``.
+
+Bundles arrive from the network, so the reader trusts nothing: it bounds every member before
+reading it, refuses anything that could write outside a directory, checks the signature over
+the exact manifest bytes *before* it interprets the manifest, and checks the model's sha256
+against the (signed) manifest. Each refusal is its own clear error from :mod:`edgeml.errors`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeml.errors import (
+    BundleFormatError,
+    BundleIntegrityError,
+    BundleSignatureError,
+    SelfTestError,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+MANIFEST_VERSION = 1
+MODEL_MEMBER = "model.onnx"
+MANIFEST_MEMBER = "manifest.json"
+SIGNATURE_MEMBER = "signature.json"
+BUNDLE_SUFFIX = ".edgeml"
+
+#: Default bound on any one member (the model); ``read_bundle(max_bytes=...)`` changes it.
+DEFAULT_MAX_BYTES = 256 * 2**20
+#: The manifest carries the self-test rows, but never needs more than this.
+MAX_MANIFEST_BYTES = 16 * 2**20
+#: signature.json is three short strings.
+MAX_SIGNATURE_BYTES = 4096
+
+SIGNATURE_ALG = "ed25519"
+OUTPUT_KINDS = ("classifier", "regressor", "anomaly")
+INPUT_DTYPES = ("float32",)
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_ALLOWED_MEMBERS = (MANIFEST_MEMBER, MODEL_MEMBER, SIGNATURE_MEMBER)
+_READ_CHUNK = 1 << 16
+# Fixed member time stamps make bundles byte-for-byte reproducible.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def name_is_safe(s: str) -> bool:
+    """True when ``s`` can be a directory name on the device: no separators, no dot-dot,
+    no leading dot or dash, at most 64 ASCII characters."""
+    return isinstance(s, str) and _SAFE_NAME.fullmatch(s) is not None
+
+
+def utc_now_iso() -> str:
+    """The ``created`` stamp the writer's callers should use: ISO-8601 UTC, seconds."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data``, the form recorded in the manifest."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- manifest records -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInput:
+    """What the ONNX graph takes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+    features: tuple[str, ...]
+    window: int | None = None
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def row_width(self) -> int:
+        """Floats per row: ``window * n_features`` for window models, else ``n_features``."""
+        return (self.window or 1) * len(self.features)
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """Which ONNX outputs hold the label and the scores, and what the score columns mean."""
+
+    kind: str
+    label: str | None
+    scores: str | None
+    classes: tuple | None
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    """Rows with the outputs the host saw; the device reproduces them before activation."""
+
+    inputs: tuple[tuple[float, ...], ...]
+    expected_labels: tuple | None
+    expected_scores: tuple[tuple[float, ...], ...] | None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the device needs to trust, feed and check a model."""
+
+    name: str
+    version: str
+    created: str
+    input: ModelInput
+    outputs: ModelOutputs
+    sha256: str
+    size: int
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    self_test: SelfTest | None = None
+    description: str = ""
+    manifest_version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict:
+        """The JSON shape of ``manifest.json`` (plain lists, str keys; numpy values unwrapped)."""
+        st = self.self_test
+        d = {
+            "manifest_version": self.manifest_version,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "description": self.description,
+            "input": {
+                "name": self.input.name,
+                "dtype": self.input.dtype,
+                "shape": list(self.input.shape),
+                "features": list(self.input.features),
+                "window": self.input.window,
+            },
+            "outputs": {
+                "kind": self.outputs.kind,
+                "label": self.outputs.label,
+                "scores": self.outputs.scores,
+                "classes": None if self.outputs.classes is None else list(self.outputs.classes),
+            },
+            "model": {"file": MODEL_MEMBER, "sha256": self.sha256, "size": self.size},
+            "provenance": self.provenance,
+            "metrics": self.metrics,
+            "self_test": None if st is None else {
+                "inputs": [list(r) for r in st.inputs],
+                "expected_labels": None if st.expected_labels is None
+                else list(st.expected_labels),
+                "expected_scores": None if st.expected_scores is None
+                else [list(r) for r in st.expected_scores],
+                "atol": st.atol,
+                "rtol": st.rtol,
+            },
+        }
+        return _jsonable(d, "")
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical bytes: sorted keys, compact separators, UTF-8, strict JSON (no NaN)."""
+        return json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+            allow_nan=False,
+        ).encode("utf-8")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        """Validate every field; :class:`BundleFormatError` names the first bad key."""
+        return _parse_manifest(d)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle in memory."""
+
+    manifest: Manifest
+    model_bytes: bytes
+    manifest_bytes: bytes
+    signer: str | None  # key id of the verified signer; None when unsigned or not verified
+
+
+# --- JSON helpers ---------------------------------------------------------------------------
+def _jsonable(value: Any, path: str) -> Any:
+    """Plain JSON values only: tuples -> lists, numpy scalars/arrays unwrapped, str keys,
+    finite floats. Raises BundleFormatError naming the path of anything else."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BundleFormatError(f"manifest {path or 'value'}: {value} is not finite")
+        return float(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise BundleFormatError(f"manifest {path or 'value'}: key {k!r} is not a string")
+            out[k] = _jsonable(v, f"{path}.{k}" if path else k)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist):
+        return _jsonable(tolist(), path)
+    raise BundleFormatError(
+        f"manifest {path or 'value'}: {type(value).__name__} is not JSON-serialisable"
+    )
+
+
+_TOP_KEYS = {
+    "manifest_version", "name", "version", "created", "description", "input", "outputs",
+    "model", "provenance", "metrics", "self_test",
+}
+_INPUT_KEYS = {"name", "dtype", "shape", "features", "window"}
+_OUTPUT_KEYS = {"kind", "label", "scores", "classes"}
+_MODEL_KEYS = {"file", "sha256", "size"}
+_SELF_TEST_KEYS = {"inputs", "expected_labels", "expected_scores", "atol", "rtol"}
+
+
+def _bad(key: str, msg: str) -> BundleFormatError:
+    return BundleFormatError(f"manifest key {key!r}: {msg}")
+
+
+def _typename(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _table(d: Any, key: str, allowed: set[str], required: set[str]) -> dict:
+    if not isinstance(d, dict):
+        raise _bad(key, f"expected an object, got {_typename(d)}")
+    prefix = f"{key}." if key else ""
+    for k in d:
+        if k not in allowed:
+            raise BundleFormatError(f"manifest key {prefix + str(k)!r}: unknown key")
+    for k in sorted(required):
+        if k not in d:
+            raise BundleFormatError(f"manifest key {prefix + k!r}: missing")
+    return d
+
+
+def _str(v: Any, key: str, *, nonempty: bool = True) -> str:
+    if not isinstance(v, str):
+        raise _bad(key, f"expected a string, got {_typename(v)}")
+    if nonempty and not v:
+        raise _bad(key, "must not be empty")
+    return v
+
+
+def _opt_str(v: Any, key: str) -> str | None:
+    return None if v is None else _str(v, key)
+
+
+def _int(v: Any, key: str, *, minimum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(key, f"expected an integer, got {_typename(v)}")
+    if minimum is not None and v < minimum:
+        raise _bad(key, f"must be >= {minimum}, got {v}")
+    return v
+
+
+def _num(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(key, f"expected a number, got {_typename(v)}")
+    if not math.isfinite(v):
+        raise _bad(key, f"must be finite, got {v}")
+    return float(v)
+
+
+def _list(v: Any, key: str) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise _bad(key, f"expected a list, got {_typename(v)}")
+    return list(v)
+
+
+def _label(v: Any, key: str) -> str | int | float:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise _bad(key, f"expected a string or number, got {_typename(v)}")
+    return v
+
+
+def _name(v: Any, key: str) -> str:
+    s = _str(v, key)
+    if not name_is_safe(s):
+        raise _bad(key, f"{s!r} is not a safe name (1-64 of A-Z a-z 0-9 . _ -, starting "
+                   "with a letter or digit)")
+    return s
+
+
+def _parse_input(d: Any) -> ModelInput:
+    t = _table(d, "input", _INPUT_KEYS, {"name", "dtype", "shape", "features"})
+    name = _str(t["name"], "input.name")
+    dtype = _str(t["dtype"], "input.dtype")
+    if dtype not in INPUT_DTYPES:
+        raise _bad("input.dtype", f"{dtype!r} is not supported (supported: "
+                   f"{', '.join(INPUT_DTYPES)})")
+    shape_list = _list(t["shape"], "input.shape")
+    if len(shape_list) not in (2, 3):
+        raise _bad("input.shape", f"expected 2 or 3 dimensions, got {len(shape_list)}")
+    shape: list[int | None] = []
+    for i, dim in enumerate(shape_list):
+        shape.append(None if dim is None else _int(dim, f"input.shape[{i}]", minimum=1))
+    features_list = _list(t["features"], "input.features")
+    if not features_list:
+        raise _bad("input.features", "must not be empty")
+    features = tuple(_str(f, f"input.features[{i}]") for i, f in enumerate(features_list))
+    if len(set(features)) != len(features):
+        raise _bad("input.features", "feature names must be unique")
+    window_raw = t.get("window")
+    window = None if window_raw is None else _int(window_raw, "input.window", minimum=1)
+    n = len(features)
+    if window is None:
+        if len(shape) != 2 or shape[1] not in (None, n):
+            raise _bad("input.shape", f"{shape} does not fit {n} features per row "
+                       "(expected [null, n_features] for a sample model)")
+    elif len(shape) == 2:
+        if shape[1] not in (None, window * n):
+            raise _bad("input.shape", f"{shape} does not fit a window of {window} x {n} "
+                       f"features (expected [null, {window * n}])")
+    elif shape[1] not in (None, window) or shape[2] not in (None, n):
+        raise _bad("input.shape", f"{shape} does not fit a window of {window} x {n} "
+                   f"features (expected [null, {window}, {n}])")
+    return ModelInput(name=name, dtype=dtype, shape=tuple(shape), features=features,
+                      window=window)
+
+
+def _parse_outputs(d: Any) -> ModelOutputs:
+    t = _table(d, "outputs", _OUTPUT_KEYS, {"kind"})
+    kind = _str(t["kind"], "outputs.kind")
+    if kind not in OUTPUT_KINDS:
+        raise _bad("outputs.kind", f"{kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    label = _opt_str(t.get("label"), "outputs.label")
+    scores = _opt_str(t.get("scores"), "outputs.scores")
+    if label is None and scores is None:
+        raise _bad("outputs", "at least one of 'label' and 'scores' must name an output")
+    classes_raw = t.get("classes")
+    classes: tuple | None = None
+    if classes_raw is not None:
+        items = _list(classes_raw, "outputs.classes")
+        for i, c in enumerate(items):
+            if isinstance(c, bool) or not isinstance(c, (str, int)):
+                raise _bad(f"outputs.classes[{i}]",
+                           f"expected a string or integer, got {_typename(c)}")
+        if len(set(items)) != len(items):
+            raise _bad("outputs.classes", "class labels must be unique")
+        classes = tuple(items)
+    if kind == "classifier" and not classes:
+        raise _bad("outputs.classes", "a classifier needs its class labels")
+    return ModelOutputs(kind=kind, label=label, scores=scores, classes=classes)
+
+
+def _parse_self_test(d: Any, model_input: ModelInput) -> SelfTest | None:
+    if d is None:
+        return None
+    t = _table(d, "self_test", _SELF_TEST_KEYS, {"inputs"})
+    rows = _list(t["inputs"], "self_test.inputs")
+    if not rows:
+        raise _bad("self_test.inputs", "must hold at least one row")
+    width = model_input.row_width
+    inputs = []
+    for i, row in enumerate(rows):
+        r = _list(row, f"self_test.inputs[{i}]")
+        if len(r) != width:
+            raise _bad(f"self_test.inputs[{i}]", f"has {len(r)} values, the input takes {width}")
+        inputs.append(tuple(_num(v, f"self_test.inputs[{i}][{j}]") for j, v in enumerate(r)))
+    labels: tuple | None = None
+    if t.get("expected_labels") is not None:
+        raw = _list(t["expected_labels"], "self_test.expected_labels")
+        if len(raw) != len(inputs):
+            raise _bad("self_test.expected_labels",
+                       f"has {len(raw)} entries for {len(inputs)} input rows")
+        labels = tuple(_label(v, f"self_test.expected_labels[{i}]") for i, v in enumerate(raw))
+    scores: tuple | None = None
+    if t.get("expected_scores") is not None:
+        raw = _list(t["expected_scores"], "self_test.expected_scores")
+        if len(raw) != len(inputs):
+            raise _bad("self_test.expected_scores",
+                       f"has {len(raw)} rows for {len(inputs)} input rows")
+        out = []
+        for i, row in enumerate(raw):
+            r = _list(row, f"self_test.expected_scores[{i}]")
+            out.append(tuple(_num(v, f"self_test.expected_scores[{i}][{j}]")
+                             for j, v in enumerate(r)))
+        if len({len(r) for r in out}) > 1:
+            raise _bad("self_test.expected_scores", "rows differ in length")
+        scores = tuple(out)
+    atol = _num(t.get("atol", 1e-4), "self_test.atol")
+    rtol = _num(t.get("rtol", 1e-3), "self_test.rtol")
+    if atol < 0 or rtol < 0:
+        raise _bad("self_test", "atol and rtol must be >= 0")
+    return SelfTest(inputs=tuple(inputs), expected_labels=labels, expected_scores=scores,
+                    atol=atol, rtol=rtol)
+
+
+def _parse_dict(v: Any, key: str) -> dict:
+    if not isinstance(v, dict):
+        raise _bad(key, f"expected an object, got {_typename(v)}")
+    for k in v:
+        if not isinstance(k, str):
+            raise _bad(key, f"key {k!r} is not a string")
+    return dict(v)
+
+
+def _parse_manifest(d: Any) -> Manifest:
+    if not isinstance(d, dict):
+        raise BundleFormatError(f"manifest: expected a JSON object, got {_typename(d)}")
+    # The version decides the schema, so check it before anything else.
+    if "manifest_version" not in d:
+        raise _bad("manifest_version", "missing")
+    mv = d["manifest_version"]
+    if isinstance(mv, bool) or not isinstance(mv, int):
+        raise _bad("manifest_version", f"expected an integer, got {_typename(mv)}")
+    if mv != MANIFEST_VERSION:
+        raise BundleFormatError(
+            f"unknown manifest_version {mv}: this edgeml reads version {MANIFEST_VERSION}"
+        )
+    _table(d, "", _TOP_KEYS, {"name", "version", "created", "input", "outputs", "model"})
+    name = _name(d["name"], "name")
+    version = _name(d["version"], "version")
+    created = _str(d["created"], "created")
+    try:
+        stamp = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except ValueError:
+        raise _bad("created", f"{created!r} is not an ISO-8601 time") from None
+    if stamp.tzinfo is None or stamp.utcoffset() != timezone.utc.utcoffset(None):
+        raise _bad("created", f"{created!r} must be UTC (end in 'Z' or '+00:00')")
+    description = _str(d.get("description", ""), "description", nonempty=False)
+    model_input = _parse_input(d["input"])
+    outputs = _parse_outputs(d["outputs"])
+    model = _table(d["model"], "model", _MODEL_KEYS, _MODEL_KEYS)
+    if model["file"] != MODEL_MEMBER:
+        raise _bad("model.file", f"must be {MODEL_MEMBER!r}, got {model['file']!r}")
+    sha = _str(model["sha256"], "model.sha256")
+    if not _SHA256_HEX.fullmatch(sha):
+        raise _bad("model.sha256", "expected 64 lowercase hex digits")
+    size = _int(model["size"], "model.size", minimum=1)
+    provenance = _parse_dict(d.get("provenance", {}), "provenance")
+    metrics = _parse_dict(d.get("metrics", {}), "metrics")
+    self_test = _parse_self_test(d.get("self_test"), model_input)
+    return Manifest(
+        name=name, version=version, created=created, input=model_input, outputs=outputs,
+        sha256=sha, size=size, provenance=provenance, metrics=metrics, self_test=self_test,
+        description=description, manifest_version=mv,
+    )
+
+
+# --- signatures -----------------------------------------------------------------------------
+def _key_id(public_key: Ed25519PublicKey) -> str:
+    from edgeml.keys import key_id
+
+    return key_id(public_key)
+
+
+def _signature_bytes(manifest_bytes: bytes, sign_key: Ed25519PrivateKey) -> bytes:
+    doc = {
+        "alg": SIGNATURE_ALG,
+        "key_id": _key_id(sign_key.public_key()),
+        "sig": base64.b64encode(sign_key.sign(manifest_bytes)).decode("ascii"),
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _parse_signature(raw: bytes) -> tuple[str, bytes]:
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleSignatureError(f"malformed {SIGNATURE_MEMBER}: not JSON ({exc})") from exc
+    if not isinstance(doc, dict) or set(doc) != {"alg", "key_id", "sig"}:
+        raise BundleSignatureError(
+            f"malformed {SIGNATURE_MEMBER}: expected exactly the keys alg, key_id, sig"
+        )
+    if doc["alg"] != SIGNATURE_ALG:
+        raise BundleSignatureError(
+            f"unsupported signature alg {doc['alg']!r} (only {SIGNATURE_ALG!r})"
+        )
+    kid = doc["key_id"]
+    if not isinstance(kid, str) or not re.fullmatch(r"[0-9a-f]{16}", kid):
+        raise BundleSignatureError(f"malformed {SIGNATURE_MEMBER}: bad key_id {kid!r}")
+    try:
+        sig = base64.b64decode(doc["sig"], validate=True)
+    except (TypeError, binascii.Error) as exc:
+        raise BundleSignatureError(f"malformed {SIGNATURE_MEMBER}: sig is not base64") from exc
+    if len(sig) != 64:
+        raise BundleSignatureError(
+            f"malformed {SIGNATURE_MEMBER}: an Ed25519 signature has 64 bytes, got {len(sig)}"
+        )
+    return kid, sig
+
+
+def _verify(
+    manifest_bytes: bytes,
+    signature_raw: bytes | None,
+    trusted_keys: Sequence[Ed25519PublicKey],
+    required: bool,
+) -> str | None:
+    if signature_raw is None:
+        if required:
+            raise BundleSignatureError(
+                "bundle is unsigned but a signature is required (trusted keys are configured)"
+            )
+        return None
+    kid, sig = _parse_signature(signature_raw)
+    if not trusted_keys:
+        if required:
+            raise BundleSignatureError("a signature is required but no trusted keys were given")
+        return None  # signed, but nothing to check it against: report it as unverified
+    by_id = {_key_id(k): k for k in trusted_keys}
+    key = by_id.get(kid)
+    if key is None:
+        raise BundleSignatureError(
+            f"bundle is signed by key {kid}, which is not trusted "
+            f"(trusted: {', '.join(sorted(by_id))})"
+        )
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        key.verify(sig, manifest_bytes)
+    except InvalidSignature as exc:
+        raise BundleSignatureError(
+            f"bad signature by key {kid}: manifest.json was changed after signing "
+            "or the signature is corrupt"
+        ) from exc
+    return kid
+
+
+# --- writer ---------------------------------------------------------------------------------
+def _zip_info(name: str, compress: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type = compress
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bundle(
+    path: Path,
+    manifest: Manifest,
+    model_bytes: bytes,
+    *,
+    sign_key: Ed25519PrivateKey | None = None,
+) -> Path:
+    """Write a bundle atomically (temp file in the same directory, fsync, rename).
+
+    The manifest is validated by reading it back, and its sha256/size must match
+    ``model_bytes``: the writer never produces a bundle its own reader would refuse.
+    """
+    path = Path(path)
+    manifest_bytes = manifest.to_json_bytes()
+    Manifest.from_dict(json.loads(manifest_bytes))
+    actual = sha256_hex(model_bytes)
+    if actual != manifest.sha256 or len(model_bytes) != manifest.size:
+        raise BundleIntegrityError(
+            f"manifest says model.onnx has sha256 {manifest.sha256} and {manifest.size} bytes, "
+            f"the model given has {actual} and {len(model_bytes)} bytes"
+        )
+    members = [
+        (MANIFEST_MEMBER, manifest_bytes),
+        (MODEL_MEMBER, bytes(model_bytes)),
+    ]
+    if sign_key is not None:
+        members.append((SIGNATURE_MEMBER, _signature_bytes(manifest_bytes, sign_key)))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w") as zf:
+                for name, data in members:
+                    zf.writestr(_zip_info(name, zipfile.ZIP_DEFLATED), data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+# --- reader ---------------------------------------------------------------------------------
+def _check_member_name(name: str) -> None:
+    if "\\" in name:
+        raise BundleFormatError(f"refusing member {name!r}: backslash in path")
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        raise BundleFormatError(f"refusing member {name!r}: absolute path")
+    if ".." in name.split("/"):
+        raise BundleFormatError(f"refusing member {name!r}: path traversal ('..')")
+    if "\x00" in name:
+        raise BundleFormatError(f"refusing member {name!r}: NUL in name")
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """Read one member without ever holding more than ``limit`` bytes (zip bombs)."""
+    if info.file_size > limit:
+        raise BundleFormatError(
+            f"member {info.filename!r} declares {info.file_size} bytes, over the limit of {limit}"
+        )
+    buf = bytearray()
+    try:
+        with zf.open(info) as fh:
+            while True:
+                chunk = fh.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    raise BundleFormatError(
+                        f"member {info.filename!r} inflates past the limit of {limit} bytes"
+                    )
+    except BundleFormatError:
+        raise
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError,
+            NotImplementedError) as exc:
+        raise BundleFormatError(
+            f"member {info.filename!r} is corrupt or truncated: {exc}"
+        ) from exc
+    if len(buf) != info.file_size:
+        raise BundleFormatError(
+            f"member {info.filename!r} has {len(buf)} bytes, its header says {info.file_size}"
+        )
+    return bytes(buf)
+
+
+def read_bundle(
+    source: Path | bytes,
+    *,
+    trusted_keys: Sequence[Ed25519PublicKey] = (),
+    require_signature: bool | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Bundle:
+    """Read and verify a bundle from a file or from bytes.
+
+    ``require_signature=None`` means "required when trusted keys are given". A signed bundle
+    read without trusted keys is accepted as unverified (``signer`` is None).
+    """
+    required = bool(trusted_keys) if require_signature is None else require_signature
+    label = "bundle" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            zf = zipfile.ZipFile(io.BytesIO(bytes(source)))
+        else:
+            zf = zipfile.ZipFile(os.fspath(source))
+    except FileNotFoundError as exc:
+        raise BundleFormatError(f"{label}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise BundleFormatError(f"{label}: is a directory, not a bundle file") from exc
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise BundleFormatError(
+            f"{label}: not a zip file or truncated (no valid zip directory): {exc}"
+        ) from exc
+    with zf:
+        found: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            _check_member_name(info.filename)
+            if info.filename in found:
+                raise BundleFormatError(f"duplicate member {info.filename!r}")
+            if info.filename not in _ALLOWED_MEMBERS:
+                raise BundleFormatError(
+                    f"unexpected member {info.filename!r} (a bundle holds only "
+                    f"{', '.join(_ALLOWED_MEMBERS)})"
+                )
+            if info.flag_bits & 0x1:
+                raise BundleFormatError(f"member {info.filename!r} is encrypted")
+            found[info.filename] = info
+        for required_member in (MANIFEST_MEMBER, MODEL_MEMBER):
+            if required_member not in found:
+                raise BundleFormatError(f"{label}: missing {required_member}")
+        manifest_bytes = _read_member(
+            zf, found[MANIFEST_MEMBER], min(max_bytes, MAX_MANIFEST_BYTES)
+        )
+        signature_raw = None
+        if SIGNATURE_MEMBER in found:
+            signature_raw = _read_member(zf, found[SIGNATURE_MEMBER], MAX_SIGNATURE_BYTES)
+        # Authenticate the manifest before interpreting it.
+        signer = _verify(manifest_bytes, signature_raw, trusted_keys, required)
+        try:
+            doc = json.loads(manifest_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise BundleFormatError(f"{MANIFEST_MEMBER} is not valid UTF-8 JSON: {exc}") from exc
+        manifest = Manifest.from_dict(doc)
+        if manifest.size > max_bytes:
+            raise BundleFormatError(
+                f"manifest says model.onnx has {manifest.size} bytes, over the limit of "
+                f"{max_bytes}"
+            )
+        model_bytes = _read_member(zf, found[MODEL_MEMBER], max_bytes)
+    actual = sha256_hex(model_bytes)
+    if actual != manifest.sha256:
+        raise BundleIntegrityError(
+            f"model.onnx sha256 {actual} does not match the manifest's {manifest.sha256}"
+        )
+    if len(model_bytes) != manifest.size:
+        raise BundleIntegrityError(
+            f"model.onnx has {len(model_bytes)} bytes, the manifest says {manifest.size}"
+        )
+    return Bundle(manifest=manifest, model_bytes=model_bytes, manifest_bytes=manifest_bytes,
+                  signer=signer)
+
+
+# --- self-test ------------------------------------------------------------------------------
+def self_test_array(manifest: Manifest) -> np.ndarray:
+    """The self-test rows as the model's input tensor (float32, 3-D when the input is)."""
+    import numpy as np
+
+    if manifest.self_test is None:
+        raise SelfTestError(f"{manifest.name} {manifest.version}: the manifest has no self-test")
+    arr = np.asarray(manifest.self_test.inputs, dtype=np.float32)
+    spec = manifest.input
+    if len(spec.shape) == 3:
+        arr = arr.reshape(len(arr), spec.window or 1, len(spec.features))
+    return arr
+
+
+def _label_matches(expected: Any, actual: Any, st: SelfTest) -> bool:
+    if isinstance(actual, bytes):
+        actual = actual.decode("utf-8", "replace")
+    if isinstance(expected, str):
+        return isinstance(actual, str) and actual == expected
+    if isinstance(actual, (str, bool)):
+        return False
+    if isinstance(expected, int):
+        return float(actual) == float(expected)
+    return abs(float(actual) - expected) <= st.atol + st.rtol * abs(expected)
+
+
+def check_self_test(manifest: Manifest, labels: Any, scores: Any) -> None:
+    """Compare the model's outputs on the self-test rows with what the host recorded.
+
+    ``labels`` and ``scores`` are the ONNX outputs named by ``manifest.outputs`` (either may
+    be None when the manifest expects nothing of it). Raises SelfTestError naming the row,
+    the column and by how much it missed.
+    """
+    import numpy as np
+
+    st = manifest.self_test
+    if st is None:
+        return
+    who = f"{manifest.name} {manifest.version}"
+    n = len(st.inputs)
+    if st.expected_labels is not None:
+        if labels is None:
+            raise SelfTestError(f"{who}: self-test expects labels but the model gave none")
+        arr = np.asarray(labels)
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != 1 or len(arr) != n:
+            raise SelfTestError(
+                f"{who}: self-test expects {n} labels, the model gave shape {arr.shape}"
+            )
+        for i, (want, got) in enumerate(zip(st.expected_labels, arr.tolist(), strict=True)):
+            if not _label_matches(want, got, st):
+                raise SelfTestError(
+                    f"{who}: self-test row {i}: label {got!r}, expected {want!r}"
+                )
+    if st.expected_scores is not None:
+        if scores is None:
+            raise SelfTestError(f"{who}: self-test expects scores but the model gave none")
+        got = np.asarray(scores, dtype=np.float64)
+        if got.ndim == 1:
+            got = got.reshape(-1, 1)
+        want = np.asarray(st.expected_scores, dtype=np.float64)
+        if got.shape != want.shape:
+            raise SelfTestError(
+                f"{who}: self-test expects scores of shape {want.shape}, got {got.shape}"
+            )
+        diff = np.abs(got - want)
+        allowed = st.atol + st.rtol * np.abs(want)
+        excess = np.where(np.isnan(diff), np.inf, diff - allowed)
+        if (excess > 0).any():
+            i, j = np.unravel_index(int(np.argmax(excess)), excess.shape)
+            raise SelfTestError(
+                f"{who}: self-test row {i} score column {j}: got {got[i, j]:.6g}, expected "
+                f"{want[i, j]:.6g} (|diff| {diff[i, j]:.3g} > allowed {allowed[i, j]:.3g} = "
+                f"atol {st.atol:g} + rtol {st.rtol:g} x |expected|); "
+                f"{int((excess > 0).sum())} of {want.size} values out of tolerance"
+            )
