@@ -198,6 +198,7 @@ class Bundle:
     model_bytes: bytes
     manifest_bytes: bytes
     signer: str | None  # key id of the verified signer; None when unsigned or not verified
+    signature_bytes: bytes | None = None  # the exact signature.json, kept so a store can keep it
 
 
 # --- JSON helpers ---------------------------------------------------------------------------
@@ -729,7 +730,7 @@ def read_bundle(
             f"model.onnx has {len(model_bytes)} bytes, the manifest says {manifest.size}"
         )
     return Bundle(manifest=manifest, model_bytes=model_bytes, manifest_bytes=manifest_bytes,
-                  signer=signer)
+                  signer=signer, signature_bytes=signature_raw)
 
 
 # --- self-test ------------------------------------------------------------------------------
