@@ -1,0 +1,165 @@
+"""Payload -> validated float32 samples. Pure functions; the daemon and replay share them.
+
+Accepted shapes (JSON or msgpack, see docs/topics.md):
+- one sample, named features:  ``{"ax": 0.1, ..., "id": "a1", "label": "Walking"}``
+- one sample, array field:     ``{"values": [0.1, ...], "id": "a1"}``
+- a batch:                     ``{"samples": [<sample>, ...], "id": "b7"}`` or ``[<sample>, ...]``
+  and, with an array field, ``{"values": [[...], [...]]}`` (one row per sample).
+Anything else is a :class:`~edgeml.errors.DecodeError` with a short ``reason`` code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from edgeml.errors import DecodeError
+
+_JSON_START = frozenset(b"{[ \t\r\n")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Samples of one message: ``samples`` float32 ``[k, n_features]``; ids/labels per sample."""
+
+    samples: np.ndarray
+    ids: tuple[Any, ...]
+    labels: tuple[Any, ...] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decoder:
+    """Decodes the payloads of one pipeline. Build once, call per message."""
+
+    format: str = "auto"
+    features: tuple[str, ...] | None = None
+    field: str | None = None
+    n_features: int | None = None
+    id_field: str = "id"
+    label_field: str | None = "label"
+    max_payload_bytes: int = 256 * 1024
+    max_batch_samples: int = 1024
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, n_features: int | None = None) -> Decoder:
+        """From a :class:`edgeml.config.PipelineConfig` (``n_features`` for array fields)."""
+        return cls(
+            format=pipeline.format, features=pipeline.features, field=pipeline.field,
+            n_features=len(pipeline.features) if pipeline.features else n_features,
+            id_field=pipeline.id_field, label_field=pipeline.label_field,
+            max_payload_bytes=pipeline.max_payload_bytes,
+            max_batch_samples=pipeline.max_batch_samples,
+        )
+
+    def parse(self, payload: bytes) -> Any:
+        if len(payload) > self.max_payload_bytes:
+            raise DecodeError("too_large", f"{len(payload)} bytes > limit "
+                                           f"{self.max_payload_bytes}")
+        if not payload:
+            raise DecodeError("malformed", "empty payload")
+        fmt = self.format
+        if fmt == "auto":
+            fmt = "json" if payload[0] in _JSON_START else "msgpack"
+        if fmt == "json":
+            try:
+                return json.loads(payload)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise DecodeError("malformed", f"not valid JSON: {exc}") from None
+        try:
+            return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except msgpack.ExtraData:
+            hint = " (looks like JSON)" if payload[:1] in (b"{", b"[") else ""
+            raise DecodeError("malformed", f"not valid msgpack: trailing bytes{hint}") from None
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise DecodeError("malformed", f"not valid msgpack: {exc}") from None
+
+    def decode(self, payload: bytes) -> Decoded:
+        doc = self.parse(payload)
+        if isinstance(doc, list):
+            return self._batch(doc, None)
+        if not isinstance(doc, dict):
+            raise DecodeError("malformed", f"expected a map or a list, got {type(doc).__name__}")
+        if "samples" in doc:
+            items = doc["samples"]
+            if not isinstance(items, list):
+                raise DecodeError("malformed", "'samples' must be a list")
+            return self._batch(items, doc)
+        if self.field is not None:
+            vals = doc.get(self.field)
+            if isinstance(vals, list) and vals and isinstance(vals[0], list):
+                rows = self._check(vals, f"field '{self.field}'")
+                n = rows.shape[0]
+                base = doc.get(self.id_field)
+                ids = tuple(base if n == 1 else _sub_id(base, i) for i in range(n))
+                lab = doc.get(self.label_field) if self.label_field else None
+                return Decoded(rows, ids, (lab,) * n if lab is not None else None)
+        row = self._row(doc)
+        lab = doc.get(self.label_field) if self.label_field else None
+        return Decoded(self._check([row], "sample"), (doc.get(self.id_field),),
+                       (lab,) if lab is not None else None)
+
+    def _batch(self, items: list, doc: dict | None) -> Decoded:
+        if not items:
+            raise DecodeError("wrong_shape", "empty batch")
+        if len(items) > self.max_batch_samples:
+            raise DecodeError("too_large", f"{len(items)} samples > limit "
+                                           f"{self.max_batch_samples}")
+        rows, ids, labels = [], [], []
+        base = doc.get(self.id_field) if doc else None
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                if self.field is not None and isinstance(item, list):
+                    item = {self.field: item}
+                else:
+                    raise DecodeError("malformed", f"samples[{i}] is not a map")
+            rows.append(self._row(item, f"samples[{i}]"))
+            sid = item.get(self.id_field)
+            ids.append(sid if sid is not None else _sub_id(base, i))
+            labels.append(item.get(self.label_field) if self.label_field else None)
+        if doc and self.label_field and doc.get(self.label_field) is not None:
+            labels = [doc[self.label_field] if lab is None else lab for lab in labels]
+        has_labels = any(lab is not None for lab in labels)
+        return Decoded(self._check(rows, "batch"), tuple(ids),
+                       tuple(labels) if has_labels else None)
+
+    def _row(self, item: dict, where: str = "sample") -> list:
+        if self.features is not None:
+            try:
+                return [item[f] for f in self.features]
+            except KeyError:
+                missing = [f for f in self.features if f not in item]
+                raise DecodeError("missing_field", f"{where} lacks {', '.join(missing)}") from None
+        vals = item.get(self.field)  # type: ignore[arg-type]
+        if not isinstance(vals, list):
+            raise DecodeError("missing_field", f"{where} lacks array field '{self.field}'")
+        return vals
+
+    def _check(self, rows: list, where: str) -> np.ndarray:
+        try:
+            arr = np.asarray(rows, dtype=np.float32)
+        except (TypeError, ValueError):
+            bad = next((v for r in rows for v in (r if isinstance(r, list) else [r])
+                        if isinstance(v, (str, bytes, dict, list, bool)) or v is None), None)
+            if bad is None and any(isinstance(r, list) and len(r) != len(rows[0]) for r in rows):
+                raise DecodeError("wrong_shape", f"{where}: rows of different lengths") from None
+            raise DecodeError("bad_value", f"{where}: non-numeric value {bad!r}") from None
+        if arr.ndim != 2:
+            raise DecodeError("wrong_shape", f"{where}: expected rows of numbers")
+        for r in rows:
+            for v in r:
+                if isinstance(v, bool):
+                    raise DecodeError("bad_value", f"{where}: boolean {v!r} is not a number")
+        if self.n_features is not None and arr.shape[1] != self.n_features:
+            raise DecodeError("wrong_shape", f"{where}: {arr.shape[1]} features, expected "
+                                             f"{self.n_features}")
+        if not np.isfinite(arr).all():
+            raise DecodeError("non_finite", f"{where}: NaN or infinite value")
+        return arr
+
+
+def _sub_id(base: Any, i: int) -> Any:
+    return None if base is None else f"{base}:{i}"
