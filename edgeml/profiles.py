@@ -1,0 +1,433 @@
+"""Firmware profiles: one TOML file per device class with the knobs that depend on hardware.
+
+A profile says how many threads onnxruntime may use, which execution providers to try, how
+large micro-batches get, how deep the input queue is and how much disk the raw log and outbox
+may take. The loader checks every key (unknown keys included: a typo must not silently fall
+back to a default on a device nobody watches) and names the key and the file when one is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeml.errors import ModelError, ProfileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROFILE = "x86-gateway"
+PROFILE_PACKAGE = "firmware_profiles"
+CPU_PROVIDER = "CPUExecutionProvider"
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+QUEUE_POLICIES = ("drop_oldest", "drop_newest")
+_PROVIDER_NAME = re.compile(r"[A-Z][A-Za-z0-9]*ExecutionProvider")
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MB = 2**20
+
+
+# --- records --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OrtSettings:
+    """onnxruntime SessionOptions for every model session on the device."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+    execution_mode: str = "sequential"
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
+    allow_spinning: bool = True
+    providers: tuple[str, ...] = (CPU_PROVIDER,)
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Micro-batching of messages and the thread pool that scores model versions."""
+
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    scoring_threads: int = 2
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The bounded input queue between MQTT and scoring."""
+
+    max_messages: int = 10000
+    policy: str = "drop_oldest"
+
+
+@dataclass(frozen=True)
+class DiskSettings:
+    """Disk budgets for the raw-input log and the outbox, and how often they fsync."""
+
+    rawlog_budget_mb: int = 1024
+    rawlog_segment_mb: int = 16
+    rawlog_max_age_days: float = 30
+    outbox_budget_mb: int = 256
+    fsync_interval_ms: float = 1000
+
+    @property
+    def rawlog_budget_bytes(self) -> int:
+        return int(self.rawlog_budget_mb * _MB)
+
+    @property
+    def rawlog_segment_bytes(self) -> int:
+        return int(self.rawlog_segment_mb * _MB)
+
+    @property
+    def rawlog_max_age_s(self) -> float:
+        return float(self.rawlog_max_age_days) * 86400.0
+
+    @property
+    def outbox_budget_bytes(self) -> int:
+        return int(self.outbox_budget_mb * _MB)
+
+    @property
+    def fsync_interval_s(self) -> float:
+        """0.0 means fsync after every append."""
+        return float(self.fsync_interval_ms) / 1000.0
+
+
+@dataclass(frozen=True)
+class FirmwareProfile:
+    """Everything hardware-dependent about running edgeml on one class of device."""
+
+    name: str
+    description: str = ""
+    cpu_cores: int = 2
+    memory_mb: int = 4096
+    onnxruntime: OrtSettings = field(default_factory=OrtSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    disk: DiskSettings = field(default_factory=DiskSettings)
+
+    def to_dict(self) -> dict:
+        """The TOML shape (providers as a list), e.g. to merge overrides over it."""
+        d = asdict(self)
+        d["onnxruntime"]["providers"] = list(self.onnxruntime.providers)
+        return d
+
+
+# --- validation -----------------------------------------------------------------------------
+def _typename(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(v), type(v).__name__)
+
+
+# A check takes the raw TOML value and returns the value to store, or raises TypeError
+# (wrong type) / ValueError (out of range, unknown enum value) with a message for the user.
+_Check = Callable[[Any], Any]
+
+
+def _int(lo: int, hi: int) -> _Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"expected an integer, got {_typename(v)} {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is out of range ({lo}..{hi})")
+        return v
+    return check
+
+
+def _num(lo: float, hi: float, *, lo_open: bool = False) -> _Check:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"expected a number, got {_typename(v)} {v!r}")
+        if not (lo < v if lo_open else lo <= v) or not v <= hi:
+            bound = f"more than {lo:g}" if lo_open else f"{lo:g}"
+            raise ValueError(f"{v} is out of range ({bound}..{hi:g})")
+        return v
+    return check
+
+
+def _bool() -> _Check:
+    def check(v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise TypeError(f"expected true or false, got {_typename(v)} {v!r}")
+        return v
+    return check
+
+
+def _str(pattern: re.Pattern | None = None, what: str = "") -> _Check:
+    def check(v: Any) -> str:
+        if not isinstance(v, str):
+            raise TypeError(f"expected a string, got {_typename(v)} {v!r}")
+        if pattern is not None and not pattern.fullmatch(v):
+            raise ValueError(f"{v!r} is not {what}")
+        return v
+    return check
+
+
+def _enum(values: tuple[str, ...]) -> _Check:
+    def check(v: Any) -> str:
+        if not isinstance(v, str):
+            raise TypeError(f"expected one of {' | '.join(values)}, got {_typename(v)} {v!r}")
+        if v not in values:
+            raise ValueError(f"unknown value {v!r} (expected {' | '.join(values)})")
+        return v
+    return check
+
+
+def _providers() -> _Check:
+    def check(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise TypeError(f"expected an array of provider names, got {_typename(v)} {v!r}")
+        if not v:
+            raise ValueError("must list at least one provider")
+        for p in v:
+            if not isinstance(p, str):
+                raise TypeError(f"expected provider names (strings), got {_typename(p)} {p!r}")
+            if not _PROVIDER_NAME.fullmatch(p):
+                raise ValueError(
+                    f"{p!r} is not an onnxruntime provider name (they look like "
+                    "'CPUExecutionProvider', 'CUDAExecutionProvider')"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("a provider is listed twice")
+        return tuple(v)
+    return check
+
+
+_TOP: dict[str, _Check] = {
+    "name": _str(_PROFILE_NAME, "a valid profile name (1-64 of A-Z a-z 0-9 . _ -)"),
+    "description": _str(),
+    "cpu_cores": _int(1, 1024),
+    "memory_mb": _int(16, 16 * 2**20),
+}
+_SECTIONS: dict[str, tuple[type, dict[str, _Check]]] = {
+    "onnxruntime": (OrtSettings, {
+        "intra_op_threads": _int(0, 1024),
+        "inter_op_threads": _int(0, 1024),
+        "graph_optimization": _enum(GRAPH_OPTIMIZATIONS),
+        "execution_mode": _enum(EXECUTION_MODES),
+        "enable_cpu_mem_arena": _bool(),
+        "enable_mem_pattern": _bool(),
+        "allow_spinning": _bool(),
+        "providers": _providers(),
+    }),
+    "batching": (BatchingSettings, {
+        "max_batch": _int(1, 1_000_000),
+        "max_wait_ms": _num(0, 60_000),
+        "scoring_threads": _int(1, 256),
+    }),
+    "queue": (QueueSettings, {
+        "max_messages": _int(1, 100_000_000),
+        "policy": _enum(QUEUE_POLICIES),
+    }),
+    "disk": (DiskSettings, {
+        "rawlog_budget_mb": _int(1, 100_000_000),
+        "rawlog_segment_mb": _int(1, 4096),
+        "rawlog_max_age_days": _num(0, 36500, lo_open=True),
+        "outbox_budget_mb": _int(1, 100_000_000),
+        "fsync_interval_ms": _num(0, 3_600_000),
+    }),
+}
+
+
+def _checked(check: _Check, value: Any, key: str, source: str) -> Any:
+    try:
+        return check(value)
+    except (TypeError, ValueError) as exc:
+        raise ProfileError(str(exc), key=key, file=source) from None
+
+
+def profile_from_dict(
+    d: Mapping[str, Any], source: str, *, key_prefix: str = ""
+) -> FirmwareProfile:
+    """Validate a profile given as a dict (a parsed TOML file, or a profile merged with a
+    config's ``[profile_overrides]``). ``source`` names the file in errors; ``key_prefix``
+    is put before every key name in errors (e.g. ``"profile_overrides"``)."""
+    source = str(source)
+    pre = f"{key_prefix}." if key_prefix else ""
+    if not isinstance(d, Mapping):
+        raise ProfileError(f"expected a table, got {_typename(d)}", key=key_prefix or None,
+                           file=source)
+    known = set(_TOP) | set(_SECTIONS)
+    for k in d:
+        if k not in known:
+            raise ProfileError(f"unknown key (known: {', '.join(sorted(known))})",
+                               key=f"{pre}{k}", file=source)
+    if "name" not in d:
+        raise ProfileError("missing (every profile has a name)", key=f"{pre}name", file=source)
+    top = {k: _checked(c, d[k], f"{pre}{k}", source) for k, c in _TOP.items() if k in d}
+    sections = {}
+    for section, (cls, checks) in _SECTIONS.items():
+        raw = d.get(section, {})
+        if not isinstance(raw, Mapping):
+            raise ProfileError(f"expected a table, got {_typename(raw)}",
+                               key=f"{pre}{section}", file=source)
+        for k in raw:
+            if k not in checks:
+                raise ProfileError(
+                    f"unknown key (known in [{section}]: {', '.join(checks)})",
+                    key=f"{pre}{section}.{k}", file=source,
+                )
+        values = {k: _checked(checks[k], raw[k], f"{pre}{section}.{k}", source)
+                  for k in checks if k in raw}
+        sections[section] = cls(**values)
+    profile = FirmwareProfile(**top, **sections)
+    disk = profile.disk
+    if disk.rawlog_segment_mb > disk.rawlog_budget_mb:
+        raise ProfileError(
+            f"{disk.rawlog_segment_mb} is larger than rawlog_budget_mb "
+            f"({disk.rawlog_budget_mb})", key=f"{pre}disk.rawlog_segment_mb", file=source,
+        )
+    return profile
+
+
+def apply_overrides(
+    profile: FirmwareProfile, overrides: Mapping[str, Any], source: str,
+    *, key_prefix: str = "profile_overrides",
+) -> FirmwareProfile:
+    """Merge a config's ``[profile_overrides]`` table over ``profile`` and validate the result.
+    Errors name the override key (``profile_overrides.batching.max_batch``) and ``source``."""
+    if not isinstance(overrides, Mapping):
+        raise ProfileError(f"expected a table, got {_typename(overrides)}", key=key_prefix,
+                           file=str(source))
+    merged = profile.to_dict()
+    for k, v in overrides.items():
+        if k in _SECTIONS and isinstance(v, Mapping):
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    # The base profile is valid, so any error in the merge comes from an override key.
+    return profile_from_dict(merged, source, key_prefix=key_prefix)
+
+
+# --- loading --------------------------------------------------------------------------------
+def _shipped_dir():
+    return files(PROFILE_PACKAGE)
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles shipped with this edgeml, sorted."""
+    return sorted(
+        p.name[: -len(".toml")] for p in _shipped_dir().iterdir()
+        if p.name.endswith(".toml") and p.is_file()
+    )
+
+
+def _looks_like_path(s: str | Path) -> bool:
+    if isinstance(s, Path):
+        return True
+    return "/" in s or "\\" in s or s.endswith(".toml")
+
+
+def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> FirmwareProfile:
+    """A shipped profile by name (``"pi4"``) or a profile file by path (``"./my.toml"``)."""
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise ProfileError("no such profile file", file=source) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"cannot read profile: {exc}", file=source) from exc
+    else:
+        name = str(name_or_path)
+        shipped = list_profiles()
+        if name not in shipped:
+            raise ProfileError(
+                f"unknown firmware profile {name!r} (shipped: {', '.join(shipped)}; or give "
+                "a path to a .toml file)"
+            )
+        resource = _shipped_dir() / f"{name}.toml"
+        source = f"{PROFILE_PACKAGE}/{name}.toml"
+        text = resource.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"not valid TOML: {exc}", file=source) from exc
+    return profile_from_dict(data, source)
+
+
+# --- onnxruntime ----------------------------------------------------------------------------
+_GRAPH_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+_EXEC_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+
+
+def resolve_providers(profile: FirmwareProfile, available: list[str] | None = None) -> list[str]:
+    """The profile's providers that this onnxruntime has, in the profile's order, always
+    ending with CPU. Each missing one is logged as a WARNING (a Jetson image without the
+    CUDA build of onnxruntime must not fail silently slow)."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    chosen = []
+    for p in profile.onnxruntime.providers:
+        if p in available:
+            if p != CPU_PROVIDER:
+                chosen.append(p)
+        else:
+            log.warning(
+                "firmware profile %s lists %s, which this onnxruntime does not provide "
+                "(available: %s); falling back to the next provider",
+                profile.name, p, ", ".join(available),
+            )
+    chosen.append(CPU_PROVIDER)
+    return chosen
+
+
+def session_options(profile: FirmwareProfile) -> tuple[ort.SessionOptions, list[str]]:
+    """SessionOptions and the provider list for one model session under ``profile``."""
+    import onnxruntime as ort
+
+    s = profile.onnxruntime
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = s.intra_op_threads
+    opts.inter_op_num_threads = s.inter_op_threads
+    opts.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, _GRAPH_LEVELS[s.graph_optimization]
+    )
+    opts.execution_mode = getattr(ort.ExecutionMode, _EXEC_MODES[s.execution_mode])
+    opts.enable_cpu_mem_arena = s.enable_cpu_mem_arena
+    opts.enable_mem_pattern = s.enable_mem_pattern
+    spin = "1" if s.allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return opts, resolve_providers(profile, ort.get_available_providers())
+
+
+def create_session(model: Path | bytes, profile: FirmwareProfile) -> ort.InferenceSession:
+    """An InferenceSession for ``model`` (a file or the ONNX bytes) configured by ``profile``;
+    onnxruntime's errors become ModelError."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as _state
+
+    ort_errors = tuple(
+        v for v in vars(_state).values() if isinstance(v, type) and issubclass(v, Exception)
+    )
+    opts, providers = session_options(profile)
+    what = "model bytes" if isinstance(model, (bytes, bytearray)) else str(model)
+    source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=providers)
+    except (*ort_errors, RuntimeError, ValueError, OSError) as exc:
+        raise ModelError(f"onnxruntime cannot load {what}: {exc}") from exc
