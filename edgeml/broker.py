@@ -98,7 +98,8 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                stderr = self.process.stderr
+                err = stderr.read().decode(errors="replace") if stderr else ""
                 log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
                 raise TransportError(f"mosquitto exited at start: {err.strip()} {log[-2000:]}")
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextlib
 import logging
 import socket
 import ssl
@@ -51,7 +52,8 @@ class BrokerSettings:
         if self.keepalive < 5:
             raise ConfigError("must be at least 5 seconds", key="broker.keepalive")
         if self.protocol not in ("3.1.1", "5"):
-            raise ConfigError(f"must be '3.1.1' or '5', not {self.protocol!r}", key="broker.protocol")
+            raise ConfigError(f"must be '3.1.1' or '5', not {self.protocol!r}",
+                              key="broker.protocol")
         if self.clean_start is False and not self.client_id:
             raise ConfigError("a persistent session needs a client_id", key="broker.client_id")
 
@@ -106,11 +108,13 @@ class Message:
 
 
 class MqttClient:
-    """``async with MqttClient(settings) as c: await c.subscribe(...); async for m in c.messages()``.
+    """``async with MqttClient(settings) as c``, then ``subscribe``, ``messages()``, ``publish``.
 
     - ``will``: the last will (retained ``offline`` status for the daemon).
     - ``birth``: called on every (re)connect; the publications it returns go out first.
     - ``manual_ack``: QoS 1 messages are acknowledged only when ``ack(message)`` is called.
+    - ``require_connection=False``: enter at once and keep trying in the background (an
+      upstream that is away at start must not stop the device).
     Subscriptions are remembered and renewed on every reconnect.
     """
 
@@ -122,8 +126,10 @@ class MqttClient:
         birth: Callable[[], Sequence[Publication]] | None = None,
         manual_ack: bool = False,
         max_inflight: int = 1000,
+        require_connection: bool = True,
     ) -> None:
         self.settings = settings
+        self._require_connection = require_connection
         self._birth = birth
         self._manual_ack = manual_ack
         self._subscriptions: dict[str, int] = {}
@@ -217,10 +223,8 @@ class MqttClient:
         )
         if not self._wake_pending and self._loop is not None:
             self._wake_pending = True
-            try:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 self._loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # loop closed during shutdown
-                pass
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         with self._acks_lock:
@@ -255,6 +259,8 @@ class MqttClient:
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot connect to {s.url}: {exc}") from exc
         self._client.loop_start()
+        if not self._require_connection:
+            return self  # paho keeps retrying in its thread; publishes queue meanwhile
         try:
             await asyncio.wait_for(self._first_connect, s.connect_timeout_s)
         except (TimeoutError, asyncio.TimeoutError) as exc:

@@ -1,0 +1,47 @@
+"""``edgeml run``: the device daemon."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the device daemon (MQTT in, scored answers out)"
+DESCRIPTION = """Run the edgeml daemon: subscribe to the sensor topics of every pipeline in the
+config, score each message with every active model version, publish the answers, archive the
+raw inputs and sync results upstream. SIGTERM/SIGINT drain in-flight work and exit 0."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, metavar="FILE",
+                   help="the TOML config (e.g. /etc/edgeml/edgeml.toml)")
+    p.add_argument("--broker", metavar="URL",
+                   help="override [broker] url, e.g. mqtt://127.0.0.1:1883 or mqtts://host:8883")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="override data_dir (models/, rawlog/, outbox/ live here)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config (and the profile it names) and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from edgeml.config import load_config
+    from edgeml.profiles import load_profile
+
+    config = load_config(args.config, broker_url=args.broker, data_dir=args.data_dir)
+    profile = load_profile(config.profile)
+    if args.check:
+        n_models = sum(len(p.models) for p in config.pipelines)
+        print(f"{args.config}: OK (device {config.device_id}, profile {profile.name}, "
+              f"{len(config.pipelines)} pipeline(s), {n_models} model slot(s))")
+        return 0
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger("edgeml").setLevel(logging.INFO)  # a daemon says what it does
+
+    from edgeml.daemon import Daemon
+
+    async def main() -> None:
+        await Daemon(config, profile=profile).run()
+
+    asyncio.run(main())
+    return 0
