@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextlib
 import logging
 import socket
 import ssl
