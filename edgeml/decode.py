@@ -157,6 +157,8 @@ class Decoder:
             raise DecodeError("wrong_shape", f"{where}: {arr.shape[1]} features, expected "
                                              f"{self.n_features}")
         if not np.isfinite(arr).all():
+            if any(v is None for r in rows for v in r):
+                raise DecodeError("bad_value", f"{where}: null is not a number")
             raise DecodeError("non_finite", f"{where}: NaN or infinite value")
         return arr
 

@@ -1,0 +1,100 @@
+"""Payload decoding: each kind of bad input gets its own reason; good shapes decode exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import msgpack
+import numpy as np
+import pytest
+
+from edgeml.assemble import Assembler
+from edgeml.config import WindowConfig
+from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.decode import Decoder
+from edgeml.errors import DecodeError
+
+CH = BASICMOTIONS_CHANNELS
+
+
+def sample(values, **extra):
+    vals = [float(v) if isinstance(v, (int, float, np.floating)) else v for v in values]
+    return {**dict(zip(CH, vals, strict=True)), **extra}
+
+
+@pytest.fixture(scope="module")
+def series():
+    return load_basicmotions("TEST").X[0]  # [100, 6] real IMU samples
+
+
+def test_json_and_msgpack_single_sample(series):
+    d = Decoder(features=CH)
+    for payload in (json.dumps(sample(series[0], id="a")).encode(),
+                    msgpack.packb(sample(series[0], id="a"))):
+        out = d.decode(payload)
+        assert out.samples.dtype == np.float32 and out.samples.shape == (1, 6)
+        np.testing.assert_array_equal(out.samples[0], series[0])
+        assert out.ids == ("a",)
+
+
+def test_batch_shapes(series):
+    d = Decoder(features=CH)
+    body = {"samples": [sample(s, label="Walking") for s in series[:5]], "id": "b"}
+    out = d.decode(json.dumps(body).encode())
+    np.testing.assert_array_equal(out.samples, series[:5])
+    assert out.ids == ("b:0", "b:1", "b:2", "b:3", "b:4") and out.labels == ("Walking",) * 5
+    out = d.decode(msgpack.packb([sample(s) for s in series[:3]]))
+    assert out.samples.shape == (3, 6) and out.labels is None
+    arr = Decoder(field="values", n_features=6)
+    out = arr.decode(json.dumps({"values": series[:4].tolist(), "id": 7}).encode())
+    np.testing.assert_allclose(out.samples, series[:4])
+    out = arr.decode(json.dumps({"values": series[0].tolist()}).encode())
+    assert out.samples.shape == (1, 6)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\x00\xffgarbage\x13", "malformed"),
+    (b"", "malformed"),
+    (b'{"ax": 1', "malformed"),
+    (json.dumps({"bx": 1.0}).encode(), "missing_field"),
+    (json.dumps(sample([1, 2, 3, 4, 5, "x"])).encode(), "bad_value"),
+    (json.dumps({**sample([1] * 6), "gz": None}).encode(), "bad_value"),
+    (json.dumps({**sample([1] * 6), "gz": True}).encode(), "bad_value"),
+    (json.dumps(sample([1, 2, 3, 4, 5, math.nan])).encode(), "non_finite"),
+    (json.dumps(sample([1, 2, 3, 4, 5, math.inf])).encode(), "non_finite"),
+    (b"x" * (10 * 2**20), "too_large"),
+    (json.dumps([]).encode(), "wrong_shape"),
+    (json.dumps(42).encode(), "malformed"),
+])
+def test_rejections(payload, reason):
+    with pytest.raises(DecodeError) as info:
+        Decoder(features=CH).decode(payload)
+    assert info.value.reason == reason
+
+
+def test_wrong_feature_count_with_array_field():
+    with pytest.raises(DecodeError) as info:
+        Decoder(field="values", n_features=6).decode(b'{"values": [1, 2, 3]}')
+    assert info.value.reason == "wrong_shape" and "3 features, expected 6" in str(info.value)
+
+
+def test_json_where_msgpack_expected(series):
+    with pytest.raises(DecodeError, match="looks like JSON"):
+        Decoder(format="msgpack", features=CH).decode(json.dumps(sample(series[0])).encode())
+
+
+def test_windows_per_topic_sample_major(series):
+    a = Assembler(Decoder(features=CH), WindowConfig(size=100, hop=50))
+    rows = []
+    for i, s in enumerate(series):
+        for topic in ("sensors/w1/imu", "sensors/w2/imu"):
+            rows += a.feed(topic, json.dumps(sample(s, id=i)).encode(), i, float(i))
+    assert [r.topic for r in rows] == ["sensors/w1/imu", "sensors/w2/imu"]
+    np.testing.assert_array_equal(rows[0].features, series.reshape(-1))  # sample-major
+    assert rows[0].id == 99 and rows[0].seq == 99
+    more = []
+    for i, s in enumerate(series[:50]):
+        more += a.feed("sensors/w1/imu", json.dumps(sample(s)).encode(), 100 + i, 0.0)
+    assert len(more) == 1  # hop 50: a new window after 50 more samples
+    np.testing.assert_array_equal(more[0].features[:300], series[50:].reshape(-1))
