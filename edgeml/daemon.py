@@ -105,6 +105,10 @@ class Daemon:
         self._stop.set()
 
     @property
+    def client(self) -> MqttClient | None:
+        return self._client
+
+    @property
     def pipelines(self) -> dict[str, PipelineRuntime]:
         return {name: p.runtime for name, p in self._pipes.items()}
 
@@ -118,6 +122,7 @@ class Daemon:
 
         self.store = ModelStore(cfg.data_dir / "models")
         self.trusted_keys = _load_keys(cfg.trusted_keys)
+        self.control = _make_control(self)
         await self._build_pipelines()
         self._open_outbox()
         will = Publication(self.topic("status"), _json_bytes(
@@ -152,6 +157,8 @@ class Daemon:
             status = tg.create_task(self._heartbeat(client), name="status")
             fsync = tg.create_task(self._fsync_loop(), name="rawlog-fsync")
             writer = tg.create_task(self._outbox_writer(), name="outbox-writer")
+            if self.control is not None:
+                tg.create_task(self.control.run(), name="control")
             uplink = None
             if self._uplink is not None and uplink_client is not None:
                 uplink = tg.create_task(self._uplink.run(), name="uplink")
@@ -179,6 +186,8 @@ class Daemon:
                 uplink.cancel()
             fsync.cancel()
             status.cancel()
+            if self.control is not None:
+                self.control.stop()
             self.state = "offline"
             with contextlib.suppress(Exception):
                 await client.publish(self.topic("status"), self._status_bytes("offline"),
@@ -199,7 +208,9 @@ class Daemon:
             queue_policy=self.profile.queue.policy,
         )
         for pcfg in self.config.pipelines:
-            slots = await self.load_slots(pcfg, pcfg.models)
+            # the persisted active set (after pushes/promotions) wins over the config file
+            models = self.control.initial_models(pcfg) if self.control else pcfg.models
+            slots = await self.load_slots(pcfg, models)
             runtime = PipelineRuntime(pcfg, emitter=self, batching=batching)
             runtime.set_slots(slots)
             n_features = None
@@ -475,6 +486,17 @@ class Daemon:
 
     def _status_bytes(self, state: str, outbox: dict | None = None) -> bytes:
         return _json_bytes(self.status(state, outbox))
+
+
+def _make_control(daemon: Daemon) -> Any:
+    """Model delivery and device commands (edgeml.control), when this build has them."""
+    try:
+        from edgeml.control import Control
+    except ImportError as exc:
+        if exc.name != "edgeml.control":
+            raise
+        return None
+    return Control(daemon)
 
 
 def check_compatible(pcfg: PipelineConfig, manifest: Any) -> None:
