@@ -714,11 +714,6 @@ def read_bundle(
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise BundleFormatError(f"{MANIFEST_MEMBER} is not valid UTF-8 JSON: {exc}") from exc
         manifest = Manifest.from_dict(doc)
-        if manifest.size > max_bytes:
-            raise BundleFormatError(
-                f"manifest says model.onnx has {manifest.size} bytes, over the limit of "
-                f"{max_bytes}"
-            )
         model_bytes = _read_member(zf, found[MODEL_MEMBER], max_bytes)
     actual = sha256_hex(model_bytes)
     if actual != manifest.sha256:
