@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +123,149 @@ def publish_all(broker: MosquittoBroker, items, qos: int = 1) -> None:
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+# ---- daemons ------------------------------------------------------------------------------
+class DaemonThread:
+    """A real :class:`edgeml.daemon.Daemon` on its own event loop in a background thread."""
+
+    def __init__(self, config_path: Path, **overrides) -> None:
+        import asyncio
+
+        from edgeml.config import load_config
+        from edgeml.daemon import Daemon
+
+        self.config = load_config(config_path, **overrides)
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self.daemon: Daemon | None = None
+        self.loop = asyncio.new_event_loop()
+
+        async def main() -> None:
+            self.daemon = Daemon(self.config)
+            task = asyncio.create_task(self.daemon.run())
+            ready = asyncio.create_task(self.daemon.ready.wait())
+            await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+            self._ready.set()
+            await task
+
+        def target() -> None:
+            try:
+                self.loop.run_until_complete(main())
+            except BaseException as exc:  # surfaced to the test
+                self.error = exc
+            finally:
+                self._ready.set()
+
+        self.thread = threading.Thread(target=target, name="daemon", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> DaemonThread:
+        self.thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("daemon did not become ready")
+        if self.error:
+            raise self.error
+        return self
+
+    def call(self, fn, timeout: float = 10.0):
+        """Run ``fn()`` on the daemon's loop thread and return its result."""
+        import concurrent.futures
+
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(timeout)
+
+    def status(self) -> dict:
+        return self.call(lambda: self.daemon.status())
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.thread.is_alive() and self.daemon is not None:
+            self.loop.call_soon_threadsafe(self.daemon.request_stop)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError("daemon did not stop")
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def daemon_factory():
+    """``daemon_factory(config_path, **overrides)`` -> a started DaemonThread; stopped at exit."""
+    made: list[DaemonThread] = []
+
+    def make(config_path: Path, **overrides) -> DaemonThread:
+        d = DaemonThread(config_path, **overrides)
+        made.append(d)
+        return d.start()
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            with contextlib.suppress(Exception):
+                d.stop()
+
+
+def write_config(path: Path, *, broker: MosquittoBroker, data_dir: Path, models: list[dict],
+                 device_id: str = "watch-01", pipeline: dict | None = None,
+                 extra: str = "") -> Path:
+    """A daemon config for one BasicMotions-style pipeline; ``models`` are slot tables."""
+    p = {
+        "name": "activity", "topics": ["sensors/+/imu"], "format": "auto",
+        "features": ["ax", "ay", "az", "gx", "gy", "gz"], "window": {"size": 100, "hop": 100},
+        "policy": "champion", "deadline_ms": 2000,
+    }
+    p.update(pipeline or {})
+    lines = [
+        f'device_id = "{device_id}"', f'data_dir = "{data_dir}"', 'profile = "x86-gateway"',
+        "status_interval_s = 0.5", extra, "[broker]", f'url = "{broker.url}"', "",
+        "[[pipelines]]",
+    ]
+    for k, v in p.items():
+        lines.append(f"{k} = {_toml(v)}")
+    for m in models:
+        lines.append("[[pipelines.models]]")
+        for k, v in m.items():
+            lines.append(f"{k} = {_toml(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v) -> str:
+    import json
+
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Path):
+        return json.dumps(str(v))
+    return json.dumps(v)
+
+
+# ---- bundles trained on the real data sets ------------------------------------------------
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session")
+def activity_bundle(bundle_dir) -> Path:
+    """Logistic regression on BasicMotions windows (WindowFeatures in the graph), v1."""
+    from models import build_activity_bundle
+
+    return build_activity_bundle(bundle_dir / "lr1", kind="logreg", name="activity", version="1")
+
+
+@pytest.fixture(scope="session")
+def activity_bundle_v2(bundle_dir) -> Path:
+    """A random forest on the same data, version 2 of the same model name."""
+    from models import build_activity_bundle
+
+    return build_activity_bundle(bundle_dir / "rf2", kind="forest", name="activity", version="2")
