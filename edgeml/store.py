@@ -321,7 +321,7 @@ class ModelStore:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise StoreError(f"prune keep must be an integer >= 0, got {keep!r}")
         versions = self.versions(name)
-        newest = set(versions[len(versions) - keep:]) if keep else set()
+        newest = set(versions[max(0, len(versions) - keep):]) if keep else set()
         removed = []
         for v in versions:
             if v in newest or v in protect:
