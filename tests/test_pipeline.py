@@ -1,0 +1,173 @@
+"""PipelineRuntime with real ONNX versions: deadlines, fallbacks, late results, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeml.assemble import Row
+from edgeml.bundle import read_bundle
+from edgeml.config import ModelSlotConfig, PipelineConfig, WindowConfig
+from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.errors import ModelError
+from edgeml.model import ModelSlot
+from edgeml.pipeline import BatchingSettings, PipelineRuntime
+from edgeml.profiles import load_profile
+
+
+class SlowSlot(ModelSlot):
+    """A real ONNX version made deliberately slow (a stalled device, a heavy model)."""
+
+    delay_s = 0.5
+
+    def predict(self, x):
+        time.sleep(self.delay_s)
+        return super().predict(x)
+
+
+class FailingSlot(ModelSlot):
+    """A real ONNX version whose scoring raises (a corrupt session, a provider crash)."""
+
+    def predict(self, x):
+        raise ModelError(f"{self.name} {self.version}: provider crashed")
+
+
+class Sink:
+    """Collects what the runtime emits (the daemon publishes and fills the outbox)."""
+
+    def __init__(self):
+        self.answers_: list[dict] = []
+        self.results_: list[dict] = []
+        self.alerts: list[tuple] = []
+        self.late = threading.Event()
+
+    def answers(self, pipeline, records):
+        self.answers_ += records
+
+    def results(self, pipeline, records):
+        self.results_ += records
+        if any(r["late"] for r in records):
+            self.late.set()
+
+    def alert(self, pipeline, kind, detail):
+        self.alerts.append((kind, detail))
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return load_basicmotions("TEST").flat()
+
+
+def slot(cls, bundle_path, role, priority, tmp_path):
+    b = read_bundle(bundle_path)
+    path = tmp_path / f"{b.manifest.name}-{b.manifest.version}-{role}.onnx"
+    path.write_bytes(b.model_bytes)
+    s = cls(b.manifest, path, role=role, priority=priority, profile=load_profile("x86-gateway"))
+    s.load()
+    return s
+
+
+def runtime(policy="champion", deadline_ms=100.0, **kw):
+    cfg = PipelineConfig(name="activity", topics=("sensors/+/imu",),
+                         features=BASICMOTIONS_CHANNELS, window=WindowConfig(size=100, hop=100),
+                         policy=policy, deadline_ms=deadline_ms,
+                         models=(ModelSlotConfig(name="activity", version="1"),))
+    sink = Sink()
+    return PipelineRuntime(cfg, emitter=sink, batching=BatchingSettings(**kw)), sink
+
+
+def rows(windows, n):
+    return [Row(windows[i], f"w{i}", "sensors/w1/imu", i, time.time()) for i in range(n)]
+
+
+async def score(rt, items):
+    task = asyncio.create_task(rt.run())
+    rt.enqueue(items)
+    await asyncio.sleep(0)
+    await rt.wait_idle()
+    rt.stop()
+    await task
+
+
+def test_slow_champion_falls_back_within_deadline(tmp_path, windows, activity_bundle,
+                                                  activity_bundle_v2):
+    rt, sink = runtime(deadline_ms=100)
+    champ = slot(SlowSlot, activity_bundle, "champion", 0, tmp_path)
+    chall = slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)
+    rt.set_slots([champ, chall])
+    t0 = time.monotonic()
+    asyncio.run(score(rt, rows(windows, 4)))
+    assert all(a["fallback"] and a["version"] == "2" for a in sink.answers_)
+    expected = chall.predict(windows[:4]).labels.tolist()
+    assert [a["output"]["label"] for a in sink.answers_] == expected
+    assert max(a["latency_ms"] for a in sink.answers_) < SlowSlot.delay_s * 1000
+    # the slow champion's late result is still recorded (the runtime waits for it at stop)
+    assert sink.late.is_set() or time.monotonic() - t0 >= SlowSlot.delay_s
+    late = [r for r in sink.results_ if r["version"] == "1"]
+    assert len(late) == 4 and all(r["late"] for r in late)
+    assert [r["output"]["label"] for r in late] == champ.predict(windows[:4]).labels.tolist()
+
+
+def test_failing_champion_never_blocks(tmp_path, windows, activity_bundle, activity_bundle_v2):
+    rt, sink = runtime(deadline_ms=5000)
+    rt.set_slots([slot(FailingSlot, activity_bundle, "champion", 0, tmp_path),
+                  slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)])
+    t0 = time.monotonic()
+    asyncio.run(score(rt, rows(windows, 3)))
+    assert time.monotonic() - t0 < 2.5  # nowhere near the 5 s deadline
+    assert all(a["fallback"] and a["version"] == "2" for a in sink.answers_)
+    errs = [r for r in sink.results_ if r["version"] == "1"]
+    assert errs and all("provider crashed" in r["error"] for r in errs)
+    assert rt.stats.version("activity", "1").errors == 3
+
+
+def test_no_answering_version_still_answers_with_error(tmp_path, windows, activity_bundle):
+    rt, sink = runtime(deadline_ms=50)
+    rt.set_slots([slot(FailingSlot, activity_bundle, "champion", 0, tmp_path)])
+    asyncio.run(score(rt, rows(windows, 2)))
+    assert len(sink.answers_) == 2
+    assert all(a["output"] is None and "provider crashed" in a["error"] for a in sink.answers_)
+    assert rt.stats.unanswered == 2
+
+
+def test_vote_and_mean_with_real_versions(tmp_path, windows, activity_bundle,
+                                          activity_bundle_v2):
+    lr = slot(ModelSlot, activity_bundle, "champion", 0, tmp_path)
+    rf = slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)
+    p_lr, p_rf = lr.predict(windows), rf.predict(windows)
+    rt, sink = runtime(policy="mean", deadline_ms=5000)
+    rt.set_slots([lr, rf])
+    asyncio.run(score(rt, rows(windows, 40)))
+    avg = (p_lr.scores + p_rf.scores) / 2
+    classes = lr.classes
+    assert [a["output"]["label"] for a in sink.answers_] == [classes[i] for i in avg.argmax(1)]
+    rt, sink = runtime(policy="vote", deadline_ms=5000)
+    rt.set_slots([lr, rf])
+    asyncio.run(score(rt, rows(windows, 40)))
+    # two voters: agreement wins, a tie goes to the champion (higher priority)
+    assert [a["output"]["label"] for a in sink.answers_] == p_lr.labels.tolist()
+    assert all(a["version"] == "1" for a in sink.answers_)
+
+
+def test_bounded_queue_counts_every_drop(windows):
+    rt, _ = runtime(queue_limit=10, queue_policy="drop_oldest")
+    assert rt.enqueue(rows(windows, 25)) == 15 and rt.queue_depth == 10
+    assert rt.stats.dropped == 15
+    rt2, _ = runtime(queue_limit=10, queue_policy="drop_newest")
+    assert rt2.enqueue(rows(windows, 12)) == 2 and rt2.stats.dropped == 2
+    kept = list(rt2._queue)
+    assert kept[0].id == "w0" and kept[-1].id == "w9"
+
+
+def test_micro_batches_form_under_load(tmp_path, windows, activity_bundle):
+    rt, sink = runtime(max_batch=16)
+    s = slot(ModelSlot, activity_bundle, "champion", 0, tmp_path)
+    rt.set_slots([s])
+    asyncio.run(score(rt, rows(windows, 40)))
+    assert len(sink.answers_) == 40 and rt.stats.batches == 3  # 16 + 16 + 8
+    assert [a["output"]["label"] for a in sink.answers_] == s.predict(windows).labels.tolist()
+    assert np.all(np.diff([a["input_seq"] for a in sink.answers_]) == 1)
