@@ -749,9 +749,10 @@ def _label_matches(expected: Any, actual: Any, st: SelfTest) -> bool:
         return isinstance(actual, str) and actual == expected
     if isinstance(actual, (str, bool)):
         return False
-    if isinstance(expected, int):
-        return float(actual) == float(expected)
-    return abs(float(actual) - expected) <= st.atol + st.rtol * abs(expected)
+    if isinstance(expected, int) and isinstance(actual, int):
+        return actual == expected  # class labels: exact
+    # Regressor outputs are floats (JSON may have stored 6.0 as 6): compare with tolerance.
+    return abs(float(actual) - float(expected)) <= st.atol + st.rtol * abs(float(expected))
 
 
 def check_self_test(manifest: Manifest, labels: Any, scores: Any) -> None:

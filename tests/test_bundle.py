@@ -426,3 +426,21 @@ def test_check_self_test_names_row_and_miss() -> None:
 ])
 def test_name_is_safe(s: str, ok: bool) -> None:
     assert name_is_safe(s) is ok
+
+
+def test_check_self_test_regressor_labels_use_tolerance() -> None:
+    """Converters store a regressor's 6.0 as JSON 6; the device's float32 6.0000x passes."""
+    m = make_manifest(
+        outputs=ModelOutputs(kind="regressor", label="variable", scores=None, classes=None),
+        self_test=SelfTest(inputs=((0.0,) * 6,), expected_labels=(6,), expected_scores=None),
+    )
+    m = Manifest.from_dict(json.loads(m.to_json_bytes()))
+    check_self_test(m, np.array([[6.00001]], dtype=np.float32), None)
+    with pytest.raises(SelfTestError, match=r"row 0: label 6\.1"):
+        check_self_test(m, np.array([[6.1]]), None)
+    # Class labels stay exact: integer 1 is not the string "1".
+    c = make_manifest()
+    c = dataclasses.replace(c, self_test=dataclasses.replace(
+        c.self_test, expected_labels=(1,) * 5, expected_scores=None))
+    with pytest.raises(SelfTestError, match="label '1', expected 1"):
+        check_self_test(c, np.array(["1"] * 5), None)
