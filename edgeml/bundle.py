@@ -680,10 +680,12 @@ def read_bundle(
         raise BundleFormatError(f"{label}: no such file") from exc
     except IsADirectoryError as exc:
         raise BundleFormatError(f"{label}: is a directory, not a bundle file") from exc
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise BundleFormatError(
             f"{label}: not a zip file or truncated (no valid zip directory): {exc}"
         ) from exc
+    except OSError as exc:
+        raise BundleFormatError(f"{label}: cannot read: {exc.strerror or exc}") from exc
     with zf:
         found: dict[str, zipfile.ZipInfo] = {}
         for info in zf.infolist():

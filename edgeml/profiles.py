@@ -374,8 +374,9 @@ _EXEC_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 
 def resolve_providers(profile: FirmwareProfile, available: list[str] | None = None) -> list[str]:
     """The profile's providers that this onnxruntime has, in the profile's order, always
-    ending with CPU. Each missing one is logged as a WARNING (a Jetson image without the
-    CUDA build of onnxruntime must not fail silently slow)."""
+    including CPU (appended when the profile does not list it). Each missing one is logged
+    as a WARNING (a Jetson image without the CUDA build of onnxruntime must not be silently
+    slow)."""
     if available is None:
         import onnxruntime as ort
 
@@ -383,20 +384,21 @@ def resolve_providers(profile: FirmwareProfile, available: list[str] | None = No
     chosen = []
     for p in profile.onnxruntime.providers:
         if p in available:
-            if p != CPU_PROVIDER:
-                chosen.append(p)
+            chosen.append(p)
         else:
             log.warning(
                 "firmware profile %s lists %s, which this onnxruntime does not provide "
                 "(available: %s); falling back to the next provider",
                 profile.name, p, ", ".join(available),
             )
-    chosen.append(CPU_PROVIDER)
+    if CPU_PROVIDER not in chosen:
+        chosen.append(CPU_PROVIDER)
     return chosen
 
 
 def session_options(profile: FirmwareProfile) -> tuple[ort.SessionOptions, list[str]]:
-    """SessionOptions and the provider list for one model session under ``profile``."""
+    """SessionOptions and the provider list (see :func:`resolve_providers`) for one model
+    session under ``profile``."""
     import onnxruntime as ort
 
     s = profile.onnxruntime

@@ -203,3 +203,13 @@ def test_create_session_translates_onnxruntime_errors(tmp_path: Path) -> None:
     path = tmp_path / "ok.onnx"
     path.write_bytes(tiny_classifier()[0])
     assert create_session(path, p).get_inputs()[0].name == "input"
+
+
+def test_provider_order_is_kept_and_cpu_appended() -> None:
+    p = profile_from_dict({"name": "c", "onnxruntime": {
+        "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"]}}, "c.toml")
+    have = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(p, have) == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    only_cuda = profile_from_dict({"name": "g", "onnxruntime": {
+        "providers": ["CUDAExecutionProvider"]}}, "g.toml")
+    assert resolve_providers(only_cuda, have) == have
