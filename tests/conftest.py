@@ -146,7 +146,8 @@ class DaemonThread:
             task = asyncio.create_task(self.daemon.run())
             ready = asyncio.create_task(self.daemon.ready.wait())
             await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-            self._ready.set()
+            if not task.done():
+                self._ready.set()
             await task
 
         def target() -> None:
