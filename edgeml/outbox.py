@@ -1,0 +1,713 @@
+"""The durable outbox: versioned outputs wait here until the upstream broker has them.
+
+SQLite in WAL mode (stdlib ``sqlite3``): a batch of records is one atomic transaction, a
+process crash never loses a committed record nor leaves half a batch, everything lives in one
+directory, and there is no dependency to install. Records are grouped in named *streams*, each
+with a priority (lower is sent first) and a policy for a full disk budget. Every record carries
+a stable unique id, so a replay after a crash does not duplicate locally and upstream can drop
+the duplicates that at-least-once delivery makes on the wire.
+
+Thread-safety: one SQLite connection (``check_same_thread=False``) behind one lock; every
+public method may be called from any thread, and blocks while SQLite works. From asyncio, call
+them in an executor (the daemon's writer thread puts, the :class:`~edgeml.uplink.Uplink` reads
+and acks from its own executor thread). ``pending()`` and ``has_unreported_drops`` read
+in-memory figures only and are cheap enough for the event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgpack
+
+from edgeml.errors import ConfigError, OutboxError
+
+try:  # POSIX: keep a second process from opening the same outbox
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("edgeml.outbox")
+
+POLICIES = ("drop_oldest", "refuse_new")
+DB_NAME = "outbox.db"
+LOCK_NAME = "outbox.lock"
+# Per-row cost beyond payload and id: the row header, the rowid, the covering stream index entry
+# and B-tree slack. Measured on SQLite 3.40 (see docs/sync.md); keeps ``bytes_used`` close to the
+# space the live rows take in the file.
+ROW_OVERHEAD = 96
+_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    """One named stream: ``priority`` (lower is sent first) and what a full budget does.
+
+    ``on_full="drop_oldest"``: the stream is a ring buffer; its oldest records may be evicted to
+    make room for its own new records and for those of higher-priority streams.
+    ``on_full="refuse_new"``: what the stream holds is never evicted; a new record that does not
+    fit (after room is taken from lower-priority ``drop_oldest`` streams) is refused.
+    """
+
+    name: str
+    priority: int
+    on_full: str = "drop_oldest"
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/+#\0"):
+            raise ConfigError(f"invalid stream name {self.name!r} (one MQTT topic level)",
+                              key="outbox.streams")
+        if not isinstance(self.priority, int) or self.priority < 0:
+            raise ConfigError(f"priority must be an integer >= 0, not {self.priority!r}",
+                              key=f"outbox.streams.{self.name}.priority")
+        if self.on_full not in POLICIES:
+            raise ConfigError(f"must be one of {', '.join(POLICIES)}, not {self.on_full!r}",
+                              key=f"outbox.streams.{self.name}.on_full")
+
+
+DEFAULT_STREAMS: Mapping[str, StreamPolicy] = {
+    # Alerts and deployment events are rare and small; they must never be silently evicted.
+    "alerts": StreamPolicy("alerts", 0, "refuse_new"),
+    # The selected answers: what users act on, sent before the bulk of all-version results.
+    "outputs": StreamPolicy("outputs", 1, "drop_oldest"),
+    "deploy": StreamPolicy("deploy", 1, "refuse_new"),
+    # Every version's result: the bulk; the first thing given up when the disk budget is full.
+    "results": StreamPolicy("results", 2, "drop_oldest"),
+}
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    """One stored record. ``rowid`` orders records (insertion order) and is never reused."""
+
+    rowid: int
+    stream: str
+    record_id: str
+    payload: bytes
+    created: float
+
+    def decode(self) -> dict[str, Any]:
+        return msgpack.unpackb(self.payload, raw=False)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What one ``put_many`` did. ``evicted`` counts older records removed to make room."""
+
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    evicted: int = 0
+
+
+def _part(value: object) -> str:
+    s = str(value)
+    return quote(s, safe="") if ("/" in s or "%" in s) else s
+
+
+def record_id(device: str, pipeline: str, input_seq: int, model: str, version: str,
+              stream: str) -> str:
+    """The stable unique id of a record, e.g. ``watch-01/activity/1234/activity/2/results``.
+
+    A ``/`` or ``%`` inside a part is percent-encoded, so distinct parts never give one id.
+    """
+    return "/".join(_part(p) for p in (device, pipeline, input_seq, model, version, stream))
+
+
+def entry_bytes(stream: str, rid: str, payload: bytes) -> int:
+    """Bytes a record is charged against the budget: payload, id (row and unique index),
+    stream name and a fixed per-row overhead."""
+    return len(payload) + 2 * len(rid) + len(stream) + ROW_OVERHEAD
+
+
+def _msgpack_default(obj: object) -> object:
+    # numpy scalars and arrays (and anything else with tolist) become plain lists/numbers.
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(record, use_bin_type=True, default=_msgpack_default)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream TEXT NOT NULL,
+    record_id TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_stream ON records (stream, seq, created, size);
+CREATE TABLE IF NOT EXISTS counters (
+    stream TEXT PRIMARY KEY,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    reported_dropped INTEGER NOT NULL DEFAULT 0,
+    reported_refused INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class _Counter:
+    __slots__ = ("dropped", "refused", "reported_dropped", "reported_refused")
+
+    def __init__(self, dropped: int = 0, refused: int = 0, rd: int = 0, rr: int = 0) -> None:
+        self.dropped, self.refused = dropped, refused
+        self.reported_dropped, self.reported_refused = rd, rr
+
+    @property
+    def unreported(self) -> bool:
+        return self.dropped > self.reported_dropped or self.refused > self.reported_refused
+
+
+class _Evictor:
+    """Makes room inside one ``put_many`` transaction.
+
+    Victims are the ``drop_oldest`` streams whose priority is the writer's or lower, lowest
+    priority first, oldest record first. Records leased by ``next_batch`` (in flight) are never
+    evicted. Candidates are read in chunks and deleted once per stream at the end, so a full
+    outbox costs about as much per record as an empty one.
+    """
+
+    def __init__(self, outbox: Outbox, touched: set[str]) -> None:
+        self.ob = outbox
+        self.touched = touched
+        self.evicted = 0
+        self._cands: dict[str, collections.deque[tuple[int, int]]] = {}
+        self._fetched: dict[str, int] = {}
+        self._cutoff: dict[str, int] = {}
+
+    def victims(self, writer: str) -> list[str]:
+        ob = self.ob
+        prio = ob.streams[writer].priority
+        return [s for s in reversed(ob.by_priority)
+                if ob.streams[s].priority >= prio and ob.streams[s].on_full == "drop_oldest"]
+
+    def can_fit(self, writer: str, size: int) -> bool:
+        ob = self.ob
+        evictable = sum(ob._bytes[v] - ob._lease_bytes.get(v, 0) for v in self.victims(writer))
+        return ob._used - evictable + size <= ob.budget_bytes
+
+    def make_room(self, writer: str, size: int, new_seq: int) -> None:
+        ob = self.ob
+        for victim in self.victims(writer):
+            while ob._used + size > ob.budget_bytes and ob._count[victim] > 0:
+                cands = self._cands.setdefault(victim, collections.deque())
+                if not cands:
+                    start = max(ob._lease.get(victim, 0), self._fetched.get(victim, 0))
+                    cands.extend(ob._db.execute(
+                        "SELECT seq, size FROM records WHERE stream=? AND seq>? AND seq<? "
+                        "ORDER BY seq LIMIT 256", (victim, start, new_seq)).fetchall())
+                    if not cands:
+                        break
+                    self._fetched[victim] = cands[-1][0]
+                seq, vsize = cands.popleft()
+                self._cutoff[victim] = seq
+                ob._count[victim] -= 1
+                ob._bytes[victim] -= vsize
+                ob._used -= vsize
+                ob._counters[victim].dropped += 1
+                self.touched.add(victim)
+                self.evicted += 1
+            if ob._used + size <= ob.budget_bytes:
+                return
+        raise OutboxError("internal: could not make room although can_fit said so")
+
+    def apply(self) -> None:
+        ob = self.ob
+        for victim, cutoff in self._cutoff.items():
+            lease = ob._lease.get(victim, 0)
+            ob._db.execute("DELETE FROM records WHERE stream=? AND seq>? AND seq<=?",
+                           (victim, lease, cutoff))
+            if lease == 0:  # the head went; find the new oldest
+                ob._oldest[victim] = ob._query_oldest(victim)
+
+
+class Outbox:
+    """``Outbox(data_dir / "outbox", budget_bytes=...)``: records wait here until acked.
+
+    ``path`` is the outbox directory (created; the database is ``path/outbox.db``) or a path
+    ending in ``.db``. Nothing is written outside that directory (SQLite's temp store is kept
+    in memory). ``fsync_interval_s``: 0 fsyncs every commit (``synchronous=FULL``); otherwise
+    commits are durable against a process crash at once and against power loss within about
+    that interval (``synchronous=NORMAL`` plus a WAL checkpoint at most that often).
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        budget_bytes: int = 256 * 2**20,
+        streams: Mapping[str, StreamPolicy] | None = None,
+        fsync_interval_s: float = 1.0,
+    ) -> None:
+        path = Path(path)
+        self.dir = path.parent if path.suffix == ".db" else path
+        self.db_path = path if path.suffix == ".db" else path / DB_NAME
+        if not isinstance(budget_bytes, int) or budget_bytes <= 0:
+            raise ConfigError(f"must be a positive integer, not {budget_bytes!r}",
+                              key="outbox.budget_bytes")
+        if fsync_interval_s < 0:
+            raise ConfigError(f"must be >= 0, not {fsync_interval_s!r}",
+                              key="outbox.fsync_interval_s")
+        self.budget_bytes = budget_bytes
+        self.fsync_interval_s = float(fsync_interval_s)
+        self.streams: dict[str, StreamPolicy] = dict(streams if streams is not None
+                                                     else DEFAULT_STREAMS)
+        if not self.streams:
+            raise ConfigError("at least one stream is needed", key="outbox.streams")
+        for key, pol in self.streams.items():
+            if key != pol.name:
+                raise ConfigError(f"key {key!r} differs from the policy's name {pol.name!r}",
+                                  key="outbox.streams")
+        self.by_priority: tuple[str, ...] = tuple(
+            sorted(self.streams, key=lambda s: (self.streams[s].priority, s)))
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        self._oldest: dict[str, float | None] = {}
+        self._lease: dict[str, int] = {}
+        self._lease_bytes: dict[str, int] = {}
+        self._counters: dict[str, _Counter] = {}
+        self._used = 0
+        self._last_sync = time.monotonic()
+        self._acks_since_vacuum = 0
+        self._lock_fd: int | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"cannot create the outbox directory {self.dir}: {exc}") from exc
+        self._take_file_lock()
+        try:
+            self._db = self._open()
+            self._load_state()
+        except sqlite3.Error as exc:
+            self._release_file_lock()
+            raise OutboxError(f"cannot open the outbox {self.db_path}: {exc}") from exc
+        except BaseException:
+            self._release_file_lock()
+            raise
+
+    # ---- opening ----------------------------------------------------------------------------
+    def _take_file_lock(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise OutboxError(f"the outbox {self.dir} is in use by another process") from exc
+        self._lock_fd = fd
+
+    def _release_file_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                             timeout=5.0)
+        try:
+            new = db.execute("PRAGMA page_count").fetchone()[0] == 0
+            if new:  # must precede the first table; lets acks give pages back to the disk
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OutboxError(f"cannot put {self.db_path} in WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous=" + ("FULL" if self.fsync_interval_s == 0
+                                                else "NORMAL"))
+            db.execute("PRAGMA temp_store=MEMORY")  # no temp files outside the outbox dir
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            # Keep the WAL small next to a small budget: checkpoint every 1/8 of the budget
+            # (between 64 and 1000 pages) and truncate the WAL file back to that size.
+            pages = max(64, min(1000, self.budget_bytes // page // 8))
+            db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            db.execute(f"PRAGMA journal_size_limit={pages * page}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise OutboxError(f"{self.db_path} has schema version {version}; this edgeml "
+                                  f"knows {_SCHEMA_VERSION}")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _load_state(self) -> None:
+        """Rebuild the in-memory figures from the database (at open and after a rollback)."""
+        db = self._db
+        self._count = dict.fromkeys(self.streams, 0)
+        self._bytes = dict.fromkeys(self.streams, 0)
+        self._oldest = dict.fromkeys(self.streams, None)
+        self._lease, self._lease_bytes = {}, {}
+        for stream, n, size in db.execute(
+                "SELECT stream, COUNT(*), SUM(size) FROM records GROUP BY stream"):
+            if stream not in self.streams:
+                # A stream removed from the config keeps its records until they are sent.
+                log.warning("outbox holds %d records of unconfigured stream %r", n, stream)
+                self.streams[stream] = StreamPolicy(stream, 99, "drop_oldest")
+                self.by_priority = (*self.by_priority, stream)
+            self._count[stream] = n
+            self._bytes[stream] = size or 0
+        for stream in self._count:
+            self._oldest[stream] = self._query_oldest(stream)
+        self._counters = {s: _Counter() for s in self.streams}
+        for stream, d, r, rd, rr in db.execute(
+                "SELECT stream, dropped, refused, reported_dropped, reported_refused "
+                "FROM counters"):
+            self._counters[stream] = _Counter(d, r, rd, rr)
+        self._used = sum(self._bytes.values())
+
+    def _query_oldest(self, stream: str) -> float | None:
+        row = self._db.execute("SELECT created FROM records WHERE stream=? ORDER BY seq LIMIT 1",
+                               (stream,)).fetchone()
+        return row[0] if row else None
+
+    # ---- writing ----------------------------------------------------------------------------
+    def put(self, stream: str, record_id: str, record: Mapping[str, Any]) -> bool:
+        """Store one record; True if it is in the outbox now (stored or already there)."""
+        return self.put_many([(stream, record_id, record)]).refused == 0
+
+    def put_many(self, items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> PutResult:
+        """Store ``(stream, record_id, record)`` items in ONE transaction (all or nothing).
+
+        A record id already in the outbox is ignored (a replay after a crash does not
+        duplicate). When the budget is full the stream's policy applies (see
+        :class:`StreamPolicy`); every evicted or refused record is counted per stream in the
+        same transaction, so the counts survive restarts and are exact.
+        """
+        if not items:
+            return PutResult()
+        rows: list[tuple[str, str, bytes, int]] = []
+        total = 0
+        for stream, rid, record in items:
+            if stream not in self.streams:
+                raise OutboxError(f"unknown stream {stream!r}; known: {', '.join(self.streams)}")
+            try:
+                payload = encode_record(record)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise OutboxError(f"record {rid!r} of stream {stream!r} cannot be encoded: "
+                                  f"{exc}") from exc
+            rid = str(rid)
+            size = entry_bytes(stream, rid, payload)
+            total += size
+            rows.append((stream, rid, payload, size))
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            db = self._db
+            touched: set[str] = set()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                if self._used + total <= self.budget_bytes:
+                    result = self._insert_all(rows, now)
+                else:
+                    result = self._insert_bounded(rows, now, touched)
+                self._save_counters(touched)
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot store records in {self.db_path}: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+            self._maybe_sync()
+        return result
+
+    def _account(self, stream: str, size: int, created: float) -> None:
+        self._count[stream] += 1
+        self._bytes[stream] += size
+        self._used += size
+        if self._oldest[stream] is None:
+            self._oldest[stream] = created
+
+    def _insert_all(self, rows: list[tuple[str, str, bytes, int]], now: float) -> PutResult:
+        """The common case: everything fits; one executemany."""
+        db = self._db
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
+        before = row[0] if row else 0
+        cur = db.executemany(
+            "INSERT OR IGNORE INTO records (stream, record_id, created, size, payload) "
+            "VALUES (?, ?, ?, ?, ?)", [(s, rid, now, size, p) for s, rid, p, size in rows])
+        stored = cur.rowcount
+        if stored == len(rows):
+            for stream, _rid, _p, size in rows:
+                self._account(stream, size, now)
+        else:  # some ids were already stored: account exactly what went in
+            for stream, size in db.execute("SELECT stream, size FROM records WHERE seq>?",
+                                           (before,)):
+                self._account(stream, size, now)
+        return PutResult(stored=stored, duplicates=len(rows) - stored)
+
+    def _insert_bounded(self, rows: list[tuple[str, str, bytes, int]], now: float,
+                        touched: set[str]) -> PutResult:
+        """Record by record, applying the stream policies when the budget is reached."""
+        db = self._db
+        evictor = _Evictor(self, touched)
+        stored = duplicates = refused = 0
+        for stream, rid, payload, size in rows:
+            fits = self._used + size <= self.budget_bytes
+            if not fits and (size > self.budget_bytes or not evictor.can_fit(stream, size)):
+                if db.execute("SELECT 1 FROM records WHERE record_id=?", (rid,)).fetchone():
+                    duplicates += 1
+                else:
+                    self._counters[stream].refused += 1
+                    touched.add(stream)
+                    refused += 1
+                continue
+            cur = db.execute(
+                "INSERT OR IGNORE INTO records (stream, record_id, created, size, payload) "
+                "VALUES (?, ?, ?, ?, ?)", (stream, rid, now, size, payload))
+            if cur.rowcount == 0:
+                duplicates += 1
+                continue
+            if not fits:
+                evictor.make_room(stream, size, cur.lastrowid)
+            self._account(stream, size, now)
+            stored += 1
+        evictor.apply()
+        return PutResult(stored, duplicates, refused, evictor.evicted)
+
+    def _save_counters(self, streams: Iterable[str]) -> None:
+        rows = []
+        for s in streams:
+            c = self._counters[s]
+            rows.append((s, c.dropped, c.refused, c.reported_dropped, c.reported_refused))
+        if rows:
+            self._db.executemany(
+                "INSERT INTO counters (stream, dropped, refused, reported_dropped, "
+                "reported_refused) VALUES (?, ?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET "
+                "dropped=excluded.dropped, refused=excluded.refused, "
+                "reported_dropped=excluded.reported_dropped, "
+                "reported_refused=excluded.reported_refused", rows)
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            lease, lease_bytes = self._lease, self._lease_bytes
+            self._load_state()
+            self._lease, self._lease_bytes = lease, lease_bytes
+
+    def _maybe_sync(self) -> None:
+        """With synchronous=NORMAL, a checkpoint at most every ``fsync_interval_s`` bounds what
+        a power cut can take (the checkpoint fsyncs the WAL, then the database)."""
+        if self.fsync_interval_s == 0:
+            return
+        now = time.monotonic()
+        if now - self._last_sync >= self.fsync_interval_s:
+            self._last_sync = now
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("outbox checkpoint failed: %s", exc)
+
+    # ---- reading and acknowledging ----------------------------------------------------------
+    def pending(self, stream: str) -> tuple[int, int, float | None]:
+        """``(records, bytes, oldest created)`` of a stream from memory: cheap, lock-free."""
+        return self._count.get(stream, 0), self._bytes.get(stream, 0), self._oldest.get(stream)
+
+    def next_batch(self, stream: str, *, max_records: int, max_bytes: int) -> list[OutboxRecord]:
+        """The oldest records of ``stream`` in insertion order, at most ``max_records`` and (after
+        the first, which always comes) ``max_bytes`` of payload. They stay stored, and are safe
+        from eviction, until ``ack``; a new ``next_batch`` of the stream replaces that lease."""
+        out: list[OutboxRecord] = []
+        with self._lock:
+            self._check_open()
+            try:
+                cur = self._db.execute(
+                    "SELECT seq, record_id, payload, created, size FROM records WHERE stream=? "
+                    "ORDER BY seq LIMIT ?", (stream, max(1, int(max_records))))
+                total = charged = 0
+                for seq, rid, payload, created, size in cur:
+                    if out and total + len(payload) > max_bytes:
+                        break
+                    total += len(payload)
+                    charged += size
+                    out.append(OutboxRecord(seq, stream, rid, payload, created))
+                cur.close()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read records from {self.db_path}: {exc}") from exc
+            if out:
+                self._lease[stream] = out[-1].rowid
+                self._lease_bytes[stream] = charged
+            else:
+                self._lease.pop(stream, None)
+                self._lease_bytes.pop(stream, None)
+        return out
+
+    def ack(self, records: Sequence[OutboxRecord]) -> int:
+        """Delete records the broker acknowledged; returns how many were still stored."""
+        if not records:
+            return 0
+        with self._lock:
+            self._check_open()
+            db = self._db
+            streams = {r.stream for r in records}
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                removed: list[tuple[str, int]] = []
+                seqs = [r.rowid for r in records]
+                for i in range(0, len(seqs), 500):
+                    chunk = seqs[i:i + 500]
+                    removed += db.execute(
+                        f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chunk))}) "
+                        "RETURNING stream, size", chunk).fetchall()
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot delete acked records from {self.db_path}: "
+                                  f"{exc}") from exc
+            for stream, size in removed:
+                self._count[stream] -= 1
+                self._bytes[stream] -= size
+                self._used -= size
+            for stream in streams:
+                lease = self._lease.get(stream)
+                if lease is not None and lease <= max(r.rowid for r in records
+                                                      if r.stream == stream):
+                    del self._lease[stream]
+                    self._lease_bytes.pop(stream, None)
+                self._oldest[stream] = self._query_oldest(stream)
+            self._acks_since_vacuum += 1
+            if self._acks_since_vacuum >= 64 or self._used == 0:
+                self._acks_since_vacuum = 0
+                self._give_back_space()
+            self._maybe_sync()
+            return len(removed)
+
+    def _give_back_space(self) -> None:
+        """Return free pages to the filesystem once they are a sizeable part of the file."""
+        try:
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            # Drained: give back anything sizeable; otherwise only a large share of the budget.
+            limit = 256 * 1024 if self._used == 0 else max(1 << 20, self.budget_bytes // 8)
+            if free * page >= limit:
+                # executescript steps the pragma to completion (execute frees one page)
+                self._db.executescript("PRAGMA incremental_vacuum;")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("outbox vacuum failed: %s", exc)
+
+    # ---- drop reports -----------------------------------------------------------------------
+    @property
+    def has_unreported_drops(self) -> bool:
+        return any(c.unreported for c in list(self._counters.values()))
+
+    def take_drop_report(self) -> dict[str, Any] | None:
+        """Evicted/refused counts not yet reported upstream, or None.
+
+        ``streams[s]`` holds ``dropped``/``refused`` (since the last acknowledged report) and
+        ``dropped_total``/``refused_total`` (since the outbox was created; idempotent to apply
+        upstream). Call :meth:`ack_drop_report` once the broker has it.
+        """
+        with self._lock:
+            per: dict[str, dict[str, int]] = {}
+            for s, c in self._counters.items():
+                if c.unreported:
+                    per[s] = {"dropped": c.dropped - c.reported_dropped,
+                              "refused": c.refused - c.reported_refused,
+                              "dropped_total": c.dropped, "refused_total": c.refused}
+            if not per:
+                return None
+            total = sum(c.dropped + c.refused for c in self._counters.values())
+            return {"kind": "outbox_drops", "total": total, "streams": per}
+
+    def ack_drop_report(self, report: Mapping[str, Any]) -> None:
+        """Mark the counts in ``report`` as reported (later drops stay unreported)."""
+        with self._lock:
+            self._check_open()
+            touched = []
+            for s, v in report.get("streams", {}).items():
+                c = self._counters.get(s)
+                if c is None:
+                    continue
+                c.reported_dropped = max(c.reported_dropped, int(v["dropped_total"]))
+                c.reported_refused = max(c.reported_refused, int(v["refused_total"]))
+                touched.append(s)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._save_counters(touched)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot save counters in {self.db_path}: {exc}") from exc
+
+    # ---- status -----------------------------------------------------------------------------
+    def file_bytes(self) -> int:
+        """Bytes the outbox files take on disk (database, WAL, shared memory index)."""
+        total = 0
+        for name in (self.db_path.name, self.db_path.name + "-wal", self.db_path.name + "-shm"):
+            with contextlib.suppress(OSError):
+                total += (self.dir / name).stat().st_size
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Backlog, oldest unsynced age, bytes, dropped and refused counts per stream; totals."""
+        now = time.time()
+        with self._lock:
+            streams = {}
+            for s in self.by_priority:
+                pol, c, oldest = self.streams[s], self._counters[s], self._oldest[s]
+                streams[s] = {
+                    "priority": pol.priority, "on_full": pol.on_full,
+                    "backlog": self._count[s], "bytes": self._bytes[s],
+                    "oldest_unsynced_age_s": (round(max(0.0, now - oldest), 3)
+                                              if oldest is not None else None),
+                    "dropped": c.dropped, "refused": c.refused,
+                    "unreported_dropped": c.dropped - c.reported_dropped,
+                    "unreported_refused": c.refused - c.reported_refused,
+                }
+            backlog = sum(self._count.values())
+            used = self._used
+        return {
+            "streams": streams,
+            "backlog": backlog,
+            "bytes_used": used,
+            "budget_bytes": self.budget_bytes,
+            "file_bytes": self.file_bytes(),
+            "dropped": sum(v["dropped"] for v in streams.values()),
+            "refused": sum(v["refused"] for v in streams.values()),
+        }
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OutboxError(f"the outbox {self.dir} is closed")
+
+    def close(self) -> None:
+        """Checkpoint and close; the backlog stays on disk for the next open."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._release_file_lock()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
