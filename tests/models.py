@@ -95,3 +95,22 @@ def build_gait_anomaly_bundle(tmp_dir: Path, version: str = "1", *, name: str = 
         description="Daphnet gait anomaly (IsolationForest) on single samples",
     )
     return report.path
+
+
+def score_bundle(bundle, X: np.ndarray, *, trusted_keys=()) -> tuple[np.ndarray, np.ndarray]:
+    """Run a bundle (path, bytes or :class:`edgeml.bundle.Bundle`) with onnxruntime the way a
+    device does: rows reshaped to the manifest's input shape, outputs picked by the names the
+    manifest gives. Returns ``(labels [n], scores [n, k])``."""
+    import onnxruntime as ort
+
+    from edgeml.bundle import Bundle, read_bundle
+
+    if not isinstance(bundle, Bundle):
+        bundle = read_bundle(bundle, trusted_keys=trusted_keys)
+    spec, outs = bundle.manifest.input, bundle.manifest.outputs
+    arr = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+    if len(spec.shape) == 3:
+        arr = arr.reshape(len(arr), spec.window, len(spec.features))
+    session = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
+    labels, scores = session.run([outs.label, outs.scores], {spec.name: arr})
+    return np.asarray(labels).reshape(-1), np.asarray(scores).reshape(len(arr), -1)
