@@ -100,6 +100,7 @@ class Config:
     source: Path | None
     device_id: str
     profile: str = "x86-gateway"
+    profile_overrides: dict = field(default_factory=dict)
     data_dir: Path = Path("/var/lib/edgeml")
     topic_prefix: str = "edgeml"
     trusted_keys: tuple[Path, ...] = ()
@@ -350,9 +351,13 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
     file = _src(source)
     r = _Reader(data, "", file)
     r.known = ("device_id", "profile", "data_dir", "topic_prefix", "trusted_keys", "groups",
-               "status_interval_s", "broker", "upstream", "pipelines", "deploy", "sync")
+               "status_interval_s", "broker", "upstream", "pipelines", "deploy", "sync",
+               "profile_overrides")
     device_id = _name(r, "device_id", r.take("device_id", str, required=True))
     profile = r.take("profile", str, "x86-gateway")
+    if "/" in profile or profile.endswith(".toml"):
+        profile = str(_resolve(source, profile))
+    profile_overrides = r.take("profile_overrides", dict, {})
     dd = r.take("data_dir", str, "/var/lib/edgeml")
     data_path = Path(data_dir) if data_dir is not None else _resolve(source, dd)
     prefix = r.take("topic_prefix", str, "edgeml")
@@ -407,10 +412,21 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
             raise ConfigError(f"duplicate pipeline name {n!r}", key=f"pipelines[{i}].name",
                               file=file)
     return Config(
-        source=source, device_id=device_id, profile=profile, data_dir=data_path,
+        source=source, device_id=device_id, profile=profile,
+        profile_overrides=profile_overrides, data_dir=data_path,
         topic_prefix=prefix, trusted_keys=keys, groups=groups, status_interval_s=status_interval,
         broker=broker, upstream=upstream, pipelines=pipelines, deploy=deploy, sync=sync,
     )
+
+
+def load_device_profile(config: Config):
+    """The firmware profile the config names, with its ``[profile_overrides]`` merged in."""
+    from edgeml.profiles import apply_overrides, load_profile
+
+    profile = load_profile(config.profile)
+    if config.profile_overrides:
+        profile = apply_overrides(profile, config.profile_overrides, _src(config.source) or "")
+    return profile
 
 
 def load_config(path: str | Path, *, broker_url: str | None = None,

@@ -78,10 +78,10 @@ class Daemon:
     """One device. ``await Daemon(config).run()`` until :meth:`request_stop`."""
 
     def __init__(self, config: Config, *, profile: Any = None) -> None:
-        from edgeml.profiles import load_profile
+        from edgeml.config import load_device_profile
 
         self.config = config
-        self.profile = profile or load_profile(config.profile)
+        self.profile = profile or load_device_profile(config)
         self.started = time.time()
         self.state = "starting"
         self._stop = asyncio.Event()

@@ -54,12 +54,15 @@ class ModelSlot:
         classes = manifest.outputs.classes
         self.classes: tuple | None = tuple(classes) if classes is not None else None
         self.load_ms: float | None = None
+        self._installed: Any = None
 
     @classmethod
     def from_installed(cls, installed: Any, *, role: str, priority: int,
                        profile: Any) -> ModelSlot:
-        return cls(installed.manifest, installed.model_path, role=role, priority=priority,
+        slot = cls(installed.manifest, installed.model_path, role=role, priority=priority,
                    profile=profile)
+        slot._installed = installed  # load() re-checks the model's sha256 (disk rot)
+        return slot
 
     @property
     def name(self) -> str:
@@ -86,7 +89,8 @@ class ModelSlot:
         from edgeml.profiles import create_session
 
         t0 = time.perf_counter()
-        session = create_session(self.model_path, self.profile)
+        source = self._installed.read_model() if self._installed is not None else self.model_path
+        session = create_session(source, self.profile)
         names = {o.name for o in session.get_outputs()}
         missing = [n for n in self._outputs if n not in names]
         if missing:

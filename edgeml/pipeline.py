@@ -58,6 +58,7 @@ class _SlotRunner:
             max_workers=1, thread_name_prefix=f"score-{slot.name}-{slot.version}"
         )
         self.pending = 0
+        self.last: asyncio.Future | None = None
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=False)
@@ -182,12 +183,17 @@ class PipelineRuntime:
         skipped: list[ModelSlot] = []
         for slot in slots:
             runner = self._runners[slot.key]
+            if runner.pending >= MAX_PENDING_BATCHES and runner.last is not None:
+                # backpressure: a version that is merely busy gets up to one deadline to catch
+                # up; only a version that stays stuck skips the batch (counted, recorded)
+                await asyncio.wait([runner.last], timeout=self.deadline_s)
             if runner.pending >= MAX_PENDING_BATCHES:
                 skipped.append(slot)
                 self.stats.version(slot.name, slot.version).skipped += len(batch)
                 continue
             runner.pending += 1
             fut = loop.run_in_executor(runner.pool, slot.predict, x)
+            runner.last = fut
             futures[fut] = slot
         self.stats.batches += 1
         done_outcomes: list[Outcome] = []

@@ -76,7 +76,8 @@ def test_overrides(tmp_path):
     (("role = \"champion\"", "role = \"champion\"\nbundle = \"nope.edgeml\""),
      "pipelines[0].models[0].bundle"),
     (("topics = [\"sensors/+/imu\"]", "topics = []"), "pipelines[0].topics"),
-    (("features = [\"ax\", \"ay\", \"az\", \"gx\", \"gy\", \"gz\"]", ""), "pipelines[0].features"),
+    (("features = [\"ax\", \"ay\", \"az\", \"gx\", \"gy\", \"gz\"]", ""),
+     "pipelines[0].features"),
     (("name = \"activity\"\ntopics", "name = \"activity\"\nwindo = 3\ntopics"), "pipelines[0].windo"),
 ])
 def test_bad_key_is_named(tmp_path, change, key):
@@ -113,3 +114,15 @@ def test_run_check_cli(tmp_path, capsys):
     bad.write_text(GOOD.replace("profile = \"x86-gateway\"", "profile = \"toaster\""))
     assert main(["run", "--check", "--config", str(bad)]) == 1
     assert "toaster" in capsys.readouterr().err
+
+
+def test_profile_overrides(tmp_path, capsys):
+    from edgeml.config import load_device_profile
+
+    text = GOOD.replace("[broker]", "[profile_overrides]\nbatching = { max_batch = 8 }\n\n[broker]")
+    cfg = load_config(write(tmp_path, text))
+    assert load_device_profile(cfg).batching.max_batch == 8
+    table = "[profile_overrides]\nbatching = { max_batch = -1 }\n\n[broker]"
+    bad = write(tmp_path, GOOD.replace("[broker]", table))
+    assert main(["run", "--check", "--config", str(bad)]) == 1
+    assert "profile_overrides.batching.max_batch" in capsys.readouterr().err

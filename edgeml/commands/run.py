@@ -25,11 +25,10 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from edgeml.config import load_config
-    from edgeml.profiles import load_profile
+    from edgeml.config import load_config, load_device_profile
 
     config = load_config(args.config, broker_url=args.broker, data_dir=args.data_dir)
-    profile = load_profile(config.profile)
+    profile = load_device_profile(config)
     if args.check:
         n_models = sum(len(p.models) for p in config.pipelines)
         print(f"{args.config}: OK (device {config.device_id}, profile {profile.name}, "
