@@ -78,7 +78,8 @@ def test_overrides(tmp_path):
     (("topics = [\"sensors/+/imu\"]", "topics = []"), "pipelines[0].topics"),
     (("features = [\"ax\", \"ay\", \"az\", \"gx\", \"gy\", \"gz\"]", ""),
      "pipelines[0].features"),
-    (("name = \"activity\"\ntopics", "name = \"activity\"\nwindo = 3\ntopics"), "pipelines[0].windo"),
+    (("name = \"activity\"\ntopics", "name = \"activity\"\nwindo = 3\ntopics"),
+     "pipelines[0].windo"),
 ])
 def test_bad_key_is_named(tmp_path, change, key):
     old, new = change
