@@ -51,7 +51,7 @@ PREFIX = "bench"
 def require_host_extra() -> None:
     """The bench trains and converts its models: scikit-learn and skl2onnx must be present."""
     missing = []
-    for mod in ("sklearn", "skl2onnx", "onnx"):
+    for mod in ("sklearn", "skl2onnx", "onnx", "converters"):
         try:
             __import__(mod)
         except ImportError:
@@ -133,65 +133,24 @@ def _gait_label(X: np.ndarray) -> np.ndarray:
     return (mag > np.median(mag)).astype(np.int64)
 
 
-def _convert(estimator: Any, X: np.ndarray, kind: str) -> bytes:
-    from skl2onnx import to_onnx
-
-    if kind == "heavy":  # skl2onnx 1.20 needs these opsets for IsolationForest
-        onx = to_onnx(estimator, X[:1], target_opset={"": 21, "ai.onnx.ml": 3})
-    else:
-        onx = to_onnx(estimator, X[:1], options={"zipmap": False}, target_opset=17)
-    return onx.SerializeToString()
-
-
-def _manifest(kind: str, name: str, version: str, est: Any, X: np.ndarray,
-              model_bytes: bytes, seed: int) -> Any:
-    import skl2onnx
-    import sklearn
-
-    from edgeml.bundle import Manifest, ModelInput, ModelOutputs, SelfTest, sha256_hex, utc_now_iso
-    from edgeml.datasets import DAPHNET_CHANNELS
-
-    rows = X[:: max(1, len(X) // 8)][:8]
-    if kind == "light":
-        outputs = ModelOutputs(kind="classifier", label="label", scores="probabilities",
-                               classes=tuple(int(c) for c in est.classes_))
-        labels = tuple(int(v) for v in est.predict(rows))
-        scores = tuple(tuple(float(s) for s in r) for r in est.predict_proba(rows))
-        estimator = "Pipeline(StandardScaler, LogisticRegression)"
-    else:
-        outputs = ModelOutputs(kind="anomaly", label="label", scores="scores", classes=(1, -1))
-        labels = tuple(int(v) for v in est.predict(rows))
-        scores = tuple((float(s),) for s in est.decision_function(rows))
-        estimator = "IsolationForest"
-    return Manifest(
-        name=name, version=version, created=utc_now_iso(),
-        input=ModelInput(name="input", dtype="float32", shape=(None, X.shape[1]),
-                         features=DAPHNET_CHANNELS, window=None),
-        outputs=outputs, sha256=sha256_hex(model_bytes), size=len(model_bytes),
-        provenance={"framework": "scikit-learn", "framework_version": sklearn.__version__,
-                    "converter": "skl2onnx", "converter_version": skl2onnx.__version__,
-                    "estimator": estimator, "training_rows": len(X), "seed": seed,
-                    "built_by": "edgeml.bench.e2e"},
-        metrics={}, description=f"edgeml bench {kind} model: {MODEL_KINDS[kind]}",
-        self_test=SelfTest(inputs=tuple(tuple(float(v) for v in r) for r in rows),
-                           expected_labels=labels, expected_scores=scores, atol=1e-3, rtol=1e-3),
-    )
-
-
 def build_models(work: Path, kinds: Sequence[str], n_versions: int,
                  progress: Progress | None = None) -> dict[str, list[BenchModel]]:
-    """Train and convert ``n_versions`` versions of each model kind (seeds 0, 1, 2 on slightly
-    different bootstrap samples), write bundles and the bare ``.onnx`` files the plain script
-    loads. Host-side only: this is where scikit-learn is imported, never on the device path."""
+    """Train ``n_versions`` versions of each model kind (seeds 0, 1, 2; versions 2 and 3 on
+    bootstrap resamples, so they differ a little) and convert them with
+    :func:`converters.convert_estimator` (parity check, self-test), the path a user takes.
+    Also writes the bare ``.onnx`` files the plain script loads. Host-side only: this is where
+    scikit-learn is imported, never on the device path."""
     from sklearn.ensemble import IsolationForest
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgeml.bundle import write_bundle
+    from converters import convert_estimator
+    from edgeml.bundle import read_bundle
     from edgeml.datasets import load_daphnet
 
-    X = load_daphnet().X
+    data = load_daphnet()
+    X = data.X
     y = _gait_label(X)
     out: dict[str, list[BenchModel]] = {}
     work.mkdir(parents=True, exist_ok=True)
@@ -204,18 +163,24 @@ def build_models(work: Path, kinds: Sequence[str], n_versions: int,
                 est = make_pipeline(StandardScaler(),
                                     LogisticRegression(C=1.0 / (1 + i), max_iter=500))
                 est.fit(X[idx], y[idx])
+                labels = y[::10]
             else:
                 est = IsolationForest(n_estimators=100, random_state=i).fit(X[idx])
-            model_bytes = _convert(est, X, kind)
+                labels = None
             name, version = f"gait-{kind}", str(i + 1)
-            manifest = _manifest(kind, name, version, est, X, model_bytes, seed=i)
-            bundle = write_bundle(work / f"{name}-{version}.edgeml", manifest, model_bytes)
+            report = convert_estimator(
+                est, X[::10], name=name, version=version, features=data.channels,
+                out=work / f"{name}-{version}.edgeml", training_data=X[idx], labels=labels,
+                description=f"edgeml bench {kind} model ({ROLE_ORDER[i]}): {MODEL_KINDS[kind]}",
+            )
+            bundle = Path(report.path)
             onnx_path = work / f"{name}-{version}.onnx"
-            onnx_path.write_bytes(model_bytes)
+            onnx_path.write_bytes(read_bundle(bundle).model_bytes)
             out[kind].append(BenchModel(kind=kind, name=name, version=version,
                                         role=ROLE_ORDER[i], bundle=bundle, onnx=onnx_path))
             if progress:
-                progress(f"built {name} {version} ({ROLE_ORDER[i]}, {len(model_bytes)} bytes)")
+                progress(f"built {name} {version} ({ROLE_ORDER[i]}, "
+                         f"{onnx_path.stat().st_size:,} bytes of ONNX)")
     return out
 
 
@@ -622,8 +587,9 @@ class Harness:
 
         try:
             target, start_info = self.start_measured(tag, in_topic, out_topic, start, ready)
-        finally:
+        except BaseException:
             status.close()
+            raise
         t_online = status.online_ns
         start_info["status_online_s"] = ((t_online - target.started_ns) / 1e9
                                          if t_online else None)
@@ -633,9 +599,13 @@ class Harness:
             device_libs = target.loaded_libraries("sklearn", "scipy", "skl2onnx")
         finally:
             code = target.stop()
+            status.close()
+        from edgeml.bench.baselines import jsonable
+
         return {"variant": "edgeml", "model": kind, "versions": len(models), "phases": phases,
                 "start": start_info, **mem, "host_libraries_loaded": device_libs,
-                "exit_code": code, "config": str(config)}
+                "exit_code": code, "config": str(config),
+                "last_status": jsonable(status.last)}
 
     def bare_rss(self, kind: str, models: list[BenchModel]) -> dict:
         name = self._name(f"bare-{kind}-{len(models)}")

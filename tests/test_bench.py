@@ -1,0 +1,106 @@
+"""Smoke tests of ``edgeml bench``: tiny run sizes, real broker, real models, real data.
+
+They check the structure and consistency of the reports (every message answered, percentiles
+ordered, ratios computed from the figures shown), never the speed: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from models import build_activity_bundle, build_gait_anomaly_bundle
+
+from edgeml.bench.e2e import E2ESettings, run_e2e
+from edgeml.bench.models import BenchError, emulate_profile, parse_batches, run_models_bench
+from edgeml.bench.report import render_markdown, render_table, write_report
+from edgeml.cli import main
+from edgeml.profiles import load_profile
+
+
+def test_models_bench_reports_each_bundle_and_batch(tmp_path: Path) -> None:
+    bundles = [build_activity_bundle(tmp_path), build_gait_anomaly_bundle(tmp_path)]
+    before = os.sched_getaffinity(0)
+    report = run_models_bench(bundles, profile="x86-gateway", batches=(1, 4), seconds=0.05)
+    assert os.sched_getaffinity(0) == before  # the emulation is undone afterwards
+    assert report["kind"] == "models"
+    assert "emulation" in report["emulation"]["note"]
+    assert report["machine"]["onnxruntime"]
+    activity, gait = report["results"]
+    assert activity["data"].startswith("BasicMotions TEST: 40 windows of 100")
+    assert gait["data"].startswith("Daphnet")
+    for r in report["results"]:
+        assert r["load_ms"] > 0 and r["model_bytes"] > 0
+        assert [b["batch"] for b in r["batches"]] == [1, 4]
+        for b in r["batches"]:
+            assert b["calls"] >= 20
+            assert 0 < b["p50_ms"] <= b["p99_ms"] <= b["max_ms"]
+            assert b["rows_per_s"] == pytest.approx(b["batch"] * b["calls"] / b["seconds"])
+    written = write_report(report, tmp_path / "out")
+    assert json.loads(written["json"].read_text())["results"][0]["name"] == "activity"
+    assert "| activity |" in written["markdown"].read_text()
+    assert "gait" in render_table(report)
+
+
+def test_emulation_pins_to_profile_cores() -> None:
+    prof = load_profile("x86-gateway")
+    one = type(prof)(**{**prof.__dict__, "cpu_cores": 1})
+    with emulate_profile(one) as emu:
+        assert len(os.sched_getaffinity(0)) == 1
+        assert emu.affinity == (min(os.sched_getaffinity(0)),)
+    assert len(os.sched_getaffinity(0)) == emu.host_cores
+
+
+def test_parse_batches_refuses_bad_values() -> None:
+    assert parse_batches("1, 8,64") == (1, 8, 64)
+    with pytest.raises(BenchError, match="--batch: 'x'"):
+        parse_batches("1,x")
+    with pytest.raises(BenchError, match="at least 1"):
+        parse_batches("0")
+
+
+def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
+    settings = E2ESettings(
+        out_dir=tmp_path / "run", broker_url=broker.url, paced_rate=400.0, paced_seconds=0.5,
+        messages=300, versions=(1,), models=("light",), onnx_seconds=0.05,
+        phase_timeout_s=20.0,
+    )
+    lines: list[str] = []
+    report = run_e2e(settings, progress=lines.append)
+    assert not report["errors"], report["errors"]
+    assert any("first answer" in s for s in lines)  # progress is shown while it runs
+    variants = {r["variant"] for r in report["runs"]}
+    assert variants == {"raw", "plain", "edgeml"}
+    for run in report["runs"]:
+        for mode, ph in run["phases"].items():
+            assert ph["sent"] == (200 if mode == "paced" else 300)
+            assert ph["answered"] == ph["sent"], (run["variant"], mode, ph)
+            assert ph["msgs_per_s"] > 0 and ph["cpu_s"] >= 0
+            assert 0 <= ph["p50_ms"] <= ph["p99_ms"] <= ph["max_ms"]
+    edgeml = next(r for r in report["runs"] if r["variant"] == "edgeml")
+    assert 0 < edgeml["start"]["first_answer_s"] < settings.start_timeout_s
+    assert edgeml["host_libraries_loaded"] == []  # no scikit-learn on the device path
+    assert edgeml["rss_bytes"] > report["bare"][0]["python_onnxruntime_bytes"] > 0
+    limits = {r["batch"]: r for r in report["scoring_limit"]}
+    assert set(limits) == {1, 64} and all(r["rows_per_s"] > 0 for r in limits.values())
+    ratio = next(r for r in report["ratios"] if r["mode"] == "max")
+    plain_max = next(r for r in report["runs"] if r["variant"] == "plain")["phases"]["max"]
+    assert ratio["edgeml_vs_plain_msgs"] == pytest.approx(
+        edgeml["phases"]["max"]["msgs_per_s"] / plain_max["msgs_per_s"])
+    ids = {t["id"] for t in report["targets"]}
+    assert {"p99", "rss", "first_answer", "no_sklearn", "p50_vs_plain"} <= ids
+    assert all(t["met"] in (True, False, None) for t in report["targets"])
+    written = write_report(report, tmp_path / "run", latest_dir=tmp_path, charts=True)
+    assert written["latest_json"].exists() and written["latest_markdown"].exists()
+    assert (tmp_path / "run" / "throughput.png").stat().st_size > 1000
+    md = render_markdown(report)
+    assert "## Targets (issue 7)" in md and "TCP_NODELAY" in md
+    assert "plain" in render_table(report)
+
+
+def test_cli_bench_refuses_bad_flag_with_one_line(capsys) -> None:
+    assert main(["bench", "e2e", "--versions", "5", "--out", "/nonexistent/x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--versions: 5" in err[0]
