@@ -10,6 +10,11 @@ one-vs-rest, or [N, 1] for two classes (positive means ``classes[1]``).
 Only the estimator types listed in :data:`SUPPORTED_ESTIMATORS` and :data:`SUPPORTED_TRANSFORMERS`
 are accepted: each one has a parity test on the real data sets. Anything else is refused with
 :class:`~edgeml.errors.UnsupportedEstimatorError` rather than converted on hope.
+
+StandardScaler and MinMaxScaler are written so they round exactly like scikit-learn does on
+float32 input: a one-ulp difference in front of a tree is enough to flip a split.
+Per-call skl2onnx hooks (``options``, ``custom_conversion_functions``) carry these choices;
+nothing in skl2onnx's global registry changes except the WindowFeatures converter.
 """
 
 from __future__ import annotations
@@ -165,9 +170,9 @@ class _IntAttributeContainer:
     """Delegates to a skl2onnx container, turning Python bools in list attributes into ints.
 
     skl2onnx 1.20 writes ``nodes_missing_value_tracks_true`` for HistGradientBoosting trees
-    with a literal ``False`` for every leaf; onnx >= 1.16 refuses booleans in an INTS attribute
-    ("Expected an int, got a boolean"). Casting at the container keeps the user's estimator
-    and skl2onnx's global registry untouched.
+    with a literal ``False`` for every leaf; current onnx (1.23) refuses booleans in an INTS
+    attribute ("Expected an int, got a boolean"). Casting at the container keeps the user's
+    estimator and skl2onnx's global registry untouched.
     """
 
     def __init__(self, container: Any):

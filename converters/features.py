@@ -72,7 +72,7 @@ class WindowFeatures(TransformerMixin, BaseEstimator):
     window length is learnt in :meth:`fit`.
     """
 
-    def __init__(self, n_channels: int = 6, stats: Sequence[str] = STATS):
+    def __init__(self, n_channels: int, stats: Sequence[str] = STATS):
         self.n_channels = n_channels
         self.stats = stats
 

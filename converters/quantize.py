@@ -9,6 +9,7 @@ measured and reported, never used to refuse the bundle.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,6 +74,15 @@ def quantizable_ops(model_bytes: bytes) -> list[str]:
     ]
 
 
+class _DropPreprocessAdvice(logging.Filter):
+    """onnxruntime.quantization logs advice to run its pre-processing on the *root* logger for
+    every call; for these small sklearn graphs it changes nothing we report, so keep it out
+    of the user's terminal while (and only while) we quantize."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+
 def quantize_int8(model_bytes: bytes) -> tuple[bytes, list[str]]:
     """Quantize with onnxruntime; returns the new bytes and the quantized operator types found
     in the result (empty: nothing was quantized, keep the float model)."""
@@ -82,10 +92,14 @@ def quantize_int8(model_bytes: bytes) -> tuple[bytes, list[str]]:
     with tempfile.TemporaryDirectory(prefix="edgeml-quant-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model_bytes)
+        advice_filter = _DropPreprocessAdvice()
+        logging.getLogger().addFilter(advice_filter)
         try:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         except Exception as exc:  # onnxruntime.quantization raises assorted exception types
             raise ConversionError(f"int8 dynamic quantization failed: {exc}") from exc
+        finally:
+            logging.getLogger().removeFilter(advice_filter)
         out = dst.read_bytes()
     ops = sorted({n.op_type for n in onnx.load_from_string(out).graph.node} & _QUANTIZED_OPS)
     return out, ops
