@@ -502,37 +502,6 @@ async def _forget_sessions(url: str, client_ids: list[str]) -> None:
                 pass
 
 
-async def push_version(client: Any, bundle: Path, *, role: str, obs: Observed,
-                       timeout: float) -> dict:
-    """Publish a bundle on the device's deploy topic and wait for its final stage."""
-    from edgeml.bundle import read_bundle
-    from edgeml.deploy import FINAL_STAGES, deploy_topic, plan_push
-
-    data = bundle.read_bytes()
-    m = read_bundle(data).manifest
-    plan = plan_push(data, base=deploy_topic(PREFIX, device=DEVICE), name=m.name,
-                     version=m.version, pipeline=PIPELINE, role=role)
-    seen = len(obs.deploy)
-    for topic, payload in plan.messages:
-        await client.publish(topic, payload, qos=1)
-
-    def final() -> dict | None:
-        return next((d for d in obs.deploy[seen:] if d.get("transfer") == plan.header.transfer
-                     and d.get("stage") in FINAL_STAGES), None)
-
-    await obs.wait(lambda: final() is not None, timeout, f"deployment of {m.name} {m.version}")
-    return final() or {}
-
-
-async def command(client: Any, doc: dict, *, obs: Observed, timeout: float) -> dict:
-    """Send a device command and wait for its reply."""
-    rid = f"demo-{time.time_ns()}"
-    body = {"id": rid, "deadline": time.time() + timeout, **doc}
-    await client.publish(f"{PREFIX}/{DEVICE}/cmd", json.dumps(body).encode(), qos=1)
-    await obs.wait(lambda: rid in obs.replies, timeout, f"the reply to {doc.get('cmd')}")
-    return obs.replies[rid]
-
-
 class Demo:
     """One run. ``on_summary`` gets the summary as soon as it exists (before ``--keep``
     waits)."""
@@ -601,8 +570,10 @@ class Demo:
         stack.push_async_callback(_cancel, observer_task)
         watch = await stack.enter_async_context(MqttClient(BrokerSettings(
             url=broker.url, client_id=f"edgeml-demo-watch-{run_id}", clean_start=True)))
-        host = await stack.enter_async_context(MqttClient(BrokerSettings(
-            url=broker.url, client_id=f"edgeml-demo-host-{run_id}", clean_start=True)))
+        from edgeml.fleet import Fleet
+
+        host = await stack.enter_async_context(Fleet(
+            broker.url, topic_prefix=PREFIX, client_id=f"edgeml-demo-host-{run_id}"))
 
         daemon = DaemonThread(config_path)
         stack.push_async_callback(self._stop_daemon, daemon)
@@ -622,7 +593,7 @@ class Demo:
         final_status = obs.status or {}
         if not s.keep:
             await self._stop_daemon(daemon)
-        replay = await asyncio.to_thread(self._replay, bundles, truth)
+        replay = await asyncio.to_thread(self._replay, config_path, bundles)
         self.summary = self._summarise(obs, final_status, bundles, truth, broker, kid,
                                        config_path, stream_s, replay, t_wall)
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1,
@@ -680,11 +651,14 @@ class Demo:
         self.say(f"stream sent: {sent} messages in {time.monotonic() - t0:.1f} s")
 
     async def _push(self, host: Any, obs: Observed, bundle: Path, v: DemoVersion) -> None:
+        """``edgeml push`` from the host: the device reports each stage on deploy/status
+        (the observer prints them)."""
         self.say(f"pushing {MODEL} {v.version} ({ESTIMATORS[v.kind]}) over MQTT to "
                  f"{PREFIX}/{DEVICE}/deploy as {v.role}")
         self.event("push", version=v.version, role=v.role)
-        final = await push_version(host, bundle, role=v.role, obs=obs,
-                                   timeout=self.settings.timeout_s)
+        result = await host.push(bundle, device=DEVICE, pipeline=PIPELINE, role=v.role,
+                                 timeout=self.settings.timeout_s)
+        final = result.final.get(DEVICE) or {}
         if final.get("stage") != "active":
             raise DemoError(f"the device did not activate {MODEL} {v.version}: "
                             f"{final.get('stage')} {final.get('reason')}")
@@ -693,9 +667,8 @@ class Demo:
     async def _promote(self, host: Any, obs: Observed, v: DemoVersion) -> None:
         self.say(f"promoting {MODEL} {v.version} to champion ({PREFIX}/{DEVICE}/cmd)")
         self.event("promote", version=v.version)
-        reply = await command(host, {"cmd": "promote", "pipeline": PIPELINE, "model": MODEL,
-                                     "version": v.version}, obs=obs,
-                              timeout=self.settings.timeout_s)
+        reply = await host.command(DEVICE, "promote", pipeline=PIPELINE, model=MODEL,
+                                   version=v.version, timeout=self.settings.timeout_s)
         if not reply.get("ok"):
             raise DemoError(f"promote failed: {reply.get('message')}")
         self.event("promoted", version=v.version, message=reply.get("message"))
@@ -720,10 +693,13 @@ class Demo:
 
         await obs.wait(synced, timeout, "the outbox to sync every record upstream")
 
-    def _replay(self, bundles: dict[str, dict], truth: list[str]) -> dict:
-        """Every bundle over the whole archive, offline (edgeml.replay)."""
-        return replay_archive(self.out / "data", [b["bundle"] for b in bundles.values()],
-                              self.say)
+    def _replay(self, config_path: Path, bundles: dict[str, dict]) -> dict:
+        try:
+            return replay_archive(self.out, config_path,
+                                  [b["bundle"] for b in bundles.values()], self.say)
+        except EdgemlError as exc:
+            self.say(f"replay failed: {exc}")
+            return {"available": False, "reason": str(exc), "versions": {}}
 
     async def _keep(self, broker: BrokerHandle) -> None:
         self.say(f"--keep: the daemon keeps running. Config: {self.out / 'edgeml.toml'}")
@@ -813,9 +789,44 @@ def _rawlog_stats(directory: Path) -> dict | None:
         return {"error": str(exc)}
 
 
-def replay_archive(data_dir: Path, bundles: list[Path], say: Console) -> dict:
-    """Placeholder until edgeml.replay lands: reported as unavailable."""
-    return {"available": False, "versions": {}}
+def replay_archive(out: Path, config_path: Path, bundles: list[Path], say: Console) -> dict:
+    """Every bundle over the whole archive, offline, with the daemon's own decoding and
+    windowing (:mod:`edgeml.replay`); writes replay.json and, with matplotlib, replay.png."""
+    from edgeml.assemble import Assembler
+    from edgeml.config import load_config
+    from edgeml.decode import Decoder
+    from edgeml.profiles import load_profile
+    from edgeml.rawlog import open_reader, pipeline_dir
+    from edgeml.replay import ChartUnavailableError, open_slots, render_chart, replay, write_json
+
+    config = load_config(config_path)
+    pcfg = config.pipeline(PIPELINE)
+    with open_slots(bundles, profile=load_profile(config.profile)) as slots:
+        assembler = Assembler(Decoder.from_pipeline(pcfg), pcfg.window)
+        reader = open_reader(pipeline_dir(config.data_dir, PIPELINE))
+        report = replay(reader.read(), assembler, slots)
+    write_json(report, out / "replay.json")
+    chart = None
+    with contextlib.suppress(ChartUnavailableError):  # matplotlib is optional
+        chart = render_chart(report, out / "replay.png")
+    versions = {}
+    for v in report.versions:
+        versions[v.key] = {
+            "rows": v.rows, "labelled_rows": v.labelled_rows, "accuracy": v.accuracy,
+            "macro_f1": v.macro_f1, "errors": v.errors, "distribution": v.distribution,
+            "latency_row_p50_ms": v.latency_row_ms.p50,
+        }
+    keys = [v.key for v in report.versions]
+    agreement = {f"{keys[i]} vs {keys[j]}": report.agreement[i][j]
+                 for i in range(len(keys)) for j in range(i + 1, len(keys))}
+    say(f"replayed the archive offline: {report.records} records -> {report.rows} windows "
+        f"through {len(keys)} bundles in {report.elapsed_s:.2f} s (replay.json"
+        + (", replay.png)" if chart else ")"))
+    return {"available": True, "records": report.records, "rows": report.rows,
+            "labelled_rows": report.labelled_rows, "labels_source": report.labels_source,
+            "elapsed_s": round(report.elapsed_s, 3), "versions": versions,
+            "agreement": agreement, "json": "replay.json",
+            "chart": "replay.png" if chart else None}
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -876,7 +887,7 @@ def format_summary(summary: dict) -> str:
     else:
         lines.append(f"replay    not run ({rep.get('reason', 'edgeml.replay not available')})")
     lines += ["", f"folder    {summary['out_dir']} (edgeml.toml, keys/, bundles/, data/, "
-              "daemon.log, summary.json)"]
+              "daemon.log, replay.json, summary.json)"]
     return "\n".join(lines)
 
 
