@@ -133,6 +133,7 @@ class ReplayReport:
     last_received: float | None
     elapsed_s: float                 # wall time of the whole replay
     assemble_s: float                # of which decoding + windowing
+    records_per_s: float | None      # records / elapsed_s, end to end
     rows_per_s: float | None         # rows / elapsed_s, end to end
     evicted_windows: int
     versions: tuple[VersionReport, ...]
@@ -551,6 +552,7 @@ def replay(records: Iterable[Any], assembler: Assembler, slots: Sequence[Any], *
         batches=state["batches"], batch_size=batch, first_seq=seqs[0], last_seq=seqs[1],
         first_received=times[0], last_received=times[1], elapsed_s=elapsed,
         assemble_s=assemble_s,
+        records_per_s=(state["records"] / elapsed) if elapsed > 0 and state["records"] else None,
         rows_per_s=(state["rows"] / elapsed) if elapsed > 0 and state["rows"] else None,
         evicted_windows=assembler.evicted_windows - evicted0,
         versions=tuple(t.report() for t in tallies), agreement=agreement,
@@ -654,7 +656,7 @@ def render_table(report: ReplayReport) -> str:
         rej = " (" + ", ".join(f"{n} {k}" for k, n in r.rejected_by_reason.items()) + ")"
     lab = f", {r.labelled_rows} labelled (from {r.labels_source})" if r.labels_source else \
         ", no labels"
-    rate = f", {r.records / r.elapsed_s:,.0f} records/s" if r.elapsed_s > 0 else ""
+    rate = f", {r.records_per_s:,.0f} records/s" if r.records_per_s else ""
     lines.append(f"  {r.rejected} rejected{rej}; {r.rows} rows in {r.batches} batch(es) of "
                  f"up to {r.batch_size}{lab}; {r.elapsed_s:.2f} s{rate}")
     lines.append("")

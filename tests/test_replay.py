@@ -451,3 +451,35 @@ def test_render_chart_writes_png_for_one_version(replayed, tmp_path):
                   agreement_rows=((40,),))
     path = render_chart(one, tmp_path / "one.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- single-sample models, integer labels ---------------------------------------------------
+def test_anomaly_model_on_single_samples_with_int_labels(tmp_path):
+    """Daphnet samples (no windows) through the IsolationForest bundle: labels are ints
+    (1 / -1) and match scikit-learn; a CSV labels file ("1", "-1") compares equal to them."""
+    from models import build_gait_anomaly_bundle, train_gait_anomaly_model
+
+    from edgeml.datasets import load_daphnet
+
+    data = load_daphnet()
+    x = data.X[:2000]
+    bundle = build_gait_anomaly_bundle(tmp_path)
+    recs = [RawRecord(i, 1000.0 + i, "gait/p1", json.dumps(
+        dict(zip(data.channels, map(float, row), strict=True))).encode(), "seg")
+        for i, row in enumerate(x)]
+    sk = train_gait_anomaly_model().predict(x)
+    truth = np.where(np.arange(len(x)) % 3 == 0, -1, 1)  # made-up truth: a known accuracy
+    labels_csv = tmp_path / "truth.csv"
+    labels_csv.write_text("".join(f"{i},{t}\n" for i, t in enumerate(truth)))
+    rows: list[dict] = []
+    with open_slots([bundle], profile=load_profile()) as gait:
+        report = replay(recs, Assembler(Decoder(features=tuple(data.channels)), None), gait,
+                        batch=100, labels=read_labels(labels_csv), on_rows=rows.extend)
+    assert report.rows == 2000 and report.batches == 20
+    assert 0 < (sk == -1).sum() < 2000
+    assert [r["outputs"]["gait:1"]["label"] for r in rows] == sk.tolist()
+    v = report.version("gait:1")
+    assert v.kind == "anomaly"
+    assert v.distribution == {"-1": int((sk == -1).sum()), "1": int((sk == 1).sum())}
+    assert v.accuracy == pytest.approx(float(np.mean(sk == truth)))
+    assert v.confusion.labels == ("-1", "1")
