@@ -129,5 +129,5 @@ def test_wrong_password_is_a_clear_error(secure_broker, tmp_path, activity_bundl
 
     async def main():
         await Daemon(load_config(cfg)).run()
-    with pytest.raises(TransportError, match="refused|cannot connect"):
+    with pytest.raises(TransportError, match=r"refused|cannot connect"):
         asyncio.run(main())
