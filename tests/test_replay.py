@@ -311,6 +311,13 @@ def test_cli_writes_table_json_and_chart(archive, activity_bundle_v2, replayed, 
     doc = json.loads(out_json.read_text())
     assert doc["source"]["settings_from"] == "config" and doc["first_seq"] == 2000
     assert doc["rows"] == 20 and doc["versions"][0]["labelled_rows"] == 20
+    # --label-field "" ignores the labels in the payloads
+    rc = main(["replay", "--config", str(archive.config), "--pipeline", "activity",
+               "--label-field", "", str(activity_bundle_v2), "--json", str(out_json),
+               "--quiet"])
+    doc = json.loads(out_json.read_text())
+    assert rc == 0 and doc["labels_source"] is None and doc["versions"][0]["accuracy"] is None
+    assert "ACCURACY" not in capsys.readouterr().out
 
 
 def test_cli_refuses_bundle_that_does_not_fit(archive, activity_bundle, tmp_path, capsys):
