@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 from models import build_activity_bundle, build_gait_anomaly_bundle
 
-from edgeml.bench.e2e import E2ESettings, run_e2e
+from edgeml.bench.e2e import E2ESettings, require_host_extra, run_e2e
 from edgeml.bench.models import BenchError, emulate_profile, parse_batches, run_models_bench
 from edgeml.bench.report import render_markdown, render_table, write_report
 from edgeml.cli import main
@@ -104,3 +105,9 @@ def test_cli_bench_refuses_bad_flag_with_one_line(capsys) -> None:
     assert main(["bench", "e2e", "--versions", "5", "--out", "/nonexistent/x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--versions: 5" in err[0]
+
+
+def test_e2e_names_the_missing_host_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "skl2onnx", None)  # import skl2onnx -> ImportError
+    with pytest.raises(BenchError, match=r"host extra \(missing: skl2onnx\).*edgeml\[host\]"):
+        require_host_extra()
