@@ -604,7 +604,7 @@ class Harness:
 
         return {"variant": "edgeml", "model": kind, "versions": len(models), "phases": phases,
                 "start": start_info, **mem, "host_libraries_loaded": device_libs,
-                "exit_code": code, "config": str(config),
+                "exit_code": code, "config": config.read_text(encoding="utf-8"),
                 "last_status": jsonable(status.last)}
 
     def bare_rss(self, kind: str, models: list[BenchModel]) -> dict:
