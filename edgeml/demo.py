@@ -482,8 +482,10 @@ def sample_messages(test: Any) -> list[list[tuple[str, bytes]]]:
     for s in range(len(test.y)):
         msgs = []
         for i, row in enumerate(test.X[s]):
+            # str() of a float32 is its shortest exact spelling: the device parses back the
+            # very float32 values scikit-learn saw, in compact JSON
             body: dict[str, Any] = dict(zip(BASICMOTIONS_CHANNELS,
-                                            (round(float(v), 6) for v in row), strict=True))
+                                            (float(str(v)) for v in row), strict=True))
             body["id"] = f"s{s}-{i}"
             body["label"] = test.y[s]
             msgs.append((WATCH_TOPIC, json.dumps(body, separators=(",", ":")).encode()))
@@ -770,7 +772,8 @@ class Demo:
             "archive": rawlog,
             "sync": {"upstream_messages": dict(obs.sync_messages),
                      "upstream_records": dict(obs.sync_records),
-                     "outbox": status.get("outbox"), "uplink": status.get("uplink")},
+                     "outbox": status.get("outbox"),
+                     "uplink": _dict_or_none(status.get("uplink"))},
             "daemon": {"received": pipe.get("received"), "accepted": pipe.get("accepted"),
                        "rejected": pipe.get("rejected"), "scored": pipe.get("scored"),
                        "fallbacks": pipe.get("fallbacks"), "dropped": pipe.get("dropped"),
@@ -778,6 +781,10 @@ class Demo:
                        "dead_letters": len(obs.dlq), "alerts": len(obs.alerts)},
             "replay": replay,
         }
+
+
+def _dict_or_none(value: Any) -> dict | None:
+    return value if isinstance(value, dict) else None
 
 
 def _rawlog_stats(directory: Path) -> dict | None:
