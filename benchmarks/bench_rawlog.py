@@ -10,7 +10,7 @@ Measures, on this machine's disk, with 100-byte payloads (BasicMotions samples a
 
 Prints a table and writes benchmarks/results/rawlog.json.
 
-    python benchmarks/bench_rawlog.py [--records 500000] [--dir /path/on/the/target/disk]
+    python benchmarks/bench_rawlog.py [--seconds 3] [--dir /path/on/the/target/disk]
 """
 
 from __future__ import annotations
@@ -74,20 +74,24 @@ def pct(sorted_ns: list[int], q: float) -> float:
     return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1000.0
 
 
-def bench_append(base: Path, pl: list[bytes], n: int) -> dict:
+def bench_append(base: Path, pl: list[bytes], seconds: float) -> dict:
+    """Long enough (``seconds``) that the 1 s fsyncs and several segment rolls are included."""
     d = base / "append"
     log = RawLog(d, budget_bytes=None)
     now = time.time()
     k = len(pl)
     lat: list[int] = []
     clock = time.perf_counter_ns
+    n = 0
     with Syncer(log, log.fsync_interval_s):
         t0 = time.perf_counter()
         c0 = time.process_time()
-        for i in range(n):
-            a = clock()
-            log.append(TOPIC, pl[i % k], now)
-            lat.append(clock() - a)
+        while time.perf_counter() - t0 < seconds:
+            for i in range(n, n + 10_000):
+                a = clock()
+                log.append(TOPIC, pl[i % k], now)
+                lat.append(clock() - a)
+            n += 10_000
         log.flush()
         wall = time.perf_counter() - t0
         cpu = time.process_time() - c0
@@ -102,17 +106,19 @@ def bench_append(base: Path, pl: list[bytes], n: int) -> dict:
             "bytes_per_record": st["bytes_appended"] / n}
 
 
-def bench_append_many(base: Path, pl: list[bytes], n: int, burst: int = 100) -> dict:
+def bench_append_many(base: Path, pl: list[bytes], seconds: float, burst: int = 100) -> dict:
     d = base / "append_many"
     log = RawLog(d, budget_bytes=None)
     now = time.time()
     k = len(pl)
-    bursts = [[(TOPIC, pl[(b * burst + j) % k], now) for j in range(burst)]
-              for b in range(min(n // burst, 50))]
+    bursts = [[(TOPIC, pl[(b * burst + j) % k], now) for j in range(burst)] for b in range(50)]
     with Syncer(log, log.fsync_interval_s):
         t0 = time.perf_counter()
-        for b in range(n // burst):
-            log.append_many(bursts[b % len(bursts)])
+        b = 0
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(100):
+                log.append_many(bursts[b % len(bursts)])
+                b += 1
         wall = time.perf_counter() - t0
     st = log.stats
     log.close()
@@ -163,8 +169,9 @@ def bench_read(base: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=500_000,
-                    help="records for the buffered append runs (default 500000)")
+    ap.add_argument("--seconds", type=float, default=3.0,
+                    help="duration of each buffered append run (default 3 s: includes the "
+                    "1 s fsyncs and several segment rolls)")
     ap.add_argument("--fsync-records", type=int, default=3000,
                     help="at most this many records with fsync per record (default 3000)")
     ap.add_argument("--fsync-seconds", type=float, default=5.0,
@@ -182,8 +189,8 @@ def main() -> int:
     pl = payloads()
     try:
         res = {
-            "append": bench_append(base, pl, args.records),
-            "append_many": bench_append_many(base, pl, args.records),
+            "append": bench_append(base, pl, args.seconds),
+            "append_many": bench_append_many(base, pl, args.seconds),
             "fsync_each": bench_fsync_each(base, pl, args.fsync_records, args.fsync_seconds),
         }
         res["read"] = bench_read(base)
@@ -206,9 +213,10 @@ def main() -> int:
     rows = [
         ("append(), fsync every 1 s", f"{a['records_per_s']:,.0f}", f"{a['mb_per_s']:.1f}",
          f"p50 {a['latency_us']['p50']:.1f} / p99.9 {a['latency_us']['p99.9']:.1f} / "
-         f"max {a['latency_us']['max']:,.0f} us"),
+         f"max {a['latency_us']['max']:,.0f} us; {a['fsyncs']} fsyncs, "
+         f"{a['segments']} segments"),
         ("append_many(100), fsync every 1 s", f"{m['records_per_s']:,.0f}",
-         f"{m['mb_per_s']:.1f}", ""),
+         f"{m['mb_per_s']:.1f}", f"{m['fsyncs']} fsyncs"),
         ("append(), fsync per record", f"{f['records_per_s']:,.0f}", "",
          f"p50 {f['latency_us']['p50']:,.0f} / p99 {f['latency_us']['p99']:,.0f} us"),
         ("read() all records", f"{r['records_per_s']:,.0f}", f"{r['payload_mb_per_s']:.1f}",

@@ -851,6 +851,10 @@ class RawLog(_LogView):
         if meta.records and self._open_written + len(self._buf) + rec_len > self.segment_bytes:
             self._roll_locked()
             meta = self._meta
+        self._next_seq = seq + 1
+        meta.note(seq, received)  # first: a failed write below counts this record as lost
+        self._records_appended += 1
+        self._bytes_appended += rec_len
         if len(payload) >= _DIRECT_WRITE_BYTES:
             self._write_out_locked()
             self._write_locked(head, payload)
@@ -858,10 +862,6 @@ class RawLog(_LogView):
             buf = self._buf
             buf += head
             buf += payload
-        self._next_seq = seq + 1
-        meta.note(seq, received)
-        self._records_appended += 1
-        self._bytes_appended += rec_len
 
     def append(self, topic: str, payload: bytes, received: float) -> int:
         """Archive one message; returns its sequence number."""
