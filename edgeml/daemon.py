@@ -283,8 +283,7 @@ class Daemon:
     async def _uplink_drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            stats = await asyncio.to_thread(self._outbox.stats)
-            if not any(s.get("backlog", 0) for s in stats.get("streams", {}).values()):
+            if not self._outbox.stats()["backlog"]:
                 return
             self._uplink.notify()
             await asyncio.sleep(0.05)
@@ -440,22 +439,16 @@ class Daemon:
 
     async def _publish_status(self, client: MqttClient) -> None:
         try:
-            payload = await self._status_payload_async()
+            payload = self._status_bytes(self.state)
             client.publish_nowait(self.topic("status"), payload, qos=1, retain=True)
         except Exception:
             log.exception("status report failed")
-
-    async def _status_payload_async(self) -> bytes:
-        outbox = None
-        if self._outbox is not None:
-            outbox = await asyncio.to_thread(self._outbox.stats)
-        return self._status_bytes(self.state, outbox)
 
     def _birth(self) -> list[Publication]:
         return [Publication(self.topic("status"), self._status_bytes(
             "online" if self.state != "starting" else "starting"), qos=1, retain=True)]
 
-    def status(self, state: str | None = None, outbox: dict | None = None) -> dict:
+    def status(self, state: str | None = None) -> dict:
         pipes = {}
         total_received = 0
         for name, p in self._pipes.items():
@@ -475,8 +468,8 @@ class Daemon:
             status["mqtt"] = {"connected": self._client.connected,
                               "connects": self._client.connects,
                               "disconnects": self._client.disconnects}
-        if outbox is not None:
-            status["outbox"] = outbox
+        if self._outbox is not None:
+            status["outbox"] = _safe(self._outbox.stats)  # in-memory counters, cheap
             status["outbox"]["overflow_dropped"] = self.outbox_overflow
         if self._uplink is not None:
             status["uplink"] = _safe(lambda: self._uplink.stats)
@@ -484,8 +477,8 @@ class Daemon:
             status["deploy"] = _safe(self.control.status)
         return status
 
-    def _status_bytes(self, state: str, outbox: dict | None = None) -> bytes:
-        return _json_bytes(self.status(state, outbox))
+    def _status_bytes(self, state: str) -> bytes:
+        return _json_bytes(self.status(state))
 
 
 def _make_control(daemon: Daemon) -> Any:

@@ -144,13 +144,17 @@ class MqttClient:
         self.disconnects = 0
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._acks_lock = threading.Lock()
+        self._early_acks: collections.OrderedDict[int, bool] = collections.OrderedDict()
 
         proto = paho.MQTTv5 if settings.protocol == "5" else paho.MQTTv311
         kwargs: dict = {"client_id": settings.client_id, "protocol": proto}
         if proto == paho.MQTTv311:
             kwargs["clean_session"] = settings.clean_start
         self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, **kwargs)
-        self._client.enable_logger(logging.getLogger("edgeml.mqtt.paho"))
+        paho_log = logging.getLogger("edgeml.mqtt.paho")
+        if not paho_log.filters:
+            paho_log.addFilter(_QueuedWhileOffline())
+        self._client.enable_logger(paho_log)
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
@@ -228,6 +232,10 @@ class MqttClient:
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         with self._acks_lock:
             fut = self._acks.pop(mid, None)
+            if fut is None:
+                self._early_acks[mid] = True
+                if len(self._early_acks) > 10_000:  # acks of publish_nowait messages
+                    self._early_acks.popitem(last=False)
         if fut is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(_set_result, fut)
 
@@ -323,12 +331,14 @@ class MqttClient:
             return
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
+        # Never hold _acks_lock while calling paho: paho calls on_publish under its own
+        # message mutex, so holding ours here would deadlock against the network thread.
+        info = self._client.publish(topic, payload, qos, retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._acks_lock:
-            info = self._client.publish(topic, payload, qos, retain)
-            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-                raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-            if info.is_published():
-                return
+            if self._early_acks.pop(info.mid, None) is not None:
+                return  # the PUBACK beat us here
             self._acks[info.mid] = fut
         await asyncio.wait_for(fut, timeout)
 
@@ -368,6 +378,14 @@ class MqttClient:
             await self._waiter
         finally:
             self._waiter = None
+
+
+class _QueuedWhileOffline(logging.Filter):
+    """paho logs an ERROR for every publish made while offline; for us that is the normal
+    store-and-forward case (QoS 1 messages are queued and resent on reconnect)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
 
 
 def _set_result(fut: asyncio.Future[None]) -> None:

@@ -223,6 +223,7 @@ def write_config(path: Path, *, broker: MosquittoBroker, data_dir: Path, models:
         "policy": "champion", "deadline_ms": 2000,
     }
     p.update(pipeline or {})
+    p = {k: v for k, v in p.items() if v is not None}
     lines = [
         f'device_id = "{device_id}"', f'data_dir = "{data_dir}"', 'profile = "x86-gateway"',
         "status_interval_s = 0.5", extra, "[broker]", f'url = "{broker.url}"', "",
@@ -270,3 +271,34 @@ def activity_bundle_v2(bundle_dir) -> Path:
     from models import build_activity_bundle
 
     return build_activity_bundle(bundle_dir / "rf2", kind="forest", name="activity", version="2")
+
+
+@pytest.fixture(scope="session")
+def gait_bundle(bundle_dir) -> Path:
+    """IsolationForest on single Daphnet samples (9 channels, no window), v1."""
+    from models import build_gait_anomaly_bundle
+
+    return build_gait_anomaly_bundle(bundle_dir / "gait1", version="1")
+
+
+def gait_pipeline(**extra) -> dict:
+    """Pipeline table for single Daphnet samples (every message gets an answer)."""
+    from edgeml.datasets import DAPHNET_CHANNELS
+
+    return {"name": "gait", "topics": ["sensors/+/gait"], "features": list(DAPHNET_CHANNELS),
+            "window": None, **extra}
+
+
+def gait_messages(n: int, topic: str = "sensors/p1/gait", start: int = 0) -> list:
+    """``n`` real Daphnet samples as JSON messages, ids ``g<i>``."""
+    import json
+
+    from edgeml.datasets import DAPHNET_CHANNELS, load_daphnet
+
+    X = load_daphnet().X
+    out = []
+    for i in range(start, start + n):
+        body = dict(zip(DAPHNET_CHANNELS, map(float, X[i % len(X)]), strict=True))
+        body["id"] = f"g{i}"
+        out.append((topic, json.dumps(body).encode()))
+    return out
