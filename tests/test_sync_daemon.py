@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import subprocess
 import sys
+import time
 
 import msgpack
 from conftest import Collector, gait_messages, gait_pipeline, publish_all, write_config
