@@ -99,18 +99,16 @@ def _filters(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="log_command", metavar="COMMAND", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("ls", help="list segments: seq ranges, sizes, time spans, seals",
-                       description="List every pipeline's segments (or one pipeline's).",
-                       formatter_class=fmt)
+                       description="List every pipeline's segments (or one pipeline's).")
     _data_dir(p)
     p.add_argument("--pipeline", metavar="P", help="only this pipeline (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(_log=_ls)
 
     p = sub.add_parser(
-        "cat", help="print records as JSON lines", formatter_class=fmt,
+        "cat", help="print records as JSON lines",
         description="Print records as JSON lines: seq, received (ISO and epoch), topic, "
         "segment and the payload: as text when it is UTF-8 JSON (payload_encoding "
         "'utf-8'), else base64 (payload_encoding 'base64').")
@@ -121,7 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser(
         "snapshot", help="write a manifest citing sealed segments and their sha256",
-        formatter_class=fmt,
         description="Write a snapshot manifest (a data version): the sealed segments that "
         "hold the seq range, with their sha256. When no daemon has the log open, the open "
         "segment is sealed first so the snapshot includes the newest records; otherwise "
@@ -138,7 +135,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser(
         "verify", help="check the archive against a snapshot manifest (exit 1 if it differs)",
-        formatter_class=fmt,
         description="Recompute the sha256 of every segment a snapshot cites; exit 0 when all "
         "are present and unchanged, 1 with the list of missing/changed ones otherwise.")
     _data_dir(p)
@@ -150,7 +146,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser(
         "export", help="decoded features per sample, as CSV or JSON lines",
-        formatter_class=fmt,
         description="Decode every archived payload with the pipeline's decoder (the daemon's "
         "own code) and write one row per sample: seq, received, topic, sample index, id, "
         "label and the features. Payloads that no longer decode are counted and skipped.")
