@@ -10,6 +10,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -77,11 +78,14 @@ def _json_bytes(rec: dict) -> bytes:
 class Daemon:
     """One device. ``await Daemon(config).run()`` until :meth:`request_stop`."""
 
-    def __init__(self, config: Config, *, profile: Any = None) -> None:
+    def __init__(self, config: Config, *, profile: Any = None,
+                 reload: Callable[[], Config] | None = None) -> None:
         from edgeml.config import load_device_profile
 
         self.config = config
         self.profile = profile or load_device_profile(config)
+        self._reload_config = reload
+        self.reloads = 0
         self.started = time.time()
         self.state = "starting"
         self._stop = asyncio.Event()
@@ -166,6 +170,10 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.request_stop)
+            if self._reload_config is not None:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(signal.SIGHUP, lambda: tg.create_task(
+                        self.reload(), name="reload"))
             await self._publish_status(client)
             self.ready.set()
             log.info("ready: device %s, %d pipeline(s), subscribed to %s", cfg.device_id,
@@ -192,9 +200,65 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await client.publish(self.topic("status"), self._status_bytes("offline"),
                                      qos=1, retain=True, timeout=2)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
+
+    # ---- SIGHUP ----------------------------------------------------------------------------
+    async def reload(self) -> list[str]:
+        """Re-read the config file and apply what can change without dropping the stream:
+        per pipeline the policy, deadline, top_n, canary settings and the model slots (new
+        versions are loaded before the active set is swapped). Anything else (broker, device,
+        data dir, topics, decoding, windows, pipelines added or removed) needs a restart: it
+        is logged and left as it was. Returns what was not applied."""
+        assert self._reload_config is not None
+        try:
+            new = self._reload_config()
+        except EdgemlError as exc:
+            log.error("reload refused, config unchanged: %s", exc)
+            return [str(exc)]
+        old = self.config
+        ignored = [k for k in ("device_id", "data_dir", "topic_prefix", "broker", "upstream",
+                               "profile", "profile_overrides", "trusted_keys", "groups",
+                               "sync", "deploy")
+                   if getattr(old, k) != getattr(new, k)]
+        old_names = [p.name for p in old.pipelines]
+        new_names = [p.name for p in new.pipelines]
+        if old_names != new_names:
+            ignored.append("pipelines (added, removed or renamed)")
+        live_keys = ("policy", "deadline_ms", "top_n", "models", "canary_window",
+                     "canary_threshold")
+        for pcfg in new.pipelines:
+            pipe = self._pipes.get(pcfg.name)
+            if pipe is None:
+                continue
+            frozen = [k for k in pcfg.__dataclass_fields__
+                      if k not in live_keys and getattr(pcfg, k) != getattr(pipe.cfg, k)]
+            ignored += [f"pipelines.{pcfg.name}.{k}" for k in frozen]
+            # apply what can change live; keep the running value of everything else
+            pcfg = dataclasses.replace(pcfg, **{k: getattr(pipe.cfg, k) for k in frozen})
+            persisted = (self.control is not None
+                         and self.control.initial_models(pcfg) is not pcfg.models)
+            if pcfg.models != pipe.cfg.models and persisted:
+                ignored.append(f"pipelines.{pcfg.name}.models (the active set pushed over MQTT "
+                               "wins; use promote/rollback/retire)")
+            elif pcfg.models != pipe.cfg.models:
+                slots = await self.load_slots(pcfg, pcfg.models)
+                if len(slots) == len(pcfg.models):
+                    pipe.runtime.set_slots(slots)
+                else:
+                    ignored.append(f"pipelines.{pcfg.name}.models (a version failed to load; "
+                                   "the running versions stay)")
+                    continue
+            pipe.runtime.reconfigure(pcfg)
+            pipe.cfg = pcfg
+        self.reloads += 1
+        if ignored:
+            log.warning("reloaded %s; these changes need a restart and were not applied: %s",
+                        new.source, ", ".join(ignored))
+        else:
+            log.info("reloaded %s", new.source)
+        return ignored
 
     # ---- start-up --------------------------------------------------------------------------
     async def _build_pipelines(self) -> None:
@@ -463,6 +527,7 @@ class Daemon:
             "profile": self.profile.name, "pid": os.getpid(),
             "received_per_s": self._rate.rate(total_received), "pipelines": pipes,
             "dlq": self.dlq_published, "load_errors": self.load_errors[-10:],
+            "reloads": self.reloads,
         }
         if self._client is not None:
             status["mqtt"] = {"connected": self._client.connected,

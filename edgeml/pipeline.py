@@ -111,6 +111,13 @@ class PipelineRuntime:
         if not any(s.role == "canary" for s in slots):
             self.canary.clear()
 
+    def reconfigure(self, config: PipelineConfig) -> None:
+        """Take the settings that can change live (policy, deadline, top_n, canary) from a
+        reloaded config; the caller swaps the model slots separately."""
+        self.config = config
+        self.policy = config.policy
+        self.deadline_s = config.deadline_ms / 1000.0
+
     def champion(self) -> ModelSlot | None:
         return next((s for s in self._slots if s.role == "champion"), None)
 

@@ -253,3 +253,44 @@ def test_raw_input_log_is_byte_identical(broker, collector, daemon_factory, tmp_
     for rec in recs:  # every answer traces back to the message that completed its window
         src = by_seq[rec["input_seq"]]
         assert src.topic == rec["topic"] and rec["ts"] == src.received
+
+
+def test_sighup_reloads_models_and_policy_without_restart(broker, collector, tmp_path, test_set,
+                                                          activity_bundle, activity_bundle_v2):
+    path = tmp_path / "edgeml.toml"
+    write_config(path, broker=broker, data_dir=tmp_path / "data",
+                 models=[{"name": "activity", "version": "1", "bundle": activity_bundle}])
+    out = collector(OUT)
+    status = collector("edgeml/watch-01/status")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeml", "run", "--config", str(path)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "ready" in line:
+                break
+        publish_all(broker, stream(test_set, range(2)))
+        first = answers(out.wait_count(2))
+        assert {r["policy"] for r in first} == {"champion"}
+        write_config(path, broker=broker, data_dir=tmp_path / "data",
+                     pipeline={"policy": "vote", "topics": ["sensors/+/imu", "more/#"]},
+                     models=[{"name": "activity", "version": "1", "bundle": activity_bundle},
+                             {"name": "activity", "version": "2", "role": "challenger",
+                              "bundle": activity_bundle_v2}])
+        proc.send_signal(signal.SIGHUP)
+
+        def reloaded(msgs):
+            st = json.loads(msgs[-1].payload)
+            return st.get("reloads") == 1 and len(
+                st["pipelines"]["activity"]["versions"]) == 2
+        st = json.loads(status.wait_for(reloaded, timeout=30)[-1].payload)
+        assert st["pid"] == proc.pid  # the same process: no restart
+        publish_all(broker, stream(test_set, range(2, 4)))
+        later = answers(out.wait_count(4))[2:]
+        assert {r["policy"] for r in later} == {"vote"}
+        assert all("votes" in r["output"] for r in later)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        err = proc.stderr.read()
+        proc.stderr.close()
+    assert "need a restart" in err and "topics" in err  # what was not applied is said

@@ -7,7 +7,8 @@ import argparse
 HELP = "run the device daemon (MQTT in, scored answers out)"
 DESCRIPTION = """Run the edgeml daemon: subscribe to the sensor topics of every pipeline in the
 config, score each message with every active model version, publish the answers, archive the
-raw inputs and sync results upstream. SIGTERM/SIGINT drain in-flight work and exit 0."""
+raw inputs and sync results upstream. SIGTERM/SIGINT drain in-flight work and exit 0;
+SIGHUP re-reads the config and applies policy, deadline and model changes without a restart."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,11 @@ def run(args: argparse.Namespace) -> int:
 
     from edgeml.daemon import Daemon
 
+    def reload():
+        return load_config(args.config, broker_url=args.broker, data_dir=args.data_dir)
+
     async def main() -> None:
-        await Daemon(config, profile=profile).run()
+        await Daemon(config, profile=profile, reload=reload).run()
 
     asyncio.run(main())
     return 0
