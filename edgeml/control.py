@@ -471,9 +471,9 @@ class Control:
                 deployed.append([m.name, m.version])
                 del deployed[:-MAX_DEPLOYED]
             await self._save()
+            await self._prune(m.name)
             self._report(rec, "active", reason=None, active=[
                 _slot_dict(s) for s in self.daemon.pipelines[pcfg.name].slots])
-            await self._prune(m.name)
         except EdgemlError as exc:
             reason = _reason(exc)
             at = exc.stage if isinstance(exc, DeployError) else stage

@@ -29,7 +29,7 @@ from edgeml.deploy import (
     plan_push,
     unframe,
 )
-from edgeml.errors import CommandError, DeployError, EdgemlError, TransportError
+from edgeml.errors import DeployError, EdgemlError, TransportError
 from edgeml.mqtt import BrokerSettings, Message, MqttClient
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -151,6 +151,16 @@ class Fleet:
             await self.client.subscribe([(f, 1) for f in new])
             self._subscribed.update(new)
 
+    async def _publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                       timeout: float = 30.0) -> None:
+        """QoS 1, one at a time: each waits for its PUBACK before the next goes out. (Order
+        is kept, and MqttClient is never asked to track two acknowledgements at once.)"""
+        try:
+            await self.client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise FleetTimeout(f"the broker did not acknowledge a publish to {topic} within "
+                               f"{timeout:g} s") from exc
+
     @contextlib.asynccontextmanager
     async def listen(self, *filters: str) -> AsyncIterator[asyncio.Queue]:
         """Messages on ``filters`` while the block runs (retained ones included)."""
@@ -167,7 +177,7 @@ class Fleet:
         subscriptions made so far has been delivered (one connection keeps order)."""
         nonce = secrets.token_hex(8).encode()
         async with self.listen(self._sync_topic) as q:
-            await self.client.publish(self._sync_topic, nonce, qos=1)
+            await self._publish(self._sync_topic, nonce, timeout=timeout)
             deadline = time.monotonic() + timeout
             while True:
                 m = await _get(q, deadline, "the broker did not echo a sync message")
@@ -218,11 +228,10 @@ class Fleet:
             if group is not None:
                 expected, old_chunks = await self._group_before_push(group, base, plan)
             retain = group is not None
-            await asyncio.gather(*(self.client.publish(t, p, qos=1, retain=retain)
-                                   for t, p in plan.messages))
-            if old_chunks:  # retained chunks of the push this one replaces
-                await asyncio.gather(*(self.client.publish(t, b"", qos=1, retain=True)
-                                       for t in old_chunks))
+            for t, p in plan.messages:
+                await self._publish(t, p, retain=retain, timeout=timeout)
+            for t in old_chunks:  # retained chunks of the push this one replaces
+                await self._publish(t, b"", retain=True, timeout=timeout)
             return await self._collect(plan, reports, device or group or "", group is not None,
                                        expected, timeout, on_report)
 
@@ -282,7 +291,8 @@ class Fleet:
                 m = q.get_nowait()
                 if m.payload:
                     topics.append(m.topic)
-        await asyncio.gather(*(self.client.publish(t, b"", qos=1, retain=True) for t in topics))
+        for t in topics:
+            await self._publish(t, b"", retain=True)
         return len(topics)
 
     # ---- commands ---------------------------------------------------------------------------
@@ -299,8 +309,8 @@ class Fleet:
             if v is not None:
                 doc[k] = v
         async with self.listen(f"{self.prefix}/{device}/cmd/reply") as q:
-            await self.client.publish(f"{self.prefix}/{device}/cmd",
-                                      json.dumps(doc).encode(), qos=1)
+            await self._publish(f"{self.prefix}/{device}/cmd", json.dumps(doc).encode(),
+                                timeout=timeout)
             deadline = time.monotonic() + timeout
             while True:
                 m = await _get(q, deadline, f"no reply from {device} within {timeout:g} s "
@@ -354,6 +364,3 @@ def _read_file(path: Path) -> bytes:
     except OSError as exc:
         raise DeployError("received", f"cannot read {path}: {exc.strerror or exc}") from exc
 
-
-def command_error(reply: dict) -> CommandError:
-    return CommandError(str(reply.get("message") or "the device refused the command"))
