@@ -366,7 +366,11 @@ class Control:
 
     # ---- reports ----------------------------------------------------------------------------
     def _record(self, header: DeployHeader, base: str) -> dict:
-        return {"name": header.name, "version": header.version, "pipeline": header.pipeline,
+        pipeline = header.pipeline
+        if pipeline is None and header.name is not None:
+            with contextlib.suppress(DeployError):
+                pipeline = self._resolve_pipeline(None, header.name).name
+        return {"name": header.name, "version": header.version, "pipeline": pipeline,
                 "role": header.role, "transfer": header.transfer, "sha256": header.sha256,
                 "size": header.size, "group": self._bases.get(base), "topic": base}
 

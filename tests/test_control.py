@@ -357,8 +357,33 @@ def test_automatic_rollback_when_the_canary_disagrees(broker, collector, daemon_
         alert["reason"]
     # the bad champion is out of the active set; the old one and the canary run on
     assert active(d) == {"1": "champion", "2": "canary"}
-    recent = d.status()["deploy"]["recent"]
-    assert recent[-1]["stage"] == "rolled_back" and recent[-1]["version"] == "3"
+    deploy = d.status()["deploy"]
+    assert deploy["recent"][-1]["stage"] == "rolled_back"
+    assert deploy["recent"][-1]["version"] == "3"
+    canary = deploy["pipelines"]["activity"]["canary"]
+    assert canary["canary"] == "activity:2" and canary["window"] > 0
+
+
+def test_automatic_rollback_when_p99_latency_passes_the_limit(broker, collector,
+                                                              daemon_factory, tmp_path,
+                                                              test_set, activity_bundle,
+                                                              activity_bundle_v2):
+    """max_p99_ms far below what any model takes: the promotion cannot survive its watch."""
+    cfg = config(tmp_path, broker, "dev-l", [
+        {"name": "activity", "version": "1", "bundle": activity_bundle},
+        {"name": "activity", "version": "2", "role": "challenger",
+         "bundle": activity_bundle_v2}], deploy="watch_window_s = 60\nmax_p99_ms = 0.0001")
+    d = daemon_factory(cfg)
+    alerts = collector("edgeml/dev-l/alerts")
+    with Stream(broker, test_set):
+        reply = command(broker, "dev-l", "promote", model="activity", version="2")
+        assert reply["ok"] and active(d) == {"2": "champion", "1": "challenger"}
+        alerts.wait_for(lambda ms: any(json.loads(m.payload)["kind"] == "auto_rollback"
+                                       for m in ms), 30)
+    alert = next(json.loads(m.payload) for m in alerts.messages
+                 if json.loads(m.payload)["kind"] == "auto_rollback")
+    assert "p99 latency" in alert["reason"] and "above max_p99_ms 0.0001" in alert["reason"]
+    assert active(d) == {"1": "champion"}  # the slow one is out of the active set
 
 
 def test_active_set_survives_a_restart_and_old_versions_are_pruned(

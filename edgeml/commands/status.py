@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def follow() -> None:
         latest: dict[str, dict] = {}
+        printed = 0.0
         async with Fleet(args.broker, topic_prefix=args.topic_prefix) as fleet:
             async for dev, doc in fleet.watch_statuses():
                 if not keep(dev):
@@ -138,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
                                      sort_keys=True), flush=True)
                     continue
                 latest[dev] = doc
+                if now - printed < 1.0 and doc.get("state") == "online":
+                    continue  # at most one table a second, but a state change at once
+                printed = now
                 rows = [summarize(d, latest[d], now, args.stale_after) for d in sorted(latest)]
                 print(f"\n{time.strftime('%H:%M:%S')}\n{render(rows)}", flush=True)
 
