@@ -67,6 +67,8 @@ WATCH_TICK_S = 0.2
 MAX_RECENT = 20
 MAX_DEPLOYED = 200
 MAX_INBOX = 10_000
+#: a command's ``deadline`` is the sender's clock; allow this much skew against ours
+DEADLINE_GRACE_S = 60.0
 _REASONS = {
     BundleSignatureError: "signature",
     BundleIntegrityError: "integrity",
@@ -578,7 +580,7 @@ class Control:
         try:
             deadline = doc.get("deadline")
             if isinstance(deadline, (int, float)) and not isinstance(deadline, bool) \
-                    and time.time() > deadline:
+                    and time.time() > deadline + DEADLINE_GRACE_S:
                 raise CommandError("the command arrived after its deadline (the sender gave "
                                    "up waiting); not carried out")
             if cmd not in COMMANDS:

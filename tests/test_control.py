@@ -10,6 +10,7 @@ import io
 import json
 import random
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -323,6 +324,16 @@ def test_promote_and_rollback_during_a_live_stream(broker, collector, daemon_fac
     assert not bad["ok"] and "no previous champion" in bad["message"]
     bad = command(broker, "dev-p", "set_policy", policy="loudest")
     assert not bad["ok"] and "'policy' must be one of" in bad["message"]
+    # a command that comes long after its sender gave up is not carried out
+    replies = collector("edgeml/dev-p/cmd/reply")
+    stale = {"id": "old", "cmd": "promote", "model": "activity", "version": "2",
+             "deadline": time.time() - 3600}
+    publish_all(broker, [("edgeml/dev-p/cmd", json.dumps(stale).encode())])
+    replies.wait_for(lambda ms: any(json.loads(m.payload)["id"] == "old" for m in ms), 10)
+    reply = next(json.loads(m.payload) for m in replies.messages
+                 if json.loads(m.payload)["id"] == "old")
+    assert not reply["ok"] and "after its deadline" in reply["message"]
+    assert active(d) == {"1": "champion", "2": "challenger"}
     # no device: the CLI times out with status 2
     assert cli(["promote", "--device", "nobody", "--broker", broker.url, "--model", "x",
                 "--timeout", "0.5"]) == 2
