@@ -21,6 +21,7 @@ from converters.export import (
     INPUT_NAME,
     LABEL_OUTPUT,
     PROBA_OUTPUT,
+    REGRESSION_OUTPUT,
     analyse,
     opset_of,
     to_onnx_model,
@@ -150,28 +151,34 @@ def _sample_rows(sample: np.ndarray, width: int, window: int | None, n_features:
     return np.ascontiguousarray(arr)
 
 
-def _python_labels(labels: np.ndarray) -> tuple:
+def _python_labels(labels: np.ndarray, *, regression: bool = False) -> tuple:
+    """JSON-ready labels; whole-number float class labels become ints (compared exactly),
+    regression predictions stay floats (compared with the self-test tolerances)."""
     out = []
     for v in np.asarray(labels).reshape(-1).tolist():
         if isinstance(v, bytes):
             v = v.decode("utf-8")
-        if isinstance(v, float) and v.is_integer():
+        if regression:
+            v = float(v)
+        elif isinstance(v, float) and v.is_integer():
             v = int(v)
         out.append(v)
     return tuple(out)
 
 
 def _self_test(
-    rows: np.ndarray, outputs: Outputs, n: int, tolerance: float
+    rows: np.ndarray, outputs: Outputs, n: int, tolerance: float, *, regression: bool
 ) -> SelfTest | None:
     if n == 0:
         return None
     n = min(n, len(rows))
     return SelfTest(
         inputs=tuple(tuple(float(v) for v in r) for r in rows[:n]),
-        expected_labels=_python_labels(outputs.labels[:n]),
-        expected_scores=tuple(tuple(float(v) for v in r) for r in outputs.scores[:n]),
+        expected_labels=_python_labels(outputs.labels[:n], regression=regression),
+        expected_scores=None if regression
+        else tuple(tuple(float(v) for v in r) for r in outputs.scores[:n]),
         atol=float(tolerance),
+        rtol=max(1e-3, float(tolerance)),
     )
 
 
@@ -245,14 +252,19 @@ def convert_estimator(
     model_bytes = onnx_model.SerializeToString()
     feed = rows.reshape(len(rows), window, n_features) if input_shape == "3d" else rows
     kind = analysis.spec.kind
-    scores_name = ANOMALY_SCORES_OUTPUT if kind == "anomaly" else PROBA_OUTPUT
-    output_names = (LABEL_OUTPUT, scores_name)
+    regression = kind == "regressor"
+    label_name, scores_name = {
+        "classifier": (LABEL_OUTPUT, PROBA_OUTPUT),
+        "anomaly": (LABEL_OUTPUT, ANOMALY_SCORES_OUTPUT),
+        "regressor": (REGRESSION_OUTPUT, None),
+    }[kind]
+    output_names = (label_name,) if scores_name is None else (label_name, scores_name)
 
     reference = reference_outputs(estimator, analysis, rows)
     float_out = run_onnx(model_bytes, feed, output_names)
-    parity = compare(reference, float_out, tolerance)
+    parity = compare(reference, float_out, tolerance, regression=regression)
     if not parity.passed:
-        raise ParityMismatch(failure_message(parity), parity)
+        raise ParityMismatch(failure_message(parity, regression=regression), parity)
 
     quant_report: QuantizationReport | None = None
     expected = reference
@@ -277,14 +289,14 @@ def convert_estimator(
                 quant_report = report_change(
                     size_before=size_before, size_after=len(q_bytes), ops=ops,
                     float_out=float_out, quant_out=quant_out, truth=truth,
-                    parity=compare(reference, quant_out, tolerance),
+                    parity=compare(reference, quant_out, tolerance, regression=regression),
                 )
                 model_bytes = q_bytes
                 # the device must reproduce the quantized model, not scikit-learn
                 expected = quant_out
 
     all_metrics: dict[str, Any] = {"parity": parity.to_dict()}
-    if truth is not None:
+    if truth is not None and not regression:
         all_metrics["sample_accuracy"] = accuracy(reference.labels, truth)
     if quant_report is not None:
         all_metrics["quantization"] = quant_report.to_dict()
@@ -303,7 +315,8 @@ def convert_estimator(
         "opset": opset_of(final_model),
         "estimator": _short_repr(estimator),
         "estimator_steps": list(analysis.steps),
-        "scores": "probabilities" if analysis.scores_are_proba else "decision_function",
+        "scores": "prediction" if regression
+        else "probabilities" if analysis.scores_are_proba else "decision_function",
         "quantized": bool(quant_report is not None and quant_report.applied),
         "self_test_source": "onnxruntime-int8" if expected is not reference else "scikit-learn",
         "training_data_sha256": None,
@@ -323,13 +336,13 @@ def convert_estimator(
         created=utc_now_iso(),
         input=ModelInput(name=INPUT_NAME, dtype="float32", shape=shape, features=feats,
                          window=window),
-        outputs=ModelOutputs(kind=kind, label=LABEL_OUTPUT, scores=scores_name,
+        outputs=ModelOutputs(kind=kind, label=label_name, scores=scores_name,
                              classes=analysis.classes),
         sha256=sha256_hex(model_bytes),
         size=len(model_bytes),
         provenance=provenance,
         metrics=all_metrics,
-        self_test=_self_test(rows, expected, self_test_rows, tolerance),
+        self_test=_self_test(rows, expected, self_test_rows, tolerance, regression=regression),
         description=description,
     )
     path = write_bundle(Path(out), manifest, model_bytes, sign_key=sign_key)

@@ -1,11 +1,12 @@
 """scikit-learn -> ONNX with edgeml's conventions, for the estimators we have proved.
 
 Conventions every bundle follows (the device runtime relies on them): one float32 input named
-``input``; classifiers output ``label`` [N] and ``probabilities`` [N, n_classes] as plain tensors
-(no ZipMap); IsolationForest outputs ``label`` (1 normal / -1 anomaly) and ``scores``
-[N, 1] (its ``decision_function``). Estimators without ``predict_proba`` (LinearSVC, SVC without
-``probability=True``) put their ``decision_function`` in ``probabilities``: [N, n_classes]
-one-vs-rest, or [N, 1] for two classes (positive means ``classes[1]``).
+``input``; classifiers output ``label`` [N] and ``probabilities`` [N, n_classes] as plain
+tensors (no ZipMap); IsolationForest outputs ``label`` (1 normal / -1 anomaly) and ``scores``
+[N, 1] (its ``decision_function``); regressors output ``variable`` [N, 1]. Estimators without
+``predict_proba`` (LinearSVC, SVC without ``probability=True``) put their
+``decision_function`` in ``probabilities``: [N, n_classes] one-vs-rest, or [N, 1] for two
+classes (positive means ``classes[1]``).
 
 Only the estimator types listed in :data:`SUPPORTED_ESTIMATORS` and :data:`SUPPORTED_TRANSFORMERS`
 are accepted: each one has a parity test on the real data sets. Anything else is refused with
@@ -46,7 +47,7 @@ class EstimatorSpec:
 
     module: str            # where scikit-learn defines the class
     name: str              # class name
-    kind: str              # "classifier" | "anomaly"
+    kind: str              # "classifier" | "anomaly" | "regressor"
     zipmap: bool           # whether skl2onnx knows the zipmap option for it
     note: str = ""         # shown in the supported list
 
@@ -65,6 +66,9 @@ SUPPORTED_ESTIMATORS: tuple[EstimatorSpec, ...] = (
     EstimatorSpec("sklearn.neighbors", "KNeighborsClassifier", "classifier", True),
     EstimatorSpec("sklearn.ensemble", "IsolationForest", "anomaly", False,
                   "label 1/-1, scores = decision_function"),
+    EstimatorSpec("sklearn.linear_model", "LinearRegression", "regressor", False),
+    EstimatorSpec("sklearn.linear_model", "Ridge", "regressor", False),
+    EstimatorSpec("sklearn.ensemble", "RandomForestRegressor", "regressor", False),
 )
 """Final estimators (alone or as the last step of a Pipeline)."""
 
@@ -98,7 +102,7 @@ class Analysis:
     spec: EstimatorSpec
     steps: tuple[str, ...]                 # class names, input to output
     step_objects: tuple[Any, ...]          # the fitted steps themselves, same order
-    classes: tuple | None                  # score-column order, None for anomaly models
+    classes: tuple | None                  # score-column order; None for anomaly/regressor
     scores_are_proba: bool                 # False: decision_function in the scores output
     n_features_in: int | None
 
@@ -247,7 +251,7 @@ def _conversion_options(analysis: Analysis) -> dict[int, dict[str, Any]]:
     # zipmap=False: plain tensors. LinearSVC has no zipmap option, but inside a Pipeline
     # skl2onnx adds one to every classifier step that has no options of its own.
     options[id(analysis.final)] = {"zipmap": False} if analysis.spec.zipmap else {"nocl": False}
-    if analysis.spec.kind == "anomaly":
+    if analysis.spec.kind != "classifier":
         del options[id(analysis.final)]
     return options
 
@@ -354,10 +358,11 @@ def to_onnx_model(
 
     graph = model.graph
     outputs = [o.name for o in graph.output]
-    wanted = (
-        [LABEL_OUTPUT, PROBA_OUTPUT] if spec.kind == "classifier"
-        else [LABEL_OUTPUT, ANOMALY_SCORES_OUTPUT]
-    )
+    wanted = {
+        "classifier": [LABEL_OUTPUT, PROBA_OUTPUT],
+        "anomaly": [LABEL_OUTPUT, ANOMALY_SCORES_OUTPUT],
+        "regressor": [REGRESSION_OUTPUT],
+    }[spec.kind]
     if len(outputs) != len(wanted):
         raise ConversionError(
             f"skl2onnx produced outputs {outputs} for {spec.name}, expected {len(wanted)}"

@@ -100,7 +100,8 @@ def build_gait_anomaly_bundle(tmp_dir: Path, version: str = "1", *, name: str = 
 def score_bundle(bundle, X: np.ndarray, *, trusted_keys=()) -> tuple[np.ndarray, np.ndarray]:
     """Run a bundle (path, bytes or :class:`edgeml.bundle.Bundle`) with onnxruntime the way a
     device does: rows reshaped to the manifest's input shape, outputs picked by the names the
-    manifest gives. Returns ``(labels [n], scores [n, k])``."""
+    manifest gives. Returns ``(labels [n], scores [n, k])``; a regressor's predictions are
+    both (its manifest names no scores output)."""
     import onnxruntime as ort
 
     from edgeml.bundle import Bundle, read_bundle
@@ -112,5 +113,7 @@ def score_bundle(bundle, X: np.ndarray, *, trusted_keys=()) -> tuple[np.ndarray,
     if len(spec.shape) == 3:
         arr = arr.reshape(len(arr), spec.window, len(spec.features))
     session = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
-    labels, scores = session.run([outs.label, outs.scores], {spec.name: arr})
+    names = [outs.label] if outs.scores is None else [outs.label, outs.scores]
+    results = session.run(names, {spec.name: arr})
+    labels, scores = results if len(results) == 2 else (results[0], results[0])
     return np.asarray(labels).reshape(-1), np.asarray(scores).reshape(len(arr), -1)

@@ -16,15 +16,16 @@ from sklearn.ensemble import (
     GradientBoostingClassifier,
     HistGradientBoostingClassifier,
     RandomForestClassifier,
+    RandomForestRegressor,
 )
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from converters import SUPPORTED_ESTIMATORS, WindowFeatures, convert_estimator
+from converters import SUPPORTED_ESTIMATORS, ParityMismatch, WindowFeatures, convert_estimator
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
 from edgeml.datasets import (
     BASICMOTIONS_CHANNELS,
@@ -156,6 +157,8 @@ def test_every_supported_estimator_has_a_parity_case():
         est = factory()
         covered.add(type(est.steps[-1][1] if isinstance(est, Pipeline) else est).__name__)
     covered.add("IsolationForest")  # test_isolation_forest_parity below
+    covered |= {type(f()).__name__ if not isinstance(f(), Pipeline)
+                else type(f().steps[-1][1]).__name__ for f in REGRESSION_CASES.values()}
     assert names <= covered
 
 
@@ -186,3 +189,46 @@ def test_hist_gradient_boosting_is_converted_without_touching_the_estimator(daph
                       out=tmp_path / "hgb.edgeml")
     assert joblib.hash(model) == before
     assert (tmp_path / "hgb.edgeml").is_file()
+
+
+# --- regressors: predict the vertical trunk acceleration from the other eight channels ---------
+REGRESSION_CASES = {
+    "linear": LinearRegression,
+    "ridge": lambda: make_pipeline(StandardScaler(), Ridge()),
+    "random_forest": lambda: RandomForestRegressor(n_estimators=20, max_depth=8,
+                                                   random_state=0),
+}
+
+
+@pytest.fixture(scope="module")
+def trunk_regression():
+    data = load_daphnet()
+    others = [i for i in range(9) if i != 7]
+    return data.X[:, others], data.X[:, 7], [data.channels[i] for i in others]
+
+
+@pytest.mark.parametrize("case", sorted(REGRESSION_CASES))
+def test_regressor_parity(case, trunk_regression, tmp_path):
+    X, y, names = trunk_regression
+    model = REGRESSION_CASES[case]().fit(X[::5], y[::5])
+    report = convert_estimator(model, X[2::9], name=f"reg-{case}", version="1",
+                               features=names, out=tmp_path / "r.edgeml")
+    assert report.parity.passed and report.parity.relative
+    bundle = read_bundle(report.path)
+    m = bundle.manifest
+    assert (m.outputs.kind, m.outputs.label, m.outputs.scores) == ("regressor", "variable", None)
+    pred, _ = score_bundle(bundle, X[2::9])
+    want = model.predict(X[2::9])
+    # float32 carries ~7 digits: compare relative to the target's scale (~1000 here)
+    assert np.all(np.abs(pred - want) <= TOL * np.maximum(1.0, np.abs(want)))
+    assert all(isinstance(v, float) for v in m.self_test.expected_labels)
+    check_self_test(m, *score_bundle(bundle, self_test_array(m)))
+
+
+def test_regressor_parity_miss_is_refused(trunk_regression, tmp_path):
+    X, y, names = trunk_regression
+    model = LinearRegression().fit(X[::5], y[::5])
+    with pytest.raises(ParityMismatch, match="predictions differ by more than 1e-12"):
+        convert_estimator(model, X[2::9], name="reg", version="1", features=names,
+                          tolerance=1e-12, out=tmp_path / "r.edgeml")
+    assert not (tmp_path / "r.edgeml").exists()
