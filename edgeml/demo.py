@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -524,6 +525,11 @@ class Demo:
     async def run(self) -> dict:
         s = self.settings
         _need_host_extra()
+        # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: every process started is stopped
+        task = asyncio.current_task()
+        if task is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         if self.out.exists() and any(self.out.iterdir()):
             raise DemoError(f"--out {self.out}: the folder is not empty; give a new one")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -908,7 +914,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None,
     demo = Demo(settings, console, on_summary)
     try:
         return asyncio.run(demo.run())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         if demo.summary:
             return demo.summary
-        raise
+        raise KeyboardInterrupt from None
