@@ -420,11 +420,11 @@ class Control:
         stage = "received"
         fresh_install = None
         try:
-            await asyncio.to_thread(d.check)
+            data = await asyncio.to_thread(d.check)
             self._report(rec, "received", chunks=h.chunks)
             stage = "verified"
             try:
-                bundle = await asyncio.to_thread(self._read_bundle, d.data)
+                bundle = await asyncio.to_thread(self._read_bundle, data)
             except BundleError as exc:
                 raise DeployError("verified", str(exc)) from exc
             m = bundle.manifest
