@@ -211,6 +211,15 @@ class Control:
                  ", ".join(f"{m.name}:{m.version} ({m.role})" for m in out))
         return out
 
+    def configure(self, runtime: Any) -> None:
+        """Optional hook, right after a pipeline's runtime is built: restore its persisted
+        policy before the first status goes out (``run`` does it too, a moment later)."""
+        pcfg = runtime.config
+        entry = self._state["pipelines"].get(pcfg.name)
+        if entry and entry.get("config") == _config_fingerprint(pcfg) \
+                and entry.get("policy") in POLICIES:
+            runtime.policy = entry["policy"]
+
     def subscriptions(self) -> list[tuple[str, int]]:
         subs = []
         for base in self._bases:  # the header topic first: its retained copy comes first
