@@ -401,6 +401,9 @@ class Outbox:
         for stream, rid, record in items:
             if stream not in self.streams:
                 raise OutboxError(f"unknown stream {stream!r}; known: {', '.join(self.streams)}")
+            if "record_id" in record:
+                raise OutboxError(f"record {rid!r}: the field 'record_id' is reserved (the "
+                                  "uplink adds it)")
             try:
                 payload = encode_record(record)
             except (TypeError, ValueError, OverflowError) as exc:

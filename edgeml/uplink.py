@@ -48,6 +48,30 @@ def _json_default(obj: object) -> object:
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
 
+def _map_body(payload: bytes) -> tuple[int, bytes | None]:
+    """``(entries, bytes after the header)`` of a msgpack map, or ``(0, None)``."""
+    if not payload:
+        return 0, None
+    h = payload[0]
+    if 0x80 <= h <= 0x8F:
+        return h & 0x0F, payload[1:]
+    if h == 0xDE and len(payload) >= 3:
+        return int.from_bytes(payload[1:3], "big"), payload[3:]
+    if h == 0xDF and len(payload) >= 5:
+        return int.from_bytes(payload[1:5], "big"), payload[5:]
+    return 0, None
+
+
+def _with_id(rec: OutboxRecord) -> dict[str, Any]:
+    try:
+        fields = rec.decode()
+    except (ValueError, msgpack.UnpackException) as exc:  # a damaged row: say so, go on
+        fields = {"error": f"undecodable record: {exc}"}
+    if not isinstance(fields, dict):
+        fields = {"value": fields}
+    return {"record_id": rec.record_id, **fields}
+
+
 class Uplink:
     """``await Uplink(outbox, client_or_settings, topic_prefix=..., device_id=...).run()``.
 
@@ -308,23 +332,38 @@ class Uplink:
                                        max_bytes=self.batch_max_bytes)
         if not batch:
             return batch, b""
-        records = []
-        for rec in batch:
-            try:
-                fields = rec.decode()
-            except (ValueError, msgpack.UnpackException) as exc:  # a damaged row: say so
-                fields = {"error": f"undecodable record: {exc}"}
-            if not isinstance(fields, dict):
-                fields = {"value": fields}
-            records.append({"record_id": rec.record_id, **fields})
-        return batch, self.encode_message(stream, seq, records)
+        if self.format == "msgpack":
+            return batch, self._splice_message(stream, seq, batch)
+        return batch, self.encode_message(stream, seq, [_with_id(r) for r in batch])
+
+    def _envelope(self, stream: str, seq: int) -> dict[str, Any]:
+        return {"schema": SCHEMA, "device": self.device_id, "stream": stream, "batch_seq": seq,
+                "sent": time.time()}
 
     def encode_message(self, stream: str, seq: int, records: list[dict[str, Any]]) -> bytes:
-        msg = {"schema": SCHEMA, "device": self.device_id, "stream": stream, "batch_seq": seq,
-               "sent": time.time(), "records": records}
+        msg = {**self._envelope(stream, seq), "records": records}
         if self.format == "json":
             return json.dumps(msg, separators=(",", ":"), default=_json_default).encode()
         return msgpack.packb(msg, use_bin_type=True)
+
+    def _splice_message(self, stream: str, seq: int, batch: list[OutboxRecord]) -> bytes:
+        """The msgpack message built from the stored bytes: each stored record is already a
+        msgpack map, so ``record_id`` is prepended to it without decoding (a third of the
+        uplink's CPU per record otherwise)."""
+        packer = msgpack.Packer(use_bin_type=True)
+        envelope = self._envelope(stream, seq)
+        parts = [packer.pack_map_header(len(envelope) + 1)]
+        for key, value in envelope.items():
+            parts += (packer.pack(key), packer.pack(value))
+        parts += (packer.pack("records"), packer.pack_array_header(len(batch)))
+        key = packer.pack("record_id")
+        for rec in batch:
+            n, body = _map_body(rec.payload)
+            if body is None:  # not a map (or damaged): the slow, careful way
+                parts.append(packer.pack(_with_id(rec)))
+            else:
+                parts += (packer.pack_map_header(n + 1), key, packer.pack(rec.record_id), body)
+        return b"".join(parts)
 
     async def _publish(self, client: MqttClient, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and wait for the PUBACK however long the link is down: paho keeps

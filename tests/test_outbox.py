@@ -130,6 +130,8 @@ def test_put_many_is_all_or_nothing(tmp_path: Path):
             ob.put_many([item(100000), bad])
         with pytest.raises(OutboxError, match="unknown stream 'nope'"):
             ob.put_many([item(100001), ("nope", "y/1", {})])
+        with pytest.raises(OutboxError, match="reserved"):
+            ob.put_many([item(100002), ("results", "z/1", {"record_id": "mine"})])
         assert ob.stats()["backlog"] == 0
 
 

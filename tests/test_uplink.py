@@ -161,8 +161,10 @@ def test_higher_priority_streams_go_first(tmp_path: Path, broker, collector):
     sub = sync_collector(collector)
     results = [r for r in inputs(0, 150) if r[0] == "results"]
     outputs = [r for r in inputs(0, 150) if r[0] == "outputs"]
-    alerts = [("alerts", f"{DEVICE}/canary/{i}", {"kind": "canary_agreement", "value": 0.5,
-                                                 "ts": 1.0}) for i in range(2)]
+    # wide records (more than 15 fields: a msgpack map16) travel intact too
+    alerts = [("alerts", f"{DEVICE}/canary/{i}", {"kind": "canary_agreement", "ts": 1.0,
+                                                 **{f"agreement_v{k}": k / 20 for k in range(18)}})
+              for i in range(2)]
 
     async def main():
         with Outbox(tmp_path / "outbox") as ob:
@@ -180,6 +182,9 @@ def test_higher_priority_streams_go_first(tmp_path: Path, broker, collector):
     assert streams[0] == "alerts" and streams[-1] == "results"
     assert max(len(decode(m)["records"]) for m in msgs) == 40
     assert_order_kept(received(msgs), results + outputs + alerts)
+    by_id = {r["record_id"]: r for _, r in received(msgs)}
+    for _, rid, rec in alerts + outputs[:3]:
+        assert by_id[rid] == {"record_id": rid, **rec}
 
 
 @pytest.mark.parametrize("policy", ["drop_oldest", "refuse_new"])

@@ -1,0 +1,220 @@
+"""Outbox and uplink: what syncing costs the daemon, and how fast a backlog drains.
+
+Measures, on this machine's disk, with BasicMotions-like output records (the brief's fields;
+~330 bytes of msgpack each; one selected output and two versions' results per input):
+  * enqueue: ``put_many`` of 64 records (one transaction) into an outbox with room, in µs per
+    record and as a share of a 1 ms per-message budget (3 records per scored message);
+  * enqueue into a full outbox (drop_oldest evicting as it goes: the state during a long
+    outage), and with ``fsync_interval_s=0`` (fsync every commit);
+  * enqueue while the uplink drains at full speed in the same process (lock and GIL contention);
+  * drain: a prefilled backlog sent by the Uplink to a private loopback mosquitto, QoS 1,
+    records/s and MB/s for two batch sizes, and the uplink's CPU time per record;
+  * the daemon's budget: (enqueue + drain CPU) per scored message as a share of 1 ms.
+
+Prints a table and writes benchmarks/results/outbox.json.
+
+    python benchmarks/bench_outbox.py [--records 60000] [--dir /path/on/the/target/disk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+
+from edgeml.broker import MosquittoBroker
+from edgeml.datasets import load_basicmotions
+from edgeml.mqtt import BrokerSettings, MqttClient
+from edgeml.outbox import Outbox, record_id
+from edgeml.uplink import Uplink
+
+DEVICE = "watch-01"
+BUDGET_US = 1000.0  # the per-message budget at 1,000 msg/s
+RECORDS_PER_MESSAGE = 3  # one selected output + two versions' results
+
+
+def make_items(n_inputs: int, start: int = 0) -> list[tuple[str, str, dict]]:
+    ds = load_basicmotions("TEST")
+    classes = sorted(set(ds.y))
+    items = []
+    for seq in range(start, start + n_inputs):
+        label = ds.y[seq % len(ds.y)]
+        scores = [round(0.9 if c == label else 0.1 / (len(classes) - 1), 4) for c in classes]
+        for stream, versions in (("outputs", ("2",)), ("results", ("1", "2"))):
+            for v in versions:
+                rec = {"id": f"in-{seq}", "topic": f"sensors/{DEVICE}/imu",
+                       "pipeline": "activity", "model": "activity", "version": v,
+                       "output": {"label": label, "scores": scores}, "policy": "champion",
+                       "fallback": False, "latency_ms": 1.234, "ts": time.time(),
+                       "input_seq": seq}
+                items.append((stream, record_id(DEVICE, "activity", seq, "activity", v, stream),
+                              rec))
+    return items
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def bench_put(path: Path, items: list, *, budget: int, fsync_interval_s: float = 1.0,
+              prefill: list | None = None) -> dict:
+    shutil.rmtree(path, ignore_errors=True)
+    with Outbox(path, budget_bytes=budget, fsync_interval_s=fsync_interval_s) as ob:
+        for c in chunks(prefill or [], 64):
+            ob.put_many(c)
+        per_call = []
+        t0 = time.perf_counter()
+        for c in chunks(items, 64):
+            t = time.perf_counter_ns()
+            ob.put_many(c)
+            per_call.append((time.perf_counter_ns() - t) / 1000 / len(c))
+        wall = time.perf_counter() - t0
+        st = ob.stats()
+    per_call.sort()
+    us = wall / len(items) * 1e6
+    return {"records": len(items), "us_per_record": round(us, 2),
+            "p50_us_per_record": round(per_call[len(per_call) // 2], 2),
+            "p99_us_per_record": round(per_call[int(len(per_call) * 0.99)], 2),
+            "share_of_1ms_per_message": round(us * RECORDS_PER_MESSAGE / BUDGET_US, 4),
+            "dropped": st["dropped"], "bytes_used": st["bytes_used"],
+            "file_bytes": st["file_bytes"]}
+
+
+async def drain(ob: Outbox, broker: MosquittoBroker, *, batch: int, client_id: str) -> dict:
+    settings = BrokerSettings(url=broker.url, client_id=client_id, clean_start=False)
+    backlog = ob.stats()["backlog"]
+    async with MqttClient(settings) as client:
+        up = Uplink(ob, client, topic_prefix="edgeml", device_id=DEVICE,
+                    batch_max_records=batch, batch_max_wait_s=0.05)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        task = asyncio.create_task(up.run())
+        while ob.stats()["backlog"]:
+            await asyncio.sleep(0.005)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        st = up.stats()
+    return {"records": backlog, "batch_max_records": batch, "seconds": round(wall, 3),
+            "records_per_s": round(backlog / wall), "mb_per_s": round(st["bytes_sent"] / wall
+                                                                       / 1e6, 2),
+            "batches": st["batches_sent"], "cpu_us_per_record": round(cpu / backlog * 1e6, 2)}
+
+
+def bench_drain(path: Path, items: list, broker: MosquittoBroker, batch: int) -> dict:
+    shutil.rmtree(path, ignore_errors=True)
+    with Outbox(path) as ob:
+        for c in chunks(items, 64):
+            ob.put_many(c)
+        return asyncio.run(drain(ob, broker, batch=batch, client_id=f"bench-{batch}"))
+
+
+def bench_put_while_draining(path: Path, backlog: list, items: list,
+                             broker: MosquittoBroker) -> dict:
+    """The daemon's writer thread keeps putting while the uplink drains a backlog."""
+    shutil.rmtree(path, ignore_errors=True)
+    with Outbox(path) as ob:
+        for c in chunks(backlog, 64):
+            ob.put_many(c)
+        result: dict = {}
+
+        def writer() -> None:
+            t0 = time.perf_counter()
+            for c in chunks(items, 64):
+                ob.put_many(c)
+            result["us"] = (time.perf_counter() - t0) / len(items) * 1e6
+
+        async def main() -> None:
+            th = threading.Thread(target=writer)
+            th.start()
+            await drain(ob, broker, batch=500, client_id="bench-contended")
+            await asyncio.to_thread(th.join)
+
+        asyncio.run(main())
+    us = result["us"]
+    return {"records": len(items), "us_per_record": round(us, 2),
+            "share_of_1ms_per_message": round(us * RECORDS_PER_MESSAGE / BUDGET_US, 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", type=int, default=60000,
+                    help="records per phase (3 per input: outputs + 2 versions' results)")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="where the outbox files go (default: a temp dir; use the target disk)")
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).resolve().parent / "results" / "outbox.json",
+                    help="the JSON report")
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="bench-outbox-", dir=args.dir))
+    n_inputs = max(64, args.records // RECORDS_PER_MESSAGE)
+    items = make_items(n_inputs)
+    more = make_items(n_inputs, start=n_inputs)
+    size = statistics.mean(len(msgpack.packb(r)) for _, _, r in items[:300])
+    broker = MosquittoBroker(base / "broker").start()
+    try:
+        res = {
+            "put_room": bench_put(base / "ob1", items, budget=1 << 30),
+            "put_full": bench_put(base / "ob2", more, budget=8 << 20, prefill=items),
+            "put_fsync_each_commit": bench_put(base / "ob3", items[:6000], budget=1 << 30,
+                                               fsync_interval_s=0),
+            "put_while_draining": bench_put_while_draining(base / "ob4", items, more, broker),
+            "drain_batch_500": bench_drain(base / "ob5", items, broker, 500),
+            "drain_batch_100": bench_drain(base / "ob6", items, broker, 100),
+        }
+    finally:
+        broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    per_msg_us = RECORDS_PER_MESSAGE * (res["put_room"]["us_per_record"]
+                                        + res["drain_batch_500"]["cpu_us_per_record"])
+    res["daemon_share"] = {
+        "records_per_message": RECORDS_PER_MESSAGE,
+        "us_per_message": round(per_msg_us, 1),
+        "share_of_1ms_per_message": round(per_msg_us / BUDGET_US, 4),
+        "note": "enqueue + uplink CPU per scored message; the daemon's own CPU is not included",
+    }
+    report = {
+        "benchmark": "outbox", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+        "settings": {"records": len(items), "record_bytes_msgpack": round(size),
+                     "put_batch": 64, "broker": "mosquitto 2.0 on loopback, QoS 1, no subscriber",
+                     "sqlite": __import__("sqlite3").sqlite_version},
+        "results": res,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    print(f"records: {len(items)} x ~{size:.0f} B msgpack; load average {os.getloadavg()[0]:.2f}")
+    print(f"{'enqueue (put_many of 64)':38} {'us/record':>10} {'p99':>8} {'% of 1 ms/msg':>14}")
+    for key, label in (("put_room", "outbox with room"), ("put_full", "full, drop_oldest evicting"),
+                       ("put_fsync_each_commit", "fsync every commit"),
+                       ("put_while_draining", "while the uplink drains")):
+        r = res[key]
+        p99 = f"{r['p99_us_per_record']:8.1f}" if "p99_us_per_record" in r else f"{'':8}"
+        print(f"  {label:36} {r['us_per_record']:10.1f} {p99} "
+              f"{100 * r['share_of_1ms_per_message']:13.1f}%")
+    print(f"{'drain to loopback mosquitto':38} {'records/s':>10} {'MB/s':>8} {'CPU us/rec':>14}")
+    for key in ("drain_batch_500", "drain_batch_100"):
+        r = res[key]
+        print(f"  batches of {r['batch_max_records']:<25} {r['records_per_s']:10d} "
+              f"{r['mb_per_s']:8.2f} {r['cpu_us_per_record']:14.1f}")
+    d = res["daemon_share"]
+    print(f"syncing per scored message (3 records): {d['us_per_message']:.0f} us = "
+          f"{100 * d['share_of_1ms_per_message']:.1f}% of a 1 ms budget")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
