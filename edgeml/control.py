@@ -395,6 +395,8 @@ class Control:
         payload = {"device": self.config.device_id, **{k: v for k, v in rec.items()
                                                        if k != "topic"}}
         self._publish(self.config.topic("deploy", "status"), payload)
+        if stage in ("active", "failed"):
+            self.daemon.publish_status_soon()
 
     def _publish(self, topic: str, doc: dict) -> None:
         client = self.daemon.client
@@ -581,6 +583,8 @@ class Control:
         rid = doc.get("id") if isinstance(doc.get("id"), (str, int, float)) else None
         out = {"id": rid, "ok": ok, "cmd": doc.get("cmd"), "message": message,
                "device": self.config.device_id, "ts": time.time(), **extra}
+        if ok:
+            self.daemon.publish_status_soon()  # the fleet view sees the change at once
         self._publish(self.config.topic("cmd", "reply"), out)
 
     async def _command(self, doc: dict) -> None:

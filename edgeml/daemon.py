@@ -277,6 +277,8 @@ class Daemon:
             slots = await self.load_slots(pcfg, models)
             runtime = PipelineRuntime(pcfg, emitter=self, batching=batching)
             runtime.set_slots(slots)
+            if self.control is not None:
+                self.control.configure(runtime)  # restores a persisted policy
             n_features = None
             if pcfg.field is not None and slots:
                 n_features = slots[0].manifest.input.n_features
@@ -496,6 +498,13 @@ class Daemon:
                     log.exception("raw-input log fsync failed for %s", p.cfg.name)
 
     # ---- status ----------------------------------------------------------------------------
+    def publish_status_soon(self) -> None:
+        """Publish the retained status now (after a deployment or command), not at the next
+        heartbeat, so ``edgeml status`` shows the change at once."""
+        if self._client is not None:
+            self._client.publish_nowait(self.topic("status"), self._status_bytes(self.state),
+                                        qos=1, retain=True)
+
     async def _heartbeat(self, client: MqttClient) -> None:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
