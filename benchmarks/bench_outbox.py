@@ -105,7 +105,7 @@ async def drain(ob: Outbox, broker: MosquittoBroker, *, batch: int, client_id: s
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        st = up.stats()
+        st = up.stats
     return {"records": backlog, "batch_max_records": batch, "seconds": round(wall, 3),
             "records_per_s": round(backlog / wall), "mb_per_s": round(st["bytes_sent"] / wall
                                                                        / 1e6, 2),

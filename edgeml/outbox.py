@@ -665,23 +665,26 @@ class Outbox:
         return total
 
     def stats(self) -> dict[str, Any]:
-        """Backlog, oldest unsynced age, bytes, dropped and refused counts per stream; totals."""
+        """Backlog, oldest unsynced age, bytes, dropped and refused counts per stream; totals.
+
+        From in-memory figures without taking the lock, so the event loop may call it while
+        a writer is in a transaction (the figures are then a moment apart, never wrong for long).
+        """
         now = time.time()
-        with self._lock:
-            streams = {}
-            for s in self.by_priority:
-                pol, c, oldest = self.streams[s], self._counters[s], self._oldest[s]
-                streams[s] = {
-                    "priority": pol.priority, "on_full": pol.on_full,
-                    "backlog": self._count[s], "bytes": self._bytes[s],
-                    "oldest_unsynced_age_s": (round(max(0.0, now - oldest), 3)
-                                              if oldest is not None else None),
-                    "dropped": c.dropped, "refused": c.refused,
-                    "unreported_dropped": c.dropped - c.reported_dropped,
-                    "unreported_refused": c.refused - c.reported_refused,
-                }
-            backlog = sum(self._count.values())
-            used = self._used
+        streams = {}
+        for s in self.by_priority:
+            pol, c, oldest = self.streams[s], self._counters[s], self._oldest[s]
+            streams[s] = {
+                "priority": pol.priority, "on_full": pol.on_full,
+                "backlog": self._count[s], "bytes": self._bytes[s],
+                "oldest_unsynced_age_s": (round(max(0.0, now - oldest), 3)
+                                          if oldest is not None else None),
+                "dropped": c.dropped, "refused": c.refused,
+                "unreported_dropped": c.dropped - c.reported_dropped,
+                "unreported_refused": c.refused - c.reported_refused,
+            }
+        backlog = sum(self._count.values())
+        used = self._used
         return {
             "streams": streams,
             "backlog": backlog,

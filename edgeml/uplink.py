@@ -412,6 +412,7 @@ class Uplink:
         await self._call(self.outbox.ack_drop_report, report)
 
     # ---- status -----------------------------------------------------------------------------
+    @property
     def stats(self) -> dict[str, Any]:
         """For the status topic: what was sent, when the last PUBACK came, errors, link state."""
         client = self._client

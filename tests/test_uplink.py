@@ -132,14 +132,14 @@ def test_upstream_outage_every_record_arrives_once_by_id(tmp_path: Path, broker,
                     if n == 20:
                         await asyncio.to_thread(broker.stop)  # pull the cable mid-stream
                     if n == 100:
-                        await until(lambda: not up.stats()["connected"], "uplink saw it")
+                        await until(lambda: not up.stats["connected"], "uplink saw it")
                         away = ob.stats()
                         await asyncio.to_thread(broker.start)  # plug it back
                     await put(ob, up, stream[i:i + 15])
                     await asyncio.sleep(0.005)  # a steady producer, not a burst
                 msgs = await asyncio.to_thread(sub.wait_for, has_ids({r[1] for r in stream}), 60)
                 await until(lambda: ob.stats()["backlog"] == 0, "outbox drained")
-                return away, msgs, up.stats()
+                return away, msgs, up.stats
 
     away, msgs, up_stats = asyncio.run(main())
     # status told the backlog while the upstream was away
@@ -203,7 +203,7 @@ def test_budget_with_upstream_away_counts_and_reports_drops(tmp_path: Path, brok
         with Outbox(data_dir / "outbox", budget_bytes=budget, streams=streams) as ob:
             async with running_uplink(ob, broker.url) as up:
                 await asyncio.to_thread(broker.stop)
-                await until(lambda: not up.stats()["connected"], "uplink saw the outage")
+                await until(lambda: not up.stats["connected"], "uplink saw the outage")
                 for i in range(0, len(items), 20):  # the daemon keeps scoring
                     await put(ob, up, items[i:i + 20])
                     assert ob.stats()["bytes_used"] <= budget
@@ -364,12 +364,12 @@ def test_upstream_down_at_start_and_json_format(tmp_path: Path, broker, collecto
             task = asyncio.create_task(up.run())
             try:
                 await asyncio.sleep(0.5)  # the upstream stays away for a while
-                assert not up.stats()["connected"]
+                assert not up.stats["connected"]
                 assert ob.stats()["backlog"] == len(items)
                 await asyncio.to_thread(broker.start)
                 msgs = await asyncio.to_thread(sub.wait_for, has_ids({r[1] for r in items}))
                 await until(lambda: ob.stats()["backlog"] == 0, "outbox drained")
-                return msgs, up.stats()
+                return msgs, up.stats
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
