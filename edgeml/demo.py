@@ -888,6 +888,12 @@ def format_summary(summary: dict) -> str:
         + f" in {sum(sync['upstream_messages'].values())} batch message(s); outbox backlog "
         f"{outbox.get('backlog', '?')}, dropped {outbox.get('dropped', '?')}",
     ]
+    uplink = sync.get("uplink")
+    if uplink:
+        lines.append(f"          uplink: {uplink.get('records_sent')} records, "
+                     f"{uplink.get('bytes_sent', 0) / 1024:.0f} kB in "
+                     f"{uplink.get('batches_sent')} QoS 1 batches, {uplink.get('errors')} "
+                     "error(s)")
     rep = summary.get("replay") or {}
     if rep.get("available"):
         lines.append(f"replay    {rep.get('rows', '?')} windows from the archive through "

@@ -89,6 +89,7 @@ def test_demo_against_a_private_broker(broker, tmp_path, sklearn_truth):
     assert summary["sync"]["upstream_records"]["outputs"] == 40
     assert summary["sync"]["upstream_records"]["results"] == 40 + 40 + 26
     assert summary["sync"]["outbox"]["backlog"] == 0
+    assert summary["sync"]["uplink"]["records_sent"] == 40 + 40 + 40 + 26
 
     # the live view and the printed summary
     assert proc.stderr.count("window ") >= 40 and "running accuracy" in proc.stderr
