@@ -14,6 +14,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import ClassVar
 
 from edgeml import __version__
 from edgeml.errors import EdgemlError
@@ -64,12 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _JournalFormatter(logging.Formatter):
+    """Under systemd (``$JOURNAL_STREAM`` set) each line starts with its syslog priority,
+    ``<4>`` for a warning, so ``journalctl -p warning`` filters edgeml's records."""
+
+    PRIORITY: ClassVar[dict[int, int]] = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
 def setup_logging(verbosity: int) -> None:
     """Plain one-line records on stderr: journald adds its own time stamp and unit name."""
+    import os
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(_JournalFormatter(fmt) if os.environ.get("JOURNAL_STREAM")
+                         else logging.Formatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -261,8 +261,17 @@ class MqttClient:
         self._loop = asyncio.get_running_loop()
         self._first_connect = self._loop.create_future()
         s = self.settings
+        kwargs: dict = {}
+        if s.protocol == "5":
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            # MQTT 5 ends a session at disconnect unless an expiry is asked for
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if s.clean_start else 0xFFFFFFFF
+            kwargs = {"clean_start": s.clean_start, "properties": props}
         try:
-            self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
+            self._client.connect_async(s.host, s.port, keepalive=s.keepalive, **kwargs)
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot connect to {s.url}: {exc}") from exc
         self._client.loop_start()

@@ -39,7 +39,7 @@ def run_device_command(args: argparse.Namespace, cmd: str) -> int:
     from edgeml.fleet import Fleet, FleetTimeout
 
     async def send() -> dict:
-        async with Fleet(args.broker, topic_prefix=args.topic_prefix) as fleet:
+        async with Fleet(_settings(args), topic_prefix=args.topic_prefix) as fleet:
             return await fleet.command(args.device, cmd, pipeline=args.pipeline,
                                        model=args.model, version=args.version,
                                        timeout=args.timeout)
@@ -67,3 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return run_device_command(args, "promote")
+
+
+def _settings(args: argparse.Namespace):
+    from edgeml.commands.push import fleet_settings
+
+    return fleet_settings(args)

@@ -29,6 +29,30 @@ def add_connection_arguments(p: argparse.ArgumentParser, timeout: float) -> None
                    help="the devices' topic_prefix (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=timeout, metavar="SECONDS",
                    help="how long to wait for the device(s) (default: %(default)s)")
+    p.add_argument("--username", metavar="NAME", help="broker user name")
+    p.add_argument("--password-file", metavar="FILE",
+                   help="file holding the broker password (kept out of the process list)")
+    p.add_argument("--ca-file", metavar="FILE",
+                   help="CA certificate that signed the broker's TLS certificate (mqtts://)")
+
+
+def fleet_settings(args: argparse.Namespace):
+    """BrokerSettings for a host-side verb: a clean session with a random client id."""
+    import secrets
+
+    from edgeml.errors import ConfigError
+    from edgeml.mqtt import BrokerSettings
+
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.password_file}: {exc.strerror}",
+                              key="--password-file") from exc
+    return BrokerSettings(url=args.broker, client_id=f"edgeml-cli-{secrets.token_hex(4)}",
+                          clean_start=True, username=args.username, password=password,
+                          ca_file=args.ca_file)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             raise DeployError("received", "--clear-retained takes --group and no BUNDLE")
 
         async def clear() -> int:
-            async with Fleet(args.broker, topic_prefix=args.topic_prefix) as fleet:
+            async with Fleet(fleet_settings(args), topic_prefix=args.topic_prefix) as fleet:
                 return await fleet.clear_group(args.group)
         n = asyncio.run(clear())
         print(f"cleared {n} retained message(s) of group {args.group}")
@@ -105,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise DeployError("received", "BUNDLE is required (or --group G --clear-retained)")
 
     async def push():
-        async with Fleet(args.broker, topic_prefix=args.topic_prefix) as fleet:
+        async with Fleet(fleet_settings(args), topic_prefix=args.topic_prefix) as fleet:
             return await fleet.push(
                 args.bundle, device=args.device, group=args.group, pipeline=args.pipeline,
                 role=args.role, priority=args.priority, chunk_size=args.chunk_size,

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return not wanted or dev in wanted
 
     async def once() -> dict[str, dict]:
-        async with Fleet(args.broker, topic_prefix=args.topic_prefix) as fleet:
+        async with Fleet(_settings(args), topic_prefix=args.topic_prefix) as fleet:
             return await fleet.statuses(timeout=args.timeout)
 
     if args.once:
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     async def follow() -> None:
         latest: dict[str, dict] = {}
         printed = 0.0
-        async with Fleet(args.broker, topic_prefix=args.topic_prefix) as fleet:
+        async with Fleet(_settings(args), topic_prefix=args.topic_prefix) as fleet:
             async for dev, doc in fleet.watch_statuses():
                 if not keep(dev):
                     continue
@@ -148,3 +148,9 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(follow())
     return 0
+
+
+def _settings(args: argparse.Namespace):
+    from edgeml.commands.push import fleet_settings
+
+    return fleet_settings(args)
