@@ -69,8 +69,10 @@ class _JournalFormatter(logging.Formatter):
     """Under systemd (``$JOURNAL_STREAM`` set) each line starts with its syslog priority,
     ``<4>`` for a warning, so ``journalctl -p warning`` filters edgeml's records."""
 
-    PRIORITY: ClassVar[dict[int, int]] = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                logging.CRITICAL: 2}
+    PRIORITY: ClassVar[dict[int, int]] = {
+        logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         prio = self.PRIORITY.get(record.levelno, 6)
