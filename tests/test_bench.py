@@ -94,7 +94,9 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     assert {"p99", "rss", "first_answer", "no_sklearn", "p50_vs_plain"} <= ids
     assert all(t["met"] in (True, False, None) for t in report["targets"])
     written = write_report(report, tmp_path / "run", latest_dir=tmp_path, charts=True)
-    assert written["latest_json"].exists() and written["latest_markdown"].exists()
+    reread = json.loads(written["latest_json"].read_text())
+    assert [t["met"] for t in reread["targets"]] == [t["met"] for t in report["targets"]]
+    assert written["latest_markdown"].exists()
     assert (tmp_path / "run" / "throughput.png").stat().st_size > 1000
     md = render_markdown(report)
     assert "## Targets (issue 7)" in md and "TCP_NODELAY" in md

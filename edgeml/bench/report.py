@@ -141,7 +141,7 @@ def _cell(v: Any) -> str:
         if math.isnan(v):
             return "-"
         a = abs(v)
-        if a >= 1000:
+        if a >= 999.5:
             return f"{v:,.0f}"
         if a >= 100:
             return f"{v:.0f}"
@@ -227,11 +227,11 @@ def _check(tid: str, text: str, value: float | None, threshold: float, *, higher
     if value is None:
         met, by = None, "not measured"
     elif higher:
-        met = value >= threshold
+        met = bool(value >= threshold)
         by = "" if met else f"short by {threshold - value:.3g} {unit} ({value / threshold:.0%} " \
                             f"of the target)"
     else:
-        met = value <= threshold
+        met = bool(value <= threshold)
         by = "" if met else f"over by {value - threshold:.3g} {unit} ({value / threshold:.2f}x " \
                             f"the limit)"
     return {"id": tid, "target": text, "model": model, "value": value, "threshold": threshold,
@@ -491,6 +491,51 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+README_START = "<!-- latest-results:start (written by benchmarks/bench_e2e.py) -->"
+README_END = "<!-- latest-results:end -->"
+
+
+def render_readme_section(report: dict, *, chart_prefix: str = "results/") -> str:
+    """The "latest results" block of benchmarks/README.md: targets, side by side, memory."""
+    m, s = report["machine"], report["settings"]
+    lines = [
+        README_START,
+        f"Run of {report['created']} on {m['cpu_model']} ({m['cpus_allowed']} cores), "
+        f"Python {m['python']}, onnxruntime {m['onnxruntime']}, paho-mqtt {m['paho-mqtt']}, "
+        f"{m.get('mosquitto') or 'external broker'}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in (m.get('load_average') or []))}. Paced "
+        f"{_cell(s['paced_rate'])} msg/s x {s['paced_messages']} messages; max phase "
+        f"{s['messages']} messages. Full report: [results/latest.md](results/latest.md), "
+        "figures: [results/latest.json](results/latest.json).",
+        "",
+        "### Targets (issue 7)", "", markdown_table(_TARGET_HEADERS, _target_rows(report)), "",
+        "### Side by side", "", markdown_table(_E2E_HEADERS, _e2e_rows(report)), "",
+    ]
+    if report.get("scoring_limit"):
+        lines += ["### Scoring limit (raw onnxruntime)", "",
+                  markdown_table(_LIMIT_HEADERS, _limit_rows(report)), ""]
+    if report.get("ratios"):
+        lines += ["### Ratios", "", markdown_table(_RATIO_HEADERS, _ratio_rows(report)), ""]
+    if report.get("bare"):
+        lines += ["### Memory", "", markdown_table(_BARE_HEADERS, _bare_rows(report)), ""]
+    lines += [f"![{Path(c).stem}]({chart_prefix}{Path(c).name})"
+              for c in report.get("charts", [])]
+    lines += [f"- {n}" for n in report.get("notes", [])]
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, report: dict) -> bool:
+    """Replace the marked block of ``readme`` with the latest results; False if no markers."""
+    text = readme.read_text(encoding="utf-8")
+    a, b = text.find(README_START), text.find(README_END)
+    if a < 0 or b < a:
+        return False
+    new = text[:a] + render_readme_section(report) + text[b + len(README_END):]
+    readme.write_text(new, encoding="utf-8")
+    return True
+
+
 # --- models rendering ---------------------------------------------------------------------------
 _MODEL_HEADERS = ("model", "version", "batch", "p50 ms", "p99 ms", "rows/s", "µs/row",
                   "load ms", "RSS +MB load", "RSS +MB run")
@@ -640,6 +685,15 @@ def _models_charts(report: dict, out_dir: Path, plt: Any) -> list[Path]:
 
 
 # --- writing ------------------------------------------------------------------------------------
+def json_default(v: Any) -> Any:
+    """numpy scalars and arrays become plain JSON values (a numpy bool must stay a bool)."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
 def default_out_dir(base: Path = Path("benchmarks/results")) -> Path:
     return base / time.strftime("%Y%m%d-%H%M%S")
 
@@ -655,7 +709,7 @@ def write_report(report: dict, out_dir: Path, *, latest_dir: Path | None = None,
     if charts:
         report["charts"] = [p.name for p in write_charts(report, out_dir)]
     j = out_dir / "report.json"
-    j.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    j.write_text(json.dumps(report, indent=2, default=json_default) + "\n", encoding="utf-8")
     md = out_dir / "report.md"
     md.write_text(render_markdown(report), encoding="utf-8")
     written.update(json=j, markdown=md)
@@ -670,7 +724,7 @@ def write_report(report: dict, out_dir: Path, *, latest_dir: Path | None = None,
         for c in report.get("charts", []):
             shutil.copyfile(out_dir / c, latest_dir / f"{stem}-{c}")
         lj = latest_dir / f"{stem}.json"
-        lj.write_text(json.dumps(latest, indent=2, default=str) + "\n", encoding="utf-8")
+        lj.write_text(json.dumps(latest, indent=2, default=json_default) + "\n", encoding="utf-8")
         lm = latest_dir / f"{stem}.md"
         lm.write_text(render_markdown(latest), encoding="utf-8")
         written.update(latest_json=lj, latest_markdown=lm)

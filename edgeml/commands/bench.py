@@ -104,7 +104,7 @@ def _run_models(args: argparse.Namespace) -> int:
     import json
 
     from edgeml.bench.models import parse_batches, run_models_bench
-    from edgeml.bench.report import render_table, write_report
+    from edgeml.bench.report import json_default, render_table, write_report
 
     report = run_models_bench(args.bundles, profile=args.profile,
                               batches=parse_batches(args.batch), seconds=args.seconds,
@@ -114,7 +114,8 @@ def _run_models(args: argparse.Namespace) -> int:
             _progress(f"wrote {kind}: {path}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps(report, indent=2, default=json_default) + "\n",
+                             encoding="utf-8")
         _progress(f"wrote {args.json}")
     print(render_table(report), end="")
     return 0
