@@ -160,6 +160,10 @@ CREATE TABLE IF NOT EXISTS counters (
     reported_dropped INTEGER NOT NULL DEFAULT 0,
     reported_refused INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
@@ -285,6 +289,7 @@ class Outbox:
         self._lease: dict[str, int] = {}
         self._lease_bytes: dict[str, int] = {}
         self._counters: dict[str, _Counter] = {}
+        self._marks: dict[str, int] = {}
         self._used = 0
         self._last_sync = time.monotonic()
         self._acks_since_vacuum = 0
@@ -375,6 +380,7 @@ class Outbox:
                 "FROM counters"):
             self._counters[stream] = _Counter(d, r, rd, rr)
         self._used = sum(self._bytes.values())
+        self._marks = dict(db.execute("SELECT name, value FROM marks").fetchall())
 
     def _query_oldest(self, stream: str) -> float | None:
         row = self._db.execute("SELECT created FROM records WHERE stream=? ORDER BY seq LIMIT 1",
@@ -386,15 +392,21 @@ class Outbox:
         """Store one record; True if it is in the outbox now (stored or already there)."""
         return self.put_many([(stream, record_id, record)]).refused == 0
 
-    def put_many(self, items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> PutResult:
+    def put_many(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], *,
+                 marks: Mapping[str, int] | None = None) -> PutResult:
         """Store ``(stream, record_id, record)`` items in ONE transaction (all or nothing).
 
         A record id already in the outbox is ignored (a replay after a crash does not
         duplicate). When the budget is full the stream's policy applies (see
         :class:`StreamPolicy`); every evicted or refused record is counted per stream in the
         same transaction, so the counts survive restarts and are exact.
+
+        ``marks``: named high-water marks (e.g. ``{"activity": last input_seq whose records are
+        all in this call or before}``) committed in the same transaction, so after a crash
+        :meth:`marks` says exactly where to resume re-scoring the raw-input log. A mark never
+        moves backwards.
         """
-        if not items:
+        if not items and not marks:
             return PutResult()
         rows: list[tuple[str, str, bytes, int]] = []
         total = 0
@@ -420,11 +432,18 @@ class Outbox:
             touched: set[str] = set()
             try:
                 db.execute("BEGIN IMMEDIATE")
-                if self._used + total <= self.budget_bytes:
+                if not rows:
+                    result = PutResult()
+                elif self._used + total <= self.budget_bytes:
                     result = self._insert_all(rows, now)
                 else:
                     result = self._insert_bounded(rows, now, touched)
                 self._save_counters(touched)
+                if marks:
+                    db.executemany(
+                        "INSERT INTO marks (name, value) VALUES (?, ?) ON CONFLICT(name) "
+                        "DO UPDATE SET value=max(value, excluded.value)",
+                        [(str(k), int(v)) for k, v in marks.items()])
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -432,6 +451,8 @@ class Outbox:
             except BaseException:
                 self._rollback()
                 raise
+            for k, v in (marks or {}).items():
+                self._marks[str(k)] = max(self._marks.get(str(k), int(v)), int(v))
             self._maybe_sync()
         return result
 
@@ -522,6 +543,10 @@ class Outbox:
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 log.warning("outbox checkpoint failed: %s", exc)
+
+    def marks(self) -> dict[str, int]:
+        """The high-water marks committed with ``put_many(..., marks=...)``."""
+        return dict(self._marks)
 
     # ---- reading and acknowledging ----------------------------------------------------------
     def pending(self, stream: str) -> tuple[int, int, float | None]:

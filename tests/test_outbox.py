@@ -123,6 +123,17 @@ def test_replayed_records_are_not_duplicated(tmp_path: Path):
         assert drain(ob, "results") == [item(i)[1] for i in range(100000, 100015)]
 
 
+def test_marks_commit_with_the_records_and_never_go_back(tmp_path: Path):
+    with Outbox(tmp_path / "outbox") as ob:
+        ob.put_many([item(100000)], marks={"activity": 100000})
+        ob.put_many([], marks={"activity": 99990, "gait": 7})  # an older mark is ignored
+        with pytest.raises(OutboxError):
+            ob.put_many([item(100001), ("nope", "y/1", {})], marks={"activity": 100001})
+        assert ob.marks() == {"activity": 100000, "gait": 7}
+    with Outbox(tmp_path / "outbox") as again:
+        assert again.marks() == {"activity": 100000, "gait": 7}
+
+
 def test_put_many_is_all_or_nothing(tmp_path: Path):
     with Outbox(tmp_path / "outbox") as ob:
         bad = ("results", "x/1", {"value": object()})
