@@ -282,8 +282,8 @@ class Uplink:
                 await asyncio.sleep(delay)
         seq = self._batch_seq + 1
         batch, payload = await self._call(self._take, stream, seq)
-        if not batch:
-            return None
+        if not batch:  # the figures said otherwise: look again later, never spin
+            return self.batch_max_wait_s
         topic = self.topic(stream)
         self._in_flight = len(batch)
         try:
