@@ -614,7 +614,10 @@ class Outbox:
                                                       if r.stream == stream):
                     del self._lease[stream]
                     self._lease_bytes.pop(stream, None)
-                self._oldest[stream] = self._query_oldest(stream)
+                try:
+                    self._oldest[stream] = self._query_oldest(stream)
+                except sqlite3.Error as exc:  # committed already; only a figure is stale
+                    log.warning("outbox: cannot read the oldest record of %s: %s", stream, exc)
             self._acks_since_vacuum += 1
             if self._acks_since_vacuum >= 64 or self._used == 0:
                 self._acks_since_vacuum = 0
