@@ -11,6 +11,7 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -95,6 +96,7 @@ class Daemon:
         self._outbox: Any = None
         self._uplink: Any = None
         self._pending_records: list[tuple[str, str, dict]] = []
+        self._pending_marks: dict[str, int] = {}
         self._records_ready = asyncio.Event()
         self._outbox_pool = concurrent.futures.ThreadPoolExecutor(1, "outbox")
         self._rate = RateMeter()
@@ -103,6 +105,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self.dlq_published = 0
         self.outbox_overflow = 0
+        self.recovered_rows = 0
 
     # ---- public --------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -174,6 +177,7 @@ class Daemon:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(signal.SIGHUP, lambda: tg.create_task(
                         self.reload(), name="reload"))
+            self._recover()
             await self._publish_status(client)
             self.ready.set()
             log.info("ready: device %s, %d pipeline(s), subscribed to %s", cfg.device_id,
@@ -326,7 +330,8 @@ class Daemon:
         from edgeml.outbox import Outbox
 
         self._outbox = Outbox(self.config.data_dir / "outbox" / "outbox.db",
-                              budget_bytes=self.profile.disk.outbox_budget_bytes)
+                              budget_bytes=self.profile.disk.outbox_budget_bytes,
+                              fsync_interval_s=self.profile.disk.fsync_interval_s)
 
     async def _start_uplink_client(self) -> MqttClient | None:
         if self._outbox is None:
@@ -363,6 +368,39 @@ class Daemon:
         self._outbox_pool.shutdown(wait=True)
         if self._outbox is not None:
             self._outbox.close()
+
+    def _recover(self) -> None:
+        """Score again what was accepted (acknowledged, archived) but whose answers never
+        reached the outbox: a kill -9 or power cut between the raw-input log and the outbox.
+        The outbox's high-water mark per pipeline says where to resume; records it already
+        holds are ignored by id. Without an outbox there is nothing durable to resume from."""
+        if self._outbox is None:
+            return
+        marks = self._outbox.marks()
+        fresh: dict[str, int] = {}
+        for name, pipe in self._pipes.items():
+            last = pipe.rawlog.next_seq - 1
+            mark = marks.get(name)
+            if mark is None:  # first start with this outbox: nothing before now is owed
+                fresh[name] = last
+                continue
+            if mark >= last:
+                continue
+            assembler = Assembler(pipe.assembler.decoder, pipe.cfg.window)
+            rows = []
+            for rec in pipe.rawlog.read(start_seq=mark + 1):
+                try:
+                    rows += assembler.feed(rec.topic, rec.payload, rec.seq, rec.received)
+                except DecodeError:
+                    continue  # it was dead-lettered when it arrived
+            log.warning("pipeline %s: re-scoring %d row(s) from %d archived message(s) after "
+                        "seq %d that never reached the outbox (unclean stop)", name, len(rows),
+                        last - mark, mark)
+            if rows:
+                pipe.runtime.enqueue(rows)
+            self.recovered_rows += len(rows)
+        if fresh:
+            self._outbox.put_many([], marks=fresh)
 
     # ---- the data path ---------------------------------------------------------------------
     async def _dispatch(self, client: MqttClient) -> None:
@@ -441,6 +479,8 @@ class Daemon:
             dev = self.config.device_id
             self._queue_records([
                 ("outputs", _record_id(dev, rec, "outputs"), rec) for rec in records])
+            if records:  # answers go out in input order: all up to here are queued
+                self._pending_marks[pipeline] = records[-1]["input_seq"]
 
     def results(self, pipeline: str, records: list[dict]) -> None:
         if self._outbox is not None and self.config.sync.record_results:
@@ -474,10 +514,12 @@ class Daemon:
         while True:
             await self._records_ready.wait()
             self._records_ready.clear()
-            if self._pending_records:
+            if self._pending_records or self._pending_marks:
                 items, self._pending_records = self._pending_records, []
+                marks, self._pending_marks = self._pending_marks, {}
                 try:
-                    await loop.run_in_executor(self._outbox_pool, self._outbox.put_many, items)
+                    await loop.run_in_executor(self._outbox_pool, functools.partial(
+                        self._outbox.put_many, items, marks=marks))
                 except Exception:
                     log.exception("outbox write of %d record(s) failed", len(items))
                 if self._uplink is not None:
@@ -536,7 +578,7 @@ class Daemon:
             "profile": self.profile.name, "pid": os.getpid(),
             "received_per_s": self._rate.rate(total_received), "pipelines": pipes,
             "dlq": self.dlq_published, "load_errors": self.load_errors[-10:],
-            "reloads": self.reloads,
+            "reloads": self.reloads, "recovered_rows": self.recovered_rows,
         }
         if self._client is not None:
             status["mqtt"] = {"connected": self._client.connected,

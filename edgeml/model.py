@@ -55,6 +55,9 @@ class ModelSlot:
         self.classes: tuple | None = tuple(classes) if classes is not None else None
         self.load_ms: float | None = None
         self._installed: Any = None
+        # score maps are keyed by the class as a string: JSON needs it, and msgpack readers
+        # refuse integer map keys by default
+        self._class_keys = tuple(str(c) for c in self.classes) if self.classes else ()
 
     @classmethod
     def from_installed(cls, installed: Any, *, role: str, priority: int,
@@ -148,7 +151,7 @@ class ModelSlot:
             return [{key: lab} for lab in labels]
         scores = pred.scores.tolist()
         if kind == "classifier" and self.classes and len(self.classes) == len(scores[0]):
-            cls = self.classes
+            cls = self._class_keys
             return [{"label": lab, "scores": dict(zip(cls, s, strict=True))}
                     for lab, s in zip(labels, scores, strict=True)]
         if len(scores[0]) == 1:

@@ -128,7 +128,8 @@ def _mean(chosen: Sequence[Outcome], n_rows: int, fallback: bool) -> list[Answer
         row = avg[i].tolist()
         if classes and len(classes) == len(row):
             label = classes[int(np.argmax(avg[i]))]
-            out: dict[str, Any] = {"label": label, "scores": dict(zip(classes, row, strict=True))}
+            out: dict[str, Any] = {"label": label,
+                                   "scores": dict(zip(map(str, classes), row, strict=True))}
         else:
             out = {"score": row[0] if len(row) == 1 else row}
         out["members"] = len(same)
