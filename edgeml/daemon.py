@@ -35,7 +35,9 @@ from edgeml.status import RateMeter
 
 log = logging.getLogger("edgeml.daemon")
 
-DLQ_PAYLOAD_COPY = 1024  # bytes of a rejected payload copied into its dead-letter record
+DLQ_PAYLOAD_COPY = 1024
+OUTBOX_WRITE_INTERVAL_S = 0.05  # records move into SQLite in one transaction this often
+OUTBOX_WRITE_MAX = 5000  # ... or as soon as this many are waiting  # bytes of a rejected payload copied into its dead-letter record
 
 
 def topic_matches(filter_: str, topic: str) -> bool:
@@ -513,6 +515,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while True:
             await self._records_ready.wait()
+            if not self._stop_writer and len(self._pending_records) < OUTBOX_WRITE_MAX:
+                # one transaction per ~50 ms, not per scored batch: a commit costs far more
+                # than a row. Nothing is at risk meanwhile: after a crash the daemon re-scores
+                # from the raw-input log past the outbox's high-water mark.
+                await asyncio.sleep(OUTBOX_WRITE_INTERVAL_S)
             self._records_ready.clear()
             if self._pending_records or self._pending_marks:
                 items, self._pending_records = self._pending_records, []

@@ -158,10 +158,11 @@ class PipelineRuntime:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if (self.batching.max_wait_ms > 0 and self._last_batch > 1
-                    and len(self._queue) < self.batching.max_batch):
-                # Under load only (the previous batch had company): let the batch fill a bit.
-                # At low load rows arrive one by one and are scored at once, never held back.
+            if (self.batching.max_wait_ms > 0 and len(self._queue) < self.batching.max_batch
+                    and self._last_batch >= self.batching.max_batch):
+                # Only when the previous batch was full (the stream outruns scoring) is it
+                # worth letting this one fill up; below that rows are scored as they come and
+                # batches form by themselves while the previous one is being scored.
                 await asyncio.sleep(self.batching.max_wait_ms / 1000.0)
             batch = [self._queue.popleft()
                      for _ in range(min(self.batching.max_batch, len(self._queue)))]
