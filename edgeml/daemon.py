@@ -35,9 +35,9 @@ from edgeml.status import RateMeter
 
 log = logging.getLogger("edgeml.daemon")
 
-DLQ_PAYLOAD_COPY = 1024
+DLQ_PAYLOAD_COPY = 1024  # bytes of a rejected payload copied into its dead-letter record
 OUTBOX_WRITE_INTERVAL_S = 0.05  # records move into SQLite in one transaction this often
-OUTBOX_WRITE_MAX = 5000  # ... or as soon as this many are waiting  # bytes of a rejected payload copied into its dead-letter record
+OUTBOX_WRITE_MAX = 5000  # ... or as soon as this many are waiting
 
 
 def topic_matches(filter_: str, topic: str) -> bool:
