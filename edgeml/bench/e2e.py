@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -569,6 +570,9 @@ class Harness:
         in_topic = f"{PREFIX}/{tag}/in"
         out_topic = f"{PREFIX}/{device}/out/{PIPELINE}"
         data_dir = self.run_dir / f"{tag}-data"
+        # a fresh store each run: models are retrained, and an old store would refuse the
+        # same name+version with a different sha256 (the daemon would answer with errors)
+        shutil.rmtree(data_dir, ignore_errors=True)
         config = self.run_dir / f"{tag}.toml"
         config.write_text(edgeml_config(device=device, profile=s.profile, data_dir=data_dir,
                                         broker_url=f"mqtt://{self.host}:{self.port}",
@@ -584,6 +588,10 @@ class Harness:
         def ready(c: Child) -> None:
             if not status.online.wait(s.start_timeout_s):
                 raise BenchError(f"{tag}: status never said online" + c._tail())
+            errors = (status.last or {}).get("load_errors") if isinstance(status.last, dict) \
+                else None
+            if errors:  # a daemon without its models answers errors fast: not a result
+                raise BenchError(f"{tag}: model versions failed to load: {errors}")
 
         try:
             target, start_info = self.start_measured(tag, in_topic, out_topic, start, ready)

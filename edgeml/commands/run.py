@@ -38,15 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("edgeml").setLevel(logging.INFO)  # a daemon says what it does
 
-    import os
-    import sys
-
     from edgeml.daemon import Daemon
-
-    # The MQTT network thread, the event loop and the scoring threads hand the GIL back and
-    # forth for every message; CPython's default 5 ms switch interval would add up to 5 ms to
-    # each hand-off while another thread computes. 0.5 ms keeps answers prompt.
-    sys.setswitchinterval(float(os.environ.get("EDGEML_SWITCH_INTERVAL_S", "0.0005")))
 
     def reload():
         return load_config(args.config, broker_url=args.broker, data_dir=args.data_dir)
