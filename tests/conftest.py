@@ -12,8 +12,6 @@ import pytest
 
 from edgeml.broker import MosquittoBroker
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
