@@ -49,7 +49,7 @@ def parse_time(text: str) -> float:
     return dt.timestamp()
 
 
-def _seq(text: str) -> int:
+def parse_seq(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -59,7 +59,7 @@ def _seq(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def parse_positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -84,9 +84,9 @@ def _data_dir(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from-seq", type=_seq, metavar="N",
+    p.add_argument("--from-seq", type=parse_seq, metavar="N",
                    help="first sequence number to include")
-    p.add_argument("--to-seq", type=_seq, metavar="N",
+    p.add_argument("--to-seq", type=parse_seq, metavar="N",
                    help="last sequence number to include (inclusive)")
     p.add_argument("--since", type=parse_time, metavar="TIME",
                    help="only records received at or after TIME (ISO 8601 or epoch seconds)")
@@ -94,7 +94,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
                    help="only records received before TIME (ISO 8601 or epoch seconds)")
     p.add_argument("--topic", metavar="TOPIC",
                    help="only records from this topic (an MQTT filter with + and # works)")
-    p.add_argument("--limit", type=_positive, metavar="N", help="stop after N records")
+    p.add_argument("--limit", type=parse_positive, metavar="N", help="stop after N records")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,9 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "those stay out (the manifest says so in open_segment_excluded).")
     _data_dir(p)
     p.add_argument("--pipeline", required=True, metavar="P", help="the pipeline to cite")
-    p.add_argument("--from-seq", type=_seq, metavar="N",
+    p.add_argument("--from-seq", type=parse_seq, metavar="N",
                    help="cite the segments from the one holding seq N (default: oldest)")
-    p.add_argument("--to-seq", type=_seq, metavar="N",
+    p.add_argument("--to-seq", type=parse_seq, metavar="N",
                    help="cite the segments up to the one holding seq N (default: newest)")
     p.add_argument("-o", "--output", type=Path, metavar="FILE",
                    help="write the manifest to FILE (default: standard output)")

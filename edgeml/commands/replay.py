@@ -37,23 +37,15 @@ windows of input.window samples with hop = window, format auto). See docs/replay
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
+    from edgeml.commands.log import parse_positive  # one syntax for log and replay
+
+    return parse_positive(text)
 
 
 def _seq(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a sequence number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"sequence numbers are >= 0, not {value}")
-    return value
+    from edgeml.commands.log import parse_seq
+
+    return parse_seq(text)
 
 
 def _time(text: str) -> float:
