@@ -32,8 +32,8 @@ MAX_PENDING_BATCHES = 2  # per version; beyond this a slow version skips batches
 # after another: three thread hand-offs cost more than three sub-millisecond runs. Anything
 # slower, failing or larger goes to the versions' own threads and runs in parallel.
 INLINE_MAX_ROWS = 4
-INLINE_MAX_MS = 0.5
-INLINE_COOLDOWN_BATCHES = 200
+INLINE_MAX_MS = 0.5  # judged on the fastest of the recent runs: GIL waits inflate the rest
+INLINE_HISTORY = 16
 
 
 class Emitter(Protocol):
@@ -66,17 +66,17 @@ class _SlotRunner:
         self.pending = 0
         self.last: asyncio.Future | None = None
         self.inline_ok = False  # proven fast: small batches may run on the loop thread
-        self._cooldown = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=INLINE_HISTORY)
 
     def observe(self, pred: Prediction | None, exc: BaseException | None) -> None:
-        """Learn from each run whether this version is fast enough to run inline."""
-        if exc is not None or pred is None or pred.elapsed_ms > INLINE_MAX_MS:
+        """Learn from each run whether this version is fast enough to run inline. A failure
+        sends it back to its thread until it has proven itself again."""
+        if exc is not None or pred is None:
+            self._recent.clear()
             self.inline_ok = False
-            self._cooldown = INLINE_COOLDOWN_BATCHES
-        elif self._cooldown > 0:
-            self._cooldown -= 1
-        else:
-            self.inline_ok = True
+            return
+        self._recent.append(pred.elapsed_ms)
+        self.inline_ok = len(self._recent) >= 4 and min(self._recent) <= INLINE_MAX_MS
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=False)
