@@ -632,10 +632,12 @@ def check_compatible(pcfg: PipelineConfig, manifest: Any) -> None:
 
 
 def _record_id(device: str, rec: dict, stream: str) -> str:
-    seq = rec["input_seq"]
+    """The outbox's stable id; ``input_seq.row`` when one message made several rows."""
+    from edgeml.outbox import record_id
+
     row = rec.get("row")
-    pos = f"{seq}.{row}" if row else str(seq)
-    return f"{device}/{rec['pipeline']}/{pos}/{rec['model']}/{rec['version']}/{stream}"
+    pos = f"{rec['input_seq']}.{row}" if row else rec["input_seq"]
+    return record_id(device, rec["pipeline"], pos, rec["model"], rec["version"], stream)
 
 
 def _derive_uplink_settings(broker: BrokerSettings) -> BrokerSettings:
