@@ -100,6 +100,7 @@ class Daemon:
         self._pending_records: list[tuple[str, str, dict]] = []
         self._pending_marks: dict[str, int] = {}
         self._records_ready = asyncio.Event()
+        self._stop_writer = False  # set at shutdown: the writer flushes what is left and ends
         self._outbox_pool = concurrent.futures.ThreadPoolExecutor(1, "outbox")
         self._rate = RateMeter()
         self.load_errors: list[str] = []
@@ -507,8 +508,6 @@ class Daemon:
             del pending[:drop]
             self.outbox_overflow += drop
         self._records_ready.set()
-
-    _stop_writer = False
 
     async def _outbox_writer(self) -> None:
         """Moves queued records into SQLite on one worker thread, a transaction per burst."""

@@ -22,7 +22,7 @@ import numpy as np
 from edgeml.assemble import Row
 from edgeml.config import PipelineConfig
 from edgeml.model import ModelSlot, Prediction
-from edgeml.rendezvous import ANSWERING, Answer, Outcome, decide, ready
+from edgeml.rendezvous import Answer, Outcome, decide, ready
 from edgeml.status import AgreementWindow, PipelineStats
 
 log = logging.getLogger("edgeml.pipeline")
@@ -333,11 +333,10 @@ class PipelineRuntime:
             st.answer_latency.add(latency)
             records.append(rec)
         st.scored += len(batch)
-        answered = answers[0] if answers else None
-        if answered is not None and answered.model:
-            for key in {(a.model, a.version) for a in answers if a.model}:
-                self.stats.version(*key).answered += sum(
-                    1 for a in answers if (a.model, a.version) == key)
+        # per version; an ensemble answer (mean: "a+b") belongs to no single version
+        for key, n in collections.Counter((a.model, a.version) for a in answers).items():
+            if key in self._runners:
+                self.stats.version(*key).answered += n
         self.emitter.answers(self.name, records)
 
     def _results(self, batch: list[Row], outcomes: Sequence[Outcome], late: bool) -> None:
@@ -401,7 +400,3 @@ class PipelineRuntime:
             "versions": versions,
             "canary_agreement": self.canary.value,
         }
-
-
-def active_roles(slots: Sequence[ModelSlot]) -> list[str]:
-    return [s.role for s in slots if s.role in ANSWERING]

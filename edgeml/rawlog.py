@@ -1197,6 +1197,22 @@ def _manifest_error(key: str, problem: str) -> RawLogError:
     return RawLogError(f"snapshot manifest: {key}: {problem}")
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and validate a snapshot manifest file (``edgeml log verify``, ``edgeml replay``)."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RawLogError(f"{path}: cannot read the snapshot: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise RawLogError(f"{path}: not valid JSON: {exc}") from exc
+    try:
+        check_manifest(manifest)
+    except RawLogError as exc:
+        raise RawLogError(f"{path}: {exc}") from None
+    return manifest
+
+
 def check_manifest(manifest: Any) -> list[dict[str, Any]]:
     """Validate a snapshot manifest's shape; returns its segment entries."""
     if not isinstance(manifest, dict):

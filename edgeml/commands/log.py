@@ -320,18 +320,9 @@ def _write_text(path: Path, text: str) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from edgeml.errors import RawLogError
-    from edgeml.rawlog import check_manifest, pipeline_dir, verify_snapshot
+    from edgeml.rawlog import pipeline_dir, read_manifest, verify_snapshot
 
-    try:
-        manifest = json.loads(args.manifest.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RawLogError(f"{args.manifest}: cannot read: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise RawLogError(f"{args.manifest}: not valid JSON: {exc}") from exc
-    try:
-        check_manifest(manifest)
-    except RawLogError as exc:
-        raise RawLogError(f"{args.manifest}: {exc}") from None
+    manifest = read_manifest(args.manifest)
     pipeline = args.pipeline or manifest.get("pipeline")
     if not isinstance(pipeline, str):
         raise RawLogError(f"{args.manifest}: snapshot manifest: pipeline: missing; "

@@ -164,20 +164,14 @@ def _duration(s: float) -> str:
 
 # ---- the command ---------------------------------------------------------------------------
 def _load_snapshot(path: Path) -> dict:
-    from edgeml.rawlog import check_manifest
+    from edgeml.errors import RawLogError
+    from edgeml.rawlog import read_manifest
     from edgeml.replay import ReplayError
 
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ReplayError(f"{path}: cannot read the snapshot: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ReplayError(f"{path}: not valid JSON: {exc}") from exc
-    try:
-        check_manifest(manifest)
-    except Exception as exc:
-        raise ReplayError(f"{path}: {exc}") from None
-    return manifest
+        return read_manifest(path)
+    except RawLogError as exc:
+        raise ReplayError(str(exc)) from exc
 
 
 def _pipeline_config(args: argparse.Namespace, config: Any, pipeline: str, slots: list) -> Any:
