@@ -131,3 +131,53 @@ def test_wrong_password_is_a_clear_error(secure_broker, tmp_path, activity_bundl
         await Daemon(load_config(cfg)).run()
     with pytest.raises(TransportError, match=r"refused|cannot connect"):
         asyncio.run(main())
+
+
+def test_host_verbs_take_credentials(secure_broker, tmp_path, daemon_factory, activity_bundle,
+                                     capsys):
+    from edgeml.cli import main
+
+    b, certs = secure_broker
+    (tmp_path / "pw").write_text("s3cret\n")
+    cfg = write_config(tmp_path / "edgeml.toml", broker=b, data_dir=tmp_path / "data",
+                       models=[{"name": "activity", "version": "1", "bundle": activity_bundle}],
+                       extra="[sync]\nenabled = false")
+    cfg.write_text(cfg.read_text().replace(
+        f'url = "{b.url}"', f'url = "mqtts://127.0.0.1:{b.port}"\nusername = "device"\n'
+        f'password_file = "{tmp_path / "pw"}"\nca_file = "{certs["ca"]}"'))
+    daemon_factory(cfg)
+    url = f"mqtts://127.0.0.1:{b.port}"
+    ok = ["status", "--once", "--json", "--broker", url, "--username", "device",
+          "--password-file", str(tmp_path / "pw"), "--ca-file", str(certs["ca"])]
+    assert main(ok) == 0
+    assert json.loads(capsys.readouterr().out)["watch-01"]["online"]
+    (tmp_path / "bad").write_text("wrong\n")
+    bad = [*ok[:-4], "--password-file", str(tmp_path / "bad"), "--ca-file", str(certs["ca"])]
+    assert main(bad) == 1
+    assert "refused" in capsys.readouterr().err
+
+
+def test_mqtt5_persistent_session_keeps_queued_messages(broker):
+    """MQTT 5 ends a session at disconnect unless an expiry is asked for; we ask for one."""
+    import asyncio
+
+    from conftest import publish_all
+
+    from edgeml.mqtt import BrokerSettings, MqttClient
+
+    settings = BrokerSettings(url=broker.url, client_id="v5-device", protocol="5")
+
+    async def subscribe_then_leave():
+        async with MqttClient(settings) as c:
+            await c.subscribe([("v5/#", 1)])
+
+    async def come_back():
+        async with MqttClient(settings) as c:
+            await c.subscribe([("v5/#", 1)])
+            async for m in c.messages():
+                return m
+
+    asyncio.run(subscribe_then_leave())
+    publish_all(broker, [("v5/queued", b"while away")])
+    got = asyncio.run(asyncio.wait_for(come_back(), 10))
+    assert (got.topic, got.payload) == ("v5/queued", b"while away")
