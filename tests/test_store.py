@@ -35,7 +35,8 @@ def other_model_bytes() -> bytes:
 
 
 def test_install_get_list_layout(tmp_path: Path, store: ModelStore) -> None:
-    m = store.install(bundle_file(tmp_path))
+    path = bundle_file(tmp_path)
+    m = store.install(path)
     assert m.path == store.root / "activity" / "1"
     assert sorted(p.name for p in m.path.iterdir()) == ["manifest.json", "model.onnx"]
     assert m.model_path.read_bytes() == tiny_classifier()[0]
@@ -45,7 +46,7 @@ def test_install_get_list_layout(tmp_path: Path, store: ModelStore) -> None:
     assert store.list() == [m]
     assert store.versions("activity") == ["1"]
     # The stored manifest is the exact signed-over bytes of the bundle.
-    assert m.manifest_path.read_bytes() == read_bundle(bundle_file(tmp_path)).manifest_bytes
+    assert m.manifest_path.read_bytes() == read_bundle(path).manifest_bytes
 
 
 def test_install_from_bytes_and_bundle_and_keeps_signature(tmp_path: Path,
