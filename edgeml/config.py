@@ -217,7 +217,7 @@ def _broker(table: Mapping[str, Any], prefix: str, file: str | None, base: Path 
             default_client_id: str) -> BrokerSettings:
     r = _Reader(table, prefix, file)
     r.known = ("url", "client_id", "username", "password", "password_file", "ca_file",
-               "cert_file", "key_file", "tls_insecure", "keepalive", "protocol")
+               "cert_file", "key_file", "tls_insecure", "keepalive", "protocol", "max_inflight")
     url = r.take("url", str, "mqtt://127.0.0.1:1883")
     client_id = r.take("client_id", str, default_client_id)
     username = r.take("username", str, None)
@@ -239,12 +239,13 @@ def _broker(table: Mapping[str, Any], prefix: str, file: str | None, base: Path 
     tls_insecure = r.take("tls_insecure", bool, False)
     keepalive = r.take("keepalive", int, 30)
     protocol = r.choice("protocol", ("3.1.1", "5"), "3.1.1")
+    max_inflight = r.take("max_inflight", int, 20)
     r.finish()
     try:
         return BrokerSettings(
             url=url, client_id=client_id, username=username, password=password,
             tls_insecure=tls_insecure, keepalive=keepalive, protocol=protocol,
-            clean_start=False, **files,
+            max_inflight=max_inflight, clean_start=False, **files,
         )
     except ConfigError as exc:
         key = (exc.key or "").replace("broker.", f"{prefix}.")

@@ -42,6 +42,7 @@ class BrokerSettings:
     keepalive: int = 30
     clean_start: bool = False
     protocol: str = "3.1.1"
+    max_inflight: int = 20
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
     connect_timeout_s: float = 10.0
@@ -53,6 +54,9 @@ class BrokerSettings:
         if self.protocol not in ("3.1.1", "5"):
             raise ConfigError(f"must be '3.1.1' or '5', not {self.protocol!r}",
                               key="broker.protocol")
+        if not 1 <= self.max_inflight <= 65535:
+            raise ConfigError(f"must be between 1 and 65535, not {self.max_inflight}",
+                              key="broker.max_inflight")
         if self.clean_start is False and not self.client_id:
             raise ConfigError("a persistent session needs a client_id", key="broker.client_id")
 
@@ -124,7 +128,6 @@ class MqttClient:
         will: Publication | None = None,
         birth: Callable[[], Sequence[Publication]] | None = None,
         manual_ack: bool = False,
-        max_inflight: int = 1000,
         require_connection: bool = True,
     ) -> None:
         self.settings = settings
@@ -155,7 +158,9 @@ class MqttClient:
         if not paho_log.filters:
             paho_log.addFilter(_QueuedWhileOffline())
         self._client.enable_logger(paho_log)
-        self._client.max_inflight_messages_set(max_inflight)
+        # paho rescans its in-flight messages on every PUBACK, so a large window costs
+        # O(window) per acknowledged publish; a small one is enough on a LAN.
+        self._client.max_inflight_messages_set(settings.max_inflight)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         if manual_ack:

@@ -49,6 +49,7 @@ def test_good_config_and_defaults(tmp_path):
     assert p.window.size == 100 and p.window.hop == 100
     assert p.models[0].role == "champion" and p.models[0].version == "1"
     assert cfg.broker.client_id == "edgeml-watch-01" and not cfg.broker.clean_start
+    assert cfg.broker.max_inflight == 20
     assert cfg.topic("out", "activity") == "edgeml/watch-01/out/activity"
     assert p.subscriptions == ("sensors/+/imu",)
 
@@ -66,6 +67,8 @@ def test_overrides(tmp_path):
     (("url = \"mqtt://127.0.0.1:1883\"", "url = \"http://x\""), "broker.url"),
     (("url = \"mqtt://127.0.0.1:1883\"", "url = \"mqtt://127.0.0.1:1883\"\nkeepalive = 1"),
      "broker.keepalive"),
+    (("url = \"mqtt://127.0.0.1:1883\"", "url = \"mqtt://127.0.0.1:1883\"\nmax_inflight = 0"),
+     "broker.max_inflight"),
     (("format = \"auto\"", "format = \"xml\""), "pipelines[0].format"),
     (("policy = \"champion\"", "policy = \"best\""), "pipelines[0].policy"),
     (("deadline_ms = 50", "deadline_ms = -1"), "pipelines[0].deadline_ms"),
