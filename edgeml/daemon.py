@@ -646,6 +646,8 @@ def _derive_uplink_settings(broker: BrokerSettings) -> BrokerSettings:
 
 
 def _load_keys(paths: tuple[Path, ...]) -> list:
+    if not paths:  # no signature checks: do not map cryptography's OpenSSL (~5 MB RSS)
+        return []
     from edgeml.keys import load_public_key
 
     return [load_public_key(p) for p in paths]
