@@ -20,8 +20,9 @@ import paho.mqtt.client as paho
 import pytest
 from conftest import publish_all, write_config
 
-from edgeml.bundle import read_bundle, write_bundle
+from edgeml.bundle import read_bundle, sha256_hex, write_bundle
 from edgeml.cli import main as cli
+from edgeml.control import WATCH_MIN_ROWS
 from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 from edgeml.deploy import deploy_topic, plan_push
 from edgeml.errors import BundleIntegrityError
@@ -73,6 +74,26 @@ def rotated_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bad") / "activity-3.edgeml"
     return convert_estimator(model, test.flat(), name="activity", version="3",
                              features=BASICMOTIONS_CHANNELS, window=100, out=out).path
+
+
+@pytest.fixture(scope="module")
+def fixed_batch_bundle(tmp_path_factory, activity_bundle) -> Path:
+    """A model that fails at scoring time: activity v1 re-exported as version 3 with a fixed
+    batch size in the graph (input ``[8, 600]``, the size of its self-test), while the manifest
+    declares ``[None, 600]`` like any other version. It installs, loads and passes its
+    self-test (8 rows in one run); on a device that scores at most 4 rows per batch
+    onnxruntime refuses every live batch ("Got invalid dimensions for input")."""
+    import onnx
+
+    b = read_bundle(activity_bundle)
+    graph = onnx.load_from_string(b.model_bytes)
+    batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
+    batch.ClearField("dim_param")
+    batch.dim_value = len(b.manifest.self_test.inputs)
+    data = graph.SerializeToString()
+    manifest = dataclasses.replace(b.manifest, version="3", sha256=sha256_hex(data),
+                                   size=len(data))
+    return write_bundle(tmp_path_factory.mktemp("fixed") / "activity-3.edgeml", manifest, data)
 
 
 class Stream:
@@ -173,10 +194,13 @@ def retained(broker, filter_: str) -> list[str]:
 
 
 def config(tmp_path: Path, broker, name: str, models: list[dict], extra: str = "",
-           deploy: str = "") -> Path:
+           deploy: str = "", sync: bool = False) -> Path:
+    """``sync``: keep the outbox and its uplink (to the same broker, ``{p}/{d}/sync/...``)."""
     tail = f"\n[deploy]\n{deploy}" if deploy else ""
+    text = f"{extra}\n[sync]\nbatch_max_wait_s = 0.05{tail}" if sync else \
+        f"{NO_SYNC}\n{extra}{tail}"
     return write_config(tmp_path / f"{name}.toml", broker=broker, data_dir=tmp_path / name,
-                        models=models, device_id=name, extra=f"{NO_SYNC}\n{extra}{tail}")
+                        models=models, device_id=name, extra=text)
 
 
 def check_answered_once(ids: list[str], recs: list[dict]) -> None:
@@ -395,6 +419,126 @@ def test_automatic_rollback_when_p99_latency_passes_the_limit(broker, collector,
                  if json.loads(m.payload)["kind"] == "auto_rollback")
     assert "p99 latency" in alert["reason"] and "above max_p99_ms 0.0001" in alert["reason"]
     assert active(d) == {"1": "champion"}  # the slow one is out of the active set
+
+
+#: the same watch for a failing and a healthy champion; devices score at most 4 rows a batch
+ERROR_WATCH = "watch_window_s = 3\nmax_error_rate = 0.05"
+SMALL_BATCHES = "[profile_overrides]\nbatching = { max_batch = 4 }"
+
+
+def kinds(collector, kind: str) -> list[dict]:
+    return [doc for doc in (json.loads(m.payload) for m in list(collector.messages))
+            if doc["kind"] == kind]
+
+
+def synced_alerts(collector) -> list[dict]:
+    """Alert records the uplink delivered from the outbox's ``alerts`` stream."""
+    return [r for m in list(collector.messages) for r in msgpack.unpackb(m.payload)["records"]]
+
+
+def test_automatic_rollback_when_the_new_champion_fails_to_score(
+        broker, collector, daemon_factory, tmp_path, test_set, activity_bundle,
+        fixed_batch_bundle):
+    cfg = config(tmp_path, broker, "dev-e",
+                 [{"name": "activity", "version": "1", "bundle": activity_bundle}],
+                 SMALL_BATCHES, deploy=ERROR_WATCH, sync=True)
+    d = daemon_factory(cfg)
+    # batches of at most 4 rows: v3, fixed at 8, can never score a live batch
+    assert d.call(lambda: d.daemon.pipelines["activity"].batching.max_batch) == 4
+    out = collector("edgeml/dev-e/out/activity")
+    alerts = collector("edgeml/dev-e/alerts")
+    uplinked = collector("edgeml/dev-e/sync/alerts")
+    with Stream(broker, test_set) as stream:
+        wait_answers(out, 10)
+        # pushed straight in as champion: it passes its self-test, v1 steps down to challenger
+        res = push(broker, fixed_batch_bundle, device="dev-e", role="champion", timeout=30)
+        assert res.exit_code == 0 and res.final["dev-e"]["stage"] == "active", res.final
+        alerts.wait_for(lambda ms: bool(kinds(alerts, "auto_rollback")), 30)
+        wait_answers(out, len(out.messages) + 10)
+    recs = wait_answers(out, len(stream.sent))
+    check_answered_once(stream.sent, recs)
+
+    # the alert carries the watch's figures: every row v3 was given failed
+    [alert] = kinds(alerts, "auto_rollback")
+    assert not kinds(alerts, "auto_rollback_failed")
+    assert (alert["pipeline"], alert["model"], alert["version"], alert["previous"]) == (
+        "activity", "activity", "3", "activity:1")
+    watch = alert["watch"]
+    assert watch["rows"] == 0 and watch["errors"] >= WATCH_MIN_ROWS, watch
+    assert watch["error_rate"] == 1.0 > 0.05
+    assert alert["reason"] == (f"error rate 1.000 over {watch['errors']} rows is above "
+                               "max_error_rate 0.05")
+    assert alert["message"] == "rolled back to activity:1; activity:3 retired"
+    # it failed in onnxruntime, not somewhere else
+    last_error = d.call(lambda: d.daemon.pipelines["activity"].stats.version(
+        "activity", "3").last_error)
+    assert "scoring failed" in last_error and "invalid dimensions for input" in last_error
+
+    # v3 never answered: v1 answered throughout, as the champion's fallback while v3 was on
+    # probation, and as the champion again afterwards
+    in_order = sorted(recs, key=lambda r: int(r["id"][1:].split(":")[0]))
+    assert {r["version"] for r in in_order} == {"1"}
+    assert runs([r["fallback"] for r in in_order]) == [False, True, False]
+    assert sum(r["fallback"] for r in in_order) >= watch["errors"]
+
+    # v1 is champion again, v3 is out of the active set, and that is what a restart restores
+    assert active(d) == {"1": "champion"}
+    deploy = d.status()["deploy"]
+    assert deploy["pipelines"]["activity"]["watch"] is None
+    assert deploy["pipelines"]["activity"]["previous_champions"] == []
+    assert {k: deploy["recent"][-1][k] for k in ("version", "stage", "reason")} == {
+        "version": "3", "stage": "rolled_back", "reason": alert["reason"]}
+    state = json.loads((tmp_path / "dev-e" / "state" / "active.json").read_text())
+    assert [(m["version"], m["role"]) for m in state["pipelines"]["activity"]["models"]] == [
+        ("1", "champion")]
+    # the outbox kept the alert and the uplink delivered it, as published
+    uplinked.wait_for(lambda ms: any(r["kind"] == "auto_rollback" for r in synced_alerts(
+        uplinked)), 10)
+    [kept] = [r for r in synced_alerts(uplinked) if r["kind"] == "auto_rollback"]
+    assert kept["record_id"].startswith("dev-e/activity/alert/auto_rollback/")
+    assert {k: v for k, v in kept.items() if k != "record_id"} == alert
+
+
+def test_a_healthy_champion_passes_the_same_watch(broker, collector, daemon_factory, tmp_path,
+                                                  test_set, activity_bundle,
+                                                  activity_bundle_v2):
+    cfg = config(tmp_path, broker, "dev-h",
+                 [{"name": "activity", "version": "1", "bundle": activity_bundle}],
+                 SMALL_BATCHES, deploy=ERROR_WATCH)
+    d = daemon_factory(cfg)
+    out = collector("edgeml/dev-h/out/activity")
+    alerts = collector("edgeml/dev-h/alerts")
+    beats = collector("edgeml/dev-h/status")
+
+    def deploy_status(ms) -> list[dict]:
+        return [json.loads(m.payload).get("deploy") or {} for m in ms]
+
+    def judged(ms) -> list[dict]:  # the watch while it has seen enough rows to judge v2
+        watches = [((s.get("pipelines") or {}).get("activity") or {}).get("watch") or {}
+                   for s in deploy_status(ms)]
+        return [w for w in watches if w.get("rows", 0) >= WATCH_MIN_ROWS]
+
+    def passed(ms) -> bool:
+        return any(r.get("stage") == "watch_passed" and r.get("version") == "2"
+                   for s in deploy_status(ms) for r in s.get("recent") or [])
+
+    with Stream(broker, test_set) as stream:
+        wait_answers(out, 10)
+        res = push(broker, activity_bundle_v2, device="dev-h", role="champion", timeout=30)
+        assert res.exit_code == 0, res.final
+        beats.wait_for(lambda ms: bool(judged(ms)), 15)
+        beats.wait_for(passed, 15)
+    recs = wait_answers(out, len(stream.sent))
+    check_answered_once(stream.sent, recs)
+    watch = judged(beats.messages)[-1]
+    assert watch["champion"] == "activity:2" and watch["previous"] == "activity:1"
+    assert watch["errors"] == 0 and watch["error_rate"] == 0.0
+    # the watch is over, v2 stays champion, and nothing was rolled back
+    assert active(d) == {"2": "champion", "1": "challenger"}
+    assert not kinds(alerts, "auto_rollback") and not kinds(alerts, "auto_rollback_failed")
+    in_order = sorted(recs, key=lambda r: int(r["id"][1:].split(":")[0]))
+    assert runs([r["version"] for r in in_order]) == ["1", "2"]
+    assert not any(r["fallback"] for r in in_order)
 
 
 def test_active_set_survives_a_restart_and_old_versions_are_pruned(
