@@ -152,6 +152,7 @@ class _Watch:
     rows0: int
     errors0: int
     cause: str
+    skipped0: int = 0
     last: dict | None = None
 
     def summary(self, now: float) -> dict:
@@ -390,13 +391,18 @@ class Control:
         rec["ts"] = time.time()
         rec.update({k: v for k, v in extra.items() if v is not None})
         if stage in ("active", "failed", "noop"):
-            self._recent.append({k: rec.get(k) for k in (
+            self._remember({k: rec.get(k) for k in (
                 "name", "version", "pipeline", "role", "stage", "reason", "transfer", "ts")})
         payload = {"device": self.config.device_id, **{k: v for k, v in rec.items()
                                                        if k != "topic"}}
         self._publish(self.config.topic("deploy", "status"), payload)
         if stage in ("active", "failed"):
             self.daemon.publish_status_soon()
+
+    def _remember(self, event: dict) -> None:
+        """A deployment's outcome: kept for status and synced upstream (outbox ``deploy``)."""
+        self._recent.append(event)
+        self.daemon.deploy_event(event)
 
     def _publish(self, topic: str, doc: dict) -> None:
         client = self.daemon.client
@@ -756,14 +762,16 @@ class Control:
         now = time.monotonic()
         self._watch[pipeline] = _Watch(pipeline, champion, previous, now,
                                        now + self.settings.watch_window_s, vs.rows, vs.errors,
-                                       cause)
+                                       cause, skipped0=vs.skipped)
 
     def evaluate(self, w: _Watch) -> str | None:
         """Why the watched champion must go (a threshold it passed), or None."""
         s = self.settings
         runtime = self.daemon.pipelines[w.pipeline]
         vs = runtime.stats.version(*w.champion)
-        rows, errors = vs.rows - w.rows0, vs.errors - w.errors0
+        # rows a stuck champion skipped were given to it and not scored: they count as errors
+        rows = vs.rows - w.rows0
+        errors = vs.errors - w.errors0 + vs.skipped - w.skipped0
         n = rows + errors
         error_rate = errors / n if n else None
         lat = vs.latency.summary()
@@ -807,9 +815,9 @@ class Control:
                     self._watch.pop(name, None)
                     log.info("pipeline %s: %s passed its watch window", name,
                              _key(w.champion))
-                    self._recent.append({"name": w.champion[0], "version": w.champion[1],
-                                         "pipeline": name, "stage": "watch_passed",
-                                         "ts": time.time()})
+                    self._remember({"name": w.champion[0], "version": w.champion[1],
+                                    "pipeline": name, "stage": "watch_passed",
+                                    "ts": time.time()})
 
     async def _auto_rollback(self, w: _Watch, why: str) -> None:
         pcfg = self.config.pipeline(w.pipeline)
@@ -830,9 +838,9 @@ class Control:
                                                                    "error": str(exc)})
             return
         log.error("pipeline %s: automatic rollback: %s (%s)", w.pipeline, message, why)
-        self._recent.append({"name": w.champion[0], "version": w.champion[1],
-                             "pipeline": w.pipeline, "stage": "rolled_back", "reason": why,
-                             "ts": time.time()})
+        self._remember({"name": w.champion[0], "version": w.champion[1],
+                        "pipeline": w.pipeline, "stage": "rolled_back", "reason": why,
+                        "ts": time.time()})
         self.daemon.alert(w.pipeline, "auto_rollback", {**detail, "message": message})
 
     # ---- persisted state -------------------------------------------------------------------

@@ -500,6 +500,19 @@ class Daemon:
             rid = f"{self.config.device_id}/{pipeline}/alert/{kind}/{rec['ts']:.6f}"
             self._queue_records([("alerts", rid, rec)])
 
+    def deploy_event(self, event: dict) -> None:
+        """A deployment outcome (active, failed, noop, rolled_back, watch_passed) for the
+        outbox's ``deploy`` stream, so upstream keeps a history of what ran where."""
+        if self._outbox is None:
+            return
+        rec = {"device": self.config.device_id, **event}
+        from edgeml.outbox import record_id
+
+        rid = record_id(self.config.device_id, str(event.get("pipeline")),
+                        f"{event.get('stage')}@{event.get('ts', 0):.6f}",  # type: ignore[arg-type]
+                        str(event.get("name")), str(event.get("version")), "deploy")
+        self._queue_records([("deploy", rid, rec)])
+
     def _queue_records(self, items: list[tuple[str, str, dict]]) -> None:
         pending = self._pending_records
         pending.extend(items)

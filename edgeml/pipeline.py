@@ -289,17 +289,17 @@ class PipelineRuntime:
             vs.last_error = str(exc)
             return Outcome(slot.name, slot.version, slot.role, slot.priority,
                            error=str(exc), done_at=time.monotonic())
+        try:
+            outputs = slot.outputs(pred)
+        except Exception as exc:  # a model whose outputs do not match its manifest
+            vs.errors += len(batch)  # an error, not also a scored row
+            vs.last_error = f"bad outputs: {exc}"
+            return Outcome(slot.name, slot.version, slot.role, slot.priority,
+                           error=vs.last_error, done_at=time.monotonic())
         vs.rows += len(batch)
         vs.latency.add(pred.elapsed_ms)
         if late:
             vs.late += len(batch)
-        try:
-            outputs = slot.outputs(pred)
-        except Exception as exc:  # a model whose outputs do not match its manifest
-            vs.errors += len(batch)
-            vs.last_error = f"bad outputs: {exc}"
-            return Outcome(slot.name, slot.version, slot.role, slot.priority,
-                           error=vs.last_error, done_at=time.monotonic())
         labels = [o.get("label") for o in outputs]
         return Outcome(slot.name, slot.version, slot.role, slot.priority, outputs=outputs,
                        labels=labels, scores=pred.scores, classes=slot.classes,

@@ -431,8 +431,8 @@ def kinds(collector, kind: str) -> list[dict]:
             if doc["kind"] == kind]
 
 
-def synced_alerts(collector) -> list[dict]:
-    """Alert records the uplink delivered from the outbox's ``alerts`` stream."""
+def synced_records(collector) -> list[dict]:
+    """Records the uplink delivered from one of the outbox's streams (one sync topic)."""
     return [r for m in list(collector.messages) for r in msgpack.unpackb(m.payload)["records"]]
 
 
@@ -448,6 +448,7 @@ def test_automatic_rollback_when_the_new_champion_fails_to_score(
     out = collector("edgeml/dev-e/out/activity")
     alerts = collector("edgeml/dev-e/alerts")
     uplinked = collector("edgeml/dev-e/sync/alerts")
+    deploy_events = collector("edgeml/dev-e/sync/deploy")
     with Stream(broker, test_set) as stream:
         wait_answers(out, 10)
         # pushed straight in as champion: it passes its self-test, v1 steps down to challenger
@@ -492,11 +493,18 @@ def test_automatic_rollback_when_the_new_champion_fails_to_score(
     assert [(m["version"], m["role"]) for m in state["pipelines"]["activity"]["models"]] == [
         ("1", "champion")]
     # the outbox kept the alert and the uplink delivered it, as published
-    uplinked.wait_for(lambda ms: any(r["kind"] == "auto_rollback" for r in synced_alerts(
+    uplinked.wait_for(lambda ms: any(r["kind"] == "auto_rollback" for r in synced_records(
         uplinked)), 10)
-    [kept] = [r for r in synced_alerts(uplinked) if r["kind"] == "auto_rollback"]
+    [kept] = [r for r in synced_records(uplinked) if r["kind"] == "auto_rollback"]
     assert kept["record_id"].startswith("dev-e/activity/alert/auto_rollback/")
     assert {k: v for k, v in kept.items() if k != "record_id"} == alert
+    # the deployment history went upstream through the outbox's deploy stream, in order
+    deploy_events.wait_for(lambda ms: any(r["stage"] == "rolled_back" for r in synced_records(
+        deploy_events)), 10)
+    history = [(r["version"], r["stage"]) for r in synced_records(deploy_events)]
+    assert history == [("3", "active"), ("3", "rolled_back")], history
+    assert all(r["device"] == "dev-e" and r["record_id"].endswith("/activity/3/deploy")
+               for r in synced_records(deploy_events))
 
 
 def test_a_healthy_champion_passes_the_same_watch(broker, collector, daemon_factory, tmp_path,

@@ -36,6 +36,13 @@ class FailingSlot(ModelSlot):
         raise ModelError(f"{self.name} {self.version}: provider crashed")
 
 
+class BadOutputsSlot(ModelSlot):
+    """A real ONNX version whose outputs do not match its manifest (a wrong class list)."""
+
+    def outputs(self, pred):
+        raise ModelError(f"{self.name} {self.version}: 4 scores for 3 classes")
+
+
 class Sink:
     """Collects what the runtime emits (the daemon publishes and fills the outbox)."""
 
@@ -123,6 +130,18 @@ def test_failing_champion_never_blocks(tmp_path, windows, activity_bundle, activ
     errs = [r for r in sink.results_ if r["version"] == "1"]
     assert errs and all("provider crashed" in r["error"] for r in errs)
     assert rt.stats.version("activity", "1").errors == 3
+
+
+def test_bad_outputs_count_as_errors_only(tmp_path, windows, activity_bundle,
+                                         activity_bundle_v2):
+    rt, sink = runtime(deadline_ms=5000)
+    rt.set_slots([slot(BadOutputsSlot, activity_bundle, "champion", 0, tmp_path),
+                  slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)])
+    asyncio.run(score(rt, rows(windows, 3)))
+    vs = rt.stats.version("activity", "1")
+    # scored by onnxruntime but unusable: 3 errors and no scored rows (an error rate of 1.0)
+    assert (vs.rows, vs.errors) == (0, 3) and "bad outputs" in vs.last_error
+    assert all(a["fallback"] and a["version"] == "2" for a in sink.answers_)
 
 
 def test_no_answering_version_still_answers_with_error(tmp_path, windows, activity_bundle):
