@@ -474,3 +474,12 @@ def test_a_version_1_outbox_is_migrated_in_place(tmp_path: Path):
                                         item(100001, "2")[1], item(100002)[1]]
     with Outbox(tmp_path / "outbox") as again:  # opens as version 2 without migrating again
         assert again.stats()["backlog"] == 2
+
+
+def test_chunks_are_cut_at_the_byte_cap(tmp_path: Path):
+    its = [uniform(i) for i in range(100000, 100010)]
+    one = len(pack_record(its[0][1], its[0][2]))
+    with Outbox(tmp_path / "outbox", chunk_max_bytes=3 * one) as ob:
+        ob.put_many(its)
+        assert rows(ob) == [("results", 3)] * 3 + [("results", 1)]
+        assert drain(ob, "results") == [it[1] for it in its]
