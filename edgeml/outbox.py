@@ -681,8 +681,10 @@ class Outbox:
                 raise
             for stream, seq in removed:
                 self._forget(stream, seq)
+            gone = {seq for _, seq in removed}  # chunks of this write evicted by later ones
             for stream, seq, ids in added:
-                self._remember(stream, seq, ids)
+                if seq not in gone:
+                    self._remember(stream, seq, ids)
             for k, v in (marks or {}).items():
                 self._marks[str(k)] = max(self._marks.get(str(k), int(v)), int(v))
             self._maybe_sync()

@@ -483,3 +483,15 @@ def test_chunks_are_cut_at_the_byte_cap(tmp_path: Path):
         ob.put_many(its)
         assert rows(ob) == [("results", 3)] * 3 + [("results", 1)]
         assert drain(ob, "results") == [it[1] for it in its]
+
+
+def test_an_evicted_record_may_be_stored_again(tmp_path: Path):
+    """Dedup covers what is stored, not what was dropped: a record evicted (even by a later
+    record of the same write) is stored again when it comes again, as before chunks."""
+    its = [uniform(i) for i in range(100000, 100006)]
+    with Outbox(tmp_path / "outbox", budget_bytes=3 * size_of(its[0])) as ob:
+        res = ob.put_many(its)  # cannot fit whole: record by record, the newest 3 stay
+        assert (res.stored, res.evicted, res.refused) == (6, 3, 0)
+        assert ob.put_many([its[0]]).stored == 1
+        assert ob.put_many([its[5]]).duplicates == 1
+        assert drain(ob, "results") == [its[4][1], its[5][1], its[0][1]]
