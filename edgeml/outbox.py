@@ -326,10 +326,14 @@ class _Evictor:
         return [s for s in reversed(ob.by_priority)
                 if ob.streams[s].priority >= prio and ob.streams[s].on_full == "drop_oldest"]
 
-    def can_fit(self, writer: str, size: int) -> bool:
+    def room(self, writer: str) -> int:
+        """Bytes a new chunk of ``writer`` can take once everything it may evict is gone."""
         ob = self.ob
         evictable = sum(ob._bytes[v] - ob._lease_bytes.get(v, 0) for v in self.victims(writer))
-        return ob._used - evictable + size <= ob.budget_bytes
+        return ob.budget_bytes - ob._used + evictable
+
+    def can_fit(self, writer: str, size: int) -> bool:
+        return size <= self.room(writer)
 
     def make_room(self, writer: str, size: int, new_seq: int) -> None:
         ob = self.ob
@@ -748,14 +752,26 @@ class Outbox:
         chunks evicted (for the dedup window, once committed)."""
         evictor = _Evictor(self, touched)
         added: list[tuple[str, int, list[str]]] = []
-        stored = duplicates = refused = 0
+        stored = duplicates = refused = superseded = 0
         todo = collections.deque(chunks)
         while todo:
             ch = todo.popleft()
             fits = self._used + ch.size <= self.budget_bytes
             if not fits and (ch.size > self.budget_bytes
                              or not evictor.can_fit(ch.stream, ch.size)):
-                if ch.count > 1:
+                start = (self._fitting_suffix(ch, evictor.room(ch.stream))
+                         if ch.count > 1 and self.streams[ch.stream].on_full == "drop_oldest"
+                         else None)
+                if start:
+                    # A ring buffer keeps the newest: the records before the newest part that
+                    # fits would be stored only to be evicted by their successors at once.
+                    # Count them so (stored, then dropped) without writing them.
+                    self._counters[ch.stream].dropped += start
+                    touched.add(ch.stream)
+                    stored += start
+                    superseded += start
+                    todo.appendleft(_NewChunk.of(ch.stream, ch.ids[start:], ch.parts[start:]))
+                elif ch.count > 1:  # record by record, as far as they go
                     todo.extendleft(reversed(ch.singles()))
                 else:
                     self._counters[ch.stream].refused += 1
@@ -772,7 +788,22 @@ class Outbox:
             added.append((ch.stream, seq, ch.ids))
             stored += ch.count
         evictor.apply()
-        return PutResult(stored, duplicates, refused, evictor.evicted), added, evictor.removed
+        return (PutResult(stored, duplicates, refused, evictor.evicted + superseded), added,
+                evictor.removed)
+
+    @staticmethod
+    def _fitting_suffix(ch: _NewChunk, room: int) -> int | None:
+        """Where the longest tail of ``ch`` that fits in ``room`` bytes as one chunk starts;
+        None if not even its last record fits."""
+        payload = 0
+        fixed = len(ch.stream) + ROW_OVERHEAD
+        best = None
+        for j in range(ch.count - 1, -1, -1):
+            payload += len(ch.parts[j])
+            if payload + fixed + 2 * len(chunk_id(ch.ids[j], ch.count - j)) > room:
+                break
+            best = j
+        return best
 
     def _insert_row(self, ch: _NewChunk, now: float) -> int | None:
         """Insert a chunk; its seq, or None if this very chunk is stored already. Another

@@ -73,8 +73,10 @@ def record_size() -> int:
 def simulate(calls: list[list[tuple[str, str, dict]]], budget: int,
              policy: str) -> tuple[list[str], int]:
     """The policy on one stream, by hand, chunk by chunk: each call's records are one chunk
-    (split at CHUNK_MAX_RECORDS); drop_oldest evicts whole older chunks; a chunk that cannot
-    fit whole goes record by record. Returns (ids kept in order, records dropped or refused)."""
+    (split at CHUNK_MAX_RECORDS); drop_oldest evicts whole older chunks, and of a chunk larger
+    than the budget keeps the newest records that fit as one chunk; refuse_new stores a chunk
+    that does not fit whole record by record. Returns (ids kept in order, records dropped or
+    refused)."""
     stored: list[list[tuple[str, str, dict]]] = []
     used = lost = 0
     for call in calls:
@@ -85,7 +87,12 @@ def simulate(calls: list[list[tuple[str, str, dict]]], budget: int,
             if used + size > budget:
                 evictable = used if policy == "drop_oldest" else 0
                 if size > budget or used - evictable + size > budget:
-                    if len(chunk) > 1:
+                    tail = next((chunk[j:] for j in range(1, len(chunk))
+                                 if chunk_size(chunk[j:]) <= budget), None)
+                    if policy == "drop_oldest" and tail:
+                        lost += len(chunk) - len(tail)
+                        todo.insert(0, tail)
+                    elif len(chunk) > 1:
                         todo[:0] = [[it] for it in chunk]
                     else:
                         lost += 1
@@ -194,7 +201,8 @@ def test_settings_are_validated():
 def test_backlog_and_counters_survive_reopen(tmp_path: Path):
     budget = 10 * record_size()
     ob = Outbox(tmp_path / "outbox", budget_bytes=budget)
-    ob.put_many([uniform(i) for i in range(100000, 100025)])  # 15 evicted
+    for start in range(100000, 100025, 5):  # chunks of 5; the oldest are evicted
+        ob.put_many([uniform(i) for i in range(start, start + 5)])
     ob.put_many([uniform(i, "outputs") for i in range(100000, 100003)])
     with pytest.raises(OutboxError, match="in use"):
         Outbox(tmp_path / "outbox")  # a second opener would corrupt the accounting
@@ -486,12 +494,36 @@ def test_chunks_are_cut_at_the_byte_cap(tmp_path: Path):
 
 
 def test_an_evicted_record_may_be_stored_again(tmp_path: Path):
-    """Dedup covers what is stored, not what was dropped: a record evicted (even by a later
-    record of the same write) is stored again when it comes again, as before chunks."""
+    """Dedup covers what is stored, not what was dropped: a record evicted (even superseded by
+    later records of the same write) is stored again when it comes again, as before chunks."""
     its = [uniform(i) for i in range(100000, 100006)]
     with Outbox(tmp_path / "outbox", budget_bytes=3 * size_of(its[0])) as ob:
-        res = ob.put_many(its)  # cannot fit whole: record by record, the newest 3 stay
-        assert (res.stored, res.evicted, res.refused) == (6, 3, 0)
-        assert ob.put_many([its[0]]).stored == 1
+        res = ob.put_many(its)  # larger than the budget: the newest records that fit stay
+        kept = ob.stats()["backlog"]
+        assert 3 <= kept < 6 and rows(ob) == [("results", kept)]
+        assert (res.stored, res.evicted, res.refused) == (6, 6 - kept, 0)
+        assert ob.stats()["streams"]["results"]["dropped"] == 6 - kept
         assert ob.put_many([its[5]]).duplicates == 1
-        assert drain(ob, "results") == [its[4][1], its[5][1], its[0][1]]
+        assert ob.put_many([its[0]]).stored == 1
+        assert drain(ob, "results")[-1] == its[0][1]
+
+
+def test_a_write_larger_than_the_budget_keeps_its_newest_records(tmp_path: Path):
+    """drop_oldest: the records a write would evict itself are counted, never written;
+    refuse_new: the oldest that fit are kept, the rest refused. Exact counts either way."""
+    its = [item(i) for i in range(100000, 100300)]
+    budget = 40 * record_size()
+    for policy in ("drop_oldest", "refuse_new"):
+        streams = {**DEFAULT_STREAMS, "results": StreamPolicy("results", 2, policy)}
+        kept, lost = simulate([its[:150], its[150:]], budget, policy)
+        with Outbox(tmp_path / policy, budget_bytes=budget, streams=streams) as ob:
+            ob.put_many(its[:150])
+            ob.put_many(its[150:])
+            st = ob.stats()["streams"]["results"]
+            assert (st["backlog"], st["dropped"] + st["refused"]) == (len(kept), lost)
+            assert ob.stats()["bytes_used"] <= budget
+            assert drain(ob, "results") == kept
+        if policy == "drop_oldest":
+            assert kept[-1] == its[-1][1]
+        else:
+            assert kept[0] == its[0][1]
