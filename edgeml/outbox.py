@@ -4,8 +4,16 @@ SQLite in WAL mode (stdlib ``sqlite3``): a batch of records is one atomic transa
 process crash never loses a committed record nor leaves half a batch, everything lives in one
 directory, and there is no dependency to install. Records are grouped in named *streams*, each
 with a priority (lower is sent first) and a policy for a full disk budget. Every record carries
-a stable unique id, so a replay after a crash does not duplicate locally and upstream can drop
-the duplicates that at-least-once delivery makes on the wire.
+a stable unique id, so a replay after a crash does not duplicate locally (within the newest
+``DEDUP_WINDOW`` records of a stream) and upstream can drop the duplicates that at-least-once
+delivery makes on the wire.
+
+Storage is in *chunks*: one row holds the records one ``put_many`` wrote to one stream (at
+most ``chunk_max_records`` / ``chunk_max_bytes`` of them), each already encoded as the map the
+uplink sends (``record_id`` first). SQLite's cost is per row, so a flush of 800 records costs
+about ten inserts instead of 800, and the uplink splices whole chunks into a message without
+touching a record. Counts (backlog, drops) stay in records; eviction and acknowledgement work
+on whole chunks.
 
 Thread-safety: one SQLite connection (``check_same_thread=False``) behind one lock; every
 public method may be called from any thread, and blocks while SQLite works. From asyncio, call
@@ -47,7 +55,16 @@ LOCK_NAME = "outbox.lock"
 # and B-tree slack. Measured on SQLite 3.40 (see docs/sync.md); keeps ``bytes_used`` close to the
 # space the live rows take in the file.
 ROW_OVERHEAD = 96
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 1: one row per record (table ``records``); 2: chunks (migrated at open)
+# A chunk is at most this many records / payload bytes (the uplink lowers both to its batch
+# limits, so one chunk always fits one message). ~100 records make the per-row cost negligible
+# while keeping eviction and message packing fine-grained.
+CHUNK_MAX_RECORDS = 100
+CHUNK_MAX_BYTES = 64 * 1024
+# Local deduplication by record id covers the newest this-many records of each stream: what
+# the daemon re-scores after a crash (everything after the last committed high-water mark) is
+# far fewer; a record re-stored further back is stored again and upstream drops it by id.
+DEDUP_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -88,17 +105,29 @@ DEFAULT_STREAMS: Mapping[str, StreamPolicy] = {
 
 
 @dataclass(frozen=True)
-class OutboxRecord:
-    """One stored record. ``rowid`` orders records (insertion order) and is never reused."""
+class OutboxChunk:
+    """One stored row: ``count`` records of one stream from one ``put_many``, oldest first.
+
+    ``payload`` is the records back to back, each a msgpack map whose first key is
+    ``record_id``: the very bytes a batch message carries, so the uplink splices chunks into a
+    message without decoding them. ``rowid`` orders chunks (insertion order) and is never
+    reused; ``size`` is what the chunk is charged against the budget.
+    """
 
     rowid: int
     stream: str
-    record_id: str
+    chunk_id: str
+    count: int
     payload: bytes
     created: float
+    size: int
 
-    def decode(self) -> dict[str, Any]:
-        return msgpack.unpackb(self.payload, raw=False)
+    def records(self) -> list[dict[str, Any]]:
+        """The records, decoded, each with its ``record_id``."""
+        return unpack_records(self.payload)
+
+    def record_ids(self) -> list[str]:
+        return [r.get("record_id") for r in self.records()]
 
 
 @dataclass(frozen=True)
@@ -125,10 +154,15 @@ def record_id(device: str, pipeline: str, input_seq: int, model: str, version: s
     return "/".join(_part(p) for p in (device, pipeline, input_seq, model, version, stream))
 
 
-def entry_bytes(stream: str, rid: str, payload: bytes) -> int:
-    """Bytes a record is charged against the budget: payload, id (row and unique index),
-    stream name and a fixed per-row overhead."""
-    return len(payload) + 2 * len(rid) + len(stream) + ROW_OVERHEAD
+def chunk_id(first_record_id: str, count: int) -> str:
+    """A chunk's unique id: its first record's id and how many records it holds."""
+    return f"{first_record_id}+{count}"
+
+
+def chunk_bytes(stream: str, cid: str, payload: bytes) -> int:
+    """Bytes a chunk is charged against the budget: its records (each with its id), the chunk
+    id (row and unique index), stream name and a fixed per-row overhead."""
+    return len(payload) + 2 * len(cid) + len(stream) + ROW_OVERHEAD
 
 
 def _msgpack_default(obj: object) -> object:
@@ -143,16 +177,104 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     return msgpack.packb(record, use_bin_type=True, default=_msgpack_default)
 
 
+_local = threading.local()
+_RID_KEY = msgpack.packb("record_id")
+
+
+def pack_record(rid: str, record: Mapping[str, Any]) -> bytes:
+    """A record as stored and sent: its fields with ``record_id`` in front, byte for byte
+    ``encode_record({"record_id": rid, **record})``. A reused per-thread Packer and a spliced
+    map header cost half as much as that (packb builds a Packer per call)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_msgpack_default)
+    if type(record) is not dict:
+        return packer.pack({"record_id": rid, **record})
+    n, body = _map_body(packer.pack(record))
+    assert body is not None  # a dict always packs as a map
+    return b"".join((packer.pack_map_header(n + 1), _RID_KEY, packer.pack(rid), body))
+
+
+def unpack_records(payload: bytes) -> list[Any]:
+    """The records of a chunk payload (maps with non-string keys are allowed)."""
+    up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(payload) + 1)
+    up.feed(payload)
+    return list(up)
+
+
+def _ids_of(payload: bytes) -> list[str]:
+    try:
+        return [r.get("record_id") if isinstance(r, dict) else None
+                for r in unpack_records(payload)]
+    except (ValueError, msgpack.UnpackException):  # a damaged row: dedup cannot use it
+        return []
+
+
+def _map_body(payload: bytes) -> tuple[int, bytes | None]:
+    """``(entries, bytes after the header)`` of a msgpack map, or ``(0, None)``."""
+    if not payload:
+        return 0, None
+    h = payload[0]
+    if 0x80 <= h <= 0x8F:
+        return h & 0x0F, payload[1:]
+    if h == 0xDE and len(payload) >= 3:
+        return int.from_bytes(payload[1:3], "big"), payload[3:]
+    if h == 0xDF and len(payload) >= 5:
+        return int.from_bytes(payload[1:5], "big"), payload[5:]
+    return 0, None
+
+
+def _v1_record(rid: str, payload: bytes) -> bytes:
+    """A schema-1 row (record without its id) as a schema-2 record: ``record_id`` spliced in
+    front without decoding; a damaged or non-map payload the way the uplink used to send it."""
+    n, body = _map_body(payload)
+    if body is not None:
+        packer = msgpack.Packer(use_bin_type=True)
+        return packer.pack_map_header(n + 1) + packer.pack("record_id") + packer.pack(rid) + body
+    try:
+        fields: Any = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        fields = {"error": f"undecodable record: {exc}"}
+    if not isinstance(fields, dict):
+        fields = {"value": fields}
+    return encode_record({"record_id": rid, **fields})
+
+
+@dataclass(frozen=True)
+class _NewChunk:
+    stream: str
+    chunk_id: str
+    ids: list[str]
+    parts: list[bytes]
+    payload: bytes
+    size: int
+
+    @classmethod
+    def of(cls, stream: str, ids: list[str], parts: list[bytes]) -> _NewChunk:
+        payload = b"".join(parts)
+        cid = chunk_id(ids[0], len(ids))
+        return cls(stream, cid, ids, parts, payload, chunk_bytes(stream, cid, payload))
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def singles(self) -> list[_NewChunk]:
+        return [_NewChunk.of(self.stream, [rid], [part])
+                for rid, part in zip(self.ids, self.parts, strict=True)]
+
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
+CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     stream TEXT NOT NULL,
-    record_id TEXT NOT NULL UNIQUE,
+    chunk_id TEXT NOT NULL UNIQUE,
+    count INTEGER NOT NULL,
     created REAL NOT NULL,
     size INTEGER NOT NULL,
     payload BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_by_stream ON records (stream, seq, created, size);
+CREATE INDEX IF NOT EXISTS chunks_by_stream ON chunks (stream, seq, created, size, count);
 CREATE TABLE IF NOT EXISTS counters (
     stream TEXT PRIMARY KEY,
     dropped INTEGER NOT NULL DEFAULT 0,
@@ -183,16 +305,18 @@ class _Evictor:
     """Makes room inside one ``put_many`` transaction.
 
     Victims are the ``drop_oldest`` streams whose priority is the writer's or lower, lowest
-    priority first, oldest record first. Records leased by ``next_batch`` (in flight) are never
-    evicted. Candidates are read in chunks and deleted once per stream at the end, so a full
-    outbox costs about as much per record as an empty one.
+    priority first, oldest chunk first (a chunk goes whole; all its records count as dropped).
+    Chunks leased by ``next_batch`` (in flight) are never evicted. Candidates are read 256 at
+    a time and deleted once per stream at the end, so a full outbox costs about as much per
+    record as an empty one.
     """
 
     def __init__(self, outbox: Outbox, touched: set[str]) -> None:
         self.ob = outbox
         self.touched = touched
         self.evicted = 0
-        self._cands: dict[str, collections.deque[tuple[int, int]]] = {}
+        self.removed: list[tuple[str, int]] = []  # (stream, seq) of evicted chunks
+        self._cands: dict[str, collections.deque[tuple[int, int, int]]] = {}
         self._fetched: dict[str, int] = {}
         self._cutoff: dict[str, int] = {}
 
@@ -202,10 +326,14 @@ class _Evictor:
         return [s for s in reversed(ob.by_priority)
                 if ob.streams[s].priority >= prio and ob.streams[s].on_full == "drop_oldest"]
 
-    def can_fit(self, writer: str, size: int) -> bool:
+    def room(self, writer: str) -> int:
+        """Bytes a new chunk of ``writer`` can take once everything it may evict is gone."""
         ob = self.ob
         evictable = sum(ob._bytes[v] - ob._lease_bytes.get(v, 0) for v in self.victims(writer))
-        return ob._used - evictable + size <= ob.budget_bytes
+        return ob.budget_bytes - ob._used + evictable
+
+    def can_fit(self, writer: str, size: int) -> bool:
+        return size <= self.room(writer)
 
     def make_room(self, writer: str, size: int, new_seq: int) -> None:
         ob = self.ob
@@ -215,19 +343,20 @@ class _Evictor:
                 if not cands:
                     start = max(ob._lease.get(victim, 0), self._fetched.get(victim, 0))
                     cands.extend(ob._db.execute(
-                        "SELECT seq, size FROM records WHERE stream=? AND seq>? AND seq<? "
+                        "SELECT seq, size, count FROM chunks WHERE stream=? AND seq>? AND seq<? "
                         "ORDER BY seq LIMIT 256", (victim, start, new_seq)).fetchall())
                     if not cands:
                         break
                     self._fetched[victim] = cands[-1][0]
-                seq, vsize = cands.popleft()
+                seq, vsize, n = cands.popleft()
                 self._cutoff[victim] = seq
-                ob._count[victim] -= 1
+                self.removed.append((victim, seq))
+                ob._count[victim] -= n
                 ob._bytes[victim] -= vsize
                 ob._used -= vsize
-                ob._counters[victim].dropped += 1
+                ob._counters[victim].dropped += n
                 self.touched.add(victim)
-                self.evicted += 1
+                self.evicted += n
             if ob._used + size <= ob.budget_bytes:
                 return
         raise OutboxError("internal: could not make room although can_fit said so")
@@ -236,7 +365,7 @@ class _Evictor:
         ob = self.ob
         for victim, cutoff in self._cutoff.items():
             lease = ob._lease.get(victim, 0)
-            ob._db.execute("DELETE FROM records WHERE stream=? AND seq>? AND seq<=?",
+            ob._db.execute("DELETE FROM chunks WHERE stream=? AND seq>? AND seq<=?",
                            (victim, lease, cutoff))
             if lease == 0:  # the head went; find the new oldest
                 ob._oldest[victim] = ob._query_oldest(victim)
@@ -259,6 +388,8 @@ class Outbox:
         budget_bytes: int = 256 * 2**20,
         streams: Mapping[str, StreamPolicy] | None = None,
         fsync_interval_s: float = 1.0,
+        chunk_max_records: int = CHUNK_MAX_RECORDS,
+        chunk_max_bytes: int = CHUNK_MAX_BYTES,
     ) -> None:
         path = Path(path)
         self.dir = path.parent if path.suffix == ".db" else path
@@ -271,6 +402,8 @@ class Outbox:
                               key="outbox.fsync_interval_s")
         self.budget_bytes = budget_bytes
         self.fsync_interval_s = float(fsync_interval_s)
+        self.chunk_max_records, self.chunk_max_bytes = 1 << 30, 1 << 62
+        self.limit_chunks(chunk_max_records, chunk_max_bytes)
         self.streams: dict[str, StreamPolicy] = dict(streams if streams is not None
                                                      else DEFAULT_STREAMS)
         if not self.streams:
@@ -290,6 +423,11 @@ class Outbox:
         self._lease_bytes: dict[str, int] = {}
         self._counters: dict[str, _Counter] = {}
         self._marks: dict[str, int] = {}
+        # the dedup window: record id -> chunk seq, and per stream its newest chunks' ids
+        self._recent: dict[str, int] = {}
+        self._recent_chunks: dict[str, dict[int, list[str]]] = {}
+        self._recent_n: dict[str, int] = {}
+        self._recent_loaded = False
         self._used = 0
         self._last_sync = time.monotonic()
         self._acks_since_vacuum = 0
@@ -339,6 +477,10 @@ class Outbox:
             db.execute("PRAGMA synchronous=" + ("FULL" if self.fsync_interval_s == 0
                                                 else "NORMAL"))
             db.execute("PRAGMA temp_store=MEMORY")  # no temp files outside the outbox dir
+            # Debian/Ubuntu build SQLite with SECURE_DELETE: every ack would overwrite the
+            # freed overflow pages of its chunks with zeros (as many bytes written again as
+            # were acked). FAST still zeroes deleted cells on the pages a delete writes anyway.
+            db.execute("PRAGMA secure_delete=FAST")
             page = db.execute("PRAGMA page_size").fetchone()[0]
             # Keep the WAL small next to a small budget: checkpoint every 1/8 of the budget
             # (between 64 and 1000 pages) and truncate the WAL file back to that size.
@@ -346,15 +488,56 @@ class Outbox:
             db.execute(f"PRAGMA wal_autocheckpoint={pages}")
             db.execute(f"PRAGMA journal_size_limit={pages * page}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
+            if version not in (0, 1, _SCHEMA_VERSION):
                 raise OutboxError(f"{self.db_path} has schema version {version}; this edgeml "
                                   f"knows {_SCHEMA_VERSION}")
+            if version == 1:
+                self._migrate_v1(db)
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except BaseException:
             db.close()
             raise
         return db
+
+    @staticmethod
+    def _migrate_v1(db: sqlite3.Connection) -> None:
+        """Schema 1 (a row per record) to chunks, in place and in one transaction: every row
+        becomes a chunk of one with the same ``seq`` (order and leases unchanged)."""
+        db.create_function("edgeml_v1_record", 2, _v1_record, deterministic=True)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'"
+                          ).fetchone():
+                n = db.execute(
+                    "INSERT INTO chunks (seq, stream, chunk_id, count, created, size, payload) "
+                    "SELECT seq, stream, record_id || '+1', 1, created, 0, "
+                    "edgeml_v1_record(record_id, payload) FROM records ORDER BY seq").rowcount
+                db.execute("UPDATE chunks SET size = length(payload) + 2 * length(chunk_id) + "
+                           "length(stream) + ?", (ROW_OVERHEAD,))
+                db.execute("DROP TABLE records")
+                log.info("outbox: migrated %d record(s) from schema 1 to chunks", n)
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def limit_chunks(self, max_records: int, max_bytes: int) -> None:
+        """Chunks written from now on hold at most this many records and payload bytes (only
+        ever lowered: the uplink calls it with its batch limits so a chunk fits a message)."""
+        if not isinstance(max_records, int) or max_records < 1:
+            raise ConfigError(f"must be an integer >= 1, not {max_records!r}",
+                              key="outbox.chunk_max_records")
+        if not isinstance(max_bytes, (int, float)) or max_bytes <= 0:
+            raise ConfigError(f"must be a positive number, not {max_bytes!r}",
+                              key="outbox.chunk_max_bytes")
+        self.chunk_max_records = min(self.chunk_max_records, max_records)
+        self.chunk_max_bytes = min(self.chunk_max_bytes, int(max_bytes))
 
     def _load_state(self) -> None:
         """Rebuild the in-memory figures from the database (at open and after a rollback)."""
@@ -363,14 +546,15 @@ class Outbox:
         self._bytes = dict.fromkeys(self.streams, 0)
         self._oldest = dict.fromkeys(self.streams, None)
         self._lease, self._lease_bytes = {}, {}
+        self._recent_loaded = False  # rebuilt from the rows at the next put
         for stream, n, size in db.execute(
-                "SELECT stream, COUNT(*), SUM(size) FROM records GROUP BY stream"):
+                "SELECT stream, SUM(count), SUM(size) FROM chunks GROUP BY stream"):
             if stream not in self.streams:
                 # A stream removed from the config keeps its records until they are sent.
                 log.warning("outbox holds %d records of unconfigured stream %r", n, stream)
                 self.streams[stream] = StreamPolicy(stream, 99, "drop_oldest")
                 self.by_priority = (*self.by_priority, stream)
-            self._count[stream] = n
+            self._count[stream] = n or 0
             self._bytes[stream] = size or 0
         for stream in self._count:
             self._oldest[stream] = self._query_oldest(stream)
@@ -383,9 +567,60 @@ class Outbox:
         self._marks = dict(db.execute("SELECT name, value FROM marks").fetchall())
 
     def _query_oldest(self, stream: str) -> float | None:
-        row = self._db.execute("SELECT created FROM records WHERE stream=? ORDER BY seq LIMIT 1",
+        row = self._db.execute("SELECT created FROM chunks WHERE stream=? ORDER BY seq LIMIT 1",
                                (stream,)).fetchone()
         return row[0] if row else None
+
+    # ---- the dedup window -------------------------------------------------------------------
+    def _load_recent(self) -> None:
+        """The ids of each stream's newest ``DEDUP_WINDOW`` stored records (at the first put
+        after opening: on the writer's thread, not in the way of the daemon's start)."""
+        self._recent, self._recent_chunks = {}, {}
+        self._recent_n = {}
+        for stream in self.streams:
+            newest: list[tuple[int, list[str]]] = []
+            n = 0
+            cur = self._db.execute("SELECT seq, payload FROM chunks WHERE stream=? "
+                                   "ORDER BY seq DESC", (stream,))
+            for seq, payload in cur:
+                ids = _ids_of(payload)
+                newest.append((seq, ids))
+                n += len(ids)
+                if n >= DEDUP_WINDOW:
+                    break
+            cur.close()
+            for seq, ids in reversed(newest):
+                self._remember(stream, seq, ids)
+        self._recent_loaded = True
+
+    def _remember(self, stream: str, seq: int, ids: list[str]) -> None:
+        chunks = self._recent_chunks.setdefault(stream, {})
+        chunks[seq] = ids
+        recent = self._recent
+        for rid in ids:
+            recent[rid] = seq
+        n = self._recent_n.get(stream, 0) + len(ids)
+        while len(chunks) > 1:  # keep at least the newest DEDUP_WINDOW records
+            oldest = next(iter(chunks))
+            if n - len(chunks[oldest]) < DEDUP_WINDOW:
+                break
+            n -= len(chunks[oldest])
+            self._drop_ids(chunks.pop(oldest), oldest)
+        self._recent_n[stream] = n
+
+    def _forget(self, stream: str, seq: int) -> None:
+        """A chunk left the outbox (acked, evicted): its ids may be stored again."""
+        chunks = self._recent_chunks.get(stream)
+        ids = chunks.pop(seq, None) if chunks else None
+        if ids is not None:
+            self._recent_n[stream] -= len(ids)
+            self._drop_ids(ids, seq)
+
+    def _drop_ids(self, ids: list[str], seq: int) -> None:
+        recent = self._recent
+        for rid in ids:
+            if recent.get(rid) == seq:
+                del recent[rid]
 
     # ---- writing ----------------------------------------------------------------------------
     def put(self, stream: str, record_id: str, record: Mapping[str, Any]) -> bool:
@@ -396,10 +631,12 @@ class Outbox:
                  marks: Mapping[str, int] | None = None) -> PutResult:
         """Store ``(stream, record_id, record)`` items in ONE transaction (all or nothing).
 
-        A record id already in the outbox is ignored (a replay after a crash does not
-        duplicate). When the budget is full the stream's policy applies (see
-        :class:`StreamPolicy`); every evicted or refused record is counted per stream in the
-        same transaction, so the counts survive restarts and are exact.
+        The records of each stream become one chunk (several past ``chunk_max_records`` /
+        ``chunk_max_bytes``), in item order. A record id already among the newest
+        ``DEDUP_WINDOW`` records of the outbox, or twice in ``items``, is ignored (a replay
+        after a crash does not duplicate). When the budget is full the stream's policy applies
+        (see :class:`StreamPolicy`); every evicted or refused record is counted per stream in
+        the same transaction, so the counts survive restarts and are exact.
 
         ``marks``: named high-water marks (e.g. ``{"activity": last input_seq whose records are
         all in this call or before}``) committed in the same transaction, so after a crash
@@ -408,36 +645,31 @@ class Outbox:
         """
         if not items and not marks:
             return PutResult()
-        rows: list[tuple[str, str, bytes, int]] = []
-        total = 0
+        encoded: list[tuple[str, str, bytes]] = []
         for stream, rid, record in items:
             if stream not in self.streams:
                 raise OutboxError(f"unknown stream {stream!r}; known: {', '.join(self.streams)}")
             if "record_id" in record:
                 raise OutboxError(f"record {rid!r}: the field 'record_id' is reserved (the "
-                                  "uplink adds it)")
+                                  "outbox adds it)")
+            rid = str(rid)
             try:
-                payload = encode_record(record)
+                data = pack_record(rid, record)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise OutboxError(f"record {rid!r} of stream {stream!r} cannot be encoded: "
                                   f"{exc}") from exc
-            rid = str(rid)
-            size = entry_bytes(stream, rid, payload)
-            total += size
-            rows.append((stream, rid, payload, size))
+            encoded.append((stream, rid, data))
         now = time.time()
         with self._lock:
             self._check_open()
             db = self._db
             touched: set[str] = set()
             try:
+                if not self._recent_loaded:
+                    self._load_recent()
+                chunks, duplicates = self._make_chunks(encoded)
                 db.execute("BEGIN IMMEDIATE")
-                if not rows:
-                    result = PutResult()
-                elif self._used + total <= self.budget_bytes:
-                    result = self._insert_all(rows, now)
-                else:
-                    result = self._insert_bounded(rows, now, touched)
+                result, added, removed = self._insert(chunks, now, touched)
                 self._save_counters(touched)
                 if marks:
                     db.executemany(
@@ -451,64 +683,145 @@ class Outbox:
             except BaseException:
                 self._rollback()
                 raise
+            for stream, seq in removed:
+                self._forget(stream, seq)
+            gone = {seq for _, seq in removed}  # chunks of this write evicted by later ones
+            for stream, seq, ids in added:
+                if seq not in gone:
+                    self._remember(stream, seq, ids)
             for k, v in (marks or {}).items():
                 self._marks[str(k)] = max(self._marks.get(str(k), int(v)), int(v))
             self._maybe_sync()
+        if duplicates:
+            result = PutResult(result.stored, result.duplicates + duplicates, result.refused,
+                               result.evicted)
         return result
 
-    def _account(self, stream: str, size: int, created: float) -> None:
-        self._count[stream] += 1
+    def _make_chunks(self, encoded: list[tuple[str, str, bytes]]) -> tuple[list[_NewChunk], int]:
+        """Drop known ids, then group per stream (first-seen order) into capped chunks."""
+        recent = self._recent
+        groups: dict[str, tuple[list[str], list[bytes]]] = {}
+        duplicates = 0
+        ids = {rid for _, rid, _ in encoded}
+        if len(ids) == len(encoded) and recent.keys().isdisjoint(ids):  # the usual case
+            for stream, rid, data in encoded:
+                g = groups.get(stream)
+                if g is None:
+                    g = groups[stream] = ([], [])
+                g[0].append(rid)
+                g[1].append(data)
+        else:
+            seen: set[str] = set()
+            for stream, rid, data in encoded:
+                if rid in seen or rid in recent:
+                    duplicates += 1
+                    continue
+                seen.add(rid)
+                g = groups.setdefault(stream, ([], []))
+                g[0].append(rid)
+                g[1].append(data)
+        chunks = []
+        max_n, max_b = self.chunk_max_records, self.chunk_max_bytes
+        for stream, (rids, parts) in groups.items():
+            for i in range(0, len(rids), max_n):
+                sub = parts[i:i + max_n]
+                if sum(map(len, sub)) <= max_b:
+                    chunks.append(_NewChunk.of(stream, rids[i:i + max_n], sub))
+                    continue
+                start = nbytes = 0  # past the byte cap: cut by bytes (at least one record)
+                for j, part in enumerate(sub):
+                    if j > start and nbytes + len(part) > max_b:
+                        chunks.append(_NewChunk.of(stream, rids[i + start:i + j], sub[start:j]))
+                        start, nbytes = j, 0
+                    nbytes += len(part)
+                chunks.append(_NewChunk.of(stream, rids[i + start:i + len(sub)], sub[start:]))
+        return chunks, duplicates
+
+    def _account(self, stream: str, count: int, size: int, created: float) -> None:
+        self._count[stream] += count
         self._bytes[stream] += size
         self._used += size
         if self._oldest[stream] is None:
             self._oldest[stream] = created
 
-    def _insert_all(self, rows: list[tuple[str, str, bytes, int]], now: float) -> PutResult:
-        """The common case: everything fits; one executemany."""
-        db = self._db
-        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
-        before = row[0] if row else 0
-        cur = db.executemany(
-            "INSERT OR IGNORE INTO records (stream, record_id, created, size, payload) "
-            "VALUES (?, ?, ?, ?, ?)", [(s, rid, now, size, p) for s, rid, p, size in rows])
-        stored = cur.rowcount
-        if stored == len(rows):
-            for stream, _rid, _p, size in rows:
-                self._account(stream, size, now)
-        else:  # some ids were already stored: account exactly what went in
-            for stream, size in db.execute("SELECT stream, size FROM records WHERE seq>?",
-                                           (before,)):
-                self._account(stream, size, now)
-        return PutResult(stored=stored, duplicates=len(rows) - stored)
-
-    def _insert_bounded(self, rows: list[tuple[str, str, bytes, int]], now: float,
-                        touched: set[str]) -> PutResult:
-        """Record by record, applying the stream policies when the budget is reached."""
-        db = self._db
+    def _insert(self, chunks: list[_NewChunk], now: float, touched: set[str]
+                ) -> tuple[PutResult, list[tuple[str, int, list[str]]], list[tuple[str, int]]]:
+        """Chunk by chunk, applying the stream policies when the budget is reached. A chunk
+        that cannot fit whole goes record by record (each a chunk of one), exactly as far as
+        the budget and the policies allow. Returns the result, the chunks added and the
+        chunks evicted (for the dedup window, once committed)."""
         evictor = _Evictor(self, touched)
-        stored = duplicates = refused = 0
-        for stream, rid, payload, size in rows:
-            fits = self._used + size <= self.budget_bytes
-            if not fits and (size > self.budget_bytes or not evictor.can_fit(stream, size)):
-                if db.execute("SELECT 1 FROM records WHERE record_id=?", (rid,)).fetchone():
-                    duplicates += 1
+        added: list[tuple[str, int, list[str]]] = []
+        stored = duplicates = refused = superseded = 0
+        todo = collections.deque(chunks)
+        while todo:
+            ch = todo.popleft()
+            fits = self._used + ch.size <= self.budget_bytes
+            if not fits and (ch.size > self.budget_bytes
+                             or not evictor.can_fit(ch.stream, ch.size)):
+                start = (self._fitting_suffix(ch, evictor.room(ch.stream))
+                         if ch.count > 1 and self.streams[ch.stream].on_full == "drop_oldest"
+                         else None)
+                if start:
+                    # A ring buffer keeps the newest: the records before the newest part that
+                    # fits would be stored only to be evicted by their successors at once.
+                    # Count them so (stored, then dropped) without writing them.
+                    self._counters[ch.stream].dropped += start
+                    touched.add(ch.stream)
+                    stored += start
+                    superseded += start
+                    todo.appendleft(_NewChunk.of(ch.stream, ch.ids[start:], ch.parts[start:]))
+                elif ch.count > 1:  # record by record, as far as they go
+                    todo.extendleft(reversed(ch.singles()))
                 else:
-                    self._counters[stream].refused += 1
-                    touched.add(stream)
+                    self._counters[ch.stream].refused += 1
+                    touched.add(ch.stream)
                     refused += 1
                 continue
-            cur = db.execute(
-                "INSERT OR IGNORE INTO records (stream, record_id, created, size, payload) "
-                "VALUES (?, ?, ?, ?, ?)", (stream, rid, now, size, payload))
-            if cur.rowcount == 0:
-                duplicates += 1
+            seq = self._insert_row(ch, now)
+            if seq is None:
+                duplicates += ch.count
                 continue
             if not fits:
-                evictor.make_room(stream, size, cur.lastrowid)
-            self._account(stream, size, now)
-            stored += 1
+                evictor.make_room(ch.stream, ch.size, seq)
+            self._account(ch.stream, ch.count, ch.size, now)
+            added.append((ch.stream, seq, ch.ids))
+            stored += ch.count
         evictor.apply()
-        return PutResult(stored, duplicates, refused, evictor.evicted)
+        return (PutResult(stored, duplicates, refused, evictor.evicted + superseded), added,
+                evictor.removed)
+
+    @staticmethod
+    def _fitting_suffix(ch: _NewChunk, room: int) -> int | None:
+        """Where the longest tail of ``ch`` that fits in ``room`` bytes as one chunk starts;
+        None if not even its last record fits."""
+        payload = 0
+        fixed = len(ch.stream) + ROW_OVERHEAD
+        best = None
+        for j in range(ch.count - 1, -1, -1):
+            payload += len(ch.parts[j])
+            if payload + fixed + 2 * len(chunk_id(ch.ids[j], ch.count - j)) > room:
+                break
+            best = j
+        return best
+
+    def _insert_row(self, ch: _NewChunk, now: float) -> int | None:
+        """Insert a chunk; its seq, or None if this very chunk is stored already. Another
+        chunk with the same first record and count (records re-stored after they left the
+        dedup window) is stored under ``<chunk_id>~2``, ``~3``, ...: nothing is lost."""
+        db = self._db
+        cid, k = ch.chunk_id, 1
+        while True:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO chunks (stream, chunk_id, count, created, size, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (ch.stream, cid, ch.count, now, ch.size, ch.payload))
+            if cur.rowcount == 1:
+                return cur.lastrowid
+            row = db.execute("SELECT payload FROM chunks WHERE chunk_id=?", (cid,)).fetchone()
+            if row is not None and _ids_of(row[0]) == ch.ids:
+                return None
+            k += 1
+            cid = f"{ch.chunk_id}~{k}"
 
     def _save_counters(self, streams: Iterable[str]) -> None:
         rows = []
@@ -553,24 +866,26 @@ class Outbox:
         """``(records, bytes, oldest created)`` of a stream from memory: cheap, lock-free."""
         return self._count.get(stream, 0), self._bytes.get(stream, 0), self._oldest.get(stream)
 
-    def next_batch(self, stream: str, *, max_records: int, max_bytes: int) -> list[OutboxRecord]:
-        """The oldest records of ``stream`` in insertion order, at most ``max_records`` and (after
-        the first, which always comes) ``max_bytes`` of payload. They stay stored, and are safe
-        from eviction, until ``ack``; a new ``next_batch`` of the stream replaces that lease."""
-        out: list[OutboxRecord] = []
+    def next_batch(self, stream: str, *, max_records: int, max_bytes: int) -> list[OutboxChunk]:
+        """The oldest chunks of ``stream`` in insertion order: whole chunks, at most
+        ``max_records`` records and ``max_bytes`` of payload, except that the first chunk always
+        comes. They stay stored, and are safe from eviction, until ``ack``; a new
+        ``next_batch`` of the stream replaces that lease."""
+        out: list[OutboxChunk] = []
         with self._lock:
             self._check_open()
             try:
                 cur = self._db.execute(
-                    "SELECT seq, record_id, payload, created, size FROM records WHERE stream=? "
-                    "ORDER BY seq LIMIT ?", (stream, max(1, int(max_records))))
-                total = charged = 0
-                for seq, rid, payload, created, size in cur:
-                    if out and total + len(payload) > max_bytes:
+                    "SELECT seq, chunk_id, count, payload, created, size FROM chunks "
+                    "WHERE stream=? ORDER BY seq LIMIT ?", (stream, max(1, int(max_records))))
+                records = total = charged = 0
+                for seq, cid, n, payload, created, size in cur:
+                    if out and (records + n > max_records or total + len(payload) > max_bytes):
                         break
+                    records += n
                     total += len(payload)
                     charged += size
-                    out.append(OutboxRecord(seq, stream, rid, payload, created))
+                    out.append(OutboxChunk(seq, stream, cid, n, payload, created, size))
                 cur.close()
             except sqlite3.Error as exc:
                 raise OutboxError(f"cannot read records from {self.db_path}: {exc}") from exc
@@ -582,36 +897,39 @@ class Outbox:
                 self._lease_bytes.pop(stream, None)
         return out
 
-    def ack(self, records: Sequence[OutboxRecord]) -> int:
-        """Delete records the broker acknowledged; returns how many were still stored."""
-        if not records:
+    def ack(self, chunks: Sequence[OutboxChunk]) -> int:
+        """Delete chunks the broker acknowledged; returns how many records were still stored."""
+        if not chunks:
             return 0
         with self._lock:
             self._check_open()
             db = self._db
-            streams = {r.stream for r in records}
+            streams = {c.stream for c in chunks}
             try:
                 db.execute("BEGIN IMMEDIATE")
-                removed: list[tuple[str, int]] = []
-                seqs = [r.rowid for r in records]
+                removed: list[tuple[int, str, int, int]] = []
+                seqs = [c.rowid for c in chunks]
                 for i in range(0, len(seqs), 500):
-                    chunk = seqs[i:i + 500]
+                    part = seqs[i:i + 500]
                     removed += db.execute(
-                        f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chunk))}) "
-                        "RETURNING stream, size", chunk).fetchall()
+                        f"DELETE FROM chunks WHERE seq IN ({','.join('?' * len(part))}) "
+                        "RETURNING seq, stream, count, size", part).fetchall()
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 raise OutboxError(f"cannot delete acked records from {self.db_path}: "
                                   f"{exc}") from exc
-            for stream, size in removed:
-                self._count[stream] -= 1
+            records = 0
+            for seq, stream, n, size in removed:
+                self._count[stream] -= n
                 self._bytes[stream] -= size
                 self._used -= size
+                records += n
+                self._forget(stream, seq)
             for stream in streams:
                 lease = self._lease.get(stream)
-                if lease is not None and lease <= max(r.rowid for r in records
-                                                      if r.stream == stream):
+                if lease is not None and lease <= max(c.rowid for c in chunks
+                                                      if c.stream == stream):
                     del self._lease[stream]
                     self._lease_bytes.pop(stream, None)
                 try:
@@ -623,7 +941,7 @@ class Outbox:
                 self._acks_since_vacuum = 0
                 self._give_back_space()
             self._maybe_sync()
-            return len(removed)
+            return records
 
     def _give_back_space(self) -> None:
         """Return free pages to the filesystem once they are a sizeable part of the file."""

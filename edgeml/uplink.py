@@ -28,7 +28,7 @@ import msgpack
 
 from edgeml.errors import ConfigError, OutboxError, TransportError
 from edgeml.mqtt import BrokerSettings, MqttClient
-from edgeml.outbox import Outbox, OutboxRecord
+from edgeml.outbox import Outbox, OutboxChunk
 
 log = logging.getLogger("edgeml.uplink")
 
@@ -48,28 +48,12 @@ def _json_default(obj: object) -> object:
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
 
-def _map_body(payload: bytes) -> tuple[int, bytes | None]:
-    """``(entries, bytes after the header)`` of a msgpack map, or ``(0, None)``."""
-    if not payload:
-        return 0, None
-    h = payload[0]
-    if 0x80 <= h <= 0x8F:
-        return h & 0x0F, payload[1:]
-    if h == 0xDE and len(payload) >= 3:
-        return int.from_bytes(payload[1:3], "big"), payload[3:]
-    if h == 0xDF and len(payload) >= 5:
-        return int.from_bytes(payload[1:5], "big"), payload[5:]
-    return 0, None
-
-
-def _with_id(rec: OutboxRecord) -> dict[str, Any]:
+def _records_of(chunk: OutboxChunk) -> list[dict[str, Any]]:
     try:
-        fields = rec.decode()
+        records = chunk.records()
     except (ValueError, msgpack.UnpackException) as exc:  # a damaged row: say so, go on
-        fields = {"error": f"undecodable record: {exc}"}
-    if not isinstance(fields, dict):
-        fields = {"value": fields}
-    return {"record_id": rec.record_id, **fields}
+        return [{"record_id": chunk.chunk_id, "error": f"undecodable chunk: {exc}"}]
+    return [r if isinstance(r, dict) else {"value": r} for r in records]
 
 
 class Uplink:
@@ -151,6 +135,8 @@ class Uplink:
         self._next_send_at = 0.0
         self._next_alert_at = 0.0
         self._batch_seq = 0
+        # a stored chunk always fits in one message (unless written under larger limits)
+        outbox.limit_chunks(batch_max_records, int(batch_max_bytes))
         # status
         self.batches_sent = 0
         self.records_sent = 0
@@ -281,17 +267,17 @@ class Uplink:
             if delay > 0:
                 await asyncio.sleep(delay)
         seq = self._batch_seq + 1
-        batch, payload = await self._call(self._take, stream, seq)
+        batch, records, payload = await self._call(self._take, stream, seq)
         if not batch:  # the figures said otherwise: look again later, never spin
             return self.batch_max_wait_s
         topic = self.topic(stream)
-        self._in_flight = len(batch)
+        self._in_flight = records
         try:
             await self._publish(client, topic, payload)
         finally:
             self._in_flight = 0
         self._batch_seq = seq
-        self._sent(len(batch), len(payload) + len(topic))  # the broker has it
+        self._sent(records, len(payload) + len(topic))  # the broker has it
         await self._call(ob.ack, batch)
         return None
 
@@ -326,15 +312,18 @@ class Uplink:
             self._next_send_at = start + nbytes / self.bandwidth_bytes_per_s
 
     # ---- messages ---------------------------------------------------------------------------
-    def _take(self, stream: str, seq: int) -> tuple[list[OutboxRecord], bytes]:
-        """In the executor thread: lease the next batch and encode its message."""
+    def _take(self, stream: str, seq: int) -> tuple[list[OutboxChunk], int, bytes]:
+        """In the executor thread: lease the next batch of whole chunks and encode its
+        message; ``(chunks, records, payload)``."""
         batch = self.outbox.next_batch(stream, max_records=self.batch_max_records,
                                        max_bytes=self.batch_max_bytes)
         if not batch:
-            return batch, b""
+            return batch, 0, b""
+        records = sum(c.count for c in batch)
         if self.format == "msgpack":
-            return batch, self._splice_message(stream, seq, batch)
-        return batch, self.encode_message(stream, seq, [_with_id(r) for r in batch])
+            return batch, records, self._splice_message(stream, seq, batch, records)
+        return batch, records, self.encode_message(
+            stream, seq, [r for c in batch for r in _records_of(c)])
 
     def _envelope(self, stream: str, seq: int) -> dict[str, Any]:
         return {"schema": SCHEMA, "device": self.device_id, "stream": stream, "batch_seq": seq,
@@ -346,23 +335,18 @@ class Uplink:
             return json.dumps(msg, separators=(",", ":"), default=_json_default).encode()
         return msgpack.packb(msg, use_bin_type=True)
 
-    def _splice_message(self, stream: str, seq: int, batch: list[OutboxRecord]) -> bytes:
-        """The msgpack message built from the stored bytes: each stored record is already a
-        msgpack map, so ``record_id`` is prepended to it without decoding (a third of the
-        uplink's CPU per record otherwise)."""
+    def _splice_message(self, stream: str, seq: int, batch: list[OutboxChunk],
+                        records: int) -> bytes:
+        """The msgpack message built from the stored bytes: a chunk's payload is its records,
+        each already the map that goes on the wire (``record_id`` first), back to back, so the
+        message is the envelope, an array header and the chunks joined: no record is decoded."""
         packer = msgpack.Packer(use_bin_type=True)
         envelope = self._envelope(stream, seq)
         parts = [packer.pack_map_header(len(envelope) + 1)]
         for key, value in envelope.items():
             parts += (packer.pack(key), packer.pack(value))
-        parts += (packer.pack("records"), packer.pack_array_header(len(batch)))
-        key = packer.pack("record_id")
-        for rec in batch:
-            n, body = _map_body(rec.payload)
-            if body is None:  # not a map (or damaged): the slow, careful way
-                parts.append(packer.pack(_with_id(rec)))
-            else:
-                parts += (packer.pack_map_header(n + 1), key, packer.pack(rec.record_id), body)
+        parts += (packer.pack("records"), packer.pack_array_header(records))
+        parts += [c.payload for c in batch]
         return b"".join(parts)
 
     async def _publish(self, client: MqttClient, topic: str, payload: bytes) -> None:
