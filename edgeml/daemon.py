@@ -509,7 +509,7 @@ class Daemon:
         from edgeml.outbox import record_id
 
         rid = record_id(self.config.device_id, str(event.get("pipeline")),
-                        f"{event.get('stage')}@{event.get('ts', 0):.6f}",  # type: ignore[arg-type]
+                        f"{event.get('stage')}@{event.get('ts', 0):.6f}",
                         str(event.get("name")), str(event.get("version")), "deploy")
         self._queue_records([("deploy", rid, rec)])
 

@@ -145,7 +145,7 @@ def _part(value: object) -> str:
     return quote(s, safe="") if ("/" in s or "%" in s) else s
 
 
-def record_id(device: str, pipeline: str, input_seq: int, model: str, version: str,
+def record_id(device: str, pipeline: str, input_seq: int | str, model: str, version: str,
               stream: str) -> str:
     """The stable unique id of a record, e.g. ``watch-01/activity/1234/activity/2/results``.
 
@@ -190,8 +190,17 @@ def pack_record(rid: str, record: Mapping[str, Any]) -> bytes:
         packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_msgpack_default)
     if type(record) is not dict:
         return packer.pack({"record_id": rid, **record})
-    n, body = _map_body(packer.pack(record))
-    assert body is not None  # a dict always packs as a map
+    spliced = _prepend_id(packer, rid, packer.pack(record))
+    assert spliced is not None  # a dict always packs as a map
+    return spliced
+
+
+def _prepend_id(packer: msgpack.Packer, rid: str, packed_map: bytes) -> bytes | None:
+    """``packed_map`` (a msgpack map) with ``record_id`` spliced in as its first key, without
+    decoding it; None if the bytes are not a map."""
+    n, body = _map_body(packed_map)
+    if body is None:
+        return None
     return b"".join((packer.pack_map_header(n + 1), _RID_KEY, packer.pack(rid), body))
 
 
@@ -227,10 +236,9 @@ def _map_body(payload: bytes) -> tuple[int, bytes | None]:
 def _v1_record(rid: str, payload: bytes) -> bytes:
     """A schema-1 row (record without its id) as a schema-2 record: ``record_id`` spliced in
     front without decoding; a damaged or non-map payload the way the uplink used to send it."""
-    n, body = _map_body(payload)
-    if body is not None:
-        packer = msgpack.Packer(use_bin_type=True)
-        return packer.pack_map_header(n + 1) + packer.pack("record_id") + packer.pack(rid) + body
+    spliced = _prepend_id(msgpack.Packer(use_bin_type=True), rid, payload)
+    if spliced is not None:
+        return spliced
     try:
         fields: Any = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except (ValueError, msgpack.UnpackException) as exc:
@@ -505,6 +513,7 @@ class Outbox:
         """Schema 1 (a row per record) to chunks, in place and in one transaction: every row
         becomes a chunk of one with the same ``seq`` (order and leases unchanged)."""
         db.create_function("edgeml_v1_record", 2, _v1_record, deterministic=True)
+        db.create_function("edgeml_chunk_bytes", 3, chunk_bytes, deterministic=True)
         db.execute("BEGIN IMMEDIATE")
         try:
             for stmt in _SCHEMA.split(";"):
@@ -516,8 +525,7 @@ class Outbox:
                     "INSERT INTO chunks (seq, stream, chunk_id, count, created, size, payload) "
                     "SELECT seq, stream, record_id || '+1', 1, created, 0, "
                     "edgeml_v1_record(record_id, payload) FROM records ORDER BY seq").rowcount
-                db.execute("UPDATE chunks SET size = length(payload) + 2 * length(chunk_id) + "
-                           "length(stream) + ?", (ROW_OVERHEAD,))
+                db.execute("UPDATE chunks SET size = edgeml_chunk_bytes(stream, chunk_id, payload)")
                 db.execute("DROP TABLE records")
                 log.info("outbox: migrated %d record(s) from schema 1 to chunks", n)
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -702,24 +710,17 @@ class Outbox:
         recent = self._recent
         groups: dict[str, tuple[list[str], list[bytes]]] = {}
         duplicates = 0
-        ids = {rid for _, rid, _ in encoded}
-        if len(ids) == len(encoded) and recent.keys().isdisjoint(ids):  # the usual case
-            for stream, rid, data in encoded:
-                g = groups.get(stream)
-                if g is None:
-                    g = groups[stream] = ([], [])
-                g[0].append(rid)
-                g[1].append(data)
-        else:
-            seen: set[str] = set()
-            for stream, rid, data in encoded:
-                if rid in seen or rid in recent:
-                    duplicates += 1
-                    continue
-                seen.add(rid)
-                g = groups.setdefault(stream, ([], []))
-                g[0].append(rid)
-                g[1].append(data)
+        seen: set[str] = set()
+        for stream, rid, data in encoded:
+            if rid in seen or rid in recent:
+                duplicates += 1
+                continue
+            seen.add(rid)
+            g = groups.get(stream)
+            if g is None:
+                g = groups[stream] = ([], [])
+            g[0].append(rid)
+            g[1].append(data)
         chunks = []
         max_n, max_b = self.chunk_max_records, self.chunk_max_bytes
         for stream, (rids, parts) in groups.items():

@@ -600,3 +600,29 @@ def test_active_set_survives_a_restart_and_old_versions_are_pruned(
     assert cli(["status", "--once", *url]) == 0
     table = capsys.readouterr().out
     assert "dev-s" in table and "activity:1 champion" in table and "online" in table
+
+
+def test_rows_a_stuck_champion_skipped_count_as_errors_in_its_watch(
+        broker, daemon_factory, tmp_path, activity_bundle):
+    """The judgement alone, on a real daemon: a champion so stuck that batches skip it
+    (``skipped``) fails the error-rate check like one that raises. The stuck state is set
+    through the counters the scoring path moves (no model hangs deterministically)."""
+    cfg = config(tmp_path, broker, "dev-s",
+                 [{"name": "activity", "version": "1", "bundle": activity_bundle}],
+                 deploy="watch_window_s = 60\nmax_error_rate = 0.05")
+    d = daemon_factory(cfg)
+
+    def judge(skipped: int, scored: int):
+        ctl = d.daemon.control
+        ctl._start_watch("activity", ("activity", "1"), None, "test")
+        w = ctl._watch.pop("activity")  # judged here, not by the watch loop
+        vs = d.daemon.pipelines["activity"].stats.version("activity", "1")
+        vs.skipped += skipped
+        vs.rows += scored
+        return ctl.evaluate(w), dict(w.last)
+
+    why, last = d.call(lambda: judge(skipped=WATCH_MIN_ROWS, scored=0))
+    assert (last["rows"], last["errors"], last["error_rate"]) == (0, WATCH_MIN_ROWS, 1.0)
+    assert why == (f"error rate 1.000 over {WATCH_MIN_ROWS} rows is above max_error_rate 0.05")
+    why, last = d.call(lambda: judge(skipped=0, scored=WATCH_MIN_ROWS))
+    assert why is None and last["errors"] == 0  # the old skips predate this watch
