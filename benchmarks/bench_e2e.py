@@ -32,7 +32,7 @@ if __name__ == "__main__":
     code = main(["bench", "e2e", *args])
     latest = RESULTS / "latest.json"
     if own_out and "--no-latest" not in args and latest.exists() and code in (0, 1):
-        from edgeml.bench.report import update_readme
+        from edgeml.host.bench.report import update_readme
 
         if update_readme(HERE / "README.md", json.loads(latest.read_text(encoding="utf-8"))):
             print(f"[bench] updated {HERE / 'README.md'}", file=sys.stderr)

@@ -33,8 +33,8 @@ def build_default_bundles(work: Path) -> list[Path]:
     from sklearn.preprocessing import StandardScaler
 
     from converters import WindowFeatures, convert_estimator
-    from edgeml.bench.e2e import build_models
-    from edgeml.datasets import BASICMOTIONS_CHANNELS, BASICMOTIONS_WINDOW, load_basicmotions
+    from edgeml.host.bench.e2e import build_models
+    from edgeml.host.datasets import BASICMOTIONS_CHANNELS, BASICMOTIONS_WINDOW, load_basicmotions
 
     models = build_models(work, ("light", "heavy"), 1, progress=_say)
     train, test = load_basicmotions("TRAIN"), load_basicmotions("TEST")

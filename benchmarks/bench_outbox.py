@@ -37,11 +37,11 @@ from pathlib import Path
 
 import msgpack
 
-from edgeml.broker import MosquittoBroker
-from edgeml.datasets import load_basicmotions
-from edgeml.mqtt import BrokerSettings, MqttClient
-from edgeml.outbox import Outbox, record_id
-from edgeml.uplink import Uplink
+from edgeml.core.uplink import Uplink
+from edgeml.host.broker import MosquittoBroker
+from edgeml.host.datasets import load_basicmotions
+from edgeml.storage.outbox import Outbox, record_id
+from edgeml.transport.mqtt import BrokerSettings, MqttClient
 
 DEVICE = "watch-01"
 BUDGET_US = 1000.0  # the per-message budget at 1,000 msg/s

@@ -25,8 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from edgeml.datasets import load_basicmotions
-from edgeml.rawlog import RawLog
+from edgeml.host.datasets import load_basicmotions
+from edgeml.storage.rawlog import RawLog
 
 TOPIC = "sensors/watch-01/imu"
 

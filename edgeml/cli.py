@@ -19,25 +19,28 @@ from typing import ClassVar
 from edgeml import __version__
 from edgeml.errors import EdgemlError
 
-# verb -> module under edgeml.commands (order is the order shown in --help)
+# verb -> module (order is the order shown in --help). Device verbs live in edgeml.commands,
+# host tools in edgeml.host.commands: the device never needs to import the host side.
 VERBS: tuple[tuple[str, str], ...] = (
-    ("run", "run"),
-    ("demo", "demo"),
-    ("convert", "convert"),
-    ("keygen", "keygen"),
-    ("models", "models"),
-    ("push", "push"),
-    ("promote", "promote"),
-    ("rollback", "rollback"),
-    ("retire", "retire"),
-    ("status", "status"),
-    ("log", "log"),
-    ("replay", "replay"),
-    ("bench", "bench"),
+    ("run", "edgeml.commands.run"),
+    ("demo", "edgeml.host.commands.demo"),
+    ("convert", "edgeml.host.commands.convert"),
+    ("keygen", "edgeml.host.commands.keygen"),
+    ("models", "edgeml.commands.models"),
+    ("push", "edgeml.host.commands.push"),
+    ("promote", "edgeml.host.commands.promote"),
+    ("rollback", "edgeml.host.commands.rollback"),
+    ("retire", "edgeml.host.commands.retire"),
+    ("status", "edgeml.host.commands.status"),
+    ("log", "edgeml.commands.log"),
+    ("replay", "edgeml.host.commands.replay"),
+    ("bench", "edgeml.host.commands.bench"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``only``) one verb's: ``edgeml run`` then imports nothing of the
+    host tools."""
     parser = argparse.ArgumentParser(
         prog="edgeml",
         description="Edge inference runtime: score MQTT sensor streams with several ONNX "
@@ -50,12 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, module_name in VERBS:
-        try:
-            module = importlib.import_module(f"edgeml.commands.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"edgeml.commands.{module_name}":
-                raise
-            continue  # verb not built yet in this checkout
+        if only is not None and verb != only:
+            sub.add_parser(verb)
+            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(
             verb, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -92,7 +93,9 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in dict(VERBS) else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -10,7 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from edgeml.broker import MosquittoBroker
+from edgeml.host.broker import MosquittoBroker
 
 
 @pytest.fixture
@@ -125,13 +125,13 @@ def publish_all(broker: MosquittoBroker, items, qos: int = 1) -> None:
 
 # ---- daemons ------------------------------------------------------------------------------
 class DaemonThread:
-    """A real :class:`edgeml.daemon.Daemon` on its own event loop in a background thread."""
+    """A real :class:`edgeml.core.device.Daemon` on its own event loop in a background thread."""
 
     def __init__(self, config_path: Path, **overrides) -> None:
         import asyncio
 
         from edgeml.config import load_config
-        from edgeml.daemon import Daemon
+        from edgeml.core.device import Daemon
 
         self.config = load_config(config_path, **overrides)
         self._ready = threading.Event()
@@ -281,7 +281,7 @@ def gait_bundle(bundle_dir) -> Path:
 
 def gait_pipeline(**extra) -> dict:
     """Pipeline table for single Daphnet samples (every message gets an answer)."""
-    from edgeml.datasets import DAPHNET_CHANNELS
+    from edgeml.host.datasets import DAPHNET_CHANNELS
 
     return {"name": "gait", "topics": ["sensors/+/gait"], "features": list(DAPHNET_CHANNELS),
             "window": None, **extra}
@@ -291,7 +291,7 @@ def gait_messages(n: int, topic: str = "sensors/p1/gait", start: int = 0) -> lis
     """``n`` real Daphnet samples as JSON messages, ids ``g<i>``."""
     import json
 
-    from edgeml.datasets import DAPHNET_CHANNELS, load_daphnet
+    from edgeml.host.datasets import DAPHNET_CHANNELS, load_daphnet
 
     X = load_daphnet().X
     out = []

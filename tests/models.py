@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeml.datasets import (
+from edgeml.host.datasets import (
     BASICMOTIONS_CHANNELS,
     BASICMOTIONS_WINDOW,
     load_basicmotions,

@@ -19,7 +19,7 @@ BASE_TIME = 1_700_000_000.0
 
 
 def _samples() -> list[tuple[dict, str]]:
-    from edgeml.datasets import load_basicmotions
+    from edgeml.host.datasets import load_basicmotions
 
     ds = load_basicmotions("TRAIN")
     out = []
@@ -43,7 +43,7 @@ def record_for(seq: int, now: float) -> tuple[str, bytes, float]:
 
 
 def main() -> int:
-    from edgeml.rawlog import RawLog
+    from edgeml.storage.rawlog import RawLog
 
     ap = argparse.ArgumentParser()
     ap.add_argument("directory", type=Path)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from models import build_activity_bundle, build_gait_anomaly_bundle
 
-from edgeml.bench.e2e import E2ESettings, require_host_extra, run_e2e
-from edgeml.bench.models import BenchError, emulate_profile, parse_batches, run_models_bench
-from edgeml.bench.report import render_markdown, render_table, write_report
 from edgeml.cli import main
+from edgeml.host.bench.e2e import E2ESettings, require_host_extra, run_e2e
+from edgeml.host.bench.models import BenchError, emulate_profile, parse_batches, run_models_bench
+from edgeml.host.bench.report import render_markdown, render_table, write_report
 from edgeml.profiles import load_profile
 
 

@@ -50,7 +50,7 @@ def tiny_classifier() -> tuple[bytes, np.ndarray, tuple, np.ndarray, tuple]:
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.linear_model import LogisticRegression
 
-    from edgeml.datasets import load_basicmotions
+    from edgeml.host.datasets import load_basicmotions
 
     train = load_basicmotions("TRAIN")
     X = train.X.mean(axis=1).astype(np.float32)  # [40, 6]: one "sample" per window

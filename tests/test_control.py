@@ -22,11 +22,11 @@ from conftest import publish_all, write_config
 
 from edgeml.bundle import read_bundle, sha256_hex, write_bundle
 from edgeml.cli import main as cli
-from edgeml.control import WATCH_MIN_ROWS
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
-from edgeml.deploy import deploy_topic, plan_push
+from edgeml.control.manager import WATCH_MIN_ROWS
+from edgeml.control.protocol import deploy_topic, plan_push
 from edgeml.errors import BundleIntegrityError
-from edgeml.fleet import Fleet, PushResult
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.host.fleet import Fleet, PushResult
 from edgeml.keys import generate_keypair, load_private_key
 
 NO_SYNC = "sync = { enabled = false }"

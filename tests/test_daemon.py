@@ -13,7 +13,7 @@ import msgpack
 import pytest
 from conftest import Collector, publish_all, write_config
 
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 
 OUT = "edgeml/watch-01/out/activity"
 
@@ -229,7 +229,7 @@ def test_sigterm_drains_and_exits_zero(broker, collector, tmp_path, test_set, ac
 
 def test_raw_input_log_is_byte_identical(broker, collector, daemon_factory, tmp_path, test_set,
                                          activity_bundle):
-    from edgeml.rawlog import RawLogReader, pipeline_dir
+    from edgeml.storage.rawlog import RawLogReader, pipeline_dir
 
     cfg = write_config(tmp_path / "edgeml.toml", broker=broker, data_dir=tmp_path / "data",
                        models=[{"name": "activity", "version": "1", "bundle": activity_bundle}])

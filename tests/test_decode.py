@@ -9,11 +9,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from edgeml.assemble import Assembler
 from edgeml.config import WindowConfig
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
-from edgeml.decode import Decoder
+from edgeml.core.assemble import Assembler
+from edgeml.core.decode import Decoder
 from edgeml.errors import DecodeError
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 
 CH = BASICMOTIONS_CHANNELS
 

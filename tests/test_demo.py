@@ -18,9 +18,9 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 
-KINDS = {"1": "forest", "2": "mlp", "3": "logreg"}  # edgeml.demo.VERSIONS
+KINDS = {"1": "forest", "2": "mlp", "3": "logreg"}  # edgeml.host.demo.VERSIONS
 OUT = "edgeml/edge-demo/out/activity"
 
 
@@ -127,7 +127,7 @@ def test_demo_falls_back_to_the_embedded_broker(tmp_path, sklearn_truth):
 def test_demo_paced_keep_then_ctrl_c_stops_everything(tmp_path, sklearn_truth):
     """Default broker choice (mosquitto on PATH), paced stream with the push happening while
     it flows, --keep: the daemon answers after the summary; Ctrl-C stops it and mosquitto."""
-    from edgeml.broker import mosquitto_path
+    from edgeml.host.broker import mosquitto_path
 
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed")

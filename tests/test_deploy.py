@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from edgeml.deploy import (
+from edgeml.control.protocol import (
     MIN_CHUNK_SIZE,
     Delivery,
     DeployHeader,

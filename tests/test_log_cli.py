@@ -17,8 +17,8 @@ import pytest
 import rawlog_writer as W
 
 from edgeml.cli import build_parser, main
-from edgeml.datasets import load_basicmotions
-from edgeml.rawlog import RawLog, pipeline_dir
+from edgeml.host.datasets import load_basicmotions
+from edgeml.storage.rawlog import RawLog, pipeline_dir
 
 
 @pytest.fixture

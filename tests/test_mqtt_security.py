@@ -9,10 +9,10 @@ import subprocess
 import pytest
 from conftest import write_config
 
-from edgeml.broker import MosquittoBroker
 from edgeml.config import load_config
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 from edgeml.errors import TransportError
+from edgeml.host.broker import MosquittoBroker
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 
 
 def make_ca_and_server(tmp_path):
@@ -125,7 +125,7 @@ def test_wrong_password_is_a_clear_error(secure_broker, tmp_path, activity_bundl
     cfg.write_text(text)
     import asyncio
 
-    from edgeml.daemon import Daemon
+    from edgeml.core.device import Daemon
 
     async def main():
         await Daemon(load_config(cfg)).run()
@@ -163,7 +163,7 @@ def test_mqtt5_persistent_session_keeps_queued_messages(broker):
 
     from conftest import publish_all
 
-    from edgeml.mqtt import BrokerSettings, MqttClient
+    from edgeml.transport.mqtt import BrokerSettings, MqttClient
 
     settings = BrokerSettings(url=broker.url, client_id="v5-device", protocol="5")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from edgeml import outbox as outbox_mod
-from edgeml.datasets import load_basicmotions
 from edgeml.errors import ConfigError, OutboxError
-from edgeml.outbox import (
+from edgeml.host.datasets import load_basicmotions
+from edgeml.storage import outbox as outbox_mod
+from edgeml.storage.outbox import (
     CHUNK_MAX_RECORDS,
     DEFAULT_STREAMS,
     Outbox,
@@ -350,7 +350,7 @@ CRASHER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, sys.argv[2])
     from test_outbox import item
-    from edgeml.outbox import Outbox
+    from edgeml.storage.outbox import Outbox
     ob = Outbox(sys.argv[1])
     for start in range(100000, 100500, 50):
         ob.put_many([item(i) for i in range(start, start + 50)])

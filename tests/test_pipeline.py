@@ -9,13 +9,13 @@ import time
 import numpy as np
 import pytest
 
-from edgeml.assemble import Row
 from edgeml.bundle import read_bundle
 from edgeml.config import ModelSlotConfig, PipelineConfig, WindowConfig
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.core.assemble import Row
+from edgeml.core.model import ModelSlot
+from edgeml.core.scoring import BatchingSettings, PipelineRuntime
 from edgeml.errors import ModelError
-from edgeml.model import ModelSlot
-from edgeml.pipeline import BatchingSettings, PipelineRuntime
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 from edgeml.profiles import load_profile
 
 

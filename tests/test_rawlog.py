@@ -24,7 +24,7 @@ import pytest
 import rawlog_writer as W
 
 from edgeml.errors import RawLogError
-from edgeml.rawlog import (
+from edgeml.storage.rawlog import (
     RawLog,
     RawLogBusyError,
     open_reader,
@@ -151,7 +151,7 @@ def test_daemon_archives_a_live_stream_byte_identical(broker, collector, daemon_
     import msgpack
     from conftest import publish_all, write_config
 
-    from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+    from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 
     ds = load_basicmotions("TEST")
     items = []
@@ -223,7 +223,7 @@ def _run_writer_and_kill(d: Path, now: float) -> dict:
 
 
 def test_kill9_mid_append_cuts_torn_tail_keeps_every_flushed_record(d, now, caplog):
-    caplog.set_level(logging.INFO, logger="edgeml.rawlog")
+    caplog.set_level(logging.INFO, logger="edgeml.storage.rawlog")
     torn_seen = False
     for _attempt in range(5):
         k = _run_writer_and_kill(d, now)
@@ -288,7 +288,7 @@ def test_power_cut_tail_is_cut_and_reported(d, now, caplog, damage):
             fh.truncate(spans[-1][0] + 2)
             good_end, kept = spans[-1][0], 49
     damaged = seg.stat().st_size
-    with caplog.at_level(logging.WARNING, logger="edgeml.rawlog"):
+    with caplog.at_level(logging.WARNING, logger="edgeml.storage.rawlog"):
         log = RawLog(d, budget_bytes=None)
     assert log.recovery.segment == seg.name
     assert log.recovery.truncated_bytes == damaged - good_end
@@ -336,7 +336,7 @@ def test_write_error_leaves_a_clean_segment_and_counts_the_loss(d, now):
         sys.path.insert(0, {str(WRITER.parent)!r})
         import rawlog_writer as W
         from edgeml.errors import RawLogError
-        from edgeml.rawlog import RawLog
+        from edgeml.storage.rawlog import RawLog
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         log = RawLog({str(d)!r}, budget_bytes=None, buffer_bytes=4096)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
@@ -375,7 +375,7 @@ def test_corrupt_byte_mid_segment_is_skipped_and_reported(d, now, caplog):
     bad = sealed.first_seq + 5
     start, end = spans[5]
     flip(sealed.path, end - 3)  # a byte of record 5's payload
-    with caplog.at_level(logging.WARNING, logger="edgeml.rawlog"):
+    with caplog.at_level(logging.WARNING, logger="edgeml.storage.rawlog"):
         got = [r.seq for r in log.read()]
     assert got == [s for s in range(120) if s != bad]
     assert log.stats["corrupt_records_skipped"] == 1
@@ -403,7 +403,7 @@ def test_corrupt_record_in_open_segment_is_not_mistaken_for_a_tail(d, now, caplo
     start, _end = record_spans(seg)[10]
     flip(seg, start)  # record 10's magic
     size = seg.stat().st_size
-    with caplog.at_level(logging.WARNING, logger="edgeml.rawlog"):
+    with caplog.at_level(logging.WARNING, logger="edgeml.storage.rawlog"):
         log = RawLog(d, budget_bytes=None)
     assert log.recovery.truncated_bytes == 0 and seg.stat().st_size == size
     assert log.next_seq == 40

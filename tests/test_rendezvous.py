@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeml.rendezvous import Outcome, decide, ready
+from edgeml.core.rendezvous import Outcome, decide, ready
 
 CLASSES = ("a", "b")
 

@@ -19,14 +19,12 @@ import numpy as np
 import pytest
 from conftest import Collector, DaemonThread, publish_all, write_config
 
-from edgeml.assemble import Assembler
 from edgeml.cli import main
 from edgeml.config import load_config
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
-from edgeml.decode import Decoder
-from edgeml.profiles import load_profile
-from edgeml.rawlog import RawRecord, open_reader, pipeline_dir
-from edgeml.replay import (
+from edgeml.core.assemble import Assembler
+from edgeml.core.decode import Decoder
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.host.replay import (
     ReplayError,
     ReplayProgress,
     classification_metrics,
@@ -37,6 +35,8 @@ from edgeml.replay import (
     render_table,
     replay,
 )
+from edgeml.profiles import load_profile
+from edgeml.storage.rawlog import RawRecord, open_reader, pipeline_dir
 
 OUT = "edgeml/watch-01/out/activity"
 RESULTS = "edgeml/watch-01/sync/results"
@@ -85,7 +85,7 @@ def test_set():
 def archive(tmp_path_factory, test_set, activity_bundle, activity_bundle_v2) -> Archive:
     """The real daemon (v1 champion, v2 challenger) on a real mosquitto scores the stream;
     then `edgeml log snapshot` cites the archive. Built once for the module."""
-    from edgeml.broker import MosquittoBroker
+    from edgeml.host.broker import MosquittoBroker
 
     base = tmp_path_factory.mktemp("replay")
     broker = MosquittoBroker(base / "broker")
@@ -389,7 +389,7 @@ def test_rejected_records_are_counted_and_skipped(archive, slots, replayed):
 
 
 def test_progress_lines_and_bar():
-    from edgeml.commands.replay import ProgressPrinter
+    from edgeml.host.commands.replay import ProgressPrinter
 
     now = [0.0]
     buf = io.StringIO()
@@ -466,7 +466,7 @@ def test_anomaly_model_on_single_samples_with_int_labels(tmp_path):
     (1 / -1) and match scikit-learn; a CSV labels file ("1", "-1") compares equal to them."""
     from models import build_gait_anomaly_bundle, train_gait_anomaly_model
 
-    from edgeml.datasets import load_daphnet
+    from edgeml.host.datasets import load_daphnet
 
     data = load_daphnet()
     x = data.X[:2000]

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 from conftest import publish_all
 
-from edgeml.datasets import DAPHNET_CHANNELS, load_daphnet
+from edgeml.host.datasets import DAPHNET_CHANNELS, load_daphnet
 
 N_MESSAGES = 600
 GROUP = "gait-workers"

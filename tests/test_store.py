@@ -13,7 +13,7 @@ from edgeml.bundle import MODEL_MEMBER, SIGNATURE_MEMBER, read_bundle, write_bun
 from edgeml.cli import main
 from edgeml.errors import BundleIntegrityError, BundleSignatureError, StoreError
 from edgeml.keys import generate_keypair, key_id, load_private_key, load_public_key
-from edgeml.store import ModelStore, version_key
+from edgeml.storage.models import ModelStore, version_key
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_disk_rot_detected_on_load(tmp_path: Path, store: ModelStore, caplog) ->
     m.model_path.write_bytes(bytes(data[:-10]))
     with pytest.raises(BundleIntegrityError, match=r"stored model\.onnx has"):
         store.get("activity", "1")
-    with caplog.at_level(logging.WARNING, logger="edgeml.store"):
+    with caplog.at_level(logging.WARNING, logger="edgeml.storage.models"):
         assert [x.version for x in store.list()] == ["2"]  # the damaged one is skipped
     assert "skipping damaged model" in caplog.text
 

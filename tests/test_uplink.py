@@ -17,10 +17,10 @@ import msgpack
 import pytest
 from test_outbox import output_record, simulate, size_of
 
+from edgeml.core.uplink import Uplink
 from edgeml.errors import ConfigError
-from edgeml.mqtt import BrokerSettings, MqttClient
-from edgeml.outbox import DEFAULT_STREAMS, Outbox, StreamPolicy, record_id
-from edgeml.uplink import Uplink
+from edgeml.storage.outbox import DEFAULT_STREAMS, Outbox, StreamPolicy, record_id
+from edgeml.transport.mqtt import BrokerSettings, MqttClient
 
 DEVICE = "watch-01"
 SYNC = "edgeml/+/sync/#"
@@ -259,8 +259,8 @@ CHILD = textwrap.dedent("""
     import asyncio, sys
     sys.path.insert(0, sys.argv[3])
     from test_uplink import inputs, settings
-    from edgeml.outbox import Outbox
-    from edgeml.uplink import Uplink
+    from edgeml.storage.outbox import Outbox
+    from edgeml.core.uplink import Uplink
 
     async def main():
         ob = Outbox(sys.argv[1])

@@ -1,7 +1,7 @@
 """``edgeml log``: list, read, snapshot, verify and export the raw-input archive.
 
-Everything here reads through :func:`edgeml.rawlog.open_reader`, which never modifies a file,
-so it is safe while the daemon runs. Only ``snapshot`` may write (a seal), and only when no
+Everything here reads through :func:`edgeml.storage.rawlog.open_reader`, which never modifies
+a file, so it is safe while the daemon runs. Only ``snapshot`` may write (a seal), and only when no
 daemon holds the log.
 """
 
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 # ---- commands ------------------------------------------------------------------------------
 def _reader(data_dir: Path, pipeline: str):
     from edgeml.errors import RawLogError
-    from edgeml.rawlog import list_pipelines, open_reader, pipeline_dir
+    from edgeml.storage.rawlog import list_pipelines, open_reader, pipeline_dir
 
     d = pipeline_dir(data_dir, pipeline)
     if not d.is_dir():
@@ -185,7 +185,7 @@ def _reader(data_dir: Path, pipeline: str):
 
 def _ls(args: argparse.Namespace) -> int:
     from edgeml.errors import RawLogError
-    from edgeml.rawlog import list_pipelines
+    from edgeml.storage.rawlog import list_pipelines
 
     names = [args.pipeline] if args.pipeline else list_pipelines(args.data_dir)
     if not names:
@@ -280,7 +280,7 @@ def _cat(args: argparse.Namespace) -> int:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
-    from edgeml.rawlog import RawLog, RawLogBusyError
+    from edgeml.storage.rawlog import RawLog, RawLogBusyError
 
     reader = _reader(args.data_dir, args.pipeline)
     try:  # no daemon running: seal the open segment so the snapshot has the newest records
@@ -320,7 +320,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from edgeml.errors import RawLogError
-    from edgeml.rawlog import pipeline_dir, read_manifest, verify_snapshot
+    from edgeml.storage.rawlog import pipeline_dir, read_manifest, verify_snapshot
 
     manifest = read_manifest(args.manifest)
     pipeline = args.pipeline or manifest.get("pipeline")
@@ -345,7 +345,7 @@ def _export(args: argparse.Namespace) -> int:
     import csv
 
     from edgeml.config import load_config
-    from edgeml.decode import Decoder
+    from edgeml.core.decode import Decoder
     from edgeml.errors import DecodeError, RawLogError
 
     config = load_config(args.config)

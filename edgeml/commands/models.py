@@ -97,7 +97,7 @@ def _install(args: argparse.Namespace) -> int:
     from edgeml.errors import BundleError, EdgemlError
     from edgeml.keys import load_trusted_keys
     from edgeml.profiles import load_profile
-    from edgeml.store import ModelStore
+    from edgeml.storage.models import ModelStore
 
     keys = load_trusted_keys(args.trusted_key)
     profile = None if args.no_self_test else load_profile(args.profile)
@@ -135,7 +135,7 @@ def _row(model) -> dict:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from edgeml.store import ModelStore
+    from edgeml.storage.models import ModelStore
 
     rows = [_row(m) for m in ModelStore(args.data_dir / "models").list()]
     if args.json:
@@ -157,7 +157,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from edgeml.store import ModelStore
+    from edgeml.storage.models import ModelStore
 
     ModelStore(args.data_dir / "models").remove(args.name, args.version)
     print(f"removed {args.name} {args.version}")
@@ -165,7 +165,7 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from edgeml.store import ModelStore
+    from edgeml.storage.models import ModelStore
 
     removed = ModelStore(args.data_dir / "models").prune(args.name, args.keep, args.protect)
     print(f"removed {args.name} {', '.join(removed)}" if removed else "nothing to remove")

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("edgeml").setLevel(logging.INFO)  # a daemon says what it does
 
-    from edgeml.daemon import Daemon
+    from edgeml.core.device import Daemon
 
     def reload():
         return load_config(args.config, broker_url=args.broker, data_dir=args.data_dir)

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
 from edgeml.cli import main
-from edgeml.datasets import DAPHNET_CHANNELS, load_basicmotions, load_daphnet
+from edgeml.host.datasets import DAPHNET_CHANNELS, load_basicmotions, load_daphnet
 from edgeml.keys import generate_keypair, key_id, load_public_key
 
 

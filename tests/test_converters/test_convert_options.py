@@ -16,8 +16,8 @@ from sklearn.svm import SVC
 
 from converters import ParityMismatch, WindowFeatures, convert_estimator, training_fingerprint
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
-from edgeml.datasets import BASICMOTIONS_CHANNELS, load_basicmotions, load_daphnet
 from edgeml.errors import ConversionError, ParityError, UnsupportedEstimatorError
+from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions, load_daphnet
 from edgeml.keys import generate_keypair, key_id, load_private_key, load_public_key
 
 

@@ -27,7 +27,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from converters import SUPPORTED_ESTIMATORS, ParityMismatch, WindowFeatures, convert_estimator
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
-from edgeml.datasets import (
+from edgeml.host.datasets import (
     BASICMOTIONS_CHANNELS,
     BASICMOTIONS_WINDOW,
     load_basicmotions,

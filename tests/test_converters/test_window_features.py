@@ -11,7 +11,7 @@ from skl2onnx.common.data_types import FloatTensorType
 
 from converters import STATS, WindowFeatures, register_converters
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
-from edgeml.datasets import load_basicmotions
+from edgeml.host.datasets import load_basicmotions
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,159 @@
+"""One model version loaded for scoring: the load / predict / unload / ready lifecycle.
+
+A :class:`ModelSlot` owns one onnxruntime session built from the firmware profile. Loading
+warms the session up and runs the manifest's self-test, so a slot that reports ``ready``
+has already reproduced the host's outputs on this device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeml.bundle import Manifest, check_self_test, self_test_array
+from edgeml.errors import EdgemlError, ModelError
+
+log = logging.getLogger("edgeml.core.model")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Outputs of one batch: ``labels`` ``[n]`` and/or ``scores`` ``[n, k]``."""
+
+    labels: np.ndarray | None
+    scores: np.ndarray | None
+    elapsed_ms: float
+
+    def __len__(self) -> int:
+        ref = self.labels if self.labels is not None else self.scores
+        return 0 if ref is None else len(ref)
+
+
+class ModelSlot:
+    """A model version with a role in a pipeline. ``predict`` is safe to call from any thread
+    (onnxruntime sessions are thread-safe and release the GIL while they run)."""
+
+    def __init__(self, manifest: Manifest, model_path: Path, *, role: str, priority: int,
+                 profile: Any) -> None:
+        self.manifest = manifest
+        self.model_path = Path(model_path)
+        self.role = role
+        self.priority = priority
+        self.profile = profile
+        self._session: Any = None
+        self._input_name = manifest.input.name
+        self._label_name = manifest.outputs.label
+        self._scores_name = manifest.outputs.scores
+        self._outputs: list[str] = [n for n in (self._label_name, self._scores_name) if n]
+        self._shape3d = len(manifest.input.shape) == 3
+        classes = manifest.outputs.classes
+        self.classes: tuple | None = tuple(classes) if classes is not None else None
+        self.load_ms: float | None = None
+        self._installed: Any = None
+        # score maps are keyed by the class as a string: JSON needs it, and msgpack readers
+        # refuse integer map keys by default
+        self._class_keys = tuple(str(c) for c in self.classes) if self.classes else ()
+
+    @classmethod
+    def from_installed(cls, installed: Any, *, role: str, priority: int,
+                       profile: Any) -> ModelSlot:
+        slot = cls(installed.manifest, installed.model_path, role=role, priority=priority,
+                   profile=profile)
+        slot._installed = installed  # load() re-checks the model's sha256 (disk rot)
+        return slot
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.manifest.name, self.manifest.version)
+
+    @property
+    def ready(self) -> bool:
+        return self._session is not None
+
+    @property
+    def row_width(self) -> int:
+        return self.manifest.input.row_width
+
+    def load(self, *, self_test: bool = True) -> None:
+        """Build the session, warm it up and run the self-test; raise if any of it fails."""
+        from edgeml.profiles import create_session
+
+        t0 = time.perf_counter()
+        source = self._installed.read_model() if self._installed is not None else self.model_path
+        session = create_session(source, self.profile)
+        names = {o.name for o in session.get_outputs()}
+        missing = [n for n in self._outputs if n not in names]
+        if missing:
+            raise ModelError(f"{self.name} {self.version}: the model has no output "
+                             f"{', '.join(missing)} (it has {', '.join(sorted(names))})")
+        self._session = session
+        try:
+            if self.manifest.self_test is not None and self_test:
+                x = self_test_array(self.manifest)
+                labels, scores = self._run(x)  # first run doubles as the warm-up
+                check_self_test(self.manifest, labels, scores)
+            else:
+                self._run(np.zeros((1, self.row_width), dtype=np.float32))
+        except EdgemlError:
+            self._session = None
+            raise
+        self.load_ms = (time.perf_counter() - t0) * 1000
+        log.info("loaded %s %s as %s in %.1f ms", self.name, self.version, self.role,
+                 self.load_ms)
+
+    def _run(self, x: np.ndarray) -> tuple[Any, Any]:
+        session = self._session
+        if session is None:
+            raise ModelError(f"{self.name} {self.version} is not loaded")
+        if self._shape3d and x.ndim == 2:
+            x = x.reshape(len(x), self.manifest.input.window or 1,
+                          len(self.manifest.input.features))
+        try:
+            outs = session.run(self._outputs, {self._input_name: x})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{self.name} {self.version}: scoring failed: {exc}") from exc
+        labels = outs[0] if self._label_name else None
+        scores = outs[-1] if self._scores_name else None
+        return labels, scores
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        t0 = time.perf_counter()
+        labels, scores = self._run(x)
+        if labels is not None and labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if scores is not None and scores.ndim == 1:
+            scores = scores.reshape(-1, 1)
+        return Prediction(labels, scores, (time.perf_counter() - t0) * 1000)
+
+    def unload(self) -> None:
+        self._session = None
+
+    def outputs(self, pred: Prediction) -> list[dict]:
+        """Per-row ``output`` fields of the record: label and/or scores, JSON/msgpack-ready."""
+        n = len(pred)
+        labels = pred.labels.tolist() if pred.labels is not None else [None] * n
+        kind = self.manifest.outputs.kind
+        if pred.scores is None:
+            key = "value" if kind == "regressor" else "label"
+            return [{key: lab} for lab in labels]
+        scores = pred.scores.tolist()
+        if kind == "classifier" and self.classes and len(self.classes) == len(scores[0]):
+            cls = self._class_keys
+            return [{"label": lab, "scores": dict(zip(cls, s, strict=True))}
+                    for lab, s in zip(labels, scores, strict=True)]
+        if len(scores[0]) == 1:
+            return [{"label": lab, "score": s[0]} for lab, s in zip(labels, scores, strict=True)]
+        return [{"label": lab, "scores": s} for lab, s in zip(labels, scores, strict=True)]

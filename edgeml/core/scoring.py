@@ -1,0 +1,402 @@
+"""One pipeline at run time: accepted rows -> micro-batches -> every active version in
+parallel -> rendezvous -> answers and per-version results.
+
+Data flows one way: the daemon's dispatcher hands in decoded, archived rows
+(:meth:`PipelineRuntime.enqueue`); this module batches and scores them and hands records on
+to an :class:`Emitter` (MQTT answers, outbox). It never calls back into the stages before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeml.config import PipelineConfig
+from edgeml.core.assemble import Row
+from edgeml.core.model import ModelSlot, Prediction
+from edgeml.core.rendezvous import Answer, Outcome, decide, ready
+from edgeml.core.stats import AgreementWindow, PipelineStats
+
+log = logging.getLogger("edgeml.core.scoring")
+
+MAX_PENDING_BATCHES = 2  # per version; beyond this a slow version skips batches (counted)
+# A small batch for versions that have proven fast is scored on the loop thread, one version
+# after another: three thread hand-offs cost more than three sub-millisecond runs. Anything
+# slower, failing or larger goes to the versions' own threads and runs in parallel.
+INLINE_MAX_ROWS = 4
+INLINE_MAX_MS = 0.5  # judged on the fastest of the recent runs: GIL waits inflate the rest
+INLINE_HISTORY = 16
+
+
+class Emitter(Protocol):
+    """Where a pipeline's records go. The daemon publishes answers and fills the outbox."""
+
+    def answers(self, pipeline: str, records: list[dict]) -> None: ...
+
+    def results(self, pipeline: str, records: list[dict]) -> None: ...
+
+    def alert(self, pipeline: str, kind: str, detail: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_batch: int = 64
+    max_wait_ms: float = 0.0
+    queue_limit: int = 10_000
+    queue_policy: str = "drop_oldest"
+
+
+class _SlotRunner:
+    """A version plus its own single worker thread, so versions run in parallel while each
+    version sees its batches in order."""
+
+    def __init__(self, slot: ModelSlot) -> None:
+        self.slot = slot
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"score-{slot.name}-{slot.version}"
+        )
+        self.pending = 0
+        self.last: asyncio.Future | None = None
+        self.inline_ok = False  # proven fast: small batches may run on the loop thread
+        self._recent: collections.deque[float] = collections.deque(maxlen=INLINE_HISTORY)
+
+    def observe(self, pred: Prediction | None, exc: BaseException | None) -> None:
+        """Learn from each run whether this version is fast enough to run inline. A failure
+        sends it back to its thread until it has proven itself again."""
+        if exc is not None or pred is None:
+            self._recent.clear()
+            self.inline_ok = False
+            return
+        self._recent.append(pred.elapsed_ms)
+        self.inline_ok = len(self._recent) >= 4 and min(self._recent) <= INLINE_MAX_MS
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=False)
+
+
+class PipelineRuntime:
+    def __init__(self, config: PipelineConfig, *, emitter: Emitter,
+                 batching: BatchingSettings, stats: PipelineStats | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.name = config.name
+        self.emitter = emitter
+        self.batching = batching
+        self.stats = stats or PipelineStats()
+        self.policy = config.policy
+        self.deadline_s = config.deadline_ms / 1000.0
+        self._clock = clock
+        self._queue: collections.deque[Row] = collections.deque()
+        self._wake = asyncio.Event()
+        self._runners: dict[tuple[str, str], _SlotRunner] = {}
+        self._slots: tuple[ModelSlot, ...] = ()
+        self._stopping = False
+        self.canary = AgreementWindow(config.canary_window)
+        self.canary_alerted = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inflight_results: set[asyncio.Future] = set()
+        self._last_batch = 0
+
+    # ---- the active set ----------------------------------------------------------------------
+    @property
+    def slots(self) -> tuple[ModelSlot, ...]:
+        return self._slots
+
+    def set_slots(self, slots: Sequence[ModelSlot]) -> None:
+        """Swap the active set between two batches; loaded sessions are reused by key."""
+        keep = {s.key for s in slots}
+        for key, runner in list(self._runners.items()):
+            if key not in keep:
+                runner.close()
+                del self._runners[key]
+        for s in slots:
+            runner = self._runners.get(s.key)
+            if runner is None:
+                self._runners[s.key] = _SlotRunner(s)
+            else:
+                runner.slot = s
+            self.stats.version(s.name, s.version)
+        self._slots = tuple(sorted(slots, key=lambda s: s.priority))
+        if not any(s.role == "canary" for s in slots):
+            self.canary.clear()
+
+    def reconfigure(self, config: PipelineConfig) -> None:
+        """Take the settings that can change live (policy, deadline, top_n, canary) from a
+        reloaded config; the caller swaps the model slots separately."""
+        self.config = config
+        self.policy = config.policy
+        self.deadline_s = config.deadline_ms / 1000.0
+
+    def champion(self) -> ModelSlot | None:
+        return next((s for s in self._slots if s.role == "champion"), None)
+
+    # ---- input side ----------------------------------------------------------------------------
+    def enqueue(self, rows: Sequence[Row]) -> int:
+        """Add accepted rows; returns how many were dropped by the bounded queue's policy."""
+        q, limit = self._queue, self.batching.queue_limit
+        dropped = 0
+        if self.batching.queue_policy == "drop_newest":
+            room = max(limit - len(q), 0)
+            q.extend(rows[:room])
+            dropped = len(rows) - min(room, len(rows))
+        else:
+            q.extend(rows)
+            while len(q) > limit:
+                q.popleft()
+                dropped += 1
+        self.stats.rows += len(rows)
+        if dropped:
+            self.stats.dropped += dropped
+        self._idle.clear()
+        self._wake.set()
+        return dropped
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # ---- the scoring loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Score until :meth:`stop`; then drain what is queued and return."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._idle.set()
+                if self._stopping:
+                    break
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if (self.batching.max_wait_ms > 0 and len(self._queue) < self.batching.max_batch
+                    and self._last_batch >= self.batching.max_batch):
+                # Only when the previous batch was full (the stream outruns scoring) is it
+                # worth letting this one fill up; below that rows are scored as they come and
+                # batches form by themselves while the previous one is being scored.
+                await asyncio.sleep(self.batching.max_wait_ms / 1000.0)
+            batch = [self._queue.popleft()
+                     for _ in range(min(self.batching.max_batch, len(self._queue)))]
+            self._last_batch = len(batch)
+            try:
+                await self._score(loop, batch)
+            except Exception:  # a bug here must not stop the pipeline
+                self.stats.errors += 1
+                log.exception("pipeline %s: batch of %d rows failed", self.name, len(batch))
+        if self._inflight_results:
+            await asyncio.wait(self._inflight_results, timeout=5)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[Row]) -> None:
+        x = np.stack([r.features for r in batch])
+        slots = self._slots
+        if len(batch) <= INLINE_MAX_ROWS and slots and all(
+                (r := self._runners[s.key]).inline_ok and r.pending == 0 for s in slots):
+            self._score_inline(slots, x, batch)
+            return
+        t_dispatch = time.monotonic()
+        deadline = t_dispatch + self.deadline_s
+        futures: dict[asyncio.Future, ModelSlot] = {}
+        skipped: list[ModelSlot] = []
+        for slot in slots:
+            runner = self._runners[slot.key]
+            if runner.pending >= MAX_PENDING_BATCHES and runner.last is not None:
+                # backpressure: a version that is merely busy gets up to one deadline to catch
+                # up; only a version that stays stuck skips the batch (counted, recorded)
+                await asyncio.wait([runner.last], timeout=self.deadline_s)
+            if runner.pending >= MAX_PENDING_BATCHES:
+                skipped.append(slot)
+                self.stats.version(slot.name, slot.version).skipped += len(batch)
+                continue
+            runner.pending += 1
+            fut = loop.run_in_executor(runner.pool, slot.predict, x)
+            runner.last = fut
+            futures[fut] = slot
+        self.stats.batches += 1
+        done_outcomes: list[Outcome] = []
+        pending = set(futures)
+        while pending:
+            pending_roles = [futures[f].role for f in pending]
+            if ready(self.policy, done_outcomes, pending_roles):
+                break
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=timeout,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                done_outcomes.append(self._outcome(futures[f], f, batch, late=False))
+        answers = decide(self.policy, done_outcomes, len(batch), top_n=self.config.top_n,
+                         champion_configured=any(s.role == "champion" for s in slots))
+        self._emit_answers(batch, answers)
+        self._results(batch, done_outcomes, late=False)
+        self._track_canary(done_outcomes)
+        for f in pending:  # late versions: recorded when they finish, never waited for
+            slot = futures[f]
+            self._inflight_results.add(f)
+            f.add_done_callback(lambda fut, s=slot: self._late(fut, s, batch))
+        for s in skipped:
+            self._results(batch, [Outcome(s.name, s.version, s.role, s.priority,
+                                          error="skipped: version busy")], late=False)
+
+    def _score_inline(self, slots: Sequence[ModelSlot], x: np.ndarray,
+                      batch: list[Row]) -> None:
+        self.stats.batches += 1
+        outcomes = []
+        for slot in slots:
+            try:
+                pred, exc = slot.predict(x), None
+            except Exception as e:  # recorded like a threaded failure
+                pred, exc = None, e
+            self._runners[slot.key].observe(pred, exc)
+            outcomes.append(self._make_outcome(slot, pred, exc, batch, late=False))
+        answers = decide(self.policy, outcomes, len(batch), top_n=self.config.top_n,
+                         champion_configured=any(s.role == "champion" for s in slots))
+        self._emit_answers(batch, answers)
+        self._results(batch, outcomes, late=False)
+        self._track_canary(outcomes)
+
+    def _outcome(self, slot: ModelSlot, fut: asyncio.Future, batch: list[Row],
+                 late: bool) -> Outcome:
+        runner = self._runners.get(slot.key)
+        if runner is not None:
+            runner.pending -= 1
+        exc = fut.exception()
+        pred = fut.result() if exc is None else None
+        if runner is not None:
+            runner.observe(pred, exc)
+        return self._make_outcome(slot, pred, exc, batch, late)
+
+    def _make_outcome(self, slot: ModelSlot, pred: Prediction | None,
+                      exc: BaseException | None, batch: list[Row], late: bool) -> Outcome:
+        vs = self.stats.version(slot.name, slot.version)
+        vs.batches += 1
+        if exc is not None or pred is None:
+            vs.errors += len(batch)
+            vs.last_error = str(exc)
+            return Outcome(slot.name, slot.version, slot.role, slot.priority,
+                           error=str(exc), done_at=time.monotonic())
+        try:
+            outputs = slot.outputs(pred)
+        except Exception as exc:  # a model whose outputs do not match its manifest
+            vs.errors += len(batch)  # an error, not also a scored row
+            vs.last_error = f"bad outputs: {exc}"
+            return Outcome(slot.name, slot.version, slot.role, slot.priority,
+                           error=vs.last_error, done_at=time.monotonic())
+        vs.rows += len(batch)
+        vs.latency.add(pred.elapsed_ms)
+        if late:
+            vs.late += len(batch)
+        labels = [o.get("label") for o in outputs]
+        return Outcome(slot.name, slot.version, slot.role, slot.priority, outputs=outputs,
+                       labels=labels, scores=pred.scores, classes=slot.classes,
+                       done_at=time.monotonic())
+
+    def _late(self, fut: asyncio.Future, slot: ModelSlot, batch: list[Row]) -> None:
+        self._inflight_results.discard(fut)
+        outcome = self._outcome(slot, fut, batch, late=True)
+        self._results(batch, [outcome], late=True)
+
+    def _emit_answers(self, batch: list[Row], answers: list[Answer]) -> None:
+        now = self._clock()
+        policy = self.policy
+        records = []
+        st = self.stats
+        for row, a in zip(batch, answers, strict=True):
+            latency = (now - row.received) * 1000.0
+            rec = {
+                "id": row.id, "topic": row.topic, "pipeline": self.name, "model": a.model,
+                "version": a.version, "output": a.output, "policy": policy,
+                "fallback": a.fallback, "latency_ms": round(latency, 3), "ts": row.received,
+                "input_seq": row.seq,
+            }
+            if row.sub:
+                rec["row"] = row.sub
+            if a.error:
+                rec["error"] = a.error
+                st.unanswered += 1
+            if a.fallback:
+                st.fallbacks += 1
+            st.answer_latency.add(latency)
+            records.append(rec)
+        st.scored += len(batch)
+        # per version; an ensemble answer (mean: "a+b") belongs to no single version
+        for key, n in collections.Counter((a.model, a.version) for a in answers).items():
+            if key in self._runners:
+                self.stats.version(*key).answered += n
+        self.emitter.answers(self.name, records)
+
+    def _results(self, batch: list[Row], outcomes: Sequence[Outcome], late: bool) -> None:
+        records = []
+        for o in outcomes:
+            for i, row in enumerate(batch):
+                rec: dict[str, Any] = {
+                    "id": row.id, "topic": row.topic, "pipeline": self.name, "model": o.name,
+                    "version": o.version, "role": o.role, "ts": row.received,
+                    "input_seq": row.seq, "late": late,
+                    "output": o.outputs[i] if o.outputs is not None else None,
+                }
+                if row.sub:
+                    rec["row"] = row.sub
+                if o.error:
+                    rec["error"] = o.error
+                records.append(rec)
+        if records:
+            self.emitter.results(self.name, records)
+
+    def _track_canary(self, outcomes: Sequence[Outcome]) -> None:
+        champ = next((o for o in outcomes if o.role == "champion" and o.ok), None)
+        canary = next((o for o in outcomes if o.role == "canary" and o.ok), None)
+        if champ is None or canary is None:
+            return
+        self.canary.add_many(champ.labels or [], canary.labels or [])
+        value = self.canary.value
+        threshold = self.config.canary_threshold
+        if value is None or self.canary.count < min(self.canary._hits.maxlen or 1, 20):
+            return
+        if value < threshold and not self.canary_alerted:
+            self.canary_alerted = True
+            detail = {"agreement": round(value, 4), "threshold": threshold,
+                      "champion": f"{champ.name}:{champ.version}",
+                      "canary": f"{canary.name}:{canary.version}", "window": self.canary.count}
+            log.warning("pipeline %s: champion/canary agreement %.3f below %.3f", self.name,
+                        value, threshold)
+            self.emitter.alert(self.name, "canary_agreement_low", detail)
+        elif value >= threshold:
+            self.canary_alerted = False
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.close()
+        self._runners.clear()
+
+    def status(self) -> dict:
+        st = self.stats
+        versions = []
+        for s in self._slots:
+            vs = st.version(s.name, s.version)
+            versions.append({"model": s.name, "version": s.version, "role": s.role,
+                             "priority": s.priority, **vs.to_dict()})
+        return {
+            "policy": self.policy, "deadline_ms": self.config.deadline_ms,
+            "received": st.received, "accepted": st.accepted, "rejected": st.rejected,
+            "rejected_by_reason": dict(st.rejected_by_reason), "rows": st.rows,
+            "dropped": st.dropped, "scored": st.scored, "published": st.published,
+            "fallbacks": st.fallbacks, "unanswered": st.unanswered, "errors": st.errors,
+            "queue_depth": len(self._queue), "answer_latency": st.answer_latency.summary(),
+            "versions": versions,
+            "canary_agreement": self.canary.value,
+        }

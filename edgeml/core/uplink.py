@@ -1,0 +1,414 @@
+"""The uplink: drains the outbox to the upstream broker, one batch per QoS 1 message.
+
+A record leaves the outbox only after the broker acknowledged (PUBACK) the message that
+carried it, so delivery is at-least-once: a crash between the PUBACK and the local delete sends
+the batch again, with the same record ids, and upstream drops the duplicates by id.
+
+One batch is in flight at a time, so memory stays bounded however long the broker is away.
+While the link is down paho reconnects on its own (with the ``BrokerSettings`` backoff) and
+resends the batch in flight; the uplink only checks the connection flag every ``retry_min_s``.
+Errors (a refused publish, the outbox failing) back off exponentially from ``retry_min_s`` to
+``retry_max_s``. Streams are served strictly by priority; within a stream, in insertion order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgpack
+
+from edgeml.errors import ConfigError, OutboxError, TransportError
+from edgeml.storage.outbox import Outbox, OutboxChunk
+from edgeml.transport.mqtt import BrokerSettings, MqttClient
+
+log = logging.getLogger("edgeml.core.uplink")
+
+SCHEMA = 1
+FORMATS = ("msgpack", "json")
+
+
+def upstream_settings(broker: BrokerSettings, device_id: str) -> BrokerSettings:
+    """The uplink's own connection when ``[upstream]`` is not configured: the device's broker,
+    a separate client id and a persistent session (so a batch in flight survives a reconnect)."""
+    return dataclasses.replace(broker, client_id=f"edgeml-{device_id}-uplink", clean_start=False)
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, (bytes, bytearray)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def _records_of(chunk: OutboxChunk) -> list[dict[str, Any]]:
+    try:
+        records = chunk.records()
+    except (ValueError, msgpack.UnpackException) as exc:  # a damaged row: say so, go on
+        return [{"record_id": chunk.chunk_id, "error": f"undecodable chunk: {exc}"}]
+    return [r if isinstance(r, dict) else {"value": r} for r in records]
+
+
+class Uplink:
+    """``await Uplink(outbox, client_or_settings, topic_prefix=..., device_id=...).run()``.
+
+    ``client``: an entered :class:`MqttClient` the caller owns (enter it with
+    ``require_connection=False`` so an upstream that is away at start does not stop the device),
+    or :class:`BrokerSettings`, in which case the uplink makes, enters and closes its own client.
+    Publishes to ``{topic_prefix}/{device_id}/sync/{stream}``.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        client: MqttClient | BrokerSettings,
+        *,
+        topic_prefix: str,
+        device_id: str,
+        batch_max_records: int = 500,
+        batch_max_bytes: int = 256 * 1024,
+        batch_max_wait_s: float = 0.5,
+        bandwidth_bytes_per_s: float | None = None,
+        retry_min_s: float = 0.5,
+        retry_max_s: float = 30.0,
+        ack_timeout_s: float = 30.0,
+        alert_interval_s: float = 10.0,
+        format: str = "msgpack",
+    ) -> None:
+        def positive(key: str, value: float | None, *, optional: bool = False) -> None:
+            if value is None and optional:
+                return
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"must be a positive number, not {value!r}", key=f"sync.{key}")
+
+        if not device_id or any(c in device_id for c in "/+#"):
+            raise ConfigError(f"must be one MQTT topic level, not {device_id!r}", key="device_id")
+        if not topic_prefix or any(c in topic_prefix for c in "+#"):
+            raise ConfigError(f"must be a topic without wildcards, not {topic_prefix!r}",
+                              key="topic_prefix")
+        if not isinstance(batch_max_records, int) or batch_max_records < 1:
+            raise ConfigError(f"must be an integer >= 1, not {batch_max_records!r}",
+                              key="sync.batch_max_records")
+        positive("batch_max_bytes", batch_max_bytes)
+        positive("batch_max_wait_s", batch_max_wait_s)
+        positive("bandwidth_bytes_per_s", bandwidth_bytes_per_s, optional=True)
+        positive("retry_min_s", retry_min_s)
+        positive("retry_max_s", retry_max_s)
+        positive("ack_timeout_s", ack_timeout_s)
+        positive("alert_interval_s", alert_interval_s)
+        if retry_max_s < retry_min_s:
+            raise ConfigError(f"must be >= retry_min_s ({retry_min_s}), not {retry_max_s}",
+                              key="sync.retry_max_s")
+        if format not in FORMATS:
+            raise ConfigError(f"must be one of {', '.join(FORMATS)}, not {format!r}",
+                              key="sync.format")
+        if not isinstance(client, (MqttClient, BrokerSettings)):
+            raise TypeError("client must be an MqttClient or BrokerSettings")
+        self.outbox = outbox
+        self._given = client if isinstance(client, MqttClient) else None
+        self._settings = client if isinstance(client, BrokerSettings) else None
+        self.topic_prefix = topic_prefix
+        self.device_id = device_id
+        self.batch_max_records = batch_max_records
+        self.batch_max_bytes = int(batch_max_bytes)
+        self.batch_max_wait_s = float(batch_max_wait_s)
+        self.bandwidth_bytes_per_s = bandwidth_bytes_per_s
+        self.retry_min_s = float(retry_min_s)
+        self.retry_max_s = float(retry_max_s)
+        self.ack_timeout_s = float(ack_timeout_s)
+        self.alert_interval_s = float(alert_interval_s)
+        self.format = format
+
+        self._client: MqttClient | None = self._given
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake: asyncio.Event | None = None
+        self._wake_scheduled = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._next_send_at = 0.0
+        self._next_alert_at = 0.0
+        self._batch_seq = 0
+        # a stored chunk always fits in one message (unless written under larger limits)
+        outbox.limit_chunks(batch_max_records, int(batch_max_bytes))
+        # status
+        self.batches_sent = 0
+        self.records_sent = 0
+        self.bytes_sent = 0
+        self.alerts_sent = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._last_ack: float | None = None
+        self._in_flight = 0
+
+    def topic(self, stream: str) -> str:
+        return f"{self.topic_prefix}/{self.device_id}/sync/{stream}"
+
+    # ---- waking -----------------------------------------------------------------------------
+    def notify(self) -> None:
+        """New records are in the outbox: wake the uplink now (callable from any thread)."""
+        loop = self._loop
+        if loop is None or self._wake_scheduled:
+            return
+        self._wake_scheduled = True
+        if threading.get_ident() == self._loop_thread:
+            self._do_wake()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._do_wake)
+            except RuntimeError:  # the loop is closed: nothing to wake
+                self._wake_scheduled = False
+
+    def _do_wake(self) -> None:
+        self._wake_scheduled = False
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        assert self._wake is not None
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    # ---- running ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Send batches until cancelled. Never returns on its own; errors are counted, logged
+        and retried, so it can be one task of the daemon's TaskGroup."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeml-uplink")
+        try:
+            if self._given is not None:
+                await self._serve(self._given)
+            else:
+                await self._run_owned()
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            self._loop = None
+
+    async def _run_owned(self) -> None:
+        assert self._settings is not None
+        backoff = self.retry_min_s
+        while True:
+            try:
+                # Enter at once even if the upstream is away: paho keeps trying with the
+                # settings' reconnect backoff, and the outbox holds the records meanwhile.
+                async with MqttClient(self._settings, require_connection=False) as client:
+                    self._client = client
+                    backoff = self.retry_min_s
+                    await self._serve(client)
+            except TransportError as exc:
+                self._error(f"upstream {self._settings.url}: {exc}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.retry_max_s)
+            finally:
+                self._client = None
+
+    async def _serve(self, client: MqttClient) -> None:
+        backoff = self.retry_min_s
+        while True:
+            if not client.connected:
+                # paho reconnects by itself; checking a flag now and then is all we need.
+                await asyncio.sleep(self.retry_min_s)
+                continue
+            try:
+                wait = await self._step(client)
+            except (TransportError, OutboxError) as exc:
+                self._error(str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.retry_max_s)
+                continue
+            except Exception as exc:  # the uplink must outlive any one failure (months uptime)
+                log.exception("uplink: unexpected error; retrying")
+                self._error(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.retry_max_s)
+                continue
+            backoff = self.retry_min_s
+            if wait is not None:
+                await self._wait_for_work(wait)
+
+    def _error(self, message: str) -> None:
+        self.errors += 1
+        self.last_error = message
+        log.warning("uplink: %s", message)
+
+    async def _call(self, fn, *args):
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._executor, fn, *args)
+
+    async def _step(self, client: MqttClient) -> float | None:
+        """Send one message if one is due. Returns None after sending, else how long to wait."""
+        ob = self.outbox
+        mono = time.monotonic()
+        if ob.has_unreported_drops:
+            if mono >= self._next_alert_at:
+                report = await self._call(ob.take_drop_report)
+                if report is not None:
+                    await self._send_alert(client, report)
+                    return None
+            alert_wait: float | None = self._next_alert_at - mono
+        else:
+            alert_wait = None
+        stream, wait = self._ready_stream(time.time())
+        if stream is None:
+            return min(w for w in (wait, alert_wait) if w is not None)
+        if self.bandwidth_bytes_per_s is not None:
+            delay = self._next_send_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        seq = self._batch_seq + 1
+        batch, records, payload = await self._call(self._take, stream, seq)
+        if not batch:  # the figures said otherwise: look again later, never spin
+            return self.batch_max_wait_s
+        topic = self.topic(stream)
+        self._in_flight = records
+        try:
+            await self._publish(client, topic, payload)
+        finally:
+            self._in_flight = 0
+        self._batch_seq = seq
+        self._sent(records, len(payload) + len(topic))  # the broker has it
+        await self._call(ob.ack, batch)
+        return None
+
+    def _ready_stream(self, now: float) -> tuple[str | None, float]:
+        """The stream to send now, or None and how long until a batch is due.
+
+        A batch is due when some stream holds a full batch or its oldest record has waited
+        ``batch_max_wait_s``; then the highest-priority stream holding anything goes first."""
+        first = None
+        due = self.batch_max_wait_s
+        for stream in self.outbox.by_priority:
+            n, nbytes, oldest = self.outbox.pending(stream)
+            if n <= 0:
+                continue
+            if first is None:
+                first = stream
+            if n >= self.batch_max_records or nbytes >= self.batch_max_bytes or oldest is None:
+                return first, 0.0
+            left = oldest + self.batch_max_wait_s - now
+            if left <= 0:
+                return first, 0.0
+            due = min(due, left)
+        return None, due
+
+    def _sent(self, records: int, nbytes: int) -> None:
+        self.batches_sent += 1
+        self.records_sent += records
+        self.bytes_sent += nbytes
+        self._last_ack = time.time()
+        if self.bandwidth_bytes_per_s is not None:
+            start = max(self._next_send_at, time.monotonic())
+            self._next_send_at = start + nbytes / self.bandwidth_bytes_per_s
+
+    # ---- messages ---------------------------------------------------------------------------
+    def _take(self, stream: str, seq: int) -> tuple[list[OutboxChunk], int, bytes]:
+        """In the executor thread: lease the next batch of whole chunks and encode its
+        message; ``(chunks, records, payload)``."""
+        batch = self.outbox.next_batch(stream, max_records=self.batch_max_records,
+                                       max_bytes=self.batch_max_bytes)
+        if not batch:
+            return batch, 0, b""
+        records = sum(c.count for c in batch)
+        if self.format == "msgpack":
+            return batch, records, self._splice_message(stream, seq, batch, records)
+        return batch, records, self.encode_message(
+            stream, seq, [r for c in batch for r in _records_of(c)])
+
+    def _envelope(self, stream: str, seq: int) -> dict[str, Any]:
+        return {"schema": SCHEMA, "device": self.device_id, "stream": stream, "batch_seq": seq,
+                "sent": time.time()}
+
+    def encode_message(self, stream: str, seq: int, records: list[dict[str, Any]]) -> bytes:
+        msg = {**self._envelope(stream, seq), "records": records}
+        if self.format == "json":
+            return json.dumps(msg, separators=(",", ":"), default=_json_default).encode()
+        return msgpack.packb(msg, use_bin_type=True)
+
+    def _splice_message(self, stream: str, seq: int, batch: list[OutboxChunk],
+                        records: int) -> bytes:
+        """The msgpack message built from the stored bytes: a chunk's payload is its records,
+        each already the map that goes on the wire (``record_id`` first), back to back, so the
+        message is the envelope, an array header and the chunks joined: no record is decoded."""
+        packer = msgpack.Packer(use_bin_type=True)
+        envelope = self._envelope(stream, seq)
+        parts = [packer.pack_map_header(len(envelope) + 1)]
+        for key, value in envelope.items():
+            parts += (packer.pack(key), packer.pack(value))
+        parts += (packer.pack("records"), packer.pack_array_header(records))
+        parts += [c.payload for c in batch]
+        return b"".join(parts)
+
+    async def _publish(self, client: MqttClient, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and wait for the PUBACK however long the link is down: paho keeps
+        the message and resends it on reconnect. Only if the broker stays connected and silent
+        for ``ack_timeout_s`` do we give up on this copy (the caller retries the batch)."""
+        task = asyncio.ensure_future(client.publish(topic, payload, qos=1))
+        stalled_since: float | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(1.0, self.ack_timeout_s))
+                if done:
+                    task.result()
+                    return
+                if not client.connected:
+                    stalled_since = None
+                    continue
+                now = time.monotonic()
+                if stalled_since is None:
+                    stalled_since = now
+                elif now - stalled_since >= self.ack_timeout_s:
+                    raise TransportError(f"no PUBACK for {topic} within "
+                                         f"{self.ack_timeout_s:g} s while connected")
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _send_alert(self, client: MqttClient, report: dict[str, Any]) -> None:
+        """Drop counts go straight to ``sync/alerts`` (not through the outbox, which may be
+        full); they are marked reported only after the PUBACK."""
+        now = time.time()
+        record = {"record_id": f"{self.device_id}/outbox/drops/{report['total']}",
+                  "kind": report["kind"], "device": self.device_id, "ts": now,
+                  "streams": report["streams"]}
+        seq = self._batch_seq + 1
+        payload = self.encode_message("alerts", seq, [record])
+        topic = self.topic("alerts")
+        self._in_flight = 1
+        try:
+            await self._publish(client, topic, payload)
+        finally:
+            self._in_flight = 0
+        self._batch_seq = seq
+        self.alerts_sent += 1
+        self._next_alert_at = time.monotonic() + self.alert_interval_s
+        self._sent(0, len(payload) + len(topic))
+        await self._call(self.outbox.ack_drop_report, report)
+
+    # ---- status -----------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """For the status topic: what was sent, when the last PUBACK came, errors, link state."""
+        client = self._client
+        return {
+            "connected": bool(client is not None and client.connected),
+            "batches_sent": self.batches_sent,
+            "records_sent": self.records_sent,
+            "bytes_sent": self.bytes_sent,
+            "alerts_sent": self.alerts_sent,
+            "in_flight": self._in_flight,
+            "last_ack_age_s": (round(time.time() - self._last_ack, 3)
+                               if self._last_ack is not None else None),
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }

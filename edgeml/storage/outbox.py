@@ -1,0 +1,1066 @@
+"""The durable outbox: versioned outputs wait here until the upstream broker has them.
+
+SQLite in WAL mode (stdlib ``sqlite3``): a batch of records is one atomic transaction, a
+process crash never loses a committed record nor leaves half a batch, everything lives in one
+directory, and there is no dependency to install. Records are grouped in named *streams*, each
+with a priority (lower is sent first) and a policy for a full disk budget. Every record carries
+a stable unique id, so a replay after a crash does not duplicate locally (within the newest
+``DEDUP_WINDOW`` records of a stream) and upstream can drop the duplicates that at-least-once
+delivery makes on the wire.
+
+Storage is in *chunks*: one row holds the records one ``put_many`` wrote to one stream (at
+most ``chunk_max_records`` / ``chunk_max_bytes`` of them), each already encoded as the map the
+uplink sends (``record_id`` first). SQLite's cost is per row, so a flush of 800 records costs
+about ten inserts instead of 800, and the uplink splices whole chunks into a message without
+touching a record. Counts (backlog, drops) stay in records; eviction and acknowledgement work
+on whole chunks.
+
+Thread-safety: one SQLite connection (``check_same_thread=False``) behind one lock; every
+public method may be called from any thread, and blocks while SQLite works. From asyncio, call
+them in an executor (the daemon's writer thread puts, the :class:`~edgeml.core.uplink.Uplink` reads
+and acks from its own executor thread). ``pending()`` and ``has_unreported_drops`` read
+in-memory figures only and are cheap enough for the event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgpack
+
+from edgeml.errors import ConfigError, OutboxError
+
+try:  # POSIX: keep a second process from opening the same outbox
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("edgeml.storage.outbox")
+
+POLICIES = ("drop_oldest", "refuse_new")
+DB_NAME = "outbox.db"
+LOCK_NAME = "outbox.lock"
+# Per-row cost beyond payload and id: the row header, the rowid, the covering stream index entry
+# and B-tree slack. Measured on SQLite 3.40 (see docs/sync.md); keeps ``bytes_used`` close to the
+# space the live rows take in the file.
+ROW_OVERHEAD = 96
+_SCHEMA_VERSION = 2  # 1: one row per record (table ``records``); 2: chunks (migrated at open)
+# A chunk is at most this many records / payload bytes (the uplink lowers both to its batch
+# limits, so one chunk always fits one message). ~100 records make the per-row cost negligible
+# while keeping eviction and message packing fine-grained.
+CHUNK_MAX_RECORDS = 100
+CHUNK_MAX_BYTES = 64 * 1024
+# Local deduplication by record id covers the newest this-many records of each stream: what
+# the daemon re-scores after a crash (everything after the last committed high-water mark) is
+# far fewer; a record re-stored further back is stored again and upstream drops it by id.
+DEDUP_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    """One named stream: ``priority`` (lower is sent first) and what a full budget does.
+
+    ``on_full="drop_oldest"``: the stream is a ring buffer; its oldest records may be evicted to
+    make room for its own new records and for those of higher-priority streams.
+    ``on_full="refuse_new"``: what the stream holds is never evicted; a new record that does not
+    fit (after room is taken from lower-priority ``drop_oldest`` streams) is refused.
+    """
+
+    name: str
+    priority: int
+    on_full: str = "drop_oldest"
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/+#\0"):
+            raise ConfigError(f"invalid stream name {self.name!r} (one MQTT topic level)",
+                              key="outbox.streams")
+        if not isinstance(self.priority, int) or self.priority < 0:
+            raise ConfigError(f"priority must be an integer >= 0, not {self.priority!r}",
+                              key=f"outbox.streams.{self.name}.priority")
+        if self.on_full not in POLICIES:
+            raise ConfigError(f"must be one of {', '.join(POLICIES)}, not {self.on_full!r}",
+                              key=f"outbox.streams.{self.name}.on_full")
+
+
+DEFAULT_STREAMS: Mapping[str, StreamPolicy] = {
+    # Alerts and deployment events are rare and small; they must never be silently evicted.
+    "alerts": StreamPolicy("alerts", 0, "refuse_new"),
+    # The selected answers: what users act on, sent before the bulk of all-version results.
+    "outputs": StreamPolicy("outputs", 1, "drop_oldest"),
+    "deploy": StreamPolicy("deploy", 1, "refuse_new"),
+    # Every version's result: the bulk; the first thing given up when the disk budget is full.
+    "results": StreamPolicy("results", 2, "drop_oldest"),
+}
+
+
+@dataclass(frozen=True)
+class OutboxChunk:
+    """One stored row: ``count`` records of one stream from one ``put_many``, oldest first.
+
+    ``payload`` is the records back to back, each a msgpack map whose first key is
+    ``record_id``: the very bytes a batch message carries, so the uplink splices chunks into a
+    message without decoding them. ``rowid`` orders chunks (insertion order) and is never
+    reused; ``size`` is what the chunk is charged against the budget.
+    """
+
+    rowid: int
+    stream: str
+    chunk_id: str
+    count: int
+    payload: bytes
+    created: float
+    size: int
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records, decoded, each with its ``record_id``."""
+        return unpack_records(self.payload)
+
+    def record_ids(self) -> list[str]:
+        return [r.get("record_id") for r in self.records()]
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What one ``put_many`` did. ``evicted`` counts older records removed to make room."""
+
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    evicted: int = 0
+
+
+def _part(value: object) -> str:
+    s = str(value)
+    return quote(s, safe="") if ("/" in s or "%" in s) else s
+
+
+def record_id(device: str, pipeline: str, input_seq: int | str, model: str, version: str,
+              stream: str) -> str:
+    """The stable unique id of a record, e.g. ``watch-01/activity/1234/activity/2/results``.
+
+    A ``/`` or ``%`` inside a part is percent-encoded, so distinct parts never give one id.
+    """
+    return "/".join(_part(p) for p in (device, pipeline, input_seq, model, version, stream))
+
+
+def chunk_id(first_record_id: str, count: int) -> str:
+    """A chunk's unique id: its first record's id and how many records it holds."""
+    return f"{first_record_id}+{count}"
+
+
+def chunk_bytes(stream: str, cid: str, payload: bytes) -> int:
+    """Bytes a chunk is charged against the budget: its records (each with its id), the chunk
+    id (row and unique index), stream name and a fixed per-row overhead."""
+    return len(payload) + 2 * len(cid) + len(stream) + ROW_OVERHEAD
+
+
+def _msgpack_default(obj: object) -> object:
+    # numpy scalars and arrays (and anything else with tolist) become plain lists/numbers.
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(record, use_bin_type=True, default=_msgpack_default)
+
+
+_local = threading.local()
+_RID_KEY = msgpack.packb("record_id")
+
+
+def pack_record(rid: str, record: Mapping[str, Any]) -> bytes:
+    """A record as stored and sent: its fields with ``record_id`` in front, byte for byte
+    ``encode_record({"record_id": rid, **record})``. A reused per-thread Packer and a spliced
+    map header cost half as much as that (packb builds a Packer per call)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_msgpack_default)
+    if type(record) is not dict:
+        return packer.pack({"record_id": rid, **record})
+    spliced = _prepend_id(packer, rid, packer.pack(record))
+    assert spliced is not None  # a dict always packs as a map
+    return spliced
+
+
+def _prepend_id(packer: msgpack.Packer, rid: str, packed_map: bytes) -> bytes | None:
+    """``packed_map`` (a msgpack map) with ``record_id`` spliced in as its first key, without
+    decoding it; None if the bytes are not a map."""
+    n, body = _map_body(packed_map)
+    if body is None:
+        return None
+    return b"".join((packer.pack_map_header(n + 1), _RID_KEY, packer.pack(rid), body))
+
+
+def unpack_records(payload: bytes) -> list[Any]:
+    """The records of a chunk payload (maps with non-string keys are allowed)."""
+    up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(payload) + 1)
+    up.feed(payload)
+    return list(up)
+
+
+def _ids_of(payload: bytes) -> list[str]:
+    try:
+        return [r.get("record_id") if isinstance(r, dict) else None
+                for r in unpack_records(payload)]
+    except (ValueError, msgpack.UnpackException):  # a damaged row: dedup cannot use it
+        return []
+
+
+def _map_body(payload: bytes) -> tuple[int, bytes | None]:
+    """``(entries, bytes after the header)`` of a msgpack map, or ``(0, None)``."""
+    if not payload:
+        return 0, None
+    h = payload[0]
+    if 0x80 <= h <= 0x8F:
+        return h & 0x0F, payload[1:]
+    if h == 0xDE and len(payload) >= 3:
+        return int.from_bytes(payload[1:3], "big"), payload[3:]
+    if h == 0xDF and len(payload) >= 5:
+        return int.from_bytes(payload[1:5], "big"), payload[5:]
+    return 0, None
+
+
+def _v1_record(rid: str, payload: bytes) -> bytes:
+    """A schema-1 row (record without its id) as a schema-2 record: ``record_id`` spliced in
+    front without decoding; a damaged or non-map payload the way the uplink used to send it."""
+    spliced = _prepend_id(msgpack.Packer(use_bin_type=True), rid, payload)
+    if spliced is not None:
+        return spliced
+    try:
+        fields: Any = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        fields = {"error": f"undecodable record: {exc}"}
+    if not isinstance(fields, dict):
+        fields = {"value": fields}
+    return encode_record({"record_id": rid, **fields})
+
+
+@dataclass(frozen=True)
+class _NewChunk:
+    stream: str
+    chunk_id: str
+    ids: list[str]
+    parts: list[bytes]
+    payload: bytes
+    size: int
+
+    @classmethod
+    def of(cls, stream: str, ids: list[str], parts: list[bytes]) -> _NewChunk:
+        payload = b"".join(parts)
+        cid = chunk_id(ids[0], len(ids))
+        return cls(stream, cid, ids, parts, payload, chunk_bytes(stream, cid, payload))
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def singles(self) -> list[_NewChunk]:
+        return [_NewChunk.of(self.stream, [rid], [part])
+                for rid, part in zip(self.ids, self.parts, strict=True)]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream TEXT NOT NULL,
+    chunk_id TEXT NOT NULL UNIQUE,
+    count INTEGER NOT NULL,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_stream ON chunks (stream, seq, created, size, count);
+CREATE TABLE IF NOT EXISTS counters (
+    stream TEXT PRIMARY KEY,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    reported_dropped INTEGER NOT NULL DEFAULT 0,
+    reported_refused INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+class _Counter:
+    __slots__ = ("dropped", "refused", "reported_dropped", "reported_refused")
+
+    def __init__(self, dropped: int = 0, refused: int = 0, rd: int = 0, rr: int = 0) -> None:
+        self.dropped, self.refused = dropped, refused
+        self.reported_dropped, self.reported_refused = rd, rr
+
+    @property
+    def unreported(self) -> bool:
+        return self.dropped > self.reported_dropped or self.refused > self.reported_refused
+
+
+class _Evictor:
+    """Makes room inside one ``put_many`` transaction.
+
+    Victims are the ``drop_oldest`` streams whose priority is the writer's or lower, lowest
+    priority first, oldest chunk first (a chunk goes whole; all its records count as dropped).
+    Chunks leased by ``next_batch`` (in flight) are never evicted. Candidates are read 256 at
+    a time and deleted once per stream at the end, so a full outbox costs about as much per
+    record as an empty one.
+    """
+
+    def __init__(self, outbox: Outbox, touched: set[str]) -> None:
+        self.ob = outbox
+        self.touched = touched
+        self.evicted = 0
+        self.removed: list[tuple[str, int]] = []  # (stream, seq) of evicted chunks
+        self._cands: dict[str, collections.deque[tuple[int, int, int]]] = {}
+        self._fetched: dict[str, int] = {}
+        self._cutoff: dict[str, int] = {}
+
+    def victims(self, writer: str) -> list[str]:
+        ob = self.ob
+        prio = ob.streams[writer].priority
+        return [s for s in reversed(ob.by_priority)
+                if ob.streams[s].priority >= prio and ob.streams[s].on_full == "drop_oldest"]
+
+    def room(self, writer: str) -> int:
+        """Bytes a new chunk of ``writer`` can take once everything it may evict is gone."""
+        ob = self.ob
+        evictable = sum(ob._bytes[v] - ob._lease_bytes.get(v, 0) for v in self.victims(writer))
+        return ob.budget_bytes - ob._used + evictable
+
+    def can_fit(self, writer: str, size: int) -> bool:
+        return size <= self.room(writer)
+
+    def make_room(self, writer: str, size: int, new_seq: int) -> None:
+        ob = self.ob
+        for victim in self.victims(writer):
+            while ob._used + size > ob.budget_bytes and ob._count[victim] > 0:
+                cands = self._cands.setdefault(victim, collections.deque())
+                if not cands:
+                    start = max(ob._lease.get(victim, 0), self._fetched.get(victim, 0))
+                    cands.extend(ob._db.execute(
+                        "SELECT seq, size, count FROM chunks WHERE stream=? AND seq>? AND seq<? "
+                        "ORDER BY seq LIMIT 256", (victim, start, new_seq)).fetchall())
+                    if not cands:
+                        break
+                    self._fetched[victim] = cands[-1][0]
+                seq, vsize, n = cands.popleft()
+                self._cutoff[victim] = seq
+                self.removed.append((victim, seq))
+                ob._count[victim] -= n
+                ob._bytes[victim] -= vsize
+                ob._used -= vsize
+                ob._counters[victim].dropped += n
+                self.touched.add(victim)
+                self.evicted += n
+            if ob._used + size <= ob.budget_bytes:
+                return
+        raise OutboxError("internal: could not make room although can_fit said so")
+
+    def apply(self) -> None:
+        ob = self.ob
+        for victim, cutoff in self._cutoff.items():
+            lease = ob._lease.get(victim, 0)
+            ob._db.execute("DELETE FROM chunks WHERE stream=? AND seq>? AND seq<=?",
+                           (victim, lease, cutoff))
+            if lease == 0:  # the head went; find the new oldest
+                ob._oldest[victim] = ob._query_oldest(victim)
+
+
+class Outbox:
+    """``Outbox(data_dir / "outbox", budget_bytes=...)``: records wait here until acked.
+
+    ``path`` is the outbox directory (created; the database is ``path/outbox.db``) or a path
+    ending in ``.db``. Nothing is written outside that directory (SQLite's temp store is kept
+    in memory). ``fsync_interval_s``: 0 fsyncs every commit (``synchronous=FULL``); otherwise
+    commits are durable against a process crash at once and against power loss within about
+    that interval (``synchronous=NORMAL`` plus a WAL checkpoint at most that often).
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        budget_bytes: int = 256 * 2**20,
+        streams: Mapping[str, StreamPolicy] | None = None,
+        fsync_interval_s: float = 1.0,
+        chunk_max_records: int = CHUNK_MAX_RECORDS,
+        chunk_max_bytes: int = CHUNK_MAX_BYTES,
+    ) -> None:
+        path = Path(path)
+        self.dir = path.parent if path.suffix == ".db" else path
+        self.db_path = path if path.suffix == ".db" else path / DB_NAME
+        if not isinstance(budget_bytes, int) or budget_bytes <= 0:
+            raise ConfigError(f"must be a positive integer, not {budget_bytes!r}",
+                              key="outbox.budget_bytes")
+        if fsync_interval_s < 0:
+            raise ConfigError(f"must be >= 0, not {fsync_interval_s!r}",
+                              key="outbox.fsync_interval_s")
+        self.budget_bytes = budget_bytes
+        self.fsync_interval_s = float(fsync_interval_s)
+        self.chunk_max_records, self.chunk_max_bytes = 1 << 30, 1 << 62
+        self.limit_chunks(chunk_max_records, chunk_max_bytes)
+        self.streams: dict[str, StreamPolicy] = dict(streams if streams is not None
+                                                     else DEFAULT_STREAMS)
+        if not self.streams:
+            raise ConfigError("at least one stream is needed", key="outbox.streams")
+        for key, pol in self.streams.items():
+            if key != pol.name:
+                raise ConfigError(f"key {key!r} differs from the policy's name {pol.name!r}",
+                                  key="outbox.streams")
+        self.by_priority: tuple[str, ...] = tuple(
+            sorted(self.streams, key=lambda s: (self.streams[s].priority, s)))
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        self._oldest: dict[str, float | None] = {}
+        self._lease: dict[str, int] = {}
+        self._lease_bytes: dict[str, int] = {}
+        self._counters: dict[str, _Counter] = {}
+        self._marks: dict[str, int] = {}
+        # the dedup window: record id -> chunk seq, and per stream its newest chunks' ids
+        self._recent: dict[str, int] = {}
+        self._recent_chunks: dict[str, dict[int, list[str]]] = {}
+        self._recent_n: dict[str, int] = {}
+        self._recent_loaded = False
+        self._used = 0
+        self._last_sync = time.monotonic()
+        self._acks_since_vacuum = 0
+        self._lock_fd: int | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"cannot create the outbox directory {self.dir}: {exc}") from exc
+        self._take_file_lock()
+        try:
+            self._db = self._open()
+            self._load_state()
+        except sqlite3.Error as exc:
+            self._release_file_lock()
+            raise OutboxError(f"cannot open the outbox {self.db_path}: {exc}") from exc
+        except BaseException:
+            self._release_file_lock()
+            raise
+
+    # ---- opening ----------------------------------------------------------------------------
+    def _take_file_lock(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise OutboxError(f"the outbox {self.dir} is in use by another process") from exc
+        self._lock_fd = fd
+
+    def _release_file_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                             timeout=5.0)
+        try:
+            new = db.execute("PRAGMA page_count").fetchone()[0] == 0
+            if new:  # must precede the first table; lets acks give pages back to the disk
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OutboxError(f"cannot put {self.db_path} in WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous=" + ("FULL" if self.fsync_interval_s == 0
+                                                else "NORMAL"))
+            db.execute("PRAGMA temp_store=MEMORY")  # no temp files outside the outbox dir
+            # Debian/Ubuntu build SQLite with SECURE_DELETE: every ack would overwrite the
+            # freed overflow pages of its chunks with zeros (as many bytes written again as
+            # were acked). FAST still zeroes deleted cells on the pages a delete writes anyway.
+            db.execute("PRAGMA secure_delete=FAST")
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            # Keep the WAL small next to a small budget: checkpoint every 1/8 of the budget
+            # (between 64 and 1000 pages) and truncate the WAL file back to that size.
+            pages = max(64, min(1000, self.budget_bytes // page // 8))
+            db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            db.execute(f"PRAGMA journal_size_limit={pages * page}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, 1, _SCHEMA_VERSION):
+                raise OutboxError(f"{self.db_path} has schema version {version}; this edgeml "
+                                  f"knows {_SCHEMA_VERSION}")
+            if version == 1:
+                self._migrate_v1(db)
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _migrate_v1(db: sqlite3.Connection) -> None:
+        """Schema 1 (a row per record) to chunks, in place and in one transaction: every row
+        becomes a chunk of one with the same ``seq`` (order and leases unchanged)."""
+        db.create_function("edgeml_v1_record", 2, _v1_record, deterministic=True)
+        db.create_function("edgeml_chunk_bytes", 3, chunk_bytes, deterministic=True)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'"
+                          ).fetchone():
+                n = db.execute(
+                    "INSERT INTO chunks (seq, stream, chunk_id, count, created, size, payload) "
+                    "SELECT seq, stream, record_id || '+1', 1, created, 0, "
+                    "edgeml_v1_record(record_id, payload) FROM records ORDER BY seq").rowcount
+                db.execute("UPDATE chunks SET size = edgeml_chunk_bytes(stream, chunk_id, payload)")
+                db.execute("DROP TABLE records")
+                log.info("outbox: migrated %d record(s) from schema 1 to chunks", n)
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def limit_chunks(self, max_records: int, max_bytes: int) -> None:
+        """Chunks written from now on hold at most this many records and payload bytes (only
+        ever lowered: the uplink calls it with its batch limits so a chunk fits a message)."""
+        if not isinstance(max_records, int) or max_records < 1:
+            raise ConfigError(f"must be an integer >= 1, not {max_records!r}",
+                              key="outbox.chunk_max_records")
+        if not isinstance(max_bytes, (int, float)) or max_bytes <= 0:
+            raise ConfigError(f"must be a positive number, not {max_bytes!r}",
+                              key="outbox.chunk_max_bytes")
+        self.chunk_max_records = min(self.chunk_max_records, max_records)
+        self.chunk_max_bytes = min(self.chunk_max_bytes, int(max_bytes))
+
+    def _load_state(self) -> None:
+        """Rebuild the in-memory figures from the database (at open and after a rollback)."""
+        db = self._db
+        self._count = dict.fromkeys(self.streams, 0)
+        self._bytes = dict.fromkeys(self.streams, 0)
+        self._oldest = dict.fromkeys(self.streams, None)
+        self._lease, self._lease_bytes = {}, {}
+        self._recent_loaded = False  # rebuilt from the rows at the next put
+        for stream, n, size in db.execute(
+                "SELECT stream, SUM(count), SUM(size) FROM chunks GROUP BY stream"):
+            if stream not in self.streams:
+                # A stream removed from the config keeps its records until they are sent.
+                log.warning("outbox holds %d records of unconfigured stream %r", n, stream)
+                self.streams[stream] = StreamPolicy(stream, 99, "drop_oldest")
+                self.by_priority = (*self.by_priority, stream)
+            self._count[stream] = n or 0
+            self._bytes[stream] = size or 0
+        for stream in self._count:
+            self._oldest[stream] = self._query_oldest(stream)
+        self._counters = {s: _Counter() for s in self.streams}
+        for stream, d, r, rd, rr in db.execute(
+                "SELECT stream, dropped, refused, reported_dropped, reported_refused "
+                "FROM counters"):
+            self._counters[stream] = _Counter(d, r, rd, rr)
+        self._used = sum(self._bytes.values())
+        self._marks = dict(db.execute("SELECT name, value FROM marks").fetchall())
+
+    def _query_oldest(self, stream: str) -> float | None:
+        row = self._db.execute("SELECT created FROM chunks WHERE stream=? ORDER BY seq LIMIT 1",
+                               (stream,)).fetchone()
+        return row[0] if row else None
+
+    # ---- the dedup window -------------------------------------------------------------------
+    def _load_recent(self) -> None:
+        """The ids of each stream's newest ``DEDUP_WINDOW`` stored records (at the first put
+        after opening: on the writer's thread, not in the way of the daemon's start)."""
+        self._recent, self._recent_chunks = {}, {}
+        self._recent_n = {}
+        for stream in self.streams:
+            newest: list[tuple[int, list[str]]] = []
+            n = 0
+            cur = self._db.execute("SELECT seq, payload FROM chunks WHERE stream=? "
+                                   "ORDER BY seq DESC", (stream,))
+            for seq, payload in cur:
+                ids = _ids_of(payload)
+                newest.append((seq, ids))
+                n += len(ids)
+                if n >= DEDUP_WINDOW:
+                    break
+            cur.close()
+            for seq, ids in reversed(newest):
+                self._remember(stream, seq, ids)
+        self._recent_loaded = True
+
+    def _remember(self, stream: str, seq: int, ids: list[str]) -> None:
+        chunks = self._recent_chunks.setdefault(stream, {})
+        chunks[seq] = ids
+        recent = self._recent
+        for rid in ids:
+            recent[rid] = seq
+        n = self._recent_n.get(stream, 0) + len(ids)
+        while len(chunks) > 1:  # keep at least the newest DEDUP_WINDOW records
+            oldest = next(iter(chunks))
+            if n - len(chunks[oldest]) < DEDUP_WINDOW:
+                break
+            n -= len(chunks[oldest])
+            self._drop_ids(chunks.pop(oldest), oldest)
+        self._recent_n[stream] = n
+
+    def _forget(self, stream: str, seq: int) -> None:
+        """A chunk left the outbox (acked, evicted): its ids may be stored again."""
+        chunks = self._recent_chunks.get(stream)
+        ids = chunks.pop(seq, None) if chunks else None
+        if ids is not None:
+            self._recent_n[stream] -= len(ids)
+            self._drop_ids(ids, seq)
+
+    def _drop_ids(self, ids: list[str], seq: int) -> None:
+        recent = self._recent
+        for rid in ids:
+            if recent.get(rid) == seq:
+                del recent[rid]
+
+    # ---- writing ----------------------------------------------------------------------------
+    def put(self, stream: str, record_id: str, record: Mapping[str, Any]) -> bool:
+        """Store one record; True if it is in the outbox now (stored or already there)."""
+        return self.put_many([(stream, record_id, record)]).refused == 0
+
+    def put_many(self, items: Sequence[tuple[str, str, Mapping[str, Any]]], *,
+                 marks: Mapping[str, int] | None = None) -> PutResult:
+        """Store ``(stream, record_id, record)`` items in ONE transaction (all or nothing).
+
+        The records of each stream become one chunk (several past ``chunk_max_records`` /
+        ``chunk_max_bytes``), in item order. A record id already among the newest
+        ``DEDUP_WINDOW`` records of the outbox, or twice in ``items``, is ignored (a replay
+        after a crash does not duplicate). When the budget is full the stream's policy applies
+        (see :class:`StreamPolicy`); every evicted or refused record is counted per stream in
+        the same transaction, so the counts survive restarts and are exact.
+
+        ``marks``: named high-water marks (e.g. ``{"activity": last input_seq whose records are
+        all in this call or before}``) committed in the same transaction, so after a crash
+        :meth:`marks` says exactly where to resume re-scoring the raw-input log. A mark never
+        moves backwards.
+        """
+        if not items and not marks:
+            return PutResult()
+        encoded: list[tuple[str, str, bytes]] = []
+        for stream, rid, record in items:
+            if stream not in self.streams:
+                raise OutboxError(f"unknown stream {stream!r}; known: {', '.join(self.streams)}")
+            if "record_id" in record:
+                raise OutboxError(f"record {rid!r}: the field 'record_id' is reserved (the "
+                                  "outbox adds it)")
+            rid = str(rid)
+            try:
+                data = pack_record(rid, record)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise OutboxError(f"record {rid!r} of stream {stream!r} cannot be encoded: "
+                                  f"{exc}") from exc
+            encoded.append((stream, rid, data))
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            db = self._db
+            touched: set[str] = set()
+            try:
+                if not self._recent_loaded:
+                    self._load_recent()
+                chunks, duplicates = self._make_chunks(encoded)
+                db.execute("BEGIN IMMEDIATE")
+                result, added, removed = self._insert(chunks, now, touched)
+                self._save_counters(touched)
+                if marks:
+                    db.executemany(
+                        "INSERT INTO marks (name, value) VALUES (?, ?) ON CONFLICT(name) "
+                        "DO UPDATE SET value=max(value, excluded.value)",
+                        [(str(k), int(v)) for k, v in marks.items()])
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot store records in {self.db_path}: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+            for stream, seq in removed:
+                self._forget(stream, seq)
+            gone = {seq for _, seq in removed}  # chunks of this write evicted by later ones
+            for stream, seq, ids in added:
+                if seq not in gone:
+                    self._remember(stream, seq, ids)
+            for k, v in (marks or {}).items():
+                self._marks[str(k)] = max(self._marks.get(str(k), int(v)), int(v))
+            self._maybe_sync()
+        if duplicates:
+            result = PutResult(result.stored, result.duplicates + duplicates, result.refused,
+                               result.evicted)
+        return result
+
+    def _make_chunks(self, encoded: list[tuple[str, str, bytes]]) -> tuple[list[_NewChunk], int]:
+        """Drop known ids, then group per stream (first-seen order) into capped chunks."""
+        recent = self._recent
+        groups: dict[str, tuple[list[str], list[bytes]]] = {}
+        duplicates = 0
+        seen: set[str] = set()
+        for stream, rid, data in encoded:
+            if rid in seen or rid in recent:
+                duplicates += 1
+                continue
+            seen.add(rid)
+            g = groups.get(stream)
+            if g is None:
+                g = groups[stream] = ([], [])
+            g[0].append(rid)
+            g[1].append(data)
+        chunks = []
+        max_n, max_b = self.chunk_max_records, self.chunk_max_bytes
+        for stream, (rids, parts) in groups.items():
+            for i in range(0, len(rids), max_n):
+                sub = parts[i:i + max_n]
+                if sum(map(len, sub)) <= max_b:
+                    chunks.append(_NewChunk.of(stream, rids[i:i + max_n], sub))
+                    continue
+                start = nbytes = 0  # past the byte cap: cut by bytes (at least one record)
+                for j, part in enumerate(sub):
+                    if j > start and nbytes + len(part) > max_b:
+                        chunks.append(_NewChunk.of(stream, rids[i + start:i + j], sub[start:j]))
+                        start, nbytes = j, 0
+                    nbytes += len(part)
+                chunks.append(_NewChunk.of(stream, rids[i + start:i + len(sub)], sub[start:]))
+        return chunks, duplicates
+
+    def _account(self, stream: str, count: int, size: int, created: float) -> None:
+        self._count[stream] += count
+        self._bytes[stream] += size
+        self._used += size
+        if self._oldest[stream] is None:
+            self._oldest[stream] = created
+
+    def _insert(self, chunks: list[_NewChunk], now: float, touched: set[str]
+                ) -> tuple[PutResult, list[tuple[str, int, list[str]]], list[tuple[str, int]]]:
+        """Chunk by chunk, applying the stream policies when the budget is reached. A chunk
+        that cannot fit whole goes record by record (each a chunk of one), exactly as far as
+        the budget and the policies allow. Returns the result, the chunks added and the
+        chunks evicted (for the dedup window, once committed)."""
+        evictor = _Evictor(self, touched)
+        added: list[tuple[str, int, list[str]]] = []
+        stored = duplicates = refused = superseded = 0
+        todo = collections.deque(chunks)
+        while todo:
+            ch = todo.popleft()
+            fits = self._used + ch.size <= self.budget_bytes
+            if not fits and (ch.size > self.budget_bytes
+                             or not evictor.can_fit(ch.stream, ch.size)):
+                start = (self._fitting_suffix(ch, evictor.room(ch.stream))
+                         if ch.count > 1 and self.streams[ch.stream].on_full == "drop_oldest"
+                         else None)
+                if start:
+                    # A ring buffer keeps the newest: the records before the newest part that
+                    # fits would be stored only to be evicted by their successors at once.
+                    # Count them so (stored, then dropped) without writing them.
+                    self._counters[ch.stream].dropped += start
+                    touched.add(ch.stream)
+                    stored += start
+                    superseded += start
+                    todo.appendleft(_NewChunk.of(ch.stream, ch.ids[start:], ch.parts[start:]))
+                elif ch.count > 1:  # record by record, as far as they go
+                    todo.extendleft(reversed(ch.singles()))
+                else:
+                    self._counters[ch.stream].refused += 1
+                    touched.add(ch.stream)
+                    refused += 1
+                continue
+            seq = self._insert_row(ch, now)
+            if seq is None:
+                duplicates += ch.count
+                continue
+            if not fits:
+                evictor.make_room(ch.stream, ch.size, seq)
+            self._account(ch.stream, ch.count, ch.size, now)
+            added.append((ch.stream, seq, ch.ids))
+            stored += ch.count
+        evictor.apply()
+        return (PutResult(stored, duplicates, refused, evictor.evicted + superseded), added,
+                evictor.removed)
+
+    @staticmethod
+    def _fitting_suffix(ch: _NewChunk, room: int) -> int | None:
+        """Where the longest tail of ``ch`` that fits in ``room`` bytes as one chunk starts;
+        None if not even its last record fits."""
+        payload = 0
+        fixed = len(ch.stream) + ROW_OVERHEAD
+        best = None
+        for j in range(ch.count - 1, -1, -1):
+            payload += len(ch.parts[j])
+            if payload + fixed + 2 * len(chunk_id(ch.ids[j], ch.count - j)) > room:
+                break
+            best = j
+        return best
+
+    def _insert_row(self, ch: _NewChunk, now: float) -> int | None:
+        """Insert a chunk; its seq, or None if this very chunk is stored already. Another
+        chunk with the same first record and count (records re-stored after they left the
+        dedup window) is stored under ``<chunk_id>~2``, ``~3``, ...: nothing is lost."""
+        db = self._db
+        cid, k = ch.chunk_id, 1
+        while True:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO chunks (stream, chunk_id, count, created, size, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (ch.stream, cid, ch.count, now, ch.size, ch.payload))
+            if cur.rowcount == 1:
+                return cur.lastrowid
+            row = db.execute("SELECT payload FROM chunks WHERE chunk_id=?", (cid,)).fetchone()
+            if row is not None and _ids_of(row[0]) == ch.ids:
+                return None
+            k += 1
+            cid = f"{ch.chunk_id}~{k}"
+
+    def _save_counters(self, streams: Iterable[str]) -> None:
+        rows = []
+        for s in streams:
+            c = self._counters[s]
+            rows.append((s, c.dropped, c.refused, c.reported_dropped, c.reported_refused))
+        if rows:
+            self._db.executemany(
+                "INSERT INTO counters (stream, dropped, refused, reported_dropped, "
+                "reported_refused) VALUES (?, ?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET "
+                "dropped=excluded.dropped, refused=excluded.refused, "
+                "reported_dropped=excluded.reported_dropped, "
+                "reported_refused=excluded.reported_refused", rows)
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            lease, lease_bytes = self._lease, self._lease_bytes
+            self._load_state()
+            self._lease, self._lease_bytes = lease, lease_bytes
+
+    def _maybe_sync(self) -> None:
+        """With synchronous=NORMAL, a checkpoint at most every ``fsync_interval_s`` bounds what
+        a power cut can take (the checkpoint fsyncs the WAL, then the database)."""
+        if self.fsync_interval_s == 0:
+            return
+        now = time.monotonic()
+        if now - self._last_sync >= self.fsync_interval_s:
+            self._last_sync = now
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("outbox checkpoint failed: %s", exc)
+
+    def marks(self) -> dict[str, int]:
+        """The high-water marks committed with ``put_many(..., marks=...)``."""
+        return dict(self._marks)
+
+    # ---- reading and acknowledging ----------------------------------------------------------
+    def pending(self, stream: str) -> tuple[int, int, float | None]:
+        """``(records, bytes, oldest created)`` of a stream from memory: cheap, lock-free."""
+        return self._count.get(stream, 0), self._bytes.get(stream, 0), self._oldest.get(stream)
+
+    def next_batch(self, stream: str, *, max_records: int, max_bytes: int) -> list[OutboxChunk]:
+        """The oldest chunks of ``stream`` in insertion order: whole chunks, at most
+        ``max_records`` records and ``max_bytes`` of payload, except that the first chunk always
+        comes. They stay stored, and are safe from eviction, until ``ack``; a new
+        ``next_batch`` of the stream replaces that lease."""
+        out: list[OutboxChunk] = []
+        with self._lock:
+            self._check_open()
+            try:
+                cur = self._db.execute(
+                    "SELECT seq, chunk_id, count, payload, created, size FROM chunks "
+                    "WHERE stream=? ORDER BY seq LIMIT ?", (stream, max(1, int(max_records))))
+                records = total = charged = 0
+                for seq, cid, n, payload, created, size in cur:
+                    if out and (records + n > max_records or total + len(payload) > max_bytes):
+                        break
+                    records += n
+                    total += len(payload)
+                    charged += size
+                    out.append(OutboxChunk(seq, stream, cid, n, payload, created, size))
+                cur.close()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read records from {self.db_path}: {exc}") from exc
+            if out:
+                self._lease[stream] = out[-1].rowid
+                self._lease_bytes[stream] = charged
+            else:
+                self._lease.pop(stream, None)
+                self._lease_bytes.pop(stream, None)
+        return out
+
+    def ack(self, chunks: Sequence[OutboxChunk]) -> int:
+        """Delete chunks the broker acknowledged; returns how many records were still stored."""
+        if not chunks:
+            return 0
+        with self._lock:
+            self._check_open()
+            db = self._db
+            streams = {c.stream for c in chunks}
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                removed: list[tuple[int, str, int, int]] = []
+                seqs = [c.rowid for c in chunks]
+                for i in range(0, len(seqs), 500):
+                    part = seqs[i:i + 500]
+                    removed += db.execute(
+                        f"DELETE FROM chunks WHERE seq IN ({','.join('?' * len(part))}) "
+                        "RETURNING seq, stream, count, size", part).fetchall()
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot delete acked records from {self.db_path}: "
+                                  f"{exc}") from exc
+            records = 0
+            for seq, stream, n, size in removed:
+                self._count[stream] -= n
+                self._bytes[stream] -= size
+                self._used -= size
+                records += n
+                self._forget(stream, seq)
+            for stream in streams:
+                lease = self._lease.get(stream)
+                if lease is not None and lease <= max(c.rowid for c in chunks
+                                                      if c.stream == stream):
+                    del self._lease[stream]
+                    self._lease_bytes.pop(stream, None)
+                try:
+                    self._oldest[stream] = self._query_oldest(stream)
+                except sqlite3.Error as exc:  # committed already; only a figure is stale
+                    log.warning("outbox: cannot read the oldest record of %s: %s", stream, exc)
+            self._acks_since_vacuum += 1
+            if self._acks_since_vacuum >= 64 or self._used == 0:
+                self._acks_since_vacuum = 0
+                self._give_back_space()
+            self._maybe_sync()
+            return records
+
+    def _give_back_space(self) -> None:
+        """Return free pages to the filesystem once they are a sizeable part of the file."""
+        try:
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            # Drained: give back anything sizeable; otherwise only a large share of the budget.
+            limit = 256 * 1024 if self._used == 0 else max(1 << 20, self.budget_bytes // 8)
+            if free * page >= limit:
+                # executescript steps the pragma to completion (execute frees one page)
+                self._db.executescript("PRAGMA incremental_vacuum;")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("outbox vacuum failed: %s", exc)
+
+    # ---- drop reports -----------------------------------------------------------------------
+    @property
+    def has_unreported_drops(self) -> bool:
+        return any(c.unreported for c in list(self._counters.values()))
+
+    def take_drop_report(self) -> dict[str, Any] | None:
+        """Evicted/refused counts not yet reported upstream, or None.
+
+        ``streams[s]`` holds ``dropped``/``refused`` (since the last acknowledged report) and
+        ``dropped_total``/``refused_total`` (since the outbox was created; idempotent to apply
+        upstream). Call :meth:`ack_drop_report` once the broker has it.
+        """
+        with self._lock:
+            per: dict[str, dict[str, int]] = {}
+            for s, c in self._counters.items():
+                if c.unreported:
+                    per[s] = {"dropped": c.dropped - c.reported_dropped,
+                              "refused": c.refused - c.reported_refused,
+                              "dropped_total": c.dropped, "refused_total": c.refused}
+            if not per:
+                return None
+            total = sum(c.dropped + c.refused for c in self._counters.values())
+            return {"kind": "outbox_drops", "total": total, "streams": per}
+
+    def ack_drop_report(self, report: Mapping[str, Any]) -> None:
+        """Mark the counts in ``report`` as reported (later drops stay unreported)."""
+        with self._lock:
+            self._check_open()
+            touched = []
+            for s, v in report.get("streams", {}).items():
+                c = self._counters.get(s)
+                if c is None:
+                    continue
+                c.reported_dropped = max(c.reported_dropped, int(v["dropped_total"]))
+                c.reported_refused = max(c.reported_refused, int(v["refused_total"]))
+                touched.append(s)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._save_counters(touched)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot save counters in {self.db_path}: {exc}") from exc
+
+    # ---- status -----------------------------------------------------------------------------
+    def file_bytes(self) -> int:
+        """Bytes the outbox files take on disk (database, WAL, shared memory index)."""
+        total = 0
+        for name in (self.db_path.name, self.db_path.name + "-wal", self.db_path.name + "-shm"):
+            with contextlib.suppress(OSError):
+                total += (self.dir / name).stat().st_size
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Backlog, oldest unsynced age, bytes, dropped and refused counts per stream; totals.
+
+        From in-memory figures without taking the lock, so the event loop may call it while
+        a writer is in a transaction (the figures are then a moment apart, never wrong for long).
+        """
+        now = time.time()
+        streams = {}
+        for s in self.by_priority:
+            pol, c, oldest = self.streams[s], self._counters[s], self._oldest[s]
+            streams[s] = {
+                "priority": pol.priority, "on_full": pol.on_full,
+                "backlog": self._count[s], "bytes": self._bytes[s],
+                "oldest_unsynced_age_s": (round(max(0.0, now - oldest), 3)
+                                          if oldest is not None else None),
+                "dropped": c.dropped, "refused": c.refused,
+                "unreported_dropped": c.dropped - c.reported_dropped,
+                "unreported_refused": c.refused - c.reported_refused,
+            }
+        backlog = sum(self._count.values())
+        used = self._used
+        return {
+            "streams": streams,
+            "backlog": backlog,
+            "bytes_used": used,
+            "budget_bytes": self.budget_bytes,
+            "file_bytes": self.file_bytes(),
+            "dropped": sum(v["dropped"] for v in streams.values()),
+            "refused": sum(v["refused"] for v in streams.values()),
+        }
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OutboxError(f"the outbox {self.dir} is closed")
+
+    def close(self) -> None:
+        """Checkpoint and close; the backlog stays on disk for the next open."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._release_file_lock()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
