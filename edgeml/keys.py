@@ -21,15 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from edgeml.errors import ConfigError
+from edgeml.errors import KeyFileError
 
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 _MAX_KEY_FILE = 64 * 1024
 
-
-class KeyFileError(ConfigError):
-    """A key file is missing, unreadable, of the wrong kind, or would be overwritten."""
 
 
 def key_paths(prefix: Path) -> tuple[Path, Path]:

@@ -31,6 +31,7 @@ from edgeml.core.model import ModelSlot
 from edgeml.core.scoring import BatchingSettings, PipelineRuntime
 from edgeml.core.stats import RateMeter
 from edgeml.errors import DecodeError, EdgemlError
+from edgeml.topics import matches as topic_matches
 from edgeml.transport.mqtt import BrokerSettings, Message, MqttClient, Publication
 
 log = logging.getLogger("edgeml.core.device")
@@ -39,21 +40,6 @@ DLQ_PAYLOAD_COPY = 1024  # bytes of a rejected payload copied into its dead-lett
 OUTBOX_WRITE_INTERVAL_S = 0.05  # records move into SQLite in one transaction this often
 OUTBOX_WRITE_MAX = 5000  # ... or as soon as this many are waiting
 
-
-def topic_matches(filter_: str, topic: str) -> bool:
-    """MQTT topic filter matching (``+`` one level, ``#`` the rest)."""
-    if filter_.startswith("$share/"):
-        filter_ = filter_.split("/", 2)[2]
-    f_parts = filter_.split("/")
-    t_parts = topic.split("/")
-    for i, f in enumerate(f_parts):
-        if f == "#":
-            return True
-        if i >= len(t_parts):
-            return False
-        if f != "+" and f != t_parts[i]:
-            return False
-    return len(f_parts) == len(t_parts)
 
 
 class _Pipe:

@@ -33,7 +33,7 @@ import msgpack
 import numpy as np
 
 from edgeml import __version__
-from edgeml.errors import ConfigError, EdgemlError, TransportError
+from edgeml.errors import ConfigError, DemoError, EdgemlError, TransportError
 from edgeml.host.datasets import BASICMOTIONS_CHANNELS, BASICMOTIONS_WINDOW, load_basicmotions
 
 log = logging.getLogger("edgeml.host.demo")
@@ -52,9 +52,6 @@ PROMOTE_AT = 27
 ESTIMATORS = {"forest": "RandomForestClassifier", "mlp": "MLPClassifier",
               "logreg": "LogisticRegression"}
 
-
-class DemoError(EdgemlError):
-    """The demo cannot run (missing extra, bad option, no broker)."""
 
 
 @dataclass(frozen=True)

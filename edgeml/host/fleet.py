@@ -29,25 +29,14 @@ from edgeml.control.protocol import (
     plan_push,
     unframe,
 )
-from edgeml.errors import DeployError, EdgemlError, TransportError
+from edgeml.errors import DeployError, FleetTimeout, TransportError
+from edgeml.topics import matches as topic_matches
 from edgeml.transport.mqtt import BrokerSettings, Message, MqttClient
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_PREFIX = "edgeml"
 
 
-class FleetTimeout(EdgemlError):
-    """No (complete) answer from the device(s) before the timeout."""
-
-
-def _matches(filter_: str, topic: str) -> bool:
-    f_parts, t_parts = filter_.split("/"), topic.split("/")
-    for i, f in enumerate(f_parts):
-        if f == "#":
-            return True
-        if i >= len(t_parts) or (f != "+" and f != t_parts[i]):
-            return False
-    return len(f_parts) == len(t_parts)
 
 
 @dataclass(frozen=True)
@@ -137,12 +126,12 @@ class Fleet:
     # ---- plumbing -------------------------------------------------------------------------
     async def _read(self) -> None:
         async for m in self.client.messages():
-            if _matches(self._status_filter, m.topic):
+            if topic_matches(self._status_filter, m.topic):
                 dev, doc = _status_doc(m)
                 if dev is not None:
                     self._status_cache[dev] = doc
             for lst in list(self._listeners):
-                if any(_matches(f, m.topic) for f in lst.filters):
+                if any(topic_matches(f, m.topic) for f in lst.filters):
                     lst.queue.put_nowait(m)
 
     async def _subscribe(self, filters: list[str]) -> None:

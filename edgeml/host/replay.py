@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from edgeml.core.assemble import Assembler, Row
-from edgeml.errors import DecodeError, EdgemlError, ModelError, RawLogError
+from edgeml.errors import (
+    ChartUnavailableError,
+    DecodeError,
+    ModelError,
+    RawLogError,
+    ReplayError,
+)
 
 REPORT_FORMAT = "edgeml-replay-report"
 REPORT_VERSION = 1
@@ -39,18 +45,7 @@ REGRESSOR_RTOL = 1e-5  # two regressor outputs "agree" when np.isclose with thes
 REGRESSOR_ATOL = 1e-8
 
 
-class ReplayError(EdgemlError):
-    """A replay cannot start or finish: no bundles, a bundle that does not fit the pipeline,
-    an unreadable labels file, a snapshot that no longer matches the archive."""
 
-
-class SnapshotMismatchError(ReplayError):
-    """The archive differs from the snapshot manifest: replaying it would not be that data
-    version, so the replay is refused."""
-
-
-class ChartUnavailableError(ReplayError):
-    """matplotlib is not installed; the chart is skipped (the rest of the report stands)."""
 
 
 # ---- the report ----------------------------------------------------------------------------

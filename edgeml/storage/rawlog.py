@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeml.errors import RawLogError
+from edgeml.errors import RawLogBusyError, RawLogError
+from edgeml.topics import matcher as topic_matcher
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,6 @@ SEAL_SUFFIX = ".seal.json"
 LOCK_NAME = "writer.lock"
 PIPELINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-
-class RawLogBusyError(RawLogError):
-    """Another RawLog (usually the running daemon) holds the directory's writer lock."""
 
 
 # ---- records and reports -------------------------------------------------------------------
@@ -148,25 +146,6 @@ def list_pipelines(data_dir: str | Path) -> list[str]:
     except OSError as exc:
         raise RawLogError(f"{base}: cannot list: {exc.strerror}") from exc
 
-
-def topic_matcher(topic_filter: str | None) -> Callable[[str], bool] | None:
-    """A predicate for an exact topic or an MQTT filter with ``+`` / ``#``; None = any."""
-    if topic_filter is None:
-        return None
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return topic_filter.__eq__
-    parts = topic_filter.split("/")
-
-    def match(topic: str) -> bool:
-        t = topic.split("/")
-        for i, p in enumerate(parts):
-            if p == "#":
-                return True
-            if i >= len(t) or (p != "+" and p != t[i]):
-                return False
-        return len(t) == len(parts)
-
-    return match
 
 
 def _segment_name(first_seq: int) -> str:

@@ -20,15 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeml.errors import EdgemlError
+from edgeml.errors import BenchError
 
 Progress = Callable[[str], None]
 
 DEFAULT_BATCHES: tuple[int, ...] = (1, 8, 64)
 
-
-class BenchError(EdgemlError):
-    """A benchmark cannot run: bad settings, a missing host extra, or a target that died."""
 
 
 # --- memory -----------------------------------------------------------------------------------
