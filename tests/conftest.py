@@ -125,22 +125,23 @@ def publish_all(broker: MosquittoBroker, items, qos: int = 1) -> None:
 
 # ---- daemons ------------------------------------------------------------------------------
 class DaemonThread:
-    """A real :class:`edgeml.core.device.Daemon` on its own event loop in a background thread."""
+    """A real :class:`edgeml.core.device.Device` on its own event loop in a background thread
+    (tests drive it from the test's thread; ``daemon`` is the Device)."""
 
     def __init__(self, config_path: Path, **overrides) -> None:
         import asyncio
 
         from edgeml.config import load_config
-        from edgeml.core.device import Daemon
+        from edgeml.core.device import Device
 
         self.config = load_config(config_path, **overrides)
         self._ready = threading.Event()
         self.error: BaseException | None = None
-        self.daemon: Daemon | None = None
+        self.daemon: Device | None = None
         self.loop = asyncio.new_event_loop()
 
         async def main() -> None:
-            self.daemon = Daemon(self.config)
+            self.daemon = Device(self.config)
             task = asyncio.create_task(self.daemon.run())
             ready = asyncio.create_task(self.daemon.ready.wait())
             await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)

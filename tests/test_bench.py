@@ -15,8 +15,9 @@ import pytest
 from models import build_activity_bundle, build_gait_anomaly_bundle
 
 from edgeml.cli import main
+from edgeml.errors import BenchError
 from edgeml.host.bench.e2e import E2ESettings, require_host_extra, run_e2e
-from edgeml.host.bench.models import BenchError, emulate_profile, parse_batches, run_models_bench
+from edgeml.host.bench.models import emulate_profile, parse_batches, run_models_bench
 from edgeml.host.bench.report import render_markdown, render_table, write_report
 from edgeml.profiles import load_profile
 

@@ -125,10 +125,10 @@ def test_wrong_password_is_a_clear_error(secure_broker, tmp_path, activity_bundl
     cfg.write_text(text)
     import asyncio
 
-    from edgeml.core.device import Daemon
+    from edgeml.core.device import Device
 
     async def main():
-        await Daemon(load_config(cfg)).run()
+        await Device(load_config(cfg)).run()
     with pytest.raises(TransportError, match=r"refused|cannot connect"):
         asyncio.run(main())
 

@@ -12,14 +12,14 @@ import pytest
 from edgeml.bundle import read_bundle
 from edgeml.config import ModelSlotConfig, PipelineConfig, WindowConfig
 from edgeml.core.assemble import Row
-from edgeml.core.model import ModelSlot
-from edgeml.core.scoring import BatchingSettings, PipelineRuntime
+from edgeml.core.model import LoadedModel, Member
+from edgeml.core.scoring import PipelineRuntime, ScoringSettings
 from edgeml.errors import ModelError
 from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 from edgeml.profiles import load_profile
 
 
-class SlowSlot(ModelSlot):
+class SlowSlot(LoadedModel):
     """A real ONNX version made deliberately slow (a stalled device, a heavy model)."""
 
     delay_s = 0.5
@@ -29,14 +29,14 @@ class SlowSlot(ModelSlot):
         return super().predict(x)
 
 
-class FailingSlot(ModelSlot):
+class FailingSlot(LoadedModel):
     """A real ONNX version whose scoring raises (a corrupt session, a provider crash)."""
 
     def predict(self, x):
         raise ModelError(f"{self.name} {self.version}: provider crashed")
 
 
-class BadOutputsSlot(ModelSlot):
+class BadOutputsSlot(LoadedModel):
     """A real ONNX version whose outputs do not match its manifest (a wrong class list)."""
 
     def outputs(self, pred):
@@ -73,9 +73,9 @@ def slot(cls, bundle_path, role, priority, tmp_path):
     b = read_bundle(bundle_path)
     path = tmp_path / f"{b.manifest.name}-{b.manifest.version}-{role}.onnx"
     path.write_bytes(b.model_bytes)
-    s = cls(b.manifest, path, role=role, priority=priority, profile=load_profile("x86-gateway"))
-    s.load()
-    return s
+    m = cls(b.manifest, path, profile=load_profile("x86-gateway"))
+    m.load()
+    return Member(m, role, priority)
 
 
 def runtime(policy="champion", deadline_ms=100.0, **kw):
@@ -84,7 +84,7 @@ def runtime(policy="champion", deadline_ms=100.0, **kw):
                          policy=policy, deadline_ms=deadline_ms,
                          models=(ModelSlotConfig(name="activity", version="1"),))
     sink = Sink()
-    return PipelineRuntime(cfg, emitter=sink, batching=BatchingSettings(**kw)), sink
+    return PipelineRuntime(cfg, emitter=sink, batching=ScoringSettings(**kw)), sink
 
 
 def rows(windows, n):
@@ -104,8 +104,8 @@ def test_slow_champion_falls_back_within_deadline(tmp_path, windows, activity_bu
                                                   activity_bundle_v2):
     rt, sink = runtime(deadline_ms=100)
     champ = slot(SlowSlot, activity_bundle, "champion", 0, tmp_path)
-    chall = slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)
-    rt.set_slots([champ, chall])
+    chall = slot(LoadedModel, activity_bundle_v2, "challenger", 10, tmp_path)
+    rt.set_members([champ, chall])
     t0 = time.monotonic()
     asyncio.run(score(rt, rows(windows, 4)))
     assert all(a["fallback"] and a["version"] == "2" for a in sink.answers_)
@@ -121,8 +121,8 @@ def test_slow_champion_falls_back_within_deadline(tmp_path, windows, activity_bu
 
 def test_failing_champion_never_blocks(tmp_path, windows, activity_bundle, activity_bundle_v2):
     rt, sink = runtime(deadline_ms=5000)
-    rt.set_slots([slot(FailingSlot, activity_bundle, "champion", 0, tmp_path),
-                  slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)])
+    rt.set_members([slot(FailingSlot, activity_bundle, "champion", 0, tmp_path),
+                  slot(LoadedModel, activity_bundle_v2, "challenger", 10, tmp_path)])
     t0 = time.monotonic()
     asyncio.run(score(rt, rows(windows, 3)))
     assert time.monotonic() - t0 < 2.5  # nowhere near the 5 s deadline
@@ -135,8 +135,8 @@ def test_failing_champion_never_blocks(tmp_path, windows, activity_bundle, activ
 def test_bad_outputs_count_as_errors_only(tmp_path, windows, activity_bundle,
                                          activity_bundle_v2):
     rt, sink = runtime(deadline_ms=5000)
-    rt.set_slots([slot(BadOutputsSlot, activity_bundle, "champion", 0, tmp_path),
-                  slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)])
+    rt.set_members([slot(BadOutputsSlot, activity_bundle, "champion", 0, tmp_path),
+                  slot(LoadedModel, activity_bundle_v2, "challenger", 10, tmp_path)])
     asyncio.run(score(rt, rows(windows, 3)))
     vs = rt.stats.version("activity", "1")
     # scored by onnxruntime but unusable: 3 errors and no scored rows (an error rate of 1.0)
@@ -146,7 +146,7 @@ def test_bad_outputs_count_as_errors_only(tmp_path, windows, activity_bundle,
 
 def test_no_answering_version_still_answers_with_error(tmp_path, windows, activity_bundle):
     rt, sink = runtime(deadline_ms=50)
-    rt.set_slots([slot(FailingSlot, activity_bundle, "champion", 0, tmp_path)])
+    rt.set_members([slot(FailingSlot, activity_bundle, "champion", 0, tmp_path)])
     asyncio.run(score(rt, rows(windows, 2)))
     assert len(sink.answers_) == 2
     assert all(a["output"] is None and "provider crashed" in a["error"] for a in sink.answers_)
@@ -155,17 +155,17 @@ def test_no_answering_version_still_answers_with_error(tmp_path, windows, activi
 
 def test_vote_and_mean_with_real_versions(tmp_path, windows, activity_bundle,
                                           activity_bundle_v2):
-    lr = slot(ModelSlot, activity_bundle, "champion", 0, tmp_path)
-    rf = slot(ModelSlot, activity_bundle_v2, "challenger", 10, tmp_path)
+    lr = slot(LoadedModel, activity_bundle, "champion", 0, tmp_path)
+    rf = slot(LoadedModel, activity_bundle_v2, "challenger", 10, tmp_path)
     p_lr, p_rf = lr.predict(windows), rf.predict(windows)
     rt, sink = runtime(policy="mean", deadline_ms=5000)
-    rt.set_slots([lr, rf])
+    rt.set_members([lr, rf])
     asyncio.run(score(rt, rows(windows, 40)))
     avg = (p_lr.scores + p_rf.scores) / 2
     classes = lr.classes
     assert [a["output"]["label"] for a in sink.answers_] == [classes[i] for i in avg.argmax(1)]
     rt, sink = runtime(policy="vote", deadline_ms=5000)
-    rt.set_slots([lr, rf])
+    rt.set_members([lr, rf])
     asyncio.run(score(rt, rows(windows, 40)))
     # two voters: agreement wins, a tie goes to the champion (higher priority)
     assert [a["output"]["label"] for a in sink.answers_] == p_lr.labels.tolist()
@@ -184,9 +184,20 @@ def test_bounded_queue_counts_every_drop(windows):
 
 def test_micro_batches_form_under_load(tmp_path, windows, activity_bundle):
     rt, sink = runtime(max_batch=16)
-    s = slot(ModelSlot, activity_bundle, "champion", 0, tmp_path)
-    rt.set_slots([s])
+    s = slot(LoadedModel, activity_bundle, "champion", 0, tmp_path)
+    rt.set_members([s])
     asyncio.run(score(rt, rows(windows, 40)))
     assert len(sink.answers_) == 40 and rt.stats.batches == 3  # 16 + 16 + 8
     assert [a["output"]["label"] for a in sink.answers_] == s.predict(windows).labels.tolist()
     assert np.all(np.diff([a["input_seq"] for a in sink.answers_]) == 1)
+
+
+def test_reconfigure_resizes_the_canary_window_keeping_the_newest_rows():
+    rt, _ = runtime()
+    rt.canary.add_many([1, 1, 1, 0], [1, 1, 0, 0])  # agree, agree, differ, agree
+    import dataclasses
+
+    rt.reconfigure(dataclasses.replace(rt.config, canary_window=2))
+    assert rt.canary.size == 2 and rt.canary.count == 2
+    assert rt.canary.value == 0.5  # the newest two rows: differ, agree
+    assert rt.canary_status()["window"] == 2

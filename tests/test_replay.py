@@ -23,9 +23,9 @@ from edgeml.cli import main
 from edgeml.config import load_config
 from edgeml.core.assemble import Assembler
 from edgeml.core.decode import Decoder
+from edgeml.errors import ReplayError
 from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 from edgeml.host.replay import (
-    ReplayError,
     ReplayProgress,
     classification_metrics,
     latency_summary,

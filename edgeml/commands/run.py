@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import signal
 
     from edgeml.config import load_config, load_device_profile
 
@@ -38,13 +39,25 @@ def run(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("edgeml").setLevel(logging.INFO)  # a daemon says what it does
 
-    from edgeml.core.device import Daemon
+    from edgeml.core.device import Device
 
     def reload():
         return load_config(args.config, broker_url=args.broker, data_dir=args.data_dir)
 
     async def main() -> None:
-        await Daemon(config, profile=profile, reload=reload).run()
+        async with Device(config, profile=profile, reload=reload) as device:
+            loop = asyncio.get_running_loop()
+            reloads: set[asyncio.Task] = set()
+
+            def on_hup() -> None:
+                task = loop.create_task(device.reload(), name="reload")
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGTERM, device.request_stop)
+            loop.add_signal_handler(signal.SIGINT, device.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+            await device.run()
 
     asyncio.run(main())
     return 0

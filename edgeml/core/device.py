@@ -1,206 +1,248 @@
-"""``edgeml run``: the device daemon, wired as named tasks in one TaskGroup.
+"""The composition root: one device, its stages wired one way, run as named tasks in one
+TaskGroup.
 
-source (MQTT) -> decode -> raw-input log -> window -> batch -> score -> rendezvous ->
-answers on ``{p}/{d}/out/{pipeline}`` + every version's result into the outbox -> uplink.
+    source (transport) -> ingress (decode, dead-letter, archive, assemble) -> scoring
+    (micro-batches, versions, rendezvous) -> egress (answers, record ids, outbox) -> uplink
+
+``async with Device(config) as device: await device.run()`` until :meth:`request_stop`
+(``edgeml run`` calls it on SIGTERM/SIGINT and :meth:`reload` on SIGHUP; a process that
+embeds a device keeps its own signal handling). Control (deliveries, commands, the watch) sees the
+pipelines, the model registry and an event sink through narrow ports, never the device.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import concurrent.futures
 import contextlib
 import dataclasses
-import functools
-import json
 import logging
-import os
-import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from edgeml import __version__
-from edgeml.config import Config, PipelineConfig
+from edgeml.config import Config, PipelineConfig, load_device_profile
+from edgeml.control.registry import ModelRegistry
+from edgeml.control.service import Control
+from edgeml.core import status as status_doc
 from edgeml.core.assemble import Assembler
 from edgeml.core.decode import Decoder
-from edgeml.core.model import ModelSlot
-from edgeml.core.scoring import BatchingSettings, PipelineRuntime
+from edgeml.core.egress import Egress, json_bytes
+from edgeml.core.ingress import Ingress, Inlet
+from edgeml.core.model import Member
+from edgeml.core.scoring import PipelineRuntime, ScoringSettings
 from edgeml.core.stats import RateMeter
 from edgeml.errors import DecodeError, EdgemlError
-from edgeml.topics import matches as topic_matches
-from edgeml.transport.mqtt import BrokerSettings, Message, MqttClient, Publication
+from edgeml.storage.models import ModelStore
+from edgeml.transport.base import Connector, Publication, Transport
 
 log = logging.getLogger("edgeml.core.device")
 
-DLQ_PAYLOAD_COPY = 1024  # bytes of a rejected payload copied into its dead-letter record
-OUTBOX_WRITE_INTERVAL_S = 0.05  # records move into SQLite in one transaction this often
-OUTBOX_WRITE_MAX = 5000  # ... or as soon as this many are waiting
+#: config keys a SIGHUP applies per pipeline; everything else needs a restart
+LIVE_KEYS = ("policy", "deadline_ms", "top_n", "models", "canary_window", "canary_threshold")
+RESTART_KEYS = ("device_id", "data_dir", "topic_prefix", "broker", "upstream", "profile",
+                "profile_overrides", "trusted_keys", "groups", "sync", "deploy")
 
 
+def mqtt_connector(settings: Any, *, will: Publication | None = None,
+                   manual_ack: bool = False, require_connection: bool = True) -> Transport:
+    from edgeml.transport.mqtt import MqttTransport
 
-class _Pipe:
-    """A pipeline's run-time parts: decoder/assembler in front, the runtime behind."""
-
-    def __init__(self, cfg: PipelineConfig, runtime: PipelineRuntime, assembler: Assembler,
-                 rawlog: Any) -> None:
-        self.cfg = cfg
-        self.runtime = runtime
-        self.assembler = assembler
-        self.rawlog = rawlog
-        self.encode: Callable[[dict], bytes] = (
-            _json_bytes if cfg.output_format == "json" else _msgpack_bytes)
-        self.out_topic = ""
+    return MqttTransport(settings, will=will, manual_ack=manual_ack,
+                         require_connection=require_connection)
 
 
-def _msgpack_bytes(rec: dict) -> bytes:
-    return msgpack.packb(rec, use_bin_type=True, default=str)
+@dataclasses.dataclass
+class _Pipeline:
+    config: PipelineConfig
+    runtime: PipelineRuntime
+    inlet: Inlet
 
 
-def _json_bytes(rec: dict) -> bytes:
-    return json.dumps(rec, separators=(",", ":"), default=str).encode()
+class PipelineSet:
+    """The pipelines behind control's port: read and swap active sets, set policies."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, _Pipeline] = {}
+
+    def add(self, p: _Pipeline) -> None:
+        self._by_name[p.config.name] = p
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def __getitem__(self, name: str) -> PipelineRuntime:
+        return self._by_name[name].runtime
+
+    def get(self, name: str) -> _Pipeline | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def config(self, name: str) -> PipelineConfig:
+        return self._by_name[name].config
+
+    def members(self, name: str) -> tuple[Member, ...]:
+        return self._by_name[name].runtime.members
+
+    def champion(self, name: str) -> Member | None:
+        return self._by_name[name].runtime.champion()
+
+    def policy(self, name: str) -> str:
+        return self._by_name[name].runtime.policy
+
+    def set_members(self, name: str, members: Sequence[Member]) -> None:
+        self._by_name[name].runtime.set_members(members)
+
+    def set_policy(self, name: str, policy: str) -> None:
+        self._by_name[name].runtime.set_policy(policy)
+
+    def reset_canary(self, name: str) -> None:
+        self._by_name[name].runtime.reset_canary()
+
+    def figures(self, name: str, key: tuple[str, str]) -> dict:
+        return self._by_name[name].runtime.figures(key)
+
+    def canary(self, name: str) -> dict:
+        return self._by_name[name].runtime.canary_status()
 
 
-class Daemon:
-    """One device. ``await Daemon(config).run()`` until :meth:`request_stop`."""
+class Device:
+    """One device: config in, stages built and wired, run until stopped."""
 
     def __init__(self, config: Config, *, profile: Any = None,
-                 reload: Callable[[], Config] | None = None) -> None:
-        from edgeml.config import load_device_profile
-
+                 reload: Callable[[], Config] | None = None,
+                 connector: Connector | None = None) -> None:
         self.config = config
         self.profile = profile or load_device_profile(config)
         self._reload_config = reload
+        self._connector: Connector = connector or mqtt_connector
         self.reloads = 0
         self.started = time.time()
         self.state = "starting"
-        self._stop = asyncio.Event()
-        self._pipes: dict[str, _Pipe] = {}
-        self._route_cache: dict[str, list[_Pipe]] = {}
-        self._client: MqttClient | None = None
-        self._outbox: Any = None
-        self._uplink: Any = None
-        self._pending_records: list[tuple[str, str, dict]] = []
-        self._pending_marks: dict[str, int] = {}
-        self._records_ready = asyncio.Event()
-        self._stop_writer = False  # set at shutdown: the writer flushes what is left and ends
-        self._outbox_pool = concurrent.futures.ThreadPoolExecutor(1, "outbox")
-        self._rate = RateMeter()
-        self.load_errors: list[str] = []
-        self.control: Any = None  # model delivery + commands (edgeml.control.manager), when present
         self.ready = asyncio.Event()
-        self.dlq_published = 0
-        self.outbox_overflow = 0
+        self.load_errors: list[str] = []
         self.recovered_rows = 0
+        self.pipelines = PipelineSet()
+        self._stop = asyncio.Event()
+        self._rate = RateMeter()
+        self._entered = False
+        self.transport: Transport | None = None
+        self.outbox: Any = None
+        self.uplink: Any = None
+        self._uplink_transport: Transport | None = None
 
-    # ---- public --------------------------------------------------------------------------
+    # ---- public ------------------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
-
-    @property
-    def client(self) -> MqttClient | None:
-        return self._client
-
-    @property
-    def pipelines(self) -> dict[str, PipelineRuntime]:
-        return {name: p.runtime for name, p in self._pipes.items()}
 
     def topic(self, *parts: str) -> str:
         return self.config.topic(*parts)
 
-    async def run(self) -> None:
+    async def __aenter__(self) -> Device:
+        """Open storage and load every configured model (nothing is connected yet)."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        from edgeml.storage.models import ModelStore
-
         self.store = ModelStore(cfg.data_dir / "models")
-        self.trusted_keys = _load_keys(cfg.trusted_keys)
-        self.control = _make_control(self)
-        await self._build_pipelines()
-        self._open_outbox()
-        will = Publication(self.topic("status"), _json_bytes(
-            {"device": cfg.device_id, "state": "offline", "reason": "connection lost"}),
-            qos=1, retain=True)
-        manual_ack = any(p.qos > 0 for p in cfg.pipelines)
-        client = MqttClient(cfg.broker, will=will, birth=self._birth, manual_ack=manual_ack)
-        async with client:
-            self._client = client
-            uplink_client = await self._start_uplink_client()
-            try:
-                await self._serve(client, uplink_client)
-            finally:
-                if uplink_client is not None:
-                    await uplink_client.close()
+        self.registry = ModelRegistry(self.store, profile=self.profile,
+                                      trusted_keys=_load_keys(cfg.trusted_keys),
+                                      max_bundle_bytes=cfg.deploy.max_bundle_bytes)
+        self.outbox = self._open_outbox()
+        self.egress = Egress(
+            device=cfg.device_id, topic=self.topic, outbox=self.outbox,
+            record_results=cfg.sync.record_results,
+            out_formats={p.name: p.output_format for p in cfg.pipelines},
+            out_qos={p.name: p.output_qos for p in cfg.pipelines},
+            on_status_changed=self.publish_status_soon)
+        self.control = Control(cfg, pipelines=self.pipelines, registry=self.registry,
+                               events=self.egress)
+        try:
+            await self._build_pipelines()
+        except BaseException:
+            self._close_storage()
+            raise
+        self.ingress = Ingress([p.inlet for p in self.pipelines], device=cfg.device_id,
+                               dlq_topic=self.topic("dlq"), control=self.control)
+        self._entered = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         self._close_storage()
+        self._entered = False
+
+    async def run(self) -> None:
+        """Connect, serve until :meth:`request_stop`, drain, disconnect."""
+        if not self._entered:
+            async with self:
+                await self.run()
+            return
+        cfg = self.config
+        will = Publication(self.topic("status"), json_bytes(
+            status_doc.offline(cfg.device_id, "connection lost")), qos=1, retain=True)
+        manual_ack = any(p.qos > 0 for p in cfg.pipelines)
+        transport = self._connector(cfg.broker, will=will, manual_ack=manual_ack)
+        self._refresh_birth(transport)
+        async with transport:
+            self.transport = transport
+            self.egress.transport = transport
+            try:
+                await self._start_uplink()
+                await self._serve(transport)
+            finally:
+                if self._uplink_transport is not None:
+                    await self._uplink_transport.close()
         log.info("stopped")
 
-    async def _serve(self, client: MqttClient, uplink_client: MqttClient | None) -> None:
+    async def _serve(self, transport: Transport) -> None:
         cfg = self.config
         subs: list[tuple[str, int]] = []
-        for p in self._pipes.values():
-            subs += [(t, p.cfg.qos) for t in p.cfg.subscriptions]
-        if self.control is not None:
-            subs += self.control.subscriptions()
-        await client.subscribe(subs)
+        for p in self.pipelines:
+            subs += [(t, p.config.qos) for t in p.config.subscriptions]
+        subs += self.control.subscriptions()
+        await transport.subscribe(subs)
         self.state = "online"
         async with asyncio.TaskGroup() as tg:
-            scorers = [tg.create_task(p.runtime.run(), name=f"score:{name}")
-                       for name, p in self._pipes.items()]
-            dispatch = tg.create_task(self._dispatch(client), name="dispatch")
-            status = tg.create_task(self._heartbeat(client), name="status")
+            scorers = [tg.create_task(p.runtime.run(), name=f"score:{p.config.name}")
+                       for p in self.pipelines]
+            ingress = tg.create_task(self.ingress.run(transport), name="ingress")
+            status = tg.create_task(self._heartbeat(), name="status")
             fsync = tg.create_task(self._fsync_loop(), name="rawlog-fsync")
-            writer = tg.create_task(self._outbox_writer(), name="outbox-writer")
-            if self.control is not None:
-                tg.create_task(self.control.run(), name="control")
+            writer = tg.create_task(self.egress.run_writer(), name="outbox-writer")
+            tg.create_task(self.control.run(), name="control")
             uplink = None
-            if self._uplink is not None and uplink_client is not None:
-                uplink = tg.create_task(self._uplink.run(), name="uplink")
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, self.request_stop)
-            if self._reload_config is not None:
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(signal.SIGHUP, lambda: tg.create_task(
-                        self.reload(), name="reload"))
+            if self.uplink is not None:
+                uplink = tg.create_task(self.uplink.run(), name="uplink")
             self._recover()
-            await self._publish_status(client)
+            self.publish_status_soon()
             self.ready.set()
             log.info("ready: device %s, %d pipeline(s), subscribed to %s", cfg.device_id,
-                     len(self._pipes), ", ".join(t for t, _ in subs))
+                     len(self.pipelines.names()), ", ".join(t for t, _ in subs))
             await self._stop.wait()
             # drain: no new input, score what was accepted, hand it all to the outbox
             log.info("stopping: draining %d queued row(s)",
-                     sum(p.runtime.queue_depth for p in self._pipes.values()))
-            dispatch.cancel()
-            for p in self._pipes.values():
+                     sum(p.runtime.queue_depth for p in self.pipelines))
+            ingress.cancel()
+            for p in self.pipelines:
                 p.runtime.stop()
             await asyncio.wait(scorers, timeout=10)
-            self._records_ready.set()
-            self._stop_writer = True
+            self.egress.close_writer()
             await asyncio.wait([writer], timeout=10)
             if uplink is not None:
                 await self._uplink_drain(timeout=2.0)
                 uplink.cancel()
             fsync.cancel()
             status.cancel()
-            if self.control is not None:
-                self.control.stop()
+            self.control.stop()
             self.state = "offline"
-            with contextlib.suppress(Exception):
-                await client.publish(self.topic("status"), self._status_bytes("offline"),
-                                     qos=1, retain=True, timeout=2)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(sig)
+            with contextlib.suppress(EdgemlError):
+                await transport.publish(self.topic("status"), self._status_bytes(),
+                                        qos=1, retain=True, timeout=2)
 
     # ---- SIGHUP ----------------------------------------------------------------------------
     async def reload(self) -> list[str]:
         """Re-read the config file and apply what can change without dropping the stream:
-        per pipeline the policy, deadline, top_n, canary settings and the model slots (new
+        per pipeline the policy, deadline, top_n, canary settings and the model versions (new
         versions are loaded before the active set is swapped). Anything else (broker, device,
         data dir, topics, decoding, windows, pipelines added or removed) needs a restart: it
         is logged and left as it was. Returns what was not applied."""
@@ -211,40 +253,33 @@ class Daemon:
             log.error("reload refused, config unchanged: %s", exc)
             return [str(exc)]
         old = self.config
-        ignored = [k for k in ("device_id", "data_dir", "topic_prefix", "broker", "upstream",
-                               "profile", "profile_overrides", "trusted_keys", "groups",
-                               "sync", "deploy")
-                   if getattr(old, k) != getattr(new, k)]
-        old_names = [p.name for p in old.pipelines]
-        new_names = [p.name for p in new.pipelines]
-        if old_names != new_names:
+        ignored = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
+        if [p.name for p in old.pipelines] != [p.name for p in new.pipelines]:
             ignored.append("pipelines (added, removed or renamed)")
-        live_keys = ("policy", "deadline_ms", "top_n", "models", "canary_window",
-                     "canary_threshold")
         for pcfg in new.pipelines:
-            pipe = self._pipes.get(pcfg.name)
+            pipe = self.pipelines.get(pcfg.name)
             if pipe is None:
                 continue
             frozen = [k for k in pcfg.__dataclass_fields__
-                      if k not in live_keys and getattr(pcfg, k) != getattr(pipe.cfg, k)]
+                      if k not in LIVE_KEYS and getattr(pcfg, k) != getattr(pipe.config, k)]
             ignored += [f"pipelines.{pcfg.name}.{k}" for k in frozen]
             # apply what can change live; keep the running value of everything else
-            pcfg = dataclasses.replace(pcfg, **{k: getattr(pipe.cfg, k) for k in frozen})
-            persisted = (self.control is not None
-                         and self.control.initial_models(pcfg) is not pcfg.models)
-            if pcfg.models != pipe.cfg.models and persisted:
+            pcfg = dataclasses.replace(pcfg, **{k: getattr(pipe.config, k) for k in frozen})
+            persisted = self.control.initial_models(pcfg) is not pcfg.models
+            if pcfg.models != pipe.config.models and persisted:
                 ignored.append(f"pipelines.{pcfg.name}.models (the active set pushed over MQTT "
                                "wins; use promote/rollback/retire)")
-            elif pcfg.models != pipe.cfg.models:
-                slots = await self.load_slots(pcfg, pcfg.models)
-                if len(slots) == len(pcfg.models):
-                    pipe.runtime.set_slots(slots)
+            elif pcfg.models != pipe.config.models:
+                members = await self._load_members(pcfg, pcfg.models)
+                if len(members) == len(pcfg.models):
+                    pipe.runtime.set_members(members)
                 else:
                     ignored.append(f"pipelines.{pcfg.name}.models (a version failed to load; "
                                    "the running versions stay)")
                     continue
             pipe.runtime.reconfigure(pcfg)
-            pipe.cfg = pcfg
+            pipe.config = pcfg
+            pipe.inlet.config = pcfg
         self.reloads += 1
         if ignored:
             log.warning("reloaded %s; these changes need a restart and were not applied: %s",
@@ -253,12 +288,12 @@ class Daemon:
             log.info("reloaded %s", new.source)
         return ignored
 
-    # ---- start-up --------------------------------------------------------------------------
+    # ---- start-up ----------------------------------------------------------------------------
     async def _build_pipelines(self) -> None:
         from edgeml.storage.rawlog import RawLog
 
         disk = self.profile.disk
-        batching = BatchingSettings(
+        settings = ScoringSettings(
             max_batch=self.profile.batching.max_batch,
             max_wait_ms=self.profile.batching.max_wait_ms,
             queue_limit=self.profile.queue.max_messages,
@@ -266,118 +301,107 @@ class Daemon:
         )
         for pcfg in self.config.pipelines:
             # the persisted active set (after pushes/promotions) wins over the config file
-            models = self.control.initial_models(pcfg) if self.control else pcfg.models
-            slots = await self.load_slots(pcfg, models)
-            runtime = PipelineRuntime(pcfg, emitter=self, batching=batching)
-            runtime.set_slots(slots)
-            if self.control is not None:
-                self.control.configure(runtime)  # restores a persisted policy
+            members = await self._load_members(pcfg, self.control.initial_models(pcfg))
+            runtime = PipelineRuntime(pcfg, emitter=self.egress, batching=settings)
+            runtime.set_members(members)
+            policy = self.control.persisted_policy(pcfg)
+            if policy is not None:
+                runtime.set_policy(policy)
             n_features = None
-            if pcfg.field is not None and slots:
-                n_features = slots[0].manifest.input.n_features
+            if pcfg.field is not None and members:
+                n_features = members[0].manifest.input.n_features
             assembler = Assembler(Decoder.from_pipeline(pcfg, n_features), pcfg.window)
             rawlog = RawLog(
                 self.config.data_dir / "rawlog" / pcfg.name,
                 segment_bytes=disk.rawlog_segment_bytes, budget_bytes=disk.rawlog_budget_bytes,
                 max_age_s=disk.rawlog_max_age_s, fsync_interval_s=disk.fsync_interval_s,
             )
-            pipe = _Pipe(pcfg, runtime, assembler, rawlog)
-            pipe.out_topic = self.topic("out", pcfg.name)
-            self._pipes[pcfg.name] = pipe
+            inlet = Inlet(pcfg, assembler, rawlog, runtime.enqueue, runtime.stats)
+            self.pipelines.add(_Pipeline(pcfg, runtime, inlet))
 
-    async def load_slots(self, pcfg: PipelineConfig, models) -> list[ModelSlot]:
+    async def _load_members(self, pcfg: PipelineConfig, models) -> list[Member]:
         """Load (and install, when a bundle file is given) every model; failures are logged,
         counted in status and leave the other versions running."""
-        async def one(m) -> ModelSlot | None:
+        async def one(m) -> Member | None:
             try:
-                return await asyncio.to_thread(self._load_slot, pcfg, m)
+                model = await self.registry.load_configured(pcfg, m)
             except EdgemlError as exc:
                 msg = f"pipeline {pcfg.name}: {m.name} {m.version} not loaded: {exc}"
                 log.error("%s", msg)
                 self.load_errors.append(msg)
                 return None
+            return Member(model, m.role, m.priority)
         loaded = await asyncio.gather(*(one(m) for m in models))
         return [s for s in loaded if s is not None]
 
-    def _load_slot(self, pcfg: PipelineConfig, m) -> ModelSlot:
-        if m.bundle is not None:
-            installed = self.store.install(m.bundle, trusted_keys=self.trusted_keys)
-            if (installed.name, installed.version) != (m.name, m.version):
-                raise EdgemlError(f"bundle {m.bundle} holds {installed.name} "
-                                  f"{installed.version}, not {m.name} {m.version}")
-        else:
-            installed = self.store.get(m.name, m.version)
-        check_compatible(pcfg, installed.manifest)
-        slot = ModelSlot.from_installed(installed, role=m.role, priority=m.priority,
-                                        profile=self.profile)
-        slot.load()
-        return slot
-
-    def _open_outbox(self) -> None:
+    def _open_outbox(self) -> Any:
         if not self.config.sync.enabled:
-            return
+            return None
         from edgeml.storage.outbox import Outbox
 
-        self._outbox = Outbox(self.config.data_dir / "outbox" / "outbox.db",
-                              budget_bytes=self.profile.disk.outbox_budget_bytes,
-                              fsync_interval_s=self.profile.disk.fsync_interval_s)
+        return Outbox(self.config.data_dir / "outbox" / "outbox.db",
+                      budget_bytes=self.profile.disk.outbox_budget_bytes,
+                      fsync_interval_s=self.profile.disk.fsync_interval_s)
 
-    async def _start_uplink_client(self) -> MqttClient | None:
-        if self._outbox is None:
-            return None
+    async def _start_uplink(self) -> None:
+        if self.outbox is None:
+            return
         from edgeml.core.uplink import Uplink
 
         cfg = self.config
-        settings = cfg.upstream or _derive_uplink_settings(cfg.broker)
+        settings = cfg.upstream or dataclasses.replace(
+            cfg.broker, client_id=f"{cfg.broker.client_id}-uplink")
         # the upstream may be away at start: the outbox holds everything meanwhile
-        client = MqttClient(settings, require_connection=False)
-        await client.__aenter__()
+        transport = self._connector(settings, require_connection=False)
+        await transport.__aenter__()
+        self._uplink_transport = transport
         s = cfg.sync
-        self._uplink = Uplink(
-            self._outbox, client, topic_prefix=cfg.topic_prefix, device_id=cfg.device_id,
+        self.uplink = Uplink(
+            self.outbox, transport, topic_prefix=cfg.topic_prefix, device_id=cfg.device_id,
             batch_max_records=s.batch_max_records, batch_max_wait_s=s.batch_max_wait_s,
             bandwidth_bytes_per_s=s.bandwidth_bytes_per_s,
         )
-        return client
+        self.egress.uplink = self.uplink
 
     async def _uplink_drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._outbox.stats()["backlog"]:
+            if not self.outbox.stats()["backlog"]:
                 return
-            self._uplink.notify()
+            self.uplink.notify()
             await asyncio.sleep(0.05)
 
     def _close_storage(self) -> None:
-        for p in self._pipes.values():
+        for p in self.pipelines:
             p.runtime.close()
             with contextlib.suppress(Exception):
-                p.rawlog.sync()
-            p.rawlog.close()
-        self._outbox_pool.shutdown(wait=True)
-        if self._outbox is not None:
-            self._outbox.close()
+                p.inlet.rawlog.sync()
+            p.inlet.rawlog.close()
+        self.egress.shutdown()
+        if self.outbox is not None:
+            self.outbox.close()
 
     def _recover(self) -> None:
         """Score again what was accepted (acknowledged, archived) but whose answers never
         reached the outbox: a kill -9 or power cut between the raw-input log and the outbox.
         The outbox's high-water mark per pipeline says where to resume; records it already
         holds are ignored by id. Without an outbox there is nothing durable to resume from."""
-        if self._outbox is None:
+        if self.outbox is None:
             return
-        marks = self._outbox.marks()
+        marks = self.outbox.marks()
         fresh: dict[str, int] = {}
-        for name, pipe in self._pipes.items():
-            last = pipe.rawlog.next_seq - 1
+        for p in self.pipelines:
+            name, rawlog = p.config.name, p.inlet.rawlog
+            last = rawlog.next_seq - 1
             mark = marks.get(name)
             if mark is None:  # first start with this outbox: nothing before now is owed
                 fresh[name] = last
                 continue
             if mark >= last:
                 continue
-            assembler = Assembler(pipe.assembler.decoder, pipe.cfg.window)
+            assembler = Assembler(p.inlet.assembler.decoder, p.config.window)
             rows = []
-            for rec in pipe.rawlog.read(start_seq=mark + 1):
+            for rec in rawlog.read(start_seq=mark + 1):
                 try:
                     rows += assembler.feed(rec.topic, rec.payload, rec.seq, rec.received)
                 except DecodeError:
@@ -386,151 +410,10 @@ class Daemon:
                         "seq %d that never reached the outbox (unclean stop)", name, len(rows),
                         last - mark, mark)
             if rows:
-                pipe.runtime.enqueue(rows)
+                p.runtime.enqueue(rows)
             self.recovered_rows += len(rows)
         if fresh:
-            self._outbox.put_many([], marks=fresh)
-
-    # ---- the data path ---------------------------------------------------------------------
-    async def _dispatch(self, client: MqttClient) -> None:
-        async for msgs in client.batches(1024):
-            try:
-                self.handle_messages(client, msgs)
-            except Exception:  # never let one burst take the daemon down
-                log.exception("dispatch failed for a burst of %d message(s)", len(msgs))
-                for m in msgs:
-                    client.ack(m)
-
-    def handle_messages(self, client: MqttClient, msgs: list[Message]) -> None:
-        per_pipe: dict[str, list[tuple[Message, Any]]] = {}
-        for m in msgs:
-            pipes = self._route(m.topic)
-            if not pipes:
-                if self.control is not None and self.control.handles(m.topic):
-                    self.control.submit(m)
-                continue
-            for pipe in pipes:
-                st = pipe.runtime.stats
-                st.received += 1
-                try:
-                    decoded = pipe.assembler.decoder.decode(m.payload)
-                except DecodeError as exc:
-                    st.rejected += 1
-                    st.rejected_by_reason[exc.reason] += 1
-                    self._dead_letter(client, pipe.cfg.name, m, exc)
-                    continue
-                per_pipe.setdefault(pipe.cfg.name, []).append((m, decoded))
-        for name, items in per_pipe.items():
-            pipe = self._pipes[name]
-            seqs = pipe.rawlog.append_many([(m.topic, m.payload, m.received) for m, _ in items])
-            rows = []
-            for (m, decoded), seq in zip(items, seqs, strict=True):
-                rows += pipe.assembler.feed_decoded(m.topic, decoded, seq, m.received)
-            pipe.runtime.stats.accepted += len(items)
-            if rows:
-                pipe.runtime.enqueue(rows)
-        for m in msgs:  # acknowledged only now: accepted input is in the raw-input log
-            client.ack(m)
-
-    def _route(self, topic: str) -> list[_Pipe]:
-        hit = self._route_cache.get(topic)
-        if hit is None:
-            hit = [p for p in self._pipes.values()
-                   if any(topic_matches(f, topic) for f in p.cfg.topics)]
-            if len(self._route_cache) > 50_000:
-                self._route_cache.clear()
-            self._route_cache[topic] = hit
-        return hit
-
-    def _dead_letter(self, client: MqttClient, pipeline: str, m: Message,
-                     exc: DecodeError) -> None:
-        copy = m.payload[:DLQ_PAYLOAD_COPY]
-        rec = {
-            "device": self.config.device_id, "pipeline": pipeline, "topic": m.topic,
-            "reason": exc.reason, "detail": exc.detail, "ts": m.received,
-            "payload_bytes": len(m.payload), "truncated": len(m.payload) > len(copy),
-            "payload_b64": base64.b64encode(copy).decode(),
-        }
-        client.publish_nowait(self.topic("dlq"), _json_bytes(rec), qos=1)
-        self.dlq_published += 1
-        log.info("dead letter from %s: %s", m.topic, exc)
-
-    # ---- Emitter (called by the pipelines) --------------------------------------------------
-    def answers(self, pipeline: str, records: list[dict]) -> None:
-        pipe = self._pipes[pipeline]
-        client = self._client
-        if client is not None:
-            topic, qos, encode = pipe.out_topic, pipe.cfg.output_qos, pipe.encode
-            for rec in records:
-                client.publish_nowait(topic, encode(rec), qos)
-            pipe.runtime.stats.published += len(records)
-        if self._outbox is not None:
-            dev = self.config.device_id
-            self._queue_records([
-                ("outputs", _record_id(dev, rec, "outputs"), rec) for rec in records])
-            if records:  # answers go out in input order: all up to here are queued
-                self._pending_marks[pipeline] = records[-1]["input_seq"]
-
-    def results(self, pipeline: str, records: list[dict]) -> None:
-        if self._outbox is not None and self.config.sync.record_results:
-            dev = self.config.device_id
-            self._queue_records([
-                ("results", _record_id(dev, rec, "results"), rec) for rec in records])
-
-    def alert(self, pipeline: str, kind: str, detail: dict) -> None:
-        rec = {"device": self.config.device_id, "pipeline": pipeline, "kind": kind,
-               "ts": time.time(), **detail}
-        if self._client is not None:
-            self._client.publish_nowait(self.topic("alerts"), _json_bytes(rec), qos=1)
-        if self._outbox is not None:
-            rid = f"{self.config.device_id}/{pipeline}/alert/{kind}/{rec['ts']:.6f}"
-            self._queue_records([("alerts", rid, rec)])
-
-    def deploy_event(self, event: dict) -> None:
-        """A deployment outcome (active, failed, noop, rolled_back, watch_passed) for the
-        outbox's ``deploy`` stream, so upstream keeps a history of what ran where."""
-        if self._outbox is None:
-            return
-        rec = {"device": self.config.device_id, **event}
-        from edgeml.storage.outbox import record_id
-
-        rid = record_id(self.config.device_id, str(event.get("pipeline")),
-                        f"{event.get('stage')}@{event.get('ts', 0):.6f}",
-                        str(event.get("name")), str(event.get("version")), "deploy")
-        self._queue_records([("deploy", rid, rec)])
-
-    def _queue_records(self, items: list[tuple[str, str, dict]]) -> None:
-        pending = self._pending_records
-        pending.extend(items)
-        if len(pending) > 200_000:  # the writer thread is far behind: bound memory, count it
-            drop = len(pending) - 200_000
-            del pending[:drop]
-            self.outbox_overflow += drop
-        self._records_ready.set()
-
-    async def _outbox_writer(self) -> None:
-        """Moves queued records into SQLite on one worker thread, a transaction per burst."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._records_ready.wait()
-            if not self._stop_writer and len(self._pending_records) < OUTBOX_WRITE_MAX:
-                # one transaction per ~50 ms, not per scored batch: a commit costs far more
-                # than a row. Nothing is at risk meanwhile: after a crash the daemon re-scores
-                # from the raw-input log past the outbox's high-water mark.
-                await asyncio.sleep(OUTBOX_WRITE_INTERVAL_S)
-            self._records_ready.clear()
-            if self._pending_records or self._pending_marks:
-                items, self._pending_records = self._pending_records, []
-                marks, self._pending_marks = self._pending_marks, {}
-                try:
-                    await loop.run_in_executor(self._outbox_pool, functools.partial(
-                        self._outbox.put_many, items, marks=marks))
-                except Exception:
-                    log.exception("outbox write of %d record(s) failed", len(items))
-                if self._uplink is not None:
-                    self._uplink.notify()
-            if self._stop_writer and not self._pending_records:
-                return
+            self.outbox.put_many([], marks=fresh)
 
     async def _fsync_loop(self) -> None:
         interval = self.profile.disk.fsync_interval_s
@@ -538,110 +421,58 @@ class Daemon:
             return
         while True:
             await asyncio.sleep(interval)
-            for p in list(self._pipes.values()):
+            for p in list(self.pipelines):
                 try:
-                    await asyncio.to_thread(p.rawlog.sync)
+                    await asyncio.to_thread(p.inlet.rawlog.sync)
                 except Exception:
-                    log.exception("raw-input log fsync failed for %s", p.cfg.name)
+                    log.exception("raw-input log fsync failed for %s", p.config.name)
 
     # ---- status ----------------------------------------------------------------------------
     def publish_status_soon(self) -> None:
         """Publish the retained status now (after a deployment or command), not at the next
         heartbeat, so ``edgeml status`` shows the change at once."""
-        if self._client is not None:
-            self._client.publish_nowait(self.topic("status"), self._status_bytes(self.state),
-                                        qos=1, retain=True)
-
-    async def _heartbeat(self, client: MqttClient) -> None:
-        while True:
-            await asyncio.sleep(self.config.status_interval_s)
-            await self._publish_status(client)
-
-    async def _publish_status(self, client: MqttClient) -> None:
+        transport = self.transport
+        if transport is None:
+            return
         try:
-            payload = self._status_bytes(self.state)
-            client.publish_nowait(self.topic("status"), payload, qos=1, retain=True)
+            payload = self._status_bytes()
+            transport.publish_nowait(self.topic("status"), payload, qos=1, retain=True)
+            self._refresh_birth(transport, payload)
         except Exception:
             log.exception("status report failed")
 
-    def _birth(self) -> list[Publication]:
-        return [Publication(self.topic("status"), self._status_bytes(
-            "online" if self.state != "starting" else "starting"), qos=1, retain=True)]
+    def _refresh_birth(self, transport: Transport, payload: bytes | None = None) -> None:
+        """What a reconnect announces: the newest status, made here on the loop."""
+        if payload is None or self.state != "online":
+            doc = self.status("online" if self.state != "starting" else "starting")
+            payload = json_bytes(doc)
+        transport.set_birth([Publication(self.topic("status"), payload, qos=1, retain=True)])
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            self.publish_status_soon()
 
     def status(self, state: str | None = None) -> dict:
         pipes = {}
         total_received = 0
-        for name, p in self._pipes.items():
+        for p in self.pipelines:
             d = p.runtime.status()
-            d["rawlog"] = _safe(lambda p=p: p.rawlog.stats)
-            d["windows_pending"] = p.assembler.pending_topics
-            pipes[name] = d
+            d["published"] = self.egress.published.get(p.config.name, 0)
+            d["rawlog"] = status_doc.safe(lambda p=p: p.inlet.rawlog.stats)
+            d["windows_pending"] = p.inlet.assembler.pending_topics
+            pipes[p.config.name] = d
             total_received += p.runtime.stats.received
-        status: dict[str, Any] = {
-            "device": self.config.device_id, "state": state or self.state, "ts": time.time(),
-            "uptime_s": round(time.time() - self.started, 3), "edgeml": __version__,
-            "profile": self.profile.name, "pid": os.getpid(),
-            "received_per_s": self._rate.rate(total_received), "pipelines": pipes,
-            "dlq": self.dlq_published, "load_errors": self.load_errors[-10:],
-            "reloads": self.reloads, "recovered_rows": self.recovered_rows,
-        }
-        if self._client is not None:
-            status["mqtt"] = {"connected": self._client.connected,
-                              "connects": self._client.connects,
-                              "disconnects": self._client.disconnects}
-        if self._outbox is not None:
-            status["outbox"] = _safe(self._outbox.stats)  # in-memory counters, cheap
-            status["outbox"]["overflow_dropped"] = self.outbox_overflow
-        if self._uplink is not None:
-            status["uplink"] = _safe(lambda: self._uplink.stats)
-        if self.control is not None:
-            status["deploy"] = _safe(self.control.status)
-        return status
+        return status_doc.build(
+            device=self.config.device_id, state=state or self.state, started=self.started,
+            profile=self.profile.name, pipelines=pipes,
+            received_per_s=self._rate.rate(total_received), dlq=self.ingress.dead_letters,
+            load_errors=self.load_errors, reloads=self.reloads,
+            recovered_rows=self.recovered_rows, transport=self.transport, outbox=self.outbox,
+            outbox_overflow=self.egress.overflow, uplink=self.uplink, control=self.control)
 
-    def _status_bytes(self, state: str) -> bytes:
-        return _json_bytes(self.status(state))
-
-
-def _make_control(daemon: Daemon) -> Any:
-    """Model delivery and device commands (edgeml.control.manager), when this build has them."""
-    try:
-        from edgeml.control.manager import Control
-    except ImportError as exc:
-        if exc.name != "edgeml.control.manager":
-            raise
-        return None
-    return Control(daemon)
-
-
-def check_compatible(pcfg: PipelineConfig, manifest: Any) -> None:
-    """Refuse a model whose input does not fit the pipeline (count, names, window)."""
-    spec = manifest.input
-    who = f"{manifest.name} {manifest.version}"
-    if pcfg.features is not None and len(pcfg.features) != len(spec.features):
-        raise EdgemlError(f"{who} takes {len(spec.features)} features per sample; pipeline "
-                          f"{pcfg.name} gives {len(pcfg.features)}")
-    if pcfg.features is not None and tuple(pcfg.features) != tuple(spec.features):
-        log.warning("%s: feature names %s differ from the pipeline's %s (taken by position)",
-                    who, list(spec.features), list(pcfg.features))
-    want = pcfg.window.size if pcfg.window else None
-    if (spec.window or None) != want:
-        raise EdgemlError(f"{who} expects windows of {spec.window or 1} sample(s); pipeline "
-                          f"{pcfg.name} makes {want or 1}")
-
-
-def _record_id(device: str, rec: dict, stream: str) -> str:
-    """The outbox's stable id; ``input_seq.row`` when one message made several rows."""
-    from edgeml.storage.outbox import record_id
-
-    row = rec.get("row")
-    pos = f"{rec['input_seq']}.{row}" if row else rec["input_seq"]
-    return record_id(device, rec["pipeline"], pos, rec["model"], rec["version"], stream)
-
-
-def _derive_uplink_settings(broker: BrokerSettings) -> BrokerSettings:
-    from dataclasses import replace
-
-    return replace(broker, client_id=f"{broker.client_id}-uplink")
+    def _status_bytes(self) -> bytes:
+        return json_bytes(self.status(self.state))
 
 
 def _load_keys(paths: tuple[Path, ...]) -> list:
@@ -650,10 +481,3 @@ def _load_keys(paths: tuple[Path, ...]) -> list:
     from edgeml.keys import load_public_key
 
     return [load_public_key(p) for p in paths]
-
-
-def _safe(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except Exception as exc:
-        return {"error": str(exc)}

@@ -1,8 +1,10 @@
 """One model version loaded for scoring: the load / predict / unload / ready lifecycle.
 
-A :class:`ModelSlot` owns one onnxruntime session built from the firmware profile. Loading
-warms the session up and runs the manifest's self-test, so a slot that reports ``ready``
-has already reproduced the host's outputs on this device.
+A :class:`LoadedModel` owns one onnxruntime session built from the firmware profile. Loading
+warms the session up and runs the manifest's self-test, so a model that reports ``ready``
+has already reproduced the host's outputs on this device. What a version *does* in a
+pipeline (its role and priority) is not the model's business: a :class:`Member` pairs the
+two, so a promotion makes a new member around the same loaded session.
 """
 
 from __future__ import annotations
@@ -34,16 +36,13 @@ class Prediction:
         return 0 if ref is None else len(ref)
 
 
-class ModelSlot:
-    """A model version with a role in a pipeline. ``predict`` is safe to call from any thread
+class LoadedModel:
+    """A model version with its session. ``predict`` is safe to call from any thread
     (onnxruntime sessions are thread-safe and release the GIL while they run)."""
 
-    def __init__(self, manifest: Manifest, model_path: Path, *, role: str, priority: int,
-                 profile: Any) -> None:
+    def __init__(self, manifest: Manifest, model_path: Path, *, profile: Any) -> None:
         self.manifest = manifest
         self.model_path = Path(model_path)
-        self.role = role
-        self.priority = priority
         self.profile = profile
         self._session: Any = None
         self._input_name = manifest.input.name
@@ -60,12 +59,10 @@ class ModelSlot:
         self._class_keys = tuple(str(c) for c in self.classes) if self.classes else ()
 
     @classmethod
-    def from_installed(cls, installed: Any, *, role: str, priority: int,
-                       profile: Any) -> ModelSlot:
-        slot = cls(installed.manifest, installed.model_path, role=role, priority=priority,
-                   profile=profile)
-        slot._installed = installed  # load() re-checks the model's sha256 (disk rot)
-        return slot
+    def from_installed(cls, installed: Any, *, profile: Any) -> LoadedModel:
+        model = cls(installed.manifest, installed.model_path, profile=profile)
+        model._installed = installed  # load() re-checks the model's sha256 (disk rot)
+        return model
 
     @property
     def name(self) -> str:
@@ -111,8 +108,7 @@ class ModelSlot:
             self._session = None
             raise
         self.load_ms = (time.perf_counter() - t0) * 1000
-        log.info("loaded %s %s as %s in %.1f ms", self.name, self.version, self.role,
-                 self.load_ms)
+        log.info("loaded %s %s in %.1f ms", self.name, self.version, self.load_ms)
 
     def _run(self, x: np.ndarray) -> tuple[Any, Any]:
         session = self._session
@@ -157,3 +153,42 @@ class ModelSlot:
         if len(scores[0]) == 1:
             return [{"label": lab, "score": s[0]} for lab, s in zip(labels, scores, strict=True)]
         return [{"label": lab, "scores": s} for lab, s in zip(labels, scores, strict=True)]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A loaded model version with its role and priority in one pipeline's active set."""
+
+    model: LoadedModel
+    role: str
+    priority: int
+
+    @property
+    def name(self) -> str:
+        return self.model.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.model.manifest.version
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.model.manifest.name, self.model.manifest.version)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.model.manifest
+
+    @property
+    def classes(self) -> tuple | None:
+        return self.model.classes
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        return self.model.predict(x)
+
+    def outputs(self, pred: Prediction) -> list[dict]:
+        return self.model.outputs(pred)
+
+    def with_role(self, role: str, priority: int) -> Member:
+        """The same loaded session in another role: batches in flight keep the old member."""
+        return Member(self.model, role, priority)

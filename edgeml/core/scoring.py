@@ -1,9 +1,11 @@
 """One pipeline at run time: accepted rows -> micro-batches -> every active version in
 parallel -> rendezvous -> answers and per-version results.
 
-Data flows one way: the daemon's dispatcher hands in decoded, archived rows
+Data flows one way: the ingress stage hands in decoded, archived rows
 (:meth:`PipelineRuntime.enqueue`); this module batches and scores them and hands records on
-to an :class:`Emitter` (MQTT answers, outbox). It never calls back into the stages before it.
+to an :class:`Emitter` (the egress stage: MQTT answers, outbox). It never calls back into the
+stages before it. Control changes the active set and the policy through the methods under
+"the control port", never by setting attributes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from edgeml.config import PipelineConfig
 from edgeml.core.assemble import Row
-from edgeml.core.model import ModelSlot, Prediction
+from edgeml.core.model import Member, Prediction
 from edgeml.core.rendezvous import Answer, Outcome, decide, ready
 from edgeml.core.stats import AgreementWindow, PipelineStats
 
@@ -37,7 +39,8 @@ INLINE_HISTORY = 16
 
 
 class Emitter(Protocol):
-    """Where a pipeline's records go. The daemon publishes answers and fills the outbox."""
+    """Where a pipeline's records go: the egress stage publishes answers and fills the
+    outbox."""
 
     def answers(self, pipeline: str, records: list[dict]) -> None: ...
 
@@ -47,21 +50,23 @@ class Emitter(Protocol):
 
 
 @dataclass(frozen=True)
-class BatchingSettings:
+class ScoringSettings:
+    """Micro-batching and the bounded row queue, from the firmware profile."""
+
     max_batch: int = 64
     max_wait_ms: float = 0.0
     queue_limit: int = 10_000
     queue_policy: str = "drop_oldest"
 
 
-class _SlotRunner:
+class _VersionRunner:
     """A version plus its own single worker thread, so versions run in parallel while each
     version sees its batches in order."""
 
-    def __init__(self, slot: ModelSlot) -> None:
-        self.slot = slot
+    def __init__(self, member: Member) -> None:
+        self.member = member
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"score-{slot.name}-{slot.version}"
+            max_workers=1, thread_name_prefix=f"score-{member.name}-{member.version}"
         )
         self.pending = 0
         self.last: asyncio.Future | None = None
@@ -84,7 +89,7 @@ class _SlotRunner:
 
 class PipelineRuntime:
     def __init__(self, config: PipelineConfig, *, emitter: Emitter,
-                 batching: BatchingSettings, stats: PipelineStats | None = None,
+                 batching: ScoringSettings, stats: PipelineStats | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.name = config.name
@@ -96,8 +101,8 @@ class PipelineRuntime:
         self._clock = clock
         self._queue: collections.deque[Row] = collections.deque()
         self._wake = asyncio.Event()
-        self._runners: dict[tuple[str, str], _SlotRunner] = {}
-        self._slots: tuple[ModelSlot, ...] = ()
+        self._runners: dict[tuple[str, str], _VersionRunner] = {}
+        self._members: tuple[Member, ...] = ()
         self._stopping = False
         self.canary = AgreementWindow(config.canary_window)
         self.canary_alerted = False
@@ -108,36 +113,61 @@ class PipelineRuntime:
 
     # ---- the active set ----------------------------------------------------------------------
     @property
-    def slots(self) -> tuple[ModelSlot, ...]:
-        return self._slots
+    def members(self) -> tuple[Member, ...]:
+        return self._members
 
-    def set_slots(self, slots: Sequence[ModelSlot]) -> None:
+    def set_members(self, members: Sequence[Member]) -> None:
         """Swap the active set between two batches; loaded sessions are reused by key."""
-        keep = {s.key for s in slots}
+        keep = {s.key for s in members}
         for key, runner in list(self._runners.items()):
             if key not in keep:
                 runner.close()
                 del self._runners[key]
-        for s in slots:
+        for s in members:
             runner = self._runners.get(s.key)
             if runner is None:
-                self._runners[s.key] = _SlotRunner(s)
+                self._runners[s.key] = _VersionRunner(s)
             else:
-                runner.slot = s
+                runner.member = s
             self.stats.version(s.name, s.version)
-        self._slots = tuple(sorted(slots, key=lambda s: s.priority))
-        if not any(s.role == "canary" for s in slots):
+        self._members = tuple(sorted(members, key=lambda s: s.priority))
+        if not any(s.role == "canary" for s in members):
             self.canary.clear()
 
     def reconfigure(self, config: PipelineConfig) -> None:
         """Take the settings that can change live (policy, deadline, top_n, canary) from a
-        reloaded config; the caller swaps the model slots separately."""
+        reloaded config; the caller swaps the members separately."""
+        if config.canary_window != self.canary.size:
+            self.canary = self.canary.resized(config.canary_window)
         self.config = config
         self.policy = config.policy
         self.deadline_s = config.deadline_ms / 1000.0
 
-    def champion(self) -> ModelSlot | None:
-        return next((s for s in self._slots if s.role == "champion"), None)
+    # ---- the control port ---------------------------------------------------------------
+    def set_policy(self, policy: str) -> None:
+        self.policy = policy
+
+    def reset_canary(self) -> None:
+        """Agreement measured from now on belongs to a new champion, not the old one."""
+        self.canary.clear()
+        self.canary_alerted = False
+
+    def figures(self, key: tuple[str, str]) -> dict:
+        """One version's running totals, for the watch after a promotion."""
+        vs = self.stats.version(*key)
+        lat = vs.latency.summary()
+        return {"rows": vs.rows, "errors": vs.errors, "skipped": vs.skipped,
+                "p99_ms": lat["p99_ms"] if lat else None,
+                "canary_agreement": self.canary.value if any(
+                    m.role == "canary" for m in self._members) else None,
+                "canary_count": self.canary.count, "canary_window": self.config.canary_window}
+
+    def canary_status(self) -> dict:
+        return {"agreement": self.canary.value, "window": self.canary.count,
+                "threshold": self.config.canary_threshold, "alert": bool(self.canary_alerted)}
+
+    def champion(self) -> Member | None:
+        return next((s for s in self._members if s.role == "champion"), None)
 
     # ---- input side ----------------------------------------------------------------------------
     def enqueue(self, rows: Sequence[Row]) -> int:
@@ -202,29 +232,29 @@ class PipelineRuntime:
 
     async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[Row]) -> None:
         x = np.stack([r.features for r in batch])
-        slots = self._slots
-        if len(batch) <= INLINE_MAX_ROWS and slots and all(
-                (r := self._runners[s.key]).inline_ok and r.pending == 0 for s in slots):
-            self._score_inline(slots, x, batch)
+        members = self._members
+        if len(batch) <= INLINE_MAX_ROWS and members and all(
+                (r := self._runners[s.key]).inline_ok and r.pending == 0 for s in members):
+            self._score_inline(members, x, batch)
             return
         t_dispatch = time.monotonic()
         deadline = t_dispatch + self.deadline_s
-        futures: dict[asyncio.Future, ModelSlot] = {}
-        skipped: list[ModelSlot] = []
-        for slot in slots:
-            runner = self._runners[slot.key]
+        futures: dict[asyncio.Future, Member] = {}
+        skipped: list[Member] = []
+        for member in members:
+            runner = self._runners[member.key]
             if runner.pending >= MAX_PENDING_BATCHES and runner.last is not None:
                 # backpressure: a version that is merely busy gets up to one deadline to catch
                 # up; only a version that stays stuck skips the batch (counted, recorded)
                 await asyncio.wait([runner.last], timeout=self.deadline_s)
             if runner.pending >= MAX_PENDING_BATCHES:
-                skipped.append(slot)
-                self.stats.version(slot.name, slot.version).skipped += len(batch)
+                skipped.append(member)
+                self.stats.version(member.name, member.version).skipped += len(batch)
                 continue
             runner.pending += 1
-            fut = loop.run_in_executor(runner.pool, slot.predict, x)
+            fut = loop.run_in_executor(runner.pool, member.predict, x)
             runner.last = fut
-            futures[fut] = slot
+            futures[fut] = member
         self.stats.batches += 1
         done_outcomes: list[Outcome] = []
         pending = set(futures)
@@ -240,74 +270,74 @@ class PipelineRuntime:
             for f in done:
                 done_outcomes.append(self._outcome(futures[f], f, batch, late=False))
         answers = decide(self.policy, done_outcomes, len(batch), top_n=self.config.top_n,
-                         champion_configured=any(s.role == "champion" for s in slots))
+                         champion_configured=any(s.role == "champion" for s in members))
         self._emit_answers(batch, answers)
         self._results(batch, done_outcomes, late=False)
         self._track_canary(done_outcomes)
         for f in pending:  # late versions: recorded when they finish, never waited for
-            slot = futures[f]
+            member = futures[f]
             self._inflight_results.add(f)
-            f.add_done_callback(lambda fut, s=slot: self._late(fut, s, batch))
+            f.add_done_callback(lambda fut, s=member: self._late(fut, s, batch))
         for s in skipped:
             self._results(batch, [Outcome(s.name, s.version, s.role, s.priority,
                                           error="skipped: version busy")], late=False)
 
-    def _score_inline(self, slots: Sequence[ModelSlot], x: np.ndarray,
+    def _score_inline(self, members: Sequence[Member], x: np.ndarray,
                       batch: list[Row]) -> None:
         self.stats.batches += 1
         outcomes = []
-        for slot in slots:
+        for member in members:
             try:
-                pred, exc = slot.predict(x), None
+                pred, exc = member.predict(x), None
             except Exception as e:  # recorded like a threaded failure
                 pred, exc = None, e
-            self._runners[slot.key].observe(pred, exc)
-            outcomes.append(self._make_outcome(slot, pred, exc, batch, late=False))
+            self._runners[member.key].observe(pred, exc)
+            outcomes.append(self._make_outcome(member, pred, exc, batch, late=False))
         answers = decide(self.policy, outcomes, len(batch), top_n=self.config.top_n,
-                         champion_configured=any(s.role == "champion" for s in slots))
+                         champion_configured=any(s.role == "champion" for s in members))
         self._emit_answers(batch, answers)
         self._results(batch, outcomes, late=False)
         self._track_canary(outcomes)
 
-    def _outcome(self, slot: ModelSlot, fut: asyncio.Future, batch: list[Row],
+    def _outcome(self, member: Member, fut: asyncio.Future, batch: list[Row],
                  late: bool) -> Outcome:
-        runner = self._runners.get(slot.key)
+        runner = self._runners.get(member.key)
         if runner is not None:
             runner.pending -= 1
         exc = fut.exception()
         pred = fut.result() if exc is None else None
         if runner is not None:
             runner.observe(pred, exc)
-        return self._make_outcome(slot, pred, exc, batch, late)
+        return self._make_outcome(member, pred, exc, batch, late)
 
-    def _make_outcome(self, slot: ModelSlot, pred: Prediction | None,
+    def _make_outcome(self, member: Member, pred: Prediction | None,
                       exc: BaseException | None, batch: list[Row], late: bool) -> Outcome:
-        vs = self.stats.version(slot.name, slot.version)
+        vs = self.stats.version(member.name, member.version)
         vs.batches += 1
         if exc is not None or pred is None:
             vs.errors += len(batch)
             vs.last_error = str(exc)
-            return Outcome(slot.name, slot.version, slot.role, slot.priority,
+            return Outcome(member.name, member.version, member.role, member.priority,
                            error=str(exc), done_at=time.monotonic())
         try:
-            outputs = slot.outputs(pred)
+            outputs = member.outputs(pred)
         except Exception as exc:  # a model whose outputs do not match its manifest
             vs.errors += len(batch)  # an error, not also a scored row
             vs.last_error = f"bad outputs: {exc}"
-            return Outcome(slot.name, slot.version, slot.role, slot.priority,
+            return Outcome(member.name, member.version, member.role, member.priority,
                            error=vs.last_error, done_at=time.monotonic())
         vs.rows += len(batch)
         vs.latency.add(pred.elapsed_ms)
         if late:
             vs.late += len(batch)
         labels = [o.get("label") for o in outputs]
-        return Outcome(slot.name, slot.version, slot.role, slot.priority, outputs=outputs,
-                       labels=labels, scores=pred.scores, classes=slot.classes,
+        return Outcome(member.name, member.version, member.role, member.priority, outputs=outputs,
+                       labels=labels, scores=pred.scores, classes=member.classes,
                        done_at=time.monotonic())
 
-    def _late(self, fut: asyncio.Future, slot: ModelSlot, batch: list[Row]) -> None:
+    def _late(self, fut: asyncio.Future, member: Member, batch: list[Row]) -> None:
         self._inflight_results.discard(fut)
-        outcome = self._outcome(slot, fut, batch, late=True)
+        outcome = self._outcome(member, fut, batch, late=True)
         self._results(batch, [outcome], late=True)
 
     def _emit_answers(self, batch: list[Row], answers: list[Answer]) -> None:
@@ -365,7 +395,7 @@ class PipelineRuntime:
         self.canary.add_many(champ.labels or [], canary.labels or [])
         value = self.canary.value
         threshold = self.config.canary_threshold
-        if value is None or self.canary.count < min(self.canary._hits.maxlen or 1, 20):
+        if value is None or self.canary.count < min(self.canary.size or 1, 20):
             return
         if value < threshold and not self.canary_alerted:
             self.canary_alerted = True
@@ -386,7 +416,7 @@ class PipelineRuntime:
     def status(self) -> dict:
         st = self.stats
         versions = []
-        for s in self._slots:
+        for s in self._members:
             vs = st.version(s.name, s.version)
             versions.append({"model": s.name, "version": s.version, "role": s.role,
                              "priority": s.priority, **vs.to_dict()})

@@ -69,6 +69,16 @@ class AgreementWindow:
     def count(self) -> int:
         return len(self._hits)
 
+    @property
+    def size(self) -> int:
+        return self._hits.maxlen or 0
+
+    def resized(self, size: int) -> AgreementWindow:
+        """A window of another size holding the newest rows of this one."""
+        new = AgreementWindow(size)
+        new._hits.extend(self._hits)
+        return new
+
     def clear(self) -> None:
         self._hits.clear()
 

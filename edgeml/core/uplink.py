@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import json
 import logging
 import threading
@@ -28,18 +27,14 @@ import msgpack
 
 from edgeml.errors import ConfigError, OutboxError, TransportError
 from edgeml.storage.outbox import Outbox, OutboxChunk
-from edgeml.transport.mqtt import BrokerSettings, MqttClient
+from edgeml.transport.base import Transport
+from edgeml.transport.settings import BrokerSettings
 
 log = logging.getLogger("edgeml.core.uplink")
 
 SCHEMA = 1
 FORMATS = ("msgpack", "json")
 
-
-def upstream_settings(broker: BrokerSettings, device_id: str) -> BrokerSettings:
-    """The uplink's own connection when ``[upstream]`` is not configured: the device's broker,
-    a separate client id and a persistent session (so a batch in flight survives a reconnect)."""
-    return dataclasses.replace(broker, client_id=f"edgeml-{device_id}-uplink", clean_start=False)
 
 
 def _json_default(obj: object) -> object:
@@ -59,7 +54,7 @@ def _records_of(chunk: OutboxChunk) -> list[dict[str, Any]]:
 class Uplink:
     """``await Uplink(outbox, client_or_settings, topic_prefix=..., device_id=...).run()``.
 
-    ``client``: an entered :class:`MqttClient` the caller owns (enter it with
+    ``client``: an entered :class:`Transport` the caller owns (enter it with
     ``require_connection=False`` so an upstream that is away at start does not stop the device),
     or :class:`BrokerSettings`, in which case the uplink makes, enters and closes its own client.
     Publishes to ``{topic_prefix}/{device_id}/sync/{stream}``.
@@ -68,7 +63,7 @@ class Uplink:
     def __init__(
         self,
         outbox: Outbox,
-        client: MqttClient | BrokerSettings,
+        client: Transport | BrokerSettings,
         *,
         topic_prefix: str,
         device_id: str,
@@ -109,10 +104,8 @@ class Uplink:
         if format not in FORMATS:
             raise ConfigError(f"must be one of {', '.join(FORMATS)}, not {format!r}",
                               key="sync.format")
-        if not isinstance(client, (MqttClient, BrokerSettings)):
-            raise TypeError("client must be an MqttClient or BrokerSettings")
         self.outbox = outbox
-        self._given = client if isinstance(client, MqttClient) else None
+        self._given: Transport | None = None if isinstance(client, BrokerSettings) else client
         self._settings = client if isinstance(client, BrokerSettings) else None
         self.topic_prefix = topic_prefix
         self.device_id = device_id
@@ -126,7 +119,7 @@ class Uplink:
         self.alert_interval_s = float(alert_interval_s)
         self.format = format
 
-        self._client: MqttClient | None = self._given
+        self._client: Transport | None = self._given
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._wake: asyncio.Event | None = None
@@ -202,7 +195,9 @@ class Uplink:
             try:
                 # Enter at once even if the upstream is away: paho keeps trying with the
                 # settings' reconnect backoff, and the outbox holds the records meanwhile.
-                async with MqttClient(self._settings, require_connection=False) as client:
+                from edgeml.transport.mqtt import MqttTransport
+
+                async with MqttTransport(self._settings, require_connection=False) as client:
                     self._client = client
                     backoff = self.retry_min_s
                     await self._serve(client)
@@ -213,7 +208,7 @@ class Uplink:
             finally:
                 self._client = None
 
-    async def _serve(self, client: MqttClient) -> None:
+    async def _serve(self, client: Transport) -> None:
         backoff = self.retry_min_s
         while True:
             if not client.connected:
@@ -246,7 +241,7 @@ class Uplink:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._executor, fn, *args)
 
-    async def _step(self, client: MqttClient) -> float | None:
+    async def _step(self, client: Transport) -> float | None:
         """Send one message if one is due. Returns None after sending, else how long to wait."""
         ob = self.outbox
         mono = time.monotonic()
@@ -349,7 +344,7 @@ class Uplink:
         parts += [c.payload for c in batch]
         return b"".join(parts)
 
-    async def _publish(self, client: MqttClient, topic: str, payload: bytes) -> None:
+    async def _publish(self, client: Transport, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and wait for the PUBACK however long the link is down: paho keeps
         the message and resends it on reconnect. Only if the broker stays connected and silent
         for ``ack_timeout_s`` do we give up on this copy (the caller retries the batch)."""
@@ -374,7 +369,7 @@ class Uplink:
             if not task.done():
                 task.cancel()
 
-    async def _send_alert(self, client: MqttClient, report: dict[str, Any]) -> None:
+    async def _send_alert(self, client: Transport, report: dict[str, Any]) -> None:
         """Drop counts go straight to ``sync/alerts`` (not through the outbox, which may be
         full); they are marked reported only after the PUBACK."""
         now = time.time()

@@ -2,7 +2,7 @@
 
 Trains model versions on the BasicMotions smart-watch TRAIN set that ships with edgeml,
 converts and signs them, starts a broker (the one given, else a private mosquitto, else an
-embedded amqtt broker) and a real :class:`~edgeml.core.device.Daemon`, replays the TEST set as a
+embedded amqtt broker) and a real :class:`~edgeml.core.device.Device`, replays the TEST set as a
 live watch stream (one MQTT message per sample), pushes a third version over MQTT mid-stream as a
 challenger, promotes it, and ends with a summary built only from what came back over MQTT
 (answers, upstream sync batches, status) plus an offline replay of the archive.
@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -268,52 +267,38 @@ deadline_ms = 1000
     return path
 
 
-class DaemonThread:
-    """A real :class:`~edgeml.core.device.Daemon` on its own event loop in a background thread."""
+class DemoDevice:
+    """A real :class:`~edgeml.core.device.Device` as a task on the demo's own event loop."""
 
     def __init__(self, config_path: Path) -> None:
         from edgeml.config import load_config
+        from edgeml.core.device import Device
 
-        self.config = load_config(config_path)
-        self.loop = asyncio.new_event_loop()
-        self.daemon: Any = None
-        self.error: BaseException | None = None
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._target, name="edgeml-daemon", daemon=True)
+        self.device = Device(load_config(config_path))
+        self.task: asyncio.Task | None = None
 
-    def _target(self) -> None:
-        from edgeml.core.device import Daemon
-
-        async def main() -> None:
-            self.daemon = Daemon(self.config)
-            task = asyncio.create_task(self.daemon.run())
-            ready = asyncio.create_task(self.daemon.ready.wait())
-            await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-            self._ready.set()
-            await task
-
-        try:
-            self.loop.run_until_complete(main())
-        except BaseException as exc:  # surfaced to the demo
-            self.error = exc
-        finally:
-            self._ready.set()
-            self.loop.close()
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
 
     async def start(self, timeout: float = 60.0) -> None:
-        self.thread.start()
-        ok = await asyncio.to_thread(self._ready.wait, timeout)
-        if self.error is not None:
-            raise DemoError(f"the daemon did not start: {self.error}") from self.error
-        if not ok:
+        self.task = asyncio.create_task(self.device.run(), name="edgeml-device")
+        ready = asyncio.create_task(self.device.ready.wait())
+        done, _ = await asyncio.wait([self.task, ready], timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self.task in done:
+            exc = self.task.exception()
+            raise DemoError(f"the daemon did not start: {exc}") from exc
+        if not done:
             raise DemoError(f"the daemon did not become ready within {timeout:g} s")
 
     async def stop(self, timeout: float = 30.0) -> None:
-        if self.thread.is_alive() and self.daemon is not None:
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.daemon.request_stop)
-        await asyncio.to_thread(self.thread.join, timeout)
-        if self.thread.is_alive():
+        if self.task is None:
+            return
+        self.device.request_stop()
+        done, _ = await asyncio.wait([self.task], timeout=timeout)
+        if not done:
             log.warning("the daemon did not stop within %g s", timeout)
 
 
@@ -580,7 +565,7 @@ class Demo:
         host = await stack.enter_async_context(Fleet(
             broker.url, topic_prefix=PREFIX, client_id=f"edgeml-demo-host-{run_id}"))
 
-        daemon = DaemonThread(config_path)
+        daemon = DemoDevice(config_path)
         stack.push_async_callback(self._stop_daemon, daemon)
         await daemon.start()
         self.say(f"daemon: device {DEVICE} running {MODEL} 1 (champion) and {MODEL} 2 "
@@ -607,8 +592,8 @@ class Demo:
             self.on_summary(self.summary)
         return self.summary
 
-    async def _stop_daemon(self, daemon: DaemonThread) -> None:
-        if daemon.thread.is_alive():
+    async def _stop_daemon(self, daemon: DemoDevice) -> None:
+        if daemon.running:
             await daemon.stop()
             self.say("stopped the daemon (drained, archive and outbox closed)")
 

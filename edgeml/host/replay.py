@@ -559,12 +559,12 @@ def replay(records: Iterable[Any], assembler: Assembler, slots: Sequence[Any], *
 @contextlib.contextmanager
 def open_slots(sources: Sequence[str | Path], *, profile: Any,
                store_root: Path | None = None) -> Iterator[list[Any]]:
-    """Load every bundle as a :class:`~edgeml.core.model.ModelSlot` (session built from the
+    """Load every bundle as a :class:`~edgeml.core.model.LoadedModel` (session built from the
     firmware ``profile``, self-test run). A source is a bundle file, or ``NAME:VERSION`` of a
     model installed in the store at ``store_root`` (the device's ``data_dir/models``).
     Bundle files are checked (sha256) but need no signature: nothing here goes live."""
     from edgeml.bundle import read_bundle
-    from edgeml.core.model import ModelSlot
+    from edgeml.core.model import LoadedModel
     from edgeml.errors import BundleError, StoreError
 
     if not sources:
@@ -578,15 +578,13 @@ def open_slots(sources: Sequence[str | Path], *, profile: Any,
                     bundle = read_bundle(path)
                     model_path = Path(tmp) / f"{i}.onnx"
                     model_path.write_bytes(bundle.model_bytes)
-                    slot = ModelSlot(bundle.manifest, model_path, role="replay", priority=i,
-                                     profile=profile)
+                    slot = LoadedModel(bundle.manifest, model_path, profile=profile)
                 elif ":" in str(src) and store_root is not None and not path.exists():
                     from edgeml.storage.models import ModelStore
 
                     name, _, version = str(src).partition(":")
                     installed = ModelStore(store_root).get(name, version)
-                    slot = ModelSlot.from_installed(installed, role="replay", priority=i,
-                                                    profile=profile)
+                    slot = LoadedModel.from_installed(installed, profile=profile)
                 else:
                     hint = "" if store_root is None else \
                         f", nor NAME:VERSION of a model installed in {store_root}"

@@ -16,98 +16,17 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Sequence
 
 import paho.mqtt.client as paho
 
-from edgeml.errors import ConfigError, TransportError
+from edgeml.errors import TransportError
 
 log = logging.getLogger("edgeml.transport.mqtt")
 
 
-@dataclass(frozen=True, kw_only=True)
-class BrokerSettings:
-    """How to reach one broker. Built from config; validated when built."""
-
-    url: str = "mqtt://127.0.0.1:1883"
-    client_id: str = ""
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    tls_insecure: bool = False
-    keepalive: int = 30
-    clean_start: bool = False
-    protocol: str = "3.1.1"
-    max_inflight: int = 20
-    reconnect_min_s: float = 0.2
-    reconnect_max_s: float = 10.0
-    connect_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        parse_broker_url(self.url)
-        if self.keepalive < 5:
-            raise ConfigError("must be at least 5 seconds", key="broker.keepalive")
-        if self.protocol not in ("3.1.1", "5"):
-            raise ConfigError(f"must be '3.1.1' or '5', not {self.protocol!r}",
-                              key="broker.protocol")
-        if not 1 <= self.max_inflight <= 65535:
-            raise ConfigError(f"must be between 1 and 65535, not {self.max_inflight}",
-                              key="broker.max_inflight")
-        if self.clean_start is False and not self.client_id:
-            raise ConfigError("a persistent session needs a client_id", key="broker.client_id")
-
-    @property
-    def host(self) -> str:
-        return parse_broker_url(self.url)[1]
-
-    @property
-    def port(self) -> int:
-        return parse_broker_url(self.url)[2]
-
-    @property
-    def tls(self) -> bool:
-        return parse_broker_url(self.url)[0]
-
-
-def parse_broker_url(url: str) -> tuple[bool, str, int]:
-    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (tls, host, port)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"scheme must be mqtt:// or mqtts://, got {url!r}", key="broker.url")
-    if not parts.hostname:
-        raise ConfigError(f"no host in {url!r}", key="broker.url")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ConfigError(f"bad port in {url!r}", key="broker.url") from exc
-    return tls, parts.hostname, port
-
-
-@dataclass(frozen=True)
-class Publication:
-    """A message to publish (also used for the last will and the birth message)."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-
-
-@dataclass(frozen=True)
-class Message:
-    """One received message. ``received`` is wall-clock time at arrival (``time.time()``)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int
-    received: float
+from edgeml.transport.base import Message, Publication  # noqa: E402
+from edgeml.transport.settings import BrokerSettings, parse_broker_url  # noqa: E402,F401
 
 
 class MqttClient:
@@ -126,13 +45,12 @@ class MqttClient:
         settings: BrokerSettings,
         *,
         will: Publication | None = None,
-        birth: Callable[[], Sequence[Publication]] | None = None,
         manual_ack: bool = False,
         require_connection: bool = True,
     ) -> None:
         self.settings = settings
         self._require_connection = require_connection
-        self._birth = birth
+        self._birth: tuple[Publication, ...] = ()
         self._manual_ack = manual_ack
         self._subscriptions: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -206,12 +124,8 @@ class MqttClient:
                  getattr(flags, "session_present", None))
         if self._subscriptions:
             client.subscribe(list(self._subscriptions.items()))
-        if self._birth is not None:
-            try:
-                for pub in self._birth():
-                    client.publish(pub.topic, pub.payload, pub.qos, pub.retain)
-            except Exception:  # a status snapshot must never break the connection
-                log.exception("birth message failed")
+        for pub in self._birth:
+            client.publish(pub.topic, pub.payload, pub.qos, pub.retain)
         self._connected.set()
         self._resolve_first(None)
 
@@ -311,6 +225,9 @@ class MqttClient:
         self._client.disconnect()
         await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
 
+    def set_birth(self, publications: Sequence[Publication]) -> None:
+        self._birth = tuple(publications)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -405,3 +322,6 @@ class _QueuedWhileOffline(logging.Filter):
 def _set_result(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+MqttTransport = MqttClient

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeml.host.bench.models import BenchError, time_session
+from edgeml.errors import BenchError
+from edgeml.host.bench.models import time_session
 
 Progress = Callable[[str], None]
 

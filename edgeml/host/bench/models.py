@@ -113,7 +113,7 @@ def rows_for_input(model_input: Any) -> BenchRows:
     gives the 40 TEST series); 9 features -> Daphnet samples (or windows of them). Any other
     feature count has no demo data: seeded normal noise, and the source says so.
     """
-    from edgeml import datasets
+    from edgeml.host import datasets
 
     n_feat = len(model_input.features)
     window = model_input.window

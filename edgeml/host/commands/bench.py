@@ -86,7 +86,7 @@ def _progress(msg: str) -> None:
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
-    from edgeml.host.bench.models import BenchError
+    from edgeml.errors import BenchError
 
     try:
         return tuple(int(p) for p in text.split(",") if p.strip())

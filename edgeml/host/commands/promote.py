@@ -36,7 +36,8 @@ def run_device_command(args: argparse.Namespace, cmd: str) -> int:
     import json
     import sys
 
-    from edgeml.host.fleet import Fleet, FleetTimeout
+    from edgeml.errors import FleetTimeout
+    from edgeml.host.fleet import Fleet
 
     async def send() -> dict:
         async with Fleet(_settings(args), topic_prefix=args.topic_prefix) as fleet:

@@ -164,8 +164,7 @@ def _duration(s: float) -> str:
 
 # ---- the command ---------------------------------------------------------------------------
 def _load_snapshot(path: Path) -> dict:
-    from edgeml.errors import RawLogError
-    from edgeml.host.replay import ReplayError
+    from edgeml.errors import RawLogError, ReplayError
     from edgeml.storage.rawlog import read_manifest
 
     try:
@@ -206,14 +205,11 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from edgeml.config import load_config
+    from edgeml.control.registry import check_compatible
     from edgeml.core.assemble import Assembler
     from edgeml.core.decode import Decoder
-    from edgeml.core.device import check_compatible
-    from edgeml.errors import EdgemlError
+    from edgeml.errors import ChartUnavailableError, EdgemlError, ReplayError, SnapshotMismatchError
     from edgeml.host.replay import (
-        ChartUnavailableError,
-        ReplayError,
-        SnapshotMismatchError,
         open_slots,
         read_labels,
         render_chart,

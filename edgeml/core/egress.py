@@ -1,0 +1,164 @@
+"""The egress stage: selected answers on ``{p}/{d}/out/{pipeline}``, every version's result,
+alerts and deployment outcomes into the outbox (each with its stable record id), written in
+one SQLite transaction per burst on the outbox's own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from edgeml.storage.outbox import record_id
+from edgeml.transport.base import Transport
+
+log = logging.getLogger("edgeml.core.egress")
+
+OUTBOX_WRITE_INTERVAL_S = 0.05  # records move into SQLite in one transaction this often
+OUTBOX_WRITE_MAX = 5000  # ... or as soon as this many are waiting
+PENDING_MAX = 200_000  # records waiting for the writer thread; beyond this they are counted
+
+
+def msgpack_bytes(rec: dict) -> bytes:
+    return msgpack.packb(rec, use_bin_type=True, default=str)
+
+
+def json_bytes(rec: dict) -> bytes:
+    return json.dumps(rec, separators=(",", ":"), default=str).encode()
+
+
+def row_record_id(device: str, rec: dict, stream: str) -> str:
+    """The outbox's stable id; ``input_seq.row`` when one message made several rows."""
+    row = rec.get("row")
+    pos = f"{rec['input_seq']}.{row}" if row else rec["input_seq"]
+    return record_id(device, rec["pipeline"], pos, rec["model"], rec["version"], stream)
+
+
+class Egress:
+    """Where scored records go. Implements the pipelines' ``Emitter`` and control's event
+    sink; never calls back into a stage before it."""
+
+    def __init__(self, *, device: str, topic: Callable[..., str], outbox: Any,
+                 record_results: bool, out_formats: dict[str, str],
+                 out_qos: dict[str, int], on_status_changed: Callable[[], None]) -> None:
+        self.device = device
+        self._topic = topic
+        self.outbox = outbox
+        self.record_results = record_results
+        self._out = {name: (topic("out", name), out_qos[name],
+                            json_bytes if fmt == "json" else msgpack_bytes)
+                     for name, fmt in out_formats.items()}
+        self._status_changed = on_status_changed
+        self.transport: Transport | None = None
+        self.uplink: Any = None  # notified after each outbox write
+        self.published: dict[str, int] = dict.fromkeys(out_formats, 0)
+        self.overflow = 0
+        self._pending: list[tuple[str, str, dict]] = []
+        self._marks: dict[str, int] = {}
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "outbox")
+
+    # ---- the pipelines' Emitter -----------------------------------------------------------
+    def answers(self, pipeline: str, records: list[dict]) -> None:
+        transport = self.transport
+        if transport is not None:
+            topic, qos, encode = self._out[pipeline]
+            for rec in records:
+                transport.publish_nowait(topic, encode(rec), qos)
+            self.published[pipeline] += len(records)
+        if self.outbox is not None:
+            dev = self.device
+            self._queue([("outputs", row_record_id(dev, rec, "outputs"), rec)
+                         for rec in records])
+            if records:  # answers go out in input order: all up to here are queued
+                self._marks[pipeline] = records[-1]["input_seq"]
+
+    def results(self, pipeline: str, records: list[dict]) -> None:
+        if self.outbox is not None and self.record_results:
+            dev = self.device
+            self._queue([("results", row_record_id(dev, rec, "results"), rec)
+                         for rec in records])
+
+    def alert(self, pipeline: str, kind: str, detail: dict) -> None:
+        rec = {"device": self.device, "pipeline": pipeline, "kind": kind, "ts": time.time(),
+               **detail}
+        if self.transport is not None:
+            self.transport.publish_nowait(self._topic("alerts"), json_bytes(rec), qos=1)
+        if self.outbox is not None:
+            rid = f"{self.device}/{pipeline}/alert/{kind}/{rec['ts']:.6f}"
+            self._queue([("alerts", rid, rec)])
+
+    # ---- control's event sink ---------------------------------------------------------------
+    def publish(self, topic: str, doc: dict) -> None:
+        """A JSON report (deploy stage, command reply) at QoS 1; never raises."""
+        if self.transport is None:
+            return
+        try:
+            self.transport.publish_nowait(topic, json_bytes(doc), qos=1)
+        except Exception:  # a report must never break a deployment
+            log.exception("publish to %s failed", topic)
+
+    def deploy_event(self, event: dict) -> None:
+        """A deployment outcome (active, failed, noop, rolled_back, watch_passed) for the
+        outbox's ``deploy`` stream, so upstream keeps a history of what ran where."""
+        if self.outbox is None:
+            return
+        rec = {"device": self.device, **event}
+        rid = record_id(self.device, str(event.get("pipeline")),
+                        f"{event.get('stage')}@{event.get('ts', 0):.6f}",
+                        str(event.get("name")), str(event.get("version")), "deploy")
+        self._queue([("deploy", rid, rec)])
+
+    def status_changed(self) -> None:
+        self._status_changed()
+
+    # ---- the outbox writer ---------------------------------------------------------------
+    def _queue(self, items: list[tuple[str, str, dict]]) -> None:
+        pending = self._pending
+        pending.extend(items)
+        if len(pending) > PENDING_MAX:  # the writer thread is far behind: bound memory
+            drop = len(pending) - PENDING_MAX
+            del pending[:drop]
+            self.overflow += drop
+        self._ready.set()
+
+    async def run_writer(self) -> None:
+        """Moves queued records into SQLite on one worker thread, a transaction per burst,
+        until :meth:`close_writer`; then writes what is left and returns."""
+        if self.outbox is None:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ready.wait()
+            if not self._closing and len(self._pending) < OUTBOX_WRITE_MAX:
+                # one transaction per ~50 ms, not per scored batch: a commit costs far more
+                # than a row. Nothing is at risk meanwhile: after a crash the device re-scores
+                # from the raw-input log past the outbox's high-water mark.
+                await asyncio.sleep(OUTBOX_WRITE_INTERVAL_S)
+            self._ready.clear()
+            if self._pending or self._marks:
+                items, self._pending = self._pending, []
+                marks, self._marks = self._marks, {}
+                try:
+                    await loop.run_in_executor(self._pool, functools.partial(
+                        self.outbox.put_many, items, marks=marks))
+                except Exception:
+                    log.exception("outbox write of %d record(s) failed", len(items))
+                if self.uplink is not None:
+                    self.uplink.notify()
+            if self._closing and not self._pending:
+                return
+
+    def close_writer(self) -> None:
+        self._closing = True
+        self._ready.set()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
