@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from edgeml.errors import ConfigError
 
-__all__ = ["REQUIRED", "ErrorFactory", "Seq", "Table", "type_name"]
+__all__ = ["REQUIRED", "ErrorFactory", "Seq", "Table", "short_repr", "type_name"]
 
 log = logging.getLogger("edgeml.validate")
 
@@ -74,7 +74,7 @@ def type_name(value: Any, mapping: _str = "table") -> _str:
     return type(value).__name__
 
 
-def _show(value: Any, limit: _int = 60) -> _str:
+def short_repr(value: Any, limit: _int = 60) -> _str:
     """``repr`` cut short: values may come from the network and be huge."""
     r = repr(value)
     return r if len(r) <= limit else r[: limit - 3] + "..."
@@ -132,7 +132,7 @@ class _Node:
 
     def _wrong_type(self, name: Any, what: _str, value: Any) -> Exception:
         return self.error(name, f"expected {what}, got {type_name(value, self._mapping)} "
-                                f"{_show(value)}")
+                                f"{short_repr(value)}")
 
     # --- getters ---
     def value(self, name: Any, default: Any = REQUIRED) -> Any:
@@ -162,7 +162,7 @@ class _Node:
         if nonempty and not value:
             raise self.error(name, "must not be empty")
         if pattern is not None and not pattern.fullmatch(value):
-            raise self.error(name, f"{_show(value)} is not {what or 'valid'}")
+            raise self.error(name, f"{short_repr(value)} is not {what or 'valid'}")
         return value
 
     def int(self, name: Any, default: Any = REQUIRED, *, min: _int | None = None,
@@ -212,7 +212,7 @@ class _Node:
         if not isinstance(value, _str):
             raise self._wrong_type(name, f"one of {listed}", value)
         if value not in choices:
-            raise self.error(name, f"{_show(value)} is not one of {listed}")
+            raise self.error(name, f"{short_repr(value)} is not one of {listed}")
         return value
 
     def list_of_str(self, name: Any, default: Any = REQUIRED, *, nonempty: _bool = False,
@@ -230,7 +230,7 @@ class _Node:
         if unique:
             for i, item in enumerate(items):
                 if item in items[:i]:
-                    raise seq.error(i, f"{_show(item)} is listed twice")
+                    raise seq.error(i, f"{short_repr(item)} is listed twice")
         return items
 
     def table(self, name: Any, default: Any = REQUIRED) -> Any:
@@ -260,7 +260,7 @@ class _Node:
             return None
         for k in t.data:
             if not isinstance(k, _str):
-                raise t.error(None, f"key {_show(k)} is not a string")
+                raise t.error(None, f"key {short_repr(k)} is not a string")
         t.data.clear()  # read as a whole: no unknown keys
         return dict(t.original)
 
@@ -274,7 +274,7 @@ class Table(_Node):
         if not isinstance(data, Mapping):
             raise self._error(
                 f"expected a{'n' if mapping[0] in 'aeiou' else ''} {mapping}, got "
-                f"{type_name(data, mapping)} {_show(data)}", key=prefix or None, file=file)
+                f"{type_name(data, mapping)} {short_repr(data)}", key=prefix or None, file=file)
         self.original: Mapping[Any, Any] = data
         self.data: dict[Any, Any] = dict(data)
         self._asked: list[_str] = []
@@ -326,7 +326,7 @@ class Seq(_Node):
         super().__init__(prefix, file, error, mapping)
         if not isinstance(data, (list, tuple)):
             raise self._error(f"expected an array, got {type_name(data, mapping)} "
-                              f"{_show(data)}", key=prefix or None, file=file)
+                              f"{short_repr(data)}", key=prefix or None, file=file)
         self.data: list[Any] = list(data)
 
     def key(self, name: Any) -> _str:
