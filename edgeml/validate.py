@@ -261,12 +261,12 @@ class _Node:
         for k in t.data:
             if not isinstance(k, _str):
                 raise t.error(None, f"key {short_repr(k)} is not a string")
-        t.data.clear()  # read as a whole: no unknown keys
-        return dict(t.original)
+        return dict(t.data)
 
 
 class Table(_Node):
-    """A reader over one mapping. Getters take keys out; :meth:`finish` refuses the rest."""
+    """A reader over one mapping. Getters mark the keys they read; :meth:`finish` refuses the
+    rest. Reading a key twice gives the same value."""
 
     def __init__(self, data: Any, prefix: _str = "", *, file: _str | None = None,
                  error: ErrorFactory = ConfigError, mapping: _str = "table") -> None:
@@ -275,9 +275,8 @@ class Table(_Node):
             raise self._error(
                 f"expected a{'n' if mapping[0] in 'aeiou' else ''} {mapping}, got "
                 f"{type_name(data, mapping)} {short_repr(data)}", key=prefix or None, file=file)
-        self.original: Mapping[Any, Any] = data
-        self.data: dict[Any, Any] = dict(data)
-        self._asked: list[_str] = []
+        self.data: Mapping[Any, Any] = data
+        self._asked: list[Any] = []
 
     def key(self, name: Any) -> _str:
         return f"{self.prefix}.{name}" if self.prefix else _str(name)
@@ -286,11 +285,11 @@ class Table(_Node):
         if name not in self._asked:
             self._asked.append(name)
         if name in self.data:
-            return True, self.data.pop(name)
+            return True, self.data[name]
         return False, None
 
     def __contains__(self, name: object) -> _bool:
-        return name in self.original
+        return name in self.data
 
     def deprecated(self, name: _str, reason: _str) -> _bool:
         """Accept and drop ``name`` with a warning that names the key, the file and
@@ -304,9 +303,10 @@ class Table(_Node):
 
     def finish(self) -> None:
         """Refuse any key no getter asked for, suggesting the closest one that is known."""
-        if not self.data:
+        left = [k for k in self.data if k not in self._asked]
+        if not left:
             return
-        bad = sorted(self.data, key=_str)[0]
+        bad = sorted(left, key=_str)[0]
         known = [k for k in self._asked if isinstance(k, _str)]
         hit = difflib.get_close_matches(_str(bad), known, n=1)
         if hit:
