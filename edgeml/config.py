@@ -137,6 +137,8 @@ def _resolve(base: Path | None, value: str) -> Path:
 
 def _broker(r: Table, base: Path | None, default_client_id: str,
             url_override: str | None = None) -> BrokerSettings:
+    r.known = ("url", "client_id", "username", "password", "password_file", "ca_file",
+               "cert_file", "key_file", "tls_insecure", "keepalive", "protocol", "max_inflight")
     if url_override is not None:  # --broker replaces the file's url, whatever it holds
         r.value("url", None)
         url = url_override
@@ -186,6 +188,10 @@ def _version(mr: Table) -> str:
 
 
 def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
+    r.known = ("name", "topics", "format", "features", "field", "window", "policy",
+               "deadline_ms", "top_n", "models", "qos", "output_format", "output_qos",
+               "id_field", "label_field", "max_payload_bytes", "max_batch_samples",
+               "shared_group", "canary_window", "canary_threshold")
     name = r.str("name", pattern=_NAME, what=_NAME_RULE)
     topics = r.list_of_str("topics", (), nonempty=True)
     for i, t in enumerate(topics):
@@ -200,6 +206,7 @@ def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
     window = None
     wr = r.table("window", None)
     if wr is not None:
+        wr.known = ("size", "hop")
         size = wr.int("size", min=1)
         hop = wr.int("hop", size, min=1)
         wr.finish()
@@ -224,6 +231,7 @@ def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
     models: list[ModelSlotConfig] = []
     seen: set[tuple[str, str]] = set()
     for j, mr in enumerate(models_raw.tables()):
+        mr.known = ("name", "version", "role", "priority", "bundle")
         mname = mr.str("name", pattern=_NAME, what=_NAME_RULE)
         version = _version(mr)
         role = mr.choice("role", ROLES, "champion")
@@ -255,6 +263,11 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
                  broker_url: str | None = None, data_dir: str | Path | None = None) -> Config:
     file = _src(source)
     r = Table(data, file=file, error=ConfigError)
+    # Each table declares its keys (``X.known = (...)``): finish() checks the getters against
+    # them, and tests/test_service.py reads them to check every key is documented.
+    r.known = ("device_id", "profile", "data_dir", "topic_prefix", "trusted_keys", "groups",
+               "status_interval_s", "broker", "upstream", "pipelines", "deploy", "sync",
+               "profile_overrides")
     device_id = r.str("device_id", pattern=_NAME, what=_NAME_RULE)
     profile = r.str("profile", "x86-gateway")
     if "/" in profile or profile.endswith(".toml"):
@@ -277,6 +290,8 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
     up = r.table("upstream", None)
     upstream = _broker(up, source, f"edgeml-{device_id}-uplink") if up is not None else None
     dep = r.table("deploy", {})
+    dep.known = ("max_bundle_bytes", "keep_versions", "watch_window_s", "max_error_rate",
+                 "max_p99_ms", "min_canary_agreement")
     deploy = DeployConfig(
         max_bundle_bytes=dep.int("max_bundle_bytes", 64 * 2**20, min=1),
         keep_versions=dep.int("keep_versions", 3, min=1),
@@ -287,6 +302,8 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
     )
     dep.finish()
     sy = r.table("sync", {})
+    sy.known = ("enabled", "batch_max_records", "batch_max_wait_s", "bandwidth_bytes_per_s",
+                "record_results")
     sync = SyncConfig(
         enabled=sy.bool("enabled", True),
         batch_max_records=sy.int("batch_max_records", 500, min=1),

@@ -277,6 +277,9 @@ class Table(_Node):
                 f"{type_name(data, mapping)} {short_repr(data)}", key=prefix or None, file=file)
         self.data: Mapping[Any, Any] = data
         self._asked: list[Any] = []
+        #: Optional declaration of every key this table takes. When set, :meth:`finish`
+        #: suggests from it too, and a getter asking for a key not declared is a bug.
+        self.known: tuple[_str, ...] = ()
 
     def key(self, name: Any) -> _str:
         return f"{self.prefix}.{name}" if self.prefix else _str(name)
@@ -303,11 +306,14 @@ class Table(_Node):
 
     def finish(self) -> None:
         """Refuse any key no getter asked for, suggesting the closest one that is known."""
+        if self.known:
+            undeclared = [k for k in self._asked if k not in self.known]
+            assert not undeclared, f"{self.prefix or 'top level'}: {undeclared} not in known"
         left = [k for k in self.data if k not in self._asked]
         if not left:
             return
         bad = sorted(left, key=_str)[0]
-        known = [k for k in self._asked if isinstance(k, _str)]
+        known = list(dict.fromkeys([*self.known, *(k for k in self._asked if isinstance(k, _str))]))
         hit = difflib.get_close_matches(_str(bad), known, n=1)
         if hit:
             hint = f" (did you mean {hit[0]}?)"

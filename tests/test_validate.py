@@ -280,3 +280,15 @@ def test_type_name() -> None:
     assert [type_name(v) for v in (None, True, 1, 1.0, "s", [], {}, b"")] == [
         "null", "boolean", "integer", "float", "string", "array", "table", "bytes"]
     assert type_name({}, "object") == "object"
+
+
+def test_declared_known_keys_feed_suggestions_and_catch_undeclared_getters() -> None:
+    t = table({"windo": 3})
+    t.known = ("window", "policy")
+    t.str("policy", "champion")  # declared, read
+    refused(t.finish, "windo", r"did you mean window\?")  # declared, never read
+    bug = table({})
+    bug.known = ("a",)
+    bug.int("b", 0)
+    with pytest.raises(AssertionError, match=r"\['b'\] not in known"):
+        bug.finish()
