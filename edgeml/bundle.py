@@ -32,6 +32,7 @@ from edgeml.errors import (
     BundleSignatureError,
     SelfTestError,
 )
+from edgeml.validate import Table, short_repr
 
 if TYPE_CHECKING:
     import numpy as np
@@ -230,235 +231,132 @@ def _jsonable(value: Any, path: str) -> Any:
     )
 
 
-_TOP_KEYS = {
-    "manifest_version", "name", "version", "created", "description", "input", "outputs",
-    "model", "provenance", "metrics", "self_test",
-}
-_INPUT_KEYS = {"name", "dtype", "shape", "features", "window"}
-_OUTPUT_KEYS = {"kind", "label", "scores", "classes"}
-_MODEL_KEYS = {"file", "sha256", "size"}
-_SELF_TEST_KEYS = {"inputs", "expected_labels", "expected_scores", "atol", "rtol"}
+_SAFE_NAME_RULE = "a safe name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
 
 
-def _bad(key: str, msg: str) -> BundleFormatError:
-    return BundleFormatError(f"manifest key {key!r}: {msg}")
+def _manifest_error(message: str, *, key: str | None, file: str | None) -> BundleFormatError:
+    """The error factory for manifest fields: the message names the manifest key."""
+    return BundleFormatError(f"manifest key {key!r}: {message}" if key else
+                             f"manifest: {message}")
 
 
-def _typename(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-def _table(d: Any, key: str, allowed: set[str], required: set[str]) -> dict:
-    if not isinstance(d, dict):
-        raise _bad(key, f"expected an object, got {_typename(d)}")
-    prefix = f"{key}." if key else ""
-    for k in d:
-        if k not in allowed:
-            raise BundleFormatError(f"manifest key {prefix + str(k)!r}: unknown key")
-    for k in sorted(required):
-        if k not in d:
-            raise BundleFormatError(f"manifest key {prefix + k!r}: missing")
-    return d
-
-
-def _str(v: Any, key: str, *, nonempty: bool = True) -> str:
-    if not isinstance(v, str):
-        raise _bad(key, f"expected a string, got {_typename(v)}")
-    if nonempty and not v:
-        raise _bad(key, "must not be empty")
-    return v
-
-
-def _opt_str(v: Any, key: str) -> str | None:
-    return None if v is None else _str(v, key)
-
-
-def _int(v: Any, key: str, *, minimum: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(key, f"expected an integer, got {_typename(v)}")
-    if minimum is not None and v < minimum:
-        raise _bad(key, f"must be >= {minimum}, got {v}")
-    return v
-
-
-def _num(v: Any, key: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _bad(key, f"expected a number, got {_typename(v)}")
-    if not math.isfinite(v):
-        raise _bad(key, f"must be finite, got {v}")
-    return float(v)
-
-
-def _list(v: Any, key: str) -> list:
-    if not isinstance(v, (list, tuple)):
-        raise _bad(key, f"expected a list, got {_typename(v)}")
-    return list(v)
-
-
-def _label(v: Any, key: str) -> str | int | float:
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise _bad(key, f"expected a string or number, got {_typename(v)}")
-    return v
-
-
-def _name(v: Any, key: str) -> str:
-    s = _str(v, key)
-    if not name_is_safe(s):
-        raise _bad(key, f"{s!r} is not a safe name (1-64 of A-Z a-z 0-9 . _ -, starting "
-                   "with a letter or digit)")
-    return s
-
-
-def _parse_input(d: Any) -> ModelInput:
-    t = _table(d, "input", _INPUT_KEYS, {"name", "dtype", "shape", "features"})
-    name = _str(t["name"], "input.name")
-    dtype = _str(t["dtype"], "input.dtype")
-    if dtype not in INPUT_DTYPES:
-        raise _bad("input.dtype", f"{dtype!r} is not supported (supported: "
-                   f"{', '.join(INPUT_DTYPES)})")
-    shape_list = _list(t["shape"], "input.shape")
-    if len(shape_list) not in (2, 3):
-        raise _bad("input.shape", f"expected 2 or 3 dimensions, got {len(shape_list)}")
-    shape: list[int | None] = []
-    for i, dim in enumerate(shape_list):
-        shape.append(None if dim is None else _int(dim, f"input.shape[{i}]", minimum=1))
-    features_list = _list(t["features"], "input.features")
-    if not features_list:
-        raise _bad("input.features", "must not be empty")
-    features = tuple(_str(f, f"input.features[{i}]") for i, f in enumerate(features_list))
-    if len(set(features)) != len(features):
-        raise _bad("input.features", "feature names must be unique")
-    window_raw = t.get("window")
-    window = None if window_raw is None else _int(window_raw, "input.window", minimum=1)
+def _parse_input(t: Table) -> ModelInput:
+    name = t.str("name", nonempty=True)
+    dtype = t.choice("dtype", INPUT_DTYPES)
+    dims = t.seq("shape")
+    if len(dims) not in (2, 3):
+        raise t.error("shape", f"expected 2 or 3 dimensions, got {len(dims)}")
+    shape: list[int | None] = [dims.int(i, None, min=1) for i in range(len(dims))]
+    features = t.list_of_str("features", nonempty=True, unique=True)
+    window = t.int("window", None, min=1)
+    t.finish()
     n = len(features)
     if window is None:
         if len(shape) != 2 or shape[1] not in (None, n):
-            raise _bad("input.shape", f"{shape} does not fit {n} features per row "
-                       "(expected [null, n_features] for a sample model)")
+            raise t.error("shape", f"{shape} does not fit {n} features per row "
+                                   "(expected [null, n_features] for a sample model)")
     elif len(shape) == 2:
         if shape[1] not in (None, window * n):
-            raise _bad("input.shape", f"{shape} does not fit a window of {window} x {n} "
-                       f"features (expected [null, {window * n}])")
+            raise t.error("shape", f"{shape} does not fit a window of {window} x {n} "
+                                   f"features (expected [null, {window * n}])")
     elif shape[1] not in (None, window) or shape[2] not in (None, n):
-        raise _bad("input.shape", f"{shape} does not fit a window of {window} x {n} "
-                   f"features (expected [null, {window}, {n}])")
+        raise t.error("shape", f"{shape} does not fit a window of {window} x {n} "
+                               f"features (expected [null, {window}, {n}])")
     return ModelInput(name=name, dtype=dtype, shape=tuple(shape), features=features,
                       window=window)
 
 
-def _parse_outputs(d: Any) -> ModelOutputs:
-    t = _table(d, "outputs", _OUTPUT_KEYS, {"kind"})
-    kind = _str(t["kind"], "outputs.kind")
-    if kind not in OUTPUT_KINDS:
-        raise _bad("outputs.kind", f"{kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
-    label = _opt_str(t.get("label"), "outputs.label")
-    scores = _opt_str(t.get("scores"), "outputs.scores")
+def _parse_outputs(t: Table) -> ModelOutputs:
+    kind = t.choice("kind", OUTPUT_KINDS)
+    label = t.str("label", None, nonempty=True)
+    scores = t.str("scores", None, nonempty=True)
     if label is None and scores is None:
-        raise _bad("outputs", "at least one of 'label' and 'scores' must name an output")
-    classes_raw = t.get("classes")
+        raise t.error(None, "at least one of 'label' and 'scores' must name an output")
     classes: tuple | None = None
-    if classes_raw is not None:
-        items = _list(classes_raw, "outputs.classes")
-        for i, c in enumerate(items):
-            if isinstance(c, bool) or not isinstance(c, (str, int)):
-                raise _bad(f"outputs.classes[{i}]",
-                           f"expected a string or integer, got {_typename(c)}")
+    cs = t.seq("classes", None)
+    if cs is not None:
+        items = [cs.typed(i, (str, int), what="a string or integer") for i in range(len(cs))]
         if len(set(items)) != len(items):
-            raise _bad("outputs.classes", "class labels must be unique")
+            raise t.error("classes", "class labels must be unique")
         classes = tuple(items)
+    t.finish()
     if kind == "classifier" and not classes:
-        raise _bad("outputs.classes", "a classifier needs its class labels")
+        raise t.error("classes", "a classifier needs its class labels")
     return ModelOutputs(kind=kind, label=label, scores=scores, classes=classes)
 
 
-def _parse_self_test(d: Any, model_input: ModelInput) -> SelfTest | None:
-    if d is None:
+def _parse_self_test(t: Table | None, model_input: ModelInput) -> SelfTest | None:
+    if t is None:
         return None
-    t = _table(d, "self_test", _SELF_TEST_KEYS, {"inputs"})
-    rows = _list(t["inputs"], "self_test.inputs")
-    if not rows:
-        raise _bad("self_test.inputs", "must hold at least one row")
+    rows = t.seq("inputs")
+    if not len(rows):
+        raise t.error("inputs", "must hold at least one row")
     width = model_input.row_width
     inputs = []
-    for i, row in enumerate(rows):
-        r = _list(row, f"self_test.inputs[{i}]")
+    for i in range(len(rows)):
+        r = rows.seq(i)
         if len(r) != width:
-            raise _bad(f"self_test.inputs[{i}]", f"has {len(r)} values, the input takes {width}")
-        inputs.append(tuple(_num(v, f"self_test.inputs[{i}][{j}]") for j, v in enumerate(r)))
+            raise rows.error(i, f"has {len(r)} values, the input takes {width}")
+        inputs.append(tuple(r.number(j) for j in range(len(r))))
     labels: tuple | None = None
-    if t.get("expected_labels") is not None:
-        raw = _list(t["expected_labels"], "self_test.expected_labels")
-        if len(raw) != len(inputs):
-            raise _bad("self_test.expected_labels",
-                       f"has {len(raw)} entries for {len(inputs)} input rows")
-        labels = tuple(_label(v, f"self_test.expected_labels[{i}]") for i, v in enumerate(raw))
+    ls = t.seq("expected_labels", None)
+    if ls is not None:
+        if len(ls) != len(inputs):
+            raise t.error("expected_labels", f"has {len(ls)} entries for {len(inputs)} input rows")
+        labels = tuple(ls.typed(i, (str, int, float), what="a string or number")
+                       for i in range(len(ls)))
     scores: tuple | None = None
-    if t.get("expected_scores") is not None:
-        raw = _list(t["expected_scores"], "self_test.expected_scores")
-        if len(raw) != len(inputs):
-            raise _bad("self_test.expected_scores",
-                       f"has {len(raw)} rows for {len(inputs)} input rows")
+    ss = t.seq("expected_scores", None)
+    if ss is not None:
+        if len(ss) != len(inputs):
+            raise t.error("expected_scores", f"has {len(ss)} rows for {len(inputs)} input rows")
         out = []
-        for i, row in enumerate(raw):
-            r = _list(row, f"self_test.expected_scores[{i}]")
-            out.append(tuple(_num(v, f"self_test.expected_scores[{i}][{j}]")
-                             for j, v in enumerate(r)))
+        for i in range(len(ss)):
+            r = ss.seq(i)
+            out.append(tuple(r.number(j) for j in range(len(r))))
         if len({len(r) for r in out}) > 1:
-            raise _bad("self_test.expected_scores", "rows differ in length")
+            raise t.error("expected_scores", "rows differ in length")
         scores = tuple(out)
-    atol = _num(t.get("atol", 1e-4), "self_test.atol")
-    rtol = _num(t.get("rtol", 1e-3), "self_test.rtol")
-    if atol < 0 or rtol < 0:
-        raise _bad("self_test", "atol and rtol must be >= 0")
+    atol = t.number("atol", 1e-4, min=0)
+    rtol = t.number("rtol", 1e-3, min=0)
+    t.finish()
     return SelfTest(inputs=tuple(inputs), expected_labels=labels, expected_scores=scores,
                     atol=atol, rtol=rtol)
 
 
-def _parse_dict(v: Any, key: str) -> dict:
-    if not isinstance(v, dict):
-        raise _bad(key, f"expected an object, got {_typename(v)}")
-    for k in v:
-        if not isinstance(k, str):
-            raise _bad(key, f"key {k!r} is not a string")
-    return dict(v)
-
-
 def _parse_manifest(d: Any) -> Manifest:
-    if not isinstance(d, dict):
-        raise BundleFormatError(f"manifest: expected a JSON object, got {_typename(d)}")
+    t = Table(d, error=_manifest_error, mapping="object")
     # The version decides the schema, so check it before anything else.
-    if "manifest_version" not in d:
-        raise _bad("manifest_version", "missing")
-    mv = d["manifest_version"]
-    if isinstance(mv, bool) or not isinstance(mv, int):
-        raise _bad("manifest_version", f"expected an integer, got {_typename(mv)}")
+    mv = t.int("manifest_version")
     if mv != MANIFEST_VERSION:
         raise BundleFormatError(
             f"unknown manifest_version {mv}: this edgeml reads version {MANIFEST_VERSION}"
         )
-    _table(d, "", _TOP_KEYS, {"name", "version", "created", "input", "outputs", "model"})
-    name = _name(d["name"], "name")
-    version = _name(d["version"], "version")
-    created = _str(d["created"], "created")
+    name = t.str("name", pattern=_SAFE_NAME, what=_SAFE_NAME_RULE)
+    version = t.str("version", pattern=_SAFE_NAME, what=_SAFE_NAME_RULE)
+    created = t.str("created", nonempty=True)
     try:
         stamp = datetime.fromisoformat(created.replace("Z", "+00:00"))
     except ValueError:
-        raise _bad("created", f"{created!r} is not an ISO-8601 time") from None
+        raise t.error("created", f"{short_repr(created)} is not an ISO-8601 time") from None
     if stamp.tzinfo is None or stamp.utcoffset() != timezone.utc.utcoffset(None):
-        raise _bad("created", f"{created!r} must be UTC (end in 'Z' or '+00:00')")
-    description = _str(d.get("description", ""), "description", nonempty=False)
-    model_input = _parse_input(d["input"])
-    outputs = _parse_outputs(d["outputs"])
-    model = _table(d["model"], "model", _MODEL_KEYS, _MODEL_KEYS)
-    if model["file"] != MODEL_MEMBER:
-        raise _bad("model.file", f"must be {MODEL_MEMBER!r}, got {model['file']!r}")
-    sha = _str(model["sha256"], "model.sha256")
+        raise t.error("created", f"{created!r} must be UTC (end in 'Z' or '+00:00')")
+    description = t.str("description", "")
+    model_input = _parse_input(t.table("input"))
+    outputs = _parse_outputs(t.table("outputs"))
+    model = t.table("model")
+    file = model.value("file")
+    if file != MODEL_MEMBER:
+        raise model.error("file", f"must be {MODEL_MEMBER!r}, got {short_repr(file)}")
+    sha = model.str("sha256")
     if not _SHA256_HEX.fullmatch(sha):
-        raise _bad("model.sha256", "expected 64 lowercase hex digits")
-    size = _int(model["size"], "model.size", minimum=1)
-    provenance = _parse_dict(d.get("provenance", {}), "provenance")
-    metrics = _parse_dict(d.get("metrics", {}), "metrics")
-    self_test = _parse_self_test(d.get("self_test"), model_input)
+        raise model.error("sha256", f"expected 64 lowercase hex digits, got {short_repr(sha)}")
+    size = model.int("size", min=1)
+    model.finish()
+    provenance = t.mapping("provenance", {})
+    metrics = t.mapping("metrics", {})
+    self_test = _parse_self_test(t.table("self_test", None), model_input)
+    t.finish()
     return Manifest(
         name=name, version=version, created=created, input=model_input, outputs=outputs,
         sha256=sha, size=size, provenance=provenance, metrics=metrics, self_test=self_test,

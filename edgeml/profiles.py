@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeml.errors import ModelError, ProfileError
+from edgeml.validate import Table, type_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,11 +58,10 @@ class OrtSettings:
 
 @dataclass(frozen=True)
 class BatchingSettings:
-    """Micro-batching of messages and the thread pool that scores model versions."""
+    """Micro-batching of messages."""
 
     max_batch: int = 64
     max_wait_ms: float = 2.0
-    scoring_threads: int = 2
 
     @property
     def max_wait_s(self) -> float:
@@ -129,126 +129,71 @@ class FirmwareProfile:
 
 
 # --- validation -----------------------------------------------------------------------------
-def _typename(v: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
-            dict: "table"}.get(type(v), type(v).__name__)
+_PROFILE_NAME_RULE = "a valid profile name (1-64 of A-Z a-z 0-9 . _ -)"
+_PROVIDER_RULE = ("an onnxruntime provider name (they look like 'CPUExecutionProvider', "
+                  "'CUDAExecutionProvider')")
+_SCORING_THREADS_GONE = "versions each have their own thread"
 
 
-# A check takes the raw TOML value and returns the value to store, or raises TypeError
-# (wrong type) / ValueError (out of range, unknown enum value) with a message for the user.
-_Check = Callable[[Any], Any]
+def _ort(t: Table) -> OrtSettings:
+    d = OrtSettings()
+    providers = t.list_of_str("providers", d.providers, nonempty=True, unique=True,
+                              pattern=_PROVIDER_NAME, what=_PROVIDER_RULE)
+    s = OrtSettings(
+        intra_op_threads=t.int("intra_op_threads", d.intra_op_threads, min=0, max=1024),
+        inter_op_threads=t.int("inter_op_threads", d.inter_op_threads, min=0, max=1024),
+        graph_optimization=t.choice("graph_optimization", GRAPH_OPTIMIZATIONS,
+                                    d.graph_optimization),
+        execution_mode=t.choice("execution_mode", EXECUTION_MODES, d.execution_mode),
+        enable_cpu_mem_arena=t.bool("enable_cpu_mem_arena", d.enable_cpu_mem_arena),
+        enable_mem_pattern=t.bool("enable_mem_pattern", d.enable_mem_pattern),
+        allow_spinning=t.bool("allow_spinning", d.allow_spinning),
+        providers=providers,
+    )
+    t.finish()
+    return s
 
 
-def _int(lo: int, hi: int) -> _Check:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"expected an integer, got {_typename(v)} {v!r}")
-        if not lo <= v <= hi:
-            raise ValueError(f"{v} is out of range ({lo}..{hi})")
-        return v
-    return check
+def _batching(t: Table) -> BatchingSettings:
+    d = BatchingSettings()
+    t.deprecated("scoring_threads", _SCORING_THREADS_GONE)
+    s = BatchingSettings(
+        max_batch=t.int("max_batch", d.max_batch, min=1, max=1_000_000),
+        max_wait_ms=t.number("max_wait_ms", d.max_wait_ms, min=0, max=60_000),
+    )
+    t.finish()
+    return s
 
 
-def _num(lo: float, hi: float, *, lo_open: bool = False) -> _Check:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"expected a number, got {_typename(v)} {v!r}")
-        if not (lo < v if lo_open else lo <= v) or not v <= hi:
-            bound = f"more than {lo:g}" if lo_open else f"{lo:g}"
-            raise ValueError(f"{v} is out of range ({bound}..{hi:g})")
-        return v
-    return check
+def _queue(t: Table) -> QueueSettings:
+    d = QueueSettings()
+    s = QueueSettings(
+        max_messages=t.int("max_messages", d.max_messages, min=1, max=100_000_000),
+        policy=t.choice("policy", QUEUE_POLICIES, d.policy),
+    )
+    t.finish()
+    return s
 
 
-def _bool() -> _Check:
-    def check(v: Any) -> bool:
-        if not isinstance(v, bool):
-            raise TypeError(f"expected true or false, got {_typename(v)} {v!r}")
-        return v
-    return check
+def _disk(t: Table) -> DiskSettings:
+    d = DiskSettings()
+    s = DiskSettings(
+        rawlog_budget_mb=t.int("rawlog_budget_mb", d.rawlog_budget_mb, min=1, max=100_000_000),
+        rawlog_segment_mb=t.int("rawlog_segment_mb", d.rawlog_segment_mb, min=1, max=4096),
+        rawlog_max_age_days=t.number("rawlog_max_age_days", d.rawlog_max_age_days, min=0,
+                                     max=36500, min_open=True),
+        outbox_budget_mb=t.int("outbox_budget_mb", d.outbox_budget_mb, min=1, max=100_000_000),
+        fsync_interval_ms=t.number("fsync_interval_ms", d.fsync_interval_ms, min=0,
+                                   max=3_600_000),
+    )
+    t.finish()
+    if s.rawlog_segment_mb > s.rawlog_budget_mb:
+        raise t.error("rawlog_segment_mb", f"{s.rawlog_segment_mb} is larger than "
+                                           f"rawlog_budget_mb ({s.rawlog_budget_mb})")
+    return s
 
 
-def _str(pattern: re.Pattern | None = None, what: str = "") -> _Check:
-    def check(v: Any) -> str:
-        if not isinstance(v, str):
-            raise TypeError(f"expected a string, got {_typename(v)} {v!r}")
-        if pattern is not None and not pattern.fullmatch(v):
-            raise ValueError(f"{v!r} is not {what}")
-        return v
-    return check
-
-
-def _enum(values: tuple[str, ...]) -> _Check:
-    def check(v: Any) -> str:
-        if not isinstance(v, str):
-            raise TypeError(f"expected one of {' | '.join(values)}, got {_typename(v)} {v!r}")
-        if v not in values:
-            raise ValueError(f"unknown value {v!r} (expected {' | '.join(values)})")
-        return v
-    return check
-
-
-def _providers() -> _Check:
-    def check(v: Any) -> tuple[str, ...]:
-        if not isinstance(v, list):
-            raise TypeError(f"expected an array of provider names, got {_typename(v)} {v!r}")
-        if not v:
-            raise ValueError("must list at least one provider")
-        for p in v:
-            if not isinstance(p, str):
-                raise TypeError(f"expected provider names (strings), got {_typename(p)} {p!r}")
-            if not _PROVIDER_NAME.fullmatch(p):
-                raise ValueError(
-                    f"{p!r} is not an onnxruntime provider name (they look like "
-                    "'CPUExecutionProvider', 'CUDAExecutionProvider')"
-                )
-        if len(set(v)) != len(v):
-            raise ValueError("a provider is listed twice")
-        return tuple(v)
-    return check
-
-
-_TOP: dict[str, _Check] = {
-    "name": _str(_PROFILE_NAME, "a valid profile name (1-64 of A-Z a-z 0-9 . _ -)"),
-    "description": _str(),
-    "cpu_cores": _int(1, 1024),
-    "memory_mb": _int(16, 16 * 2**20),
-}
-_SECTIONS: dict[str, tuple[type, dict[str, _Check]]] = {
-    "onnxruntime": (OrtSettings, {
-        "intra_op_threads": _int(0, 1024),
-        "inter_op_threads": _int(0, 1024),
-        "graph_optimization": _enum(GRAPH_OPTIMIZATIONS),
-        "execution_mode": _enum(EXECUTION_MODES),
-        "enable_cpu_mem_arena": _bool(),
-        "enable_mem_pattern": _bool(),
-        "allow_spinning": _bool(),
-        "providers": _providers(),
-    }),
-    "batching": (BatchingSettings, {
-        "max_batch": _int(1, 1_000_000),
-        "max_wait_ms": _num(0, 60_000),
-        "scoring_threads": _int(1, 256),
-    }),
-    "queue": (QueueSettings, {
-        "max_messages": _int(1, 100_000_000),
-        "policy": _enum(QUEUE_POLICIES),
-    }),
-    "disk": (DiskSettings, {
-        "rawlog_budget_mb": _int(1, 100_000_000),
-        "rawlog_segment_mb": _int(1, 4096),
-        "rawlog_max_age_days": _num(0, 36500, lo_open=True),
-        "outbox_budget_mb": _int(1, 100_000_000),
-        "fsync_interval_ms": _num(0, 3_600_000),
-    }),
-}
-
-
-def _checked(check: _Check, value: Any, key: str, source: str) -> Any:
-    try:
-        return check(value)
-    except (TypeError, ValueError) as exc:
-        raise ProfileError(str(exc), key=key, file=source) from None
+_SECTIONS = ("onnxruntime", "batching", "queue", "disk")
 
 
 def profile_from_dict(
@@ -257,41 +202,19 @@ def profile_from_dict(
     """Validate a profile given as a dict (a parsed TOML file, or a profile merged with a
     config's ``[profile_overrides]``). ``source`` names the file in errors; ``key_prefix``
     is put before every key name in errors (e.g. ``"profile_overrides"``)."""
-    source = str(source)
-    pre = f"{key_prefix}." if key_prefix else ""
-    if not isinstance(d, Mapping):
-        raise ProfileError(f"expected a table, got {_typename(d)}", key=key_prefix or None,
-                           file=source)
-    known = set(_TOP) | set(_SECTIONS)
-    for k in d:
-        if k not in known:
-            raise ProfileError(f"unknown key (known: {', '.join(sorted(known))})",
-                               key=f"{pre}{k}", file=source)
-    if "name" not in d:
-        raise ProfileError("missing (every profile has a name)", key=f"{pre}name", file=source)
-    top = {k: _checked(c, d[k], f"{pre}{k}", source) for k, c in _TOP.items() if k in d}
-    sections = {}
-    for section, (cls, checks) in _SECTIONS.items():
-        raw = d.get(section, {})
-        if not isinstance(raw, Mapping):
-            raise ProfileError(f"expected a table, got {_typename(raw)}",
-                               key=f"{pre}{section}", file=source)
-        for k in raw:
-            if k not in checks:
-                raise ProfileError(
-                    f"unknown key (known in [{section}]: {', '.join(checks)})",
-                    key=f"{pre}{section}.{k}", file=source,
-                )
-        values = {k: _checked(checks[k], raw[k], f"{pre}{section}.{k}", source)
-                  for k in checks if k in raw}
-        sections[section] = cls(**values)
-    profile = FirmwareProfile(**top, **sections)
-    disk = profile.disk
-    if disk.rawlog_segment_mb > disk.rawlog_budget_mb:
-        raise ProfileError(
-            f"{disk.rawlog_segment_mb} is larger than rawlog_budget_mb "
-            f"({disk.rawlog_budget_mb})", key=f"{pre}disk.rawlog_segment_mb", file=source,
-        )
+    t = Table(d, key_prefix, file=str(source), error=ProfileError)
+    dflt = FirmwareProfile(name="-")
+    profile = FirmwareProfile(
+        name=t.str("name", pattern=_PROFILE_NAME, what=_PROFILE_NAME_RULE),
+        description=t.str("description", dflt.description),
+        cpu_cores=t.int("cpu_cores", dflt.cpu_cores, min=1, max=1024),
+        memory_mb=t.int("memory_mb", dflt.memory_mb, min=16, max=16 * 2**20),
+        onnxruntime=_ort(t.table("onnxruntime", {})),
+        batching=_batching(t.table("batching", {})),
+        queue=_queue(t.table("queue", {})),
+        disk=_disk(t.table("disk", {})),
+    )
+    t.finish()
     return profile
 
 
@@ -302,7 +225,7 @@ def apply_overrides(
     """Merge a config's ``[profile_overrides]`` table over ``profile`` and validate the result.
     Errors name the override key (``profile_overrides.batching.max_batch``) and ``source``."""
     if not isinstance(overrides, Mapping):
-        raise ProfileError(f"expected a table, got {_typename(overrides)}", key=key_prefix,
+        raise ProfileError(f"expected a table, got {type_name(overrides)}", key=key_prefix,
                            file=str(source))
     merged = profile.to_dict()
     for k, v in overrides.items():

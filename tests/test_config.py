@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,46 @@ def test_profile_overrides(tmp_path, capsys):
     bad = write(tmp_path, GOOD.replace("[broker]", table))
     assert main(["run", "--check", "--config", str(bad)]) == 1
     assert "profile_overrides.batching.max_batch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, key, match", [
+    (("deadline_ms = 50", "deadline_ms = nan"), "pipelines[0].deadline_ms", "finite"),
+    (("deadline_ms = 50", "deadline_ms = inf"), "pipelines[0].deadline_ms", "finite"),
+    (("deadline_ms = 50", "deadline_ms = true"), "pipelines[0].deadline_ms",
+     "expected a number, got boolean true"),
+    (("deadline_ms = 50", "deadline_ms = 50\ntop_n = true"), "pipelines[0].top_n",
+     "expected an integer, got boolean true"),
+    (("version = \"1\"", "version = true"), "pipelines[0].models[0].version",
+     "expected a string or integer, got boolean true"),
+    (("deadline_ms = 50", "deadline_ms = 50\nqos = 2"), "pipelines[0].qos", "2 is out of range"),
+])
+def test_bad_value_is_named_with_the_value(tmp_path, change, key, match):
+    old, new = change
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{path}: {key}: ")
+    assert match in str(info.value).replace("True", "true")
+
+
+def test_integer_model_version_is_a_name(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD.replace("version = \"1\"", "version = 7")))
+    assert cfg.pipelines[0].models[0].version == "7"
+
+
+def test_broker_override_replaces_the_file_url_unchecked(tmp_path):
+    # --broker wins over [broker] url, whatever the file holds there (as before)
+    path = write(tmp_path, GOOD.replace("url = \"mqtt://127.0.0.1:1883\"", "url = 5"))
+    cfg = load_config(path, broker_url="mqtt://127.0.0.1:1999")
+    assert cfg.broker.port == 1999
+
+
+def test_deprecated_profile_override_warns_and_starts(tmp_path, capsys, caplog):
+    table = "[profile_overrides]\nbatching = { scoring_threads = 4 }\n\n[broker]"
+    path = write(tmp_path, GOOD.replace("[broker]", table))
+    with caplog.at_level(logging.WARNING, logger="edgeml.validate"):
+        assert main(["run", "--check", "--config", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert (f"{path.resolve()}: profile_overrides.batching.scoring_threads: deprecated and "
+            "ignored") in caplog.text
