@@ -181,7 +181,7 @@ class Outbox:
 
     def _release_file_lock(self) -> None:
         if self._file_lock is not None:
-            self._file_lock.release()  # closing the descriptor releases the flock
+            self._file_lock.release()  # closing the lock file releases the lock
             self._file_lock = None
 
     def _open(self) -> sqlite3.Connection:

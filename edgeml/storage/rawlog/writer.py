@@ -167,7 +167,7 @@ class RawLog(_LogView):
             os.close(self._fd)
             self._fd = -1
         if self._dirlock is not None:
-            self._dirlock.release()  # closing the lock file drops the flock
+            self._dirlock.release()  # closing the lock file releases the lock
             self._dirlock = None
 
     def _recover(self) -> RecoveryReport:
@@ -378,7 +378,7 @@ class RawLog(_LogView):
             self._add_locked(seq, received, head, payload, rec_len)
             if self._sync_each:
                 self._write_out_locked()
-                self._fsync_locked()
+                self._sync_segment_locked()
             elif len(self._buf) >= self.buffer_bytes:
                 self._write_out_locked()
             return seq
@@ -398,7 +398,7 @@ class RawLog(_LogView):
                 seq += 1
             self._write_out_locked()
             if self._sync_each and framed:
-                self._fsync_locked()
+                self._sync_segment_locked()
             return range(first, seq)
 
     # ---- getting bytes to the disk ---------------------------------------------------------
@@ -435,7 +435,7 @@ class RawLog(_LogView):
         raise RawLogError(f"{path}: write failed ({exc.strerror or exc}); {lost} record(s) not "
                           "archived") from exc
 
-    def _fsync_locked(self) -> None:
+    def _sync_segment_locked(self) -> None:
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -485,7 +485,7 @@ class RawLog(_LogView):
             try:
                 if self._fd >= 0:
                     self._write_out_locked()
-                    self._fsync_locked()
+                    self._sync_segment_locked()
             finally:
                 if self._fd >= 0:
                     os.close(self._fd)  # appends fail from here on
