@@ -87,11 +87,12 @@ def quick_check(db: sqlite3.Connection) -> list[str]:
     index contents, which ``integrity_check`` also compares at a far higher cost): the
     problems it lists, empty when the file is sound. A file too damaged to be checked is one
     problem (the error)."""
+    problems: list[str] = []
     try:
-        rows = db.execute("PRAGMA quick_check").fetchall()
-    except sqlite3.DatabaseError as exc:
-        return [f"cannot check: {exc}"]
-    problems = [str(r[0]) for r in rows]
+        for (row,) in db.execute("PRAGMA quick_check"):
+            problems.append(str(row))
+    except sqlite3.DatabaseError as exc:  # what it listed so far, then why it stopped
+        problems.append(f"cannot check further: {exc}")
     return [] if problems == ["ok"] else problems
 
 
