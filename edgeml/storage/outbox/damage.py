@@ -55,9 +55,12 @@ def _connect(db_path: Path) -> sqlite3.Connection:
 
 
 def check_integrity(path: Path | str) -> list[str]:
-    """Problems in the outbox file at ``path`` (its directory or the ``.db``), empty when it
-    is sound or absent. Safe while an :class:`Outbox` has it open (a WAL reader)."""
-    _, db_path = outbox_paths(path)
+    """Problems in the outbox file at ``path`` (its directory, the ``.db``, or a quarantined
+    file), empty when it is sound or absent. Safe while an :class:`Outbox` has it open (a WAL
+    reader). When nothing else has it open, closing folds a leftover WAL into the file, as
+    opening an :class:`Outbox` would."""
+    path = Path(path)
+    db_path = path if path.is_file() else outbox_paths(path)[1]
     if not db_path.exists():
         return []
     try:
@@ -105,9 +108,9 @@ def quarantine(path: Path | str, *, now: float | None = None) -> QuarantineRepor
 
     Takes the outbox's lock first: an :class:`OutboxError` ("in use by another process") if
     an :class:`Outbox` has it open, here or elsewhere; close it first. Does not check that
-    the file is damaged (call :func:`check_integrity` for that); it only reports what it
-    finds. The ``-wal`` file moves first and under the new name, so a fresh database can
-    never pick up the old one's log.
+    the file is damaged (call :func:`check_integrity` for that); it reports what it finds in
+    the moved file. The ``-wal`` file moves first and under the new name, so a fresh database
+    never picks up the old one's log, and the moved pair stays one readable database.
     """
     directory, db_path = outbox_paths(path)
     if not db_path.exists():
@@ -121,8 +124,6 @@ def quarantine(path: Path | str, *, now: float | None = None) -> QuarantineRepor
         raise OutboxError(f"cannot lock the outbox {directory}: {exc.strerror or exc}") \
             from exc
     try:
-        problems = tuple(check_integrity(db_path))
-        records, count_error = _count_records(db_path)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
         target = _free_name(db_path, stamp)
         moved: dict[Path, Path] = {}
@@ -139,6 +140,10 @@ def quarantine(path: Path | str, *, now: float | None = None) -> QuarantineRepor
                               f"(moved so far: {sorted(map(str, moved))})") from exc
     finally:
         lock.release()
+    # inspected only once moved, as found: opening it may fold its WAL into it (SQLite
+    # checkpoints when the last connection closes), which must not happen to outbox.db
+    problems = tuple(check_integrity(target))
+    records, count_error = _count_records(target)
     log.warning("outbox: moved %s aside to %s (%s record(s) in it%s; %d problem(s) found)",
                 db_path, target.name, "?" if records is None else records,
                 f"; unreadable: {count_error}" if count_error else "", len(problems))
