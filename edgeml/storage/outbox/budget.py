@@ -51,7 +51,6 @@ DEFAULT_STREAMS: Mapping[str, StreamPolicy] = {
 }
 
 
-
 class _Counter:
     __slots__ = ("dropped", "refused", "reported_dropped", "reported_refused")
 

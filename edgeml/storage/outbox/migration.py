@@ -44,7 +44,6 @@ CREATE TABLE IF NOT EXISTS marks (
 """
 
 
-
 def _v1_record(rid: str, payload: bytes) -> bytes:
     """A schema-1 row (record without its id) as a schema-2 record: ``record_id`` spliced in
     front without decoding; a damaged or non-map payload the way the uplink used to send it."""

@@ -45,7 +45,6 @@ class OutboxChunk:
         return [r.get("record_id") for r in self.records()]
 
 
-
 def _part(value: object) -> str:
     s = str(value)
     return quote(s, safe="") if ("/" in s or "%" in s) else s
@@ -137,7 +136,6 @@ def _map_body(payload: bytes) -> tuple[int, bytes | None]:
     if h == 0xDF and len(payload) >= 5:
         return int.from_bytes(payload[1:5], "big"), payload[5:]
     return 0, None
-
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,6 @@ class PutResult:
     evicted: int = 0
 
 
-
 def outbox_paths(path: Path | str) -> tuple[Path, Path]:
     """``(directory, database file)`` of an outbox given as its directory or a ``.db`` path."""
     path = Path(path)

@@ -59,7 +59,6 @@ class RawRecord:
     segment: str
 
 
-
 @dataclass(frozen=True)
 class SegmentInfo:
     """One segment file. ``first_seq`` is the seq the segment starts at (from its name)."""
@@ -92,7 +91,6 @@ class SegmentInfo:
         }
 
 
-
 # ---- helpers -------------------------------------------------------------------------------
 def pipeline_dir(data_dir: str | Path, pipeline: str) -> Path:
     """``data_dir/rawlog/<pipeline>``; the name is checked so it cannot leave the data dir."""
@@ -111,7 +109,6 @@ def list_pipelines(data_dir: str | Path) -> list[str]:
         return []
     except OSError as exc:
         raise RawLogError(f"{base}: cannot list: {exc.strerror}") from exc
-
 
 
 def _segment_name(first_seq: int) -> str:

@@ -34,12 +34,10 @@ class VerifyReport:
     problems: tuple[str, ...]
 
 
-
 def _snapshot_id(segments: Sequence[Mapping[str, Any]]) -> str:
     """The data version: sha256 over ``"<file> <sha256>\\n"`` of every cited segment."""
     text = "".join(f"{s['file']} {s['sha256']}\n" for s in segments)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
 
 
 def build_manifest(directory: Path, infos: Sequence[SegmentInfo], start_seq: int | None,

@@ -59,8 +59,6 @@ class RecoveryReport:
     detail: str = ""
 
 
-
-
 def _write_all(fd: int, *parts: bytes | bytearray | memoryview) -> None:
     """One write()/writev() call; finishes a short write (rare: full disk, signals)."""
     total = sum(len(p) for p in parts)
@@ -73,8 +71,6 @@ def _write_all(fd: int, *parts: bytes | bytearray | memoryview) -> None:
         if k <= 0:
             raise OSError(28, "short write")
         rest = rest[k:]
-
-
 
 
 # ---- the writer ----------------------------------------------------------------------------
