@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from edgeml.errors import (
     BundleSignatureError,
     SelfTestError,
 )
+from edgeml.storage.fs import atomic_open
 from edgeml.validate import Table, short_repr
 
 if TYPE_CHECKING:
@@ -451,19 +451,6 @@ def _zip_info(name: str, compress: int) -> zipfile.ZipInfo:
     return info
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_bundle(
     path: Path,
     manifest: Manifest,
@@ -493,21 +480,9 @@ def write_bundle(
         members.append((SIGNATURE_MEMBER, _signature_bytes(manifest_bytes, sign_key)))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w") as zf:
-                for name, data in members:
-                    zf.writestr(_zip_info(name, zipfile.ZIP_DEFLATED), data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, mode=0o644) as fh, zipfile.ZipFile(fh, "w") as zf:
+        for name, data in members:
+            zf.writestr(_zip_info(name, zipfile.ZIP_DEFLATED), data)
     return path
 
 

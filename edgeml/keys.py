@@ -9,8 +9,6 @@ first 16 hex digits of the sha256 of the raw 32-byte public key, which is what
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from edgeml.errors import KeyFileError
+from edgeml.storage.fs import atomic_write
 
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
@@ -42,22 +41,6 @@ def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
         public_key = public_key.public_key()
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Temp file created with ``mode`` from the start (the private key is never world-readable
-    even for an instant), fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def generate_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -83,8 +66,9 @@ def generate_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Pa
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     try:
-        _write_atomic(priv_path, priv_pem, 0o600)
-        _write_atomic(pub_path, pub_pem, 0o644)
+        # created with its mode: the private key is never readable by others, even briefly
+        atomic_write(priv_path, priv_pem, mode=0o600)
+        atomic_write(pub_path, pub_pem, mode=0o644)
     except OSError as exc:
         raise KeyFileError(f"cannot write key: {exc.strerror or exc}", file=str(prefix)) from exc
     return priv_path, pub_path

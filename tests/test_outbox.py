@@ -417,7 +417,7 @@ def test_replays_are_ignored_across_a_restart(tmp_path: Path):
 def test_records_older_than_the_dedup_window(tmp_path: Path, monkeypatch):
     """Beyond the window a re-stored record may be stored twice (upstream drops it by id);
     a chunk identical to a stored one is still recognised; nothing is ever lost."""
-    monkeypatch.setattr(outbox_mod, "DEDUP_WINDOW", 8)
+    monkeypatch.setattr(outbox_mod.store, "DEDUP_WINDOW", 8)  # the Outbox reads it there
     calls = [[item(i) for i in range(start, start + 4)] for start in range(100000, 100020, 4)]
     with Outbox(tmp_path / "outbox") as ob:
         for call in calls:

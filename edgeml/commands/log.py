@@ -306,14 +306,11 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 
 def _write_text(path: Path, text: str) -> None:
-    import os
-
     from edgeml.errors import RawLogError
+    from edgeml.storage.fs import atomic_write
 
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, text.encode("utf-8"), mode=0o644)
     except OSError as exc:
         raise RawLogError(f"{path}: cannot write: {exc.strerror}") from exc
 

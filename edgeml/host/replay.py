@@ -779,14 +779,12 @@ def render_chart(report: ReplayReport, path: str | Path) -> Path:
 
 def write_json(report: ReplayReport, path: str | Path) -> Path:
     """The report as JSON (every figure), written atomically."""
-    import os
+    from edgeml.storage.fs import atomic_write
 
     out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=_jsonable) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write(out, (json.dumps(report.to_dict(), indent=2, default=_jsonable) + "\n")
+                     .encode("utf-8"), mode=0o644)
     except OSError as exc:
         raise ReplayError(f"{out}: cannot write: {exc.strerror}") from exc
     return out

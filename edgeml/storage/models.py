@@ -11,15 +11,14 @@ so nothing that arrives from the network can address a path outside the store.
 from __future__ import annotations
 
 import builtins
-import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +34,7 @@ from edgeml.bundle import (
     sha256_hex,
 )
 from edgeml.errors import BundleError, BundleIntegrityError, StoreError
+from edgeml.storage.fs import fsync_dir, locked, write_new
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -99,22 +99,6 @@ class InstalledModel:
         return data
 
 
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _check_name(kind: str, value: str) -> None:
     if not name_is_safe(value):
         raise StoreError(
@@ -141,15 +125,9 @@ class ModelStore:
         return f"ModelStore({str(self.root)!r})"
 
     # --- internals ----------------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> AbstractContextManager[None]:
         """Serialise writers across processes (the daemon and ``edgeml models``)."""
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+        return locked(self.root, LOCK_FILE)
 
     def _clean_tmp(self) -> None:
         tmp_root = self.root / TMP_DIR
@@ -231,17 +209,17 @@ class ModelStore:
             tmp = self._new_tmp("install")
             try:
                 tmp.mkdir()
-                _write_file(tmp / MODEL_MEMBER, bundle.model_bytes)
-                _write_file(tmp / MANIFEST_MEMBER, bundle.manifest_bytes)
+                write_new(tmp / MODEL_MEMBER, bundle.model_bytes)
+                write_new(tmp / MANIFEST_MEMBER, bundle.manifest_bytes)
                 if bundle.signature_bytes is not None:
-                    _write_file(tmp / SIGNATURE_MEMBER, bundle.signature_bytes)
-                _fsync_path(tmp, directory=True)
+                    write_new(tmp / SIGNATURE_MEMBER, bundle.signature_bytes)
+                fsync_dir(tmp)
                 name_dir = dest.parent
                 if not name_dir.exists():
                     name_dir.mkdir()
-                    _fsync_path(self.root, directory=True)
+                    fsync_dir(self.root)
                 os.rename(tmp, dest)
-                _fsync_path(name_dir, directory=True)
+                fsync_dir(name_dir)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise StoreError(
@@ -302,11 +280,11 @@ class ModelStore:
             trash = self._new_tmp("remove")
             try:
                 os.rename(path, trash)
-                _fsync_path(path.parent, directory=True)
+                fsync_dir(path.parent)
                 shutil.rmtree(trash)
                 try:
                     path.parent.rmdir()  # last version gone: drop the name directory too
-                    _fsync_path(self.root, directory=True)
+                    fsync_dir(self.root)
                 except OSError:
                     pass
             except OSError as exc:

@@ -1,4 +1,4 @@
-"""The durable outbox: versioned outputs wait here until the upstream broker has them.
+"""The durable outbox store: versioned outputs wait here until the upstream broker has them.
 
 SQLite in WAL mode (stdlib ``sqlite3``): a batch of records is one atomic transaction, a
 process crash never loses a committed record nor leaves half a batch, everything lives in one
@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -35,27 +34,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
-
-import msgpack
 
 from edgeml.errors import ConfigError, OutboxError
-
-try:  # POSIX: keep a second process from opening the same outbox
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from edgeml.storage.fs import DirLock
+from edgeml.storage.outbox.budget import DEFAULT_STREAMS, StreamPolicy, _Counter, _Evictor
+from edgeml.storage.outbox.migration import ensure_schema
+from edgeml.storage.outbox.records import (
+    ROW_OVERHEAD,
+    OutboxChunk,
+    _ids_of,
+    _NewChunk,
+    chunk_id,
+    pack_record,
+)
 
 log = logging.getLogger("edgeml.storage.outbox")
 
-POLICIES = ("drop_oldest", "refuse_new")
 DB_NAME = "outbox.db"
 LOCK_NAME = "outbox.lock"
-# Per-row cost beyond payload and id: the row header, the rowid, the covering stream index entry
-# and B-tree slack. Measured on SQLite 3.40 (see docs/sync.md); keeps ``bytes_used`` close to the
-# space the live rows take in the file.
-ROW_OVERHEAD = 96
-_SCHEMA_VERSION = 2  # 1: one row per record (table ``records``); 2: chunks (migrated at open)
 # A chunk is at most this many records / payload bytes (the uplink lowers both to its batch
 # limits, so one chunk always fits one message). ~100 records make the per-row cost negligible
 # while keeping eviction and message packing fine-grained.
@@ -68,69 +64,6 @@ DEDUP_WINDOW = 4096
 
 
 @dataclass(frozen=True)
-class StreamPolicy:
-    """One named stream: ``priority`` (lower is sent first) and what a full budget does.
-
-    ``on_full="drop_oldest"``: the stream is a ring buffer; its oldest records may be evicted to
-    make room for its own new records and for those of higher-priority streams.
-    ``on_full="refuse_new"``: what the stream holds is never evicted; a new record that does not
-    fit (after room is taken from lower-priority ``drop_oldest`` streams) is refused.
-    """
-
-    name: str
-    priority: int
-    on_full: str = "drop_oldest"
-
-    def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/+#\0"):
-            raise ConfigError(f"invalid stream name {self.name!r} (one MQTT topic level)",
-                              key="outbox.streams")
-        if not isinstance(self.priority, int) or self.priority < 0:
-            raise ConfigError(f"priority must be an integer >= 0, not {self.priority!r}",
-                              key=f"outbox.streams.{self.name}.priority")
-        if self.on_full not in POLICIES:
-            raise ConfigError(f"must be one of {', '.join(POLICIES)}, not {self.on_full!r}",
-                              key=f"outbox.streams.{self.name}.on_full")
-
-
-DEFAULT_STREAMS: Mapping[str, StreamPolicy] = {
-    # Alerts and deployment events are rare and small; they must never be silently evicted.
-    "alerts": StreamPolicy("alerts", 0, "refuse_new"),
-    # The selected answers: what users act on, sent before the bulk of all-version results.
-    "outputs": StreamPolicy("outputs", 1, "drop_oldest"),
-    "deploy": StreamPolicy("deploy", 1, "refuse_new"),
-    # Every version's result: the bulk; the first thing given up when the disk budget is full.
-    "results": StreamPolicy("results", 2, "drop_oldest"),
-}
-
-
-@dataclass(frozen=True)
-class OutboxChunk:
-    """One stored row: ``count`` records of one stream from one ``put_many``, oldest first.
-
-    ``payload`` is the records back to back, each a msgpack map whose first key is
-    ``record_id``: the very bytes a batch message carries, so the uplink splices chunks into a
-    message without decoding them. ``rowid`` orders chunks (insertion order) and is never
-    reused; ``size`` is what the chunk is charged against the budget.
-    """
-
-    rowid: int
-    stream: str
-    chunk_id: str
-    count: int
-    payload: bytes
-    created: float
-    size: int
-
-    def records(self) -> list[dict[str, Any]]:
-        """The records, decoded, each with its ``record_id``."""
-        return unpack_records(self.payload)
-
-    def record_ids(self) -> list[str]:
-        return [r.get("record_id") for r in self.records()]
-
-
-@dataclass(frozen=True)
 class PutResult:
     """What one ``put_many`` did. ``evicted`` counts older records removed to make room."""
 
@@ -140,243 +73,26 @@ class PutResult:
     evicted: int = 0
 
 
-def _part(value: object) -> str:
-    s = str(value)
-    return quote(s, safe="") if ("/" in s or "%" in s) else s
+def outbox_paths(path: Path | str) -> tuple[Path, Path]:
+    """``(directory, database file)`` of an outbox given as its directory or a ``.db`` path."""
+    path = Path(path)
+    if path.suffix == ".db":
+        return path.parent, path
+    return path, path / DB_NAME
 
 
-def record_id(device: str, pipeline: str, input_seq: int | str, model: str, version: str,
-              stream: str) -> str:
-    """The stable unique id of a record, e.g. ``watch-01/activity/1234/activity/2/results``.
-
-    A ``/`` or ``%`` inside a part is percent-encoded, so distinct parts never give one id.
-    """
-    return "/".join(_part(p) for p in (device, pipeline, input_seq, model, version, stream))
-
-
-def chunk_id(first_record_id: str, count: int) -> str:
-    """A chunk's unique id: its first record's id and how many records it holds."""
-    return f"{first_record_id}+{count}"
-
-
-def chunk_bytes(stream: str, cid: str, payload: bytes) -> int:
-    """Bytes a chunk is charged against the budget: its records (each with its id), the chunk
-    id (row and unique index), stream name and a fixed per-row overhead."""
-    return len(payload) + 2 * len(cid) + len(stream) + ROW_OVERHEAD
-
-
-def _msgpack_default(obj: object) -> object:
-    # numpy scalars and arrays (and anything else with tolist) become plain lists/numbers.
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
-
-
-def encode_record(record: Mapping[str, Any]) -> bytes:
-    return msgpack.packb(record, use_bin_type=True, default=_msgpack_default)
-
-
-_local = threading.local()
-_RID_KEY = msgpack.packb("record_id")
-
-
-def pack_record(rid: str, record: Mapping[str, Any]) -> bytes:
-    """A record as stored and sent: its fields with ``record_id`` in front, byte for byte
-    ``encode_record({"record_id": rid, **record})``. A reused per-thread Packer and a spliced
-    map header cost half as much as that (packb builds a Packer per call)."""
-    packer = getattr(_local, "packer", None)
-    if packer is None:
-        packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_msgpack_default)
-    if type(record) is not dict:
-        return packer.pack({"record_id": rid, **record})
-    spliced = _prepend_id(packer, rid, packer.pack(record))
-    assert spliced is not None  # a dict always packs as a map
-    return spliced
-
-
-def _prepend_id(packer: msgpack.Packer, rid: str, packed_map: bytes) -> bytes | None:
-    """``packed_map`` (a msgpack map) with ``record_id`` spliced in as its first key, without
-    decoding it; None if the bytes are not a map."""
-    n, body = _map_body(packed_map)
-    if body is None:
-        return None
-    return b"".join((packer.pack_map_header(n + 1), _RID_KEY, packer.pack(rid), body))
-
-
-def unpack_records(payload: bytes) -> list[Any]:
-    """The records of a chunk payload (maps with non-string keys are allowed)."""
-    up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(payload) + 1)
-    up.feed(payload)
-    return list(up)
-
-
-def _ids_of(payload: bytes) -> list[str]:
+def quick_check(db: sqlite3.Connection) -> list[str]:
+    """SQLite's ``PRAGMA quick_check`` (page structure, record format, NOT NULL; not the
+    index contents, which ``integrity_check`` also compares at a far higher cost): the
+    problems it lists, empty when the file is sound. A file too damaged to be checked is one
+    problem (the error)."""
+    problems: list[str] = []
     try:
-        return [r.get("record_id") if isinstance(r, dict) else None
-                for r in unpack_records(payload)]
-    except (ValueError, msgpack.UnpackException):  # a damaged row: dedup cannot use it
-        return []
-
-
-def _map_body(payload: bytes) -> tuple[int, bytes | None]:
-    """``(entries, bytes after the header)`` of a msgpack map, or ``(0, None)``."""
-    if not payload:
-        return 0, None
-    h = payload[0]
-    if 0x80 <= h <= 0x8F:
-        return h & 0x0F, payload[1:]
-    if h == 0xDE and len(payload) >= 3:
-        return int.from_bytes(payload[1:3], "big"), payload[3:]
-    if h == 0xDF and len(payload) >= 5:
-        return int.from_bytes(payload[1:5], "big"), payload[5:]
-    return 0, None
-
-
-def _v1_record(rid: str, payload: bytes) -> bytes:
-    """A schema-1 row (record without its id) as a schema-2 record: ``record_id`` spliced in
-    front without decoding; a damaged or non-map payload the way the uplink used to send it."""
-    spliced = _prepend_id(msgpack.Packer(use_bin_type=True), rid, payload)
-    if spliced is not None:
-        return spliced
-    try:
-        fields: Any = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        fields = {"error": f"undecodable record: {exc}"}
-    if not isinstance(fields, dict):
-        fields = {"value": fields}
-    return encode_record({"record_id": rid, **fields})
-
-
-@dataclass(frozen=True)
-class _NewChunk:
-    stream: str
-    chunk_id: str
-    ids: list[str]
-    parts: list[bytes]
-    payload: bytes
-    size: int
-
-    @classmethod
-    def of(cls, stream: str, ids: list[str], parts: list[bytes]) -> _NewChunk:
-        payload = b"".join(parts)
-        cid = chunk_id(ids[0], len(ids))
-        return cls(stream, cid, ids, parts, payload, chunk_bytes(stream, cid, payload))
-
-    @property
-    def count(self) -> int:
-        return len(self.ids)
-
-    def singles(self) -> list[_NewChunk]:
-        return [_NewChunk.of(self.stream, [rid], [part])
-                for rid, part in zip(self.ids, self.parts, strict=True)]
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS chunks (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    stream TEXT NOT NULL,
-    chunk_id TEXT NOT NULL UNIQUE,
-    count INTEGER NOT NULL,
-    created REAL NOT NULL,
-    size INTEGER NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chunks_by_stream ON chunks (stream, seq, created, size, count);
-CREATE TABLE IF NOT EXISTS counters (
-    stream TEXT PRIMARY KEY,
-    dropped INTEGER NOT NULL DEFAULT 0,
-    refused INTEGER NOT NULL DEFAULT 0,
-    reported_dropped INTEGER NOT NULL DEFAULT 0,
-    reported_refused INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS marks (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-"""
-
-
-class _Counter:
-    __slots__ = ("dropped", "refused", "reported_dropped", "reported_refused")
-
-    def __init__(self, dropped: int = 0, refused: int = 0, rd: int = 0, rr: int = 0) -> None:
-        self.dropped, self.refused = dropped, refused
-        self.reported_dropped, self.reported_refused = rd, rr
-
-    @property
-    def unreported(self) -> bool:
-        return self.dropped > self.reported_dropped or self.refused > self.reported_refused
-
-
-class _Evictor:
-    """Makes room inside one ``put_many`` transaction.
-
-    Victims are the ``drop_oldest`` streams whose priority is the writer's or lower, lowest
-    priority first, oldest chunk first (a chunk goes whole; all its records count as dropped).
-    Chunks leased by ``next_batch`` (in flight) are never evicted. Candidates are read 256 at
-    a time and deleted once per stream at the end, so a full outbox costs about as much per
-    record as an empty one.
-    """
-
-    def __init__(self, outbox: Outbox, touched: set[str]) -> None:
-        self.ob = outbox
-        self.touched = touched
-        self.evicted = 0
-        self.removed: list[tuple[str, int]] = []  # (stream, seq) of evicted chunks
-        self._cands: dict[str, collections.deque[tuple[int, int, int]]] = {}
-        self._fetched: dict[str, int] = {}
-        self._cutoff: dict[str, int] = {}
-
-    def victims(self, writer: str) -> list[str]:
-        ob = self.ob
-        prio = ob.streams[writer].priority
-        return [s for s in reversed(ob.by_priority)
-                if ob.streams[s].priority >= prio and ob.streams[s].on_full == "drop_oldest"]
-
-    def room(self, writer: str) -> int:
-        """Bytes a new chunk of ``writer`` can take once everything it may evict is gone."""
-        ob = self.ob
-        evictable = sum(ob._bytes[v] - ob._lease_bytes.get(v, 0) for v in self.victims(writer))
-        return ob.budget_bytes - ob._used + evictable
-
-    def can_fit(self, writer: str, size: int) -> bool:
-        return size <= self.room(writer)
-
-    def make_room(self, writer: str, size: int, new_seq: int) -> None:
-        ob = self.ob
-        for victim in self.victims(writer):
-            while ob._used + size > ob.budget_bytes and ob._count[victim] > 0:
-                cands = self._cands.setdefault(victim, collections.deque())
-                if not cands:
-                    start = max(ob._lease.get(victim, 0), self._fetched.get(victim, 0))
-                    cands.extend(ob._db.execute(
-                        "SELECT seq, size, count FROM chunks WHERE stream=? AND seq>? AND seq<? "
-                        "ORDER BY seq LIMIT 256", (victim, start, new_seq)).fetchall())
-                    if not cands:
-                        break
-                    self._fetched[victim] = cands[-1][0]
-                seq, vsize, n = cands.popleft()
-                self._cutoff[victim] = seq
-                self.removed.append((victim, seq))
-                ob._count[victim] -= n
-                ob._bytes[victim] -= vsize
-                ob._used -= vsize
-                ob._counters[victim].dropped += n
-                self.touched.add(victim)
-                self.evicted += n
-            if ob._used + size <= ob.budget_bytes:
-                return
-        raise OutboxError("internal: could not make room although can_fit said so")
-
-    def apply(self) -> None:
-        ob = self.ob
-        for victim, cutoff in self._cutoff.items():
-            lease = ob._lease.get(victim, 0)
-            ob._db.execute("DELETE FROM chunks WHERE stream=? AND seq>? AND seq<=?",
-                           (victim, lease, cutoff))
-            if lease == 0:  # the head went; find the new oldest
-                ob._oldest[victim] = ob._query_oldest(victim)
+        for (row,) in db.execute("PRAGMA quick_check"):
+            problems.append(str(row))
+    except sqlite3.DatabaseError as exc:  # what it listed so far, then why it stopped
+        problems.append(f"cannot check further: {exc}")
+    return [] if problems == ["ok"] else problems
 
 
 class Outbox:
@@ -399,9 +115,7 @@ class Outbox:
         chunk_max_records: int = CHUNK_MAX_RECORDS,
         chunk_max_bytes: int = CHUNK_MAX_BYTES,
     ) -> None:
-        path = Path(path)
-        self.dir = path.parent if path.suffix == ".db" else path
-        self.db_path = path if path.suffix == ".db" else path / DB_NAME
+        self.dir, self.db_path = outbox_paths(path)
         if not isinstance(budget_bytes, int) or budget_bytes <= 0:
             raise ConfigError(f"must be a positive integer, not {budget_bytes!r}",
                               key="outbox.budget_bytes")
@@ -439,7 +153,7 @@ class Outbox:
         self._used = 0
         self._last_sync = time.monotonic()
         self._acks_since_vacuum = 0
-        self._lock_fd: int | None = None
+        self._file_lock: DirLock | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -457,20 +171,18 @@ class Outbox:
 
     # ---- opening ----------------------------------------------------------------------------
     def _take_file_lock(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
-        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
+            self._file_lock = DirLock(self.dir, LOCK_NAME, record_pid=False)
+        except BlockingIOError as exc:
             raise OutboxError(f"the outbox {self.dir} is in use by another process") from exc
-        self._lock_fd = fd
+        except OSError as exc:
+            raise OutboxError(f"cannot open the outbox lock {self.dir / LOCK_NAME}: "
+                              f"{exc.strerror or exc}") from exc
 
     def _release_file_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+        if self._file_lock is not None:
+            self._file_lock.release()  # closing the lock file releases the lock
+            self._file_lock = None
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
@@ -495,45 +207,12 @@ class Outbox:
             pages = max(64, min(1000, self.budget_bytes // page // 8))
             db.execute(f"PRAGMA wal_autocheckpoint={pages}")
             db.execute(f"PRAGMA journal_size_limit={pages * page}")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, _SCHEMA_VERSION):
-                raise OutboxError(f"{self.db_path} has schema version {version}; this edgeml "
-                                  f"knows {_SCHEMA_VERSION}")
-            if version == 1:
-                self._migrate_v1(db)
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            ensure_schema(db, self.db_path)
         except BaseException:
             db.close()
             raise
         return db
 
-    @staticmethod
-    def _migrate_v1(db: sqlite3.Connection) -> None:
-        """Schema 1 (a row per record) to chunks, in place and in one transaction: every row
-        becomes a chunk of one with the same ``seq`` (order and leases unchanged)."""
-        db.create_function("edgeml_v1_record", 2, _v1_record, deterministic=True)
-        db.create_function("edgeml_chunk_bytes", 3, chunk_bytes, deterministic=True)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
-            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'"
-                          ).fetchone():
-                n = db.execute(
-                    "INSERT INTO chunks (seq, stream, chunk_id, count, created, size, payload) "
-                    "SELECT seq, stream, record_id || '+1', 1, created, 0, "
-                    "edgeml_v1_record(record_id, payload) FROM records ORDER BY seq").rowcount
-                db.execute("UPDATE chunks SET size = edgeml_chunk_bytes(stream, chunk_id, payload)")
-                db.execute("DROP TABLE records")
-                log.info("outbox: migrated %d record(s) from schema 1 to chunks", n)
-            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
 
     def limit_chunks(self, max_records: int, max_bytes: int) -> None:
         """Chunks written from now on hold at most this many records and payload bytes (only
@@ -1041,6 +720,15 @@ class Outbox:
             "dropped": sum(v["dropped"] for v in streams.values()),
             "refused": sum(v["refused"] for v in streams.values()),
         }
+
+    def check_integrity(self) -> list[str]:
+        """Problems SQLite finds in the outbox file (``PRAGMA quick_check``), empty when it is
+        sound. Reads every page of the database: seconds for a large outbox on a slow card,
+        so run it at start or from a worker thread, not per batch. What to do with a damaged
+        outbox: see :func:`edgeml.storage.outbox.quarantine`."""
+        with self._lock:
+            self._check_open()
+            return quick_check(self._db)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def _check_open(self) -> None:
