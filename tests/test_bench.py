@@ -100,7 +100,7 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     assert written["latest_markdown"].exists()
     assert (tmp_path / "run" / "throughput.png").stat().st_size > 1000
     md = render_markdown(report)
-    assert "## Targets (issue 7)" in md and "TCP_NODELAY" in md
+    assert "## Targets" in md and "TCP_NODELAY" in md
     assert "plain" in render_table(report)
 
 

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +26,18 @@ from typing import Any
 
 import msgpack
 
-from edgeml.errors import ConfigError, OutboxError, TransportError
+from edgeml.errors import OutboxError, TransportError
 from edgeml.storage.outbox import Outbox, OutboxChunk
 from edgeml.transport.base import Transport
 from edgeml.transport.settings import BrokerSettings
+from edgeml.validate import Table
 
 log = logging.getLogger("edgeml.core.uplink")
 
 SCHEMA = 1
 FORMATS = ("msgpack", "json")
+_TOPIC_LEVEL = re.compile(r"[^/+#]+")
+_TOPIC_PREFIX = re.compile(r"[^+#]+")
 
 
 
@@ -77,33 +81,24 @@ class Uplink:
         alert_interval_s: float = 10.0,
         format: str = "msgpack",
     ) -> None:
-        def positive(key: str, value: float | None, *, optional: bool = False) -> None:
-            if value is None and optional:
-                return
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"must be a positive number, not {value!r}", key=f"sync.{key}")
-
-        if not device_id or any(c in device_id for c in "/+#"):
-            raise ConfigError(f"must be one MQTT topic level, not {device_id!r}", key="device_id")
-        if not topic_prefix or any(c in topic_prefix for c in "+#"):
-            raise ConfigError(f"must be a topic without wildcards, not {topic_prefix!r}",
-                              key="topic_prefix")
-        if not isinstance(batch_max_records, int) or batch_max_records < 1:
-            raise ConfigError(f"must be an integer >= 1, not {batch_max_records!r}",
-                              key="sync.batch_max_records")
-        positive("batch_max_bytes", batch_max_bytes)
-        positive("batch_max_wait_s", batch_max_wait_s)
-        positive("bandwidth_bytes_per_s", bandwidth_bytes_per_s, optional=True)
-        positive("retry_min_s", retry_min_s)
-        positive("retry_max_s", retry_max_s)
-        positive("ack_timeout_s", ack_timeout_s)
-        positive("alert_interval_s", alert_interval_s)
-        if retry_max_s < retry_min_s:
-            raise ConfigError(f"must be >= retry_min_s ({retry_min_s}), not {retry_max_s}",
-                              key="sync.retry_max_s")
-        if format not in FORMATS:
-            raise ConfigError(f"must be one of {', '.join(FORMATS)}, not {format!r}",
-                              key="sync.format")
+        # the same checks (and messages) as a config file's [sync] table gets
+        args = Table({"batch_max_records": batch_max_records, "batch_max_bytes": batch_max_bytes,
+                      "batch_max_wait_s": batch_max_wait_s,
+                      "bandwidth_bytes_per_s": bandwidth_bytes_per_s,
+                      "retry_min_s": retry_min_s, "retry_max_s": retry_max_s,
+                      "ack_timeout_s": ack_timeout_s, "alert_interval_s": alert_interval_s,
+                      "format": format}, "sync")
+        args.int("batch_max_records", min=1)
+        for key in ("batch_max_bytes", "batch_max_wait_s", "retry_min_s", "ack_timeout_s",
+                    "alert_interval_s"):
+            args.number(key, min=0, min_open=True)
+        args.number("bandwidth_bytes_per_s", None, min=0, min_open=True)
+        args.number("retry_max_s", min=retry_min_s)
+        args.choice("format", FORMATS)
+        Table({"device_id": device_id}).str("device_id", pattern=_TOPIC_LEVEL,
+                                            what="one MQTT topic level")
+        Table({"topic_prefix": topic_prefix}).str("topic_prefix", pattern=_TOPIC_PREFIX,
+                                                  what="a topic without wildcards")
         self.outbox = outbox
         self._given: Transport | None = None if isinstance(client, BrokerSettings) else client
         self._settings = client if isinstance(client, BrokerSettings) else None

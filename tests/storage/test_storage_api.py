@@ -18,7 +18,7 @@ RAWLOG = (
 )
 OUTBOX = (
     "CHUNK_MAX_BYTES", "CHUNK_MAX_RECORDS", "DB_NAME", "DEDUP_WINDOW", "DEFAULT_STREAMS",
-    "LOCK_NAME", "POLICIES", "ROW_OVERHEAD", "_SCHEMA_VERSION", "Outbox", "OutboxChunk",
+    "LOCK_NAME", "ON_FULL_POLICIES", "ROW_OVERHEAD", "_SCHEMA_VERSION", "Outbox", "OutboxChunk",
     "OutboxError", "PutResult", "StreamPolicy", "chunk_bytes", "chunk_id", "encode_record",
     "pack_record", "record_id", "unpack_records",
     # new with the split

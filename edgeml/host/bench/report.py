@@ -22,7 +22,7 @@ from typing import Any
 
 MB = 2**20
 
-# Targets from issue 7 (2-core host, loopback broker).
+# The targets the project set itself (2-core host, loopback broker).
 LIGHT_VS_RAW_MIN = 0.80       # edgeml, 3 versions, light: >= 80% of the raw subscriber's msgs/s
 HEAVY_VS_PLAIN_MIN = 10.0     # edgeml, 3 versions, heavy: >= 10x the plain script's msgs/s
 P99_MAX_MS = 5.0              # paced 1,000 msg/s, 3 versions
@@ -239,7 +239,7 @@ def _check(tid: str, text: str, value: float | None, threshold: float, *, higher
 
 
 def check_targets(report: dict) -> list[dict]:
-    """The targets of issue 7, each met / missed (by how much) / not measured."""
+    """The targets, each met / missed (by how much) / not measured."""
     s = report["settings"]
     k = max(s["versions"])
     out = []
@@ -429,7 +429,7 @@ def render_table(report: dict) -> str:
     if report.get("bare"):
         parts += ["memory", format_table(_BARE_HEADERS, _bare_rows(report)), ""]
     if report.get("targets"):
-        parts += ["targets (issue 7)", format_table(_TARGET_HEADERS, _target_rows(report)), ""]
+        parts += ["targets", format_table(_TARGET_HEADERS, _target_rows(report)), ""]
     for e in report.get("errors", []):
         parts.append(f"FAILED {e['variant']} {e['model']} {e['versions']}: {e['error']}")
     return "\n".join(parts).rstrip() + "\n"
@@ -469,7 +469,7 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     if report.get("targets"):
-        lines += ["## Targets (issue 7)", "", markdown_table(_TARGET_HEADERS,
+        lines += ["## Targets", "", markdown_table(_TARGET_HEADERS,
                                                                _target_rows(report)), ""]
     if report.get("scoring_limit"):
         lines += ["## (a) Scoring limit: raw onnxruntime, same rows", "",
@@ -508,7 +508,7 @@ def render_readme_section(report: dict, *, chart_prefix: str = "results/") -> st
         f"{s['messages']} messages. Full report: [results/latest.md](results/latest.md), "
         "figures: [results/latest.json](results/latest.json).",
         "",
-        "### Targets (issue 7)", "", markdown_table(_TARGET_HEADERS, _target_rows(report)), "",
+        "### Targets", "", markdown_table(_TARGET_HEADERS, _target_rows(report)), "",
         "### Side by side", "", markdown_table(_E2E_HEADERS, _e2e_rows(report)), "",
     ]
     if report.get("scoring_limit"):

@@ -20,7 +20,7 @@ this package's copy.
 from __future__ import annotations
 
 from edgeml.errors import OutboxError
-from edgeml.storage.outbox.budget import DEFAULT_STREAMS, POLICIES, StreamPolicy
+from edgeml.storage.outbox.budget import DEFAULT_STREAMS, ON_FULL_POLICIES, StreamPolicy
 from edgeml.storage.outbox.damage import QuarantineReport, check_integrity, quarantine
 from edgeml.storage.outbox.migration import _SCHEMA_VERSION
 from edgeml.storage.outbox.records import (
@@ -45,7 +45,7 @@ from edgeml.storage.outbox.store import (
 
 __all__ = [
     "CHUNK_MAX_BYTES", "CHUNK_MAX_RECORDS", "DB_NAME", "DEDUP_WINDOW", "DEFAULT_STREAMS",
-    "LOCK_NAME", "POLICIES", "ROW_OVERHEAD", "_SCHEMA_VERSION", "Outbox", "OutboxChunk",
+    "LOCK_NAME", "ON_FULL_POLICIES", "ROW_OVERHEAD", "_SCHEMA_VERSION", "Outbox", "OutboxChunk",
     "OutboxError", "PutResult", "QuarantineReport", "StreamPolicy", "check_integrity",
     "chunk_bytes", "chunk_id", "encode_record", "pack_record", "quarantine", "record_id",
     "unpack_records",

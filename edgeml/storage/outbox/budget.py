@@ -11,7 +11,7 @@ from typing import Any
 
 from edgeml.errors import ConfigError, OutboxError
 
-POLICIES = ("drop_oldest", "refuse_new")
+ON_FULL_POLICIES = ("drop_oldest", "refuse_new")
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class StreamPolicy:
         if not isinstance(self.priority, int) or self.priority < 0:
             raise ConfigError(f"priority must be an integer >= 0, not {self.priority!r}",
                               key=f"outbox.streams.{self.name}.priority")
-        if self.on_full not in POLICIES:
-            raise ConfigError(f"must be one of {', '.join(POLICIES)}, not {self.on_full!r}",
+        if self.on_full not in ON_FULL_POLICIES:
+            raise ConfigError(f"must be one of {', '.join(ON_FULL_POLICIES)}, not {self.on_full!r}",
                               key=f"outbox.streams.{self.name}.on_full")
 
 
