@@ -469,7 +469,8 @@ class Device:
             received_per_s=self._rate.rate(total_received), dlq=self.ingress.dead_letters,
             load_errors=self.load_errors, reloads=self.reloads,
             recovered_rows=self.recovered_rows, transport=self.transport, outbox=self.outbox,
-            outbox_overflow=self.egress.overflow, uplink=self.uplink, control=self.control)
+            outbox_overflow=self.egress.overflow, uplink=self.uplink, control=self.control,
+            publish_errors=self.egress.publish_errors + self.ingress.dead_letters_lost)
 
     def _status_bytes(self) -> bytes:
         return json_bytes(self.status(self.state))

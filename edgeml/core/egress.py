@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from edgeml.errors import TransportError
 from edgeml.storage.outbox import record_id
 from edgeml.transport.base import Transport
 
@@ -59,6 +60,7 @@ class Egress:
         self.uplink: Any = None  # notified after each outbox write
         self.published: dict[str, int] = dict.fromkeys(out_formats, 0)
         self.overflow = 0
+        self.publish_errors = 0
         self._pending: list[tuple[str, str, dict]] = []
         self._marks: dict[str, int] = {}
         self._ready = asyncio.Event()
@@ -71,8 +73,13 @@ class Egress:
         if transport is not None:
             topic, qos, encode = self._out[pipeline]
             for rec in records:
-                transport.publish_nowait(topic, encode(rec), qos)
-            self.published[pipeline] += len(records)
+                try:
+                    transport.publish_nowait(topic, encode(rec), qos)
+                except TransportError as exc:  # the outbox still gets the record below
+                    self.publish_errors += 1
+                    log.warning("answer for %s not published: %s", rec.get("id"), exc)
+                    continue
+                self.published[pipeline] += 1
         if self.outbox is not None:
             dev = self.device
             self._queue([("outputs", row_record_id(dev, rec, "outputs"), rec)
@@ -90,7 +97,11 @@ class Egress:
         rec = {"device": self.device, "pipeline": pipeline, "kind": kind, "ts": time.time(),
                **detail}
         if self.transport is not None:
-            self.transport.publish_nowait(self._topic("alerts"), json_bytes(rec), qos=1)
+            try:
+                self.transport.publish_nowait(self._topic("alerts"), json_bytes(rec), qos=1)
+            except TransportError as exc:  # the outbox still gets it below
+                self.publish_errors += 1
+                log.warning("alert %s not published: %s", kind, exc)
         if self.outbox is not None:
             rid = f"{self.device}/{pipeline}/alert/{kind}/{rec['ts']:.6f}"
             self._queue([("alerts", rid, rec)])

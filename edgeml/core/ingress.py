@@ -17,7 +17,7 @@ from typing import Any
 
 from edgeml.config import PipelineConfig
 from edgeml.core.assemble import Assembler, Row
-from edgeml.errors import DecodeError
+from edgeml.errors import DecodeError, TransportError
 from edgeml.topics import matches as topic_matches
 from edgeml.transport.base import Message, Transport
 
@@ -61,6 +61,7 @@ class Ingress:
         self.control = control  # .handles(topic) / .submit(message)
         self._routes: dict[str, list[Inlet]] = {}
         self.dead_letters = 0
+        self.dead_letters_lost = 0
 
     def route(self, topic: str) -> list[Inlet]:
         hit = self._routes.get(topic)
@@ -97,10 +98,14 @@ class Ingress:
                 except DecodeError as exc:
                     st.rejected += 1
                     st.rejected_by_reason[exc.reason] += 1
-                    transport.publish_nowait(
-                        self.dlq_topic, dead_letter(self.device, inlet.config.name, m, exc),
-                        qos=1)
-                    self.dead_letters += 1
+                    try:
+                        transport.publish_nowait(
+                            self.dlq_topic, dead_letter(self.device, inlet.config.name, m, exc),
+                            qos=1)
+                        self.dead_letters += 1
+                    except TransportError as pub_exc:
+                        self.dead_letters_lost += 1
+                        log.warning("dead letter from %s not published: %s", m.topic, pub_exc)
                     log.info("dead letter from %s: %s", m.topic, exc)
                     continue
                 per_inlet.setdefault(id(inlet), (inlet, []))[1].append((m, decoded))

@@ -27,7 +27,8 @@ def offline(device: str, reason: str) -> dict:
 def build(*, device: str, state: str, started: float, profile: str, pipelines: dict,
           received_per_s: float, dlq: int, load_errors: list[str], reloads: int,
           recovered_rows: int, transport: Any = None, outbox: Any = None,
-          outbox_overflow: int = 0, uplink: Any = None, control: Any = None) -> dict:
+          outbox_overflow: int = 0, uplink: Any = None, control: Any = None,
+          publish_errors: int = 0) -> dict:
     now = time.time()
     status: dict[str, Any] = {
         "device": device, "state": state, "ts": now,
@@ -35,6 +36,7 @@ def build(*, device: str, state: str, started: float, profile: str, pipelines: d
         "profile": profile, "pid": os.getpid(), "received_per_s": received_per_s,
         "pipelines": pipelines, "dlq": dlq, "load_errors": load_errors[-10:],
         "reloads": reloads, "recovered_rows": recovered_rows,
+        "publish_errors": publish_errors,
     }
     if transport is not None:
         status["mqtt"] = {"connected": transport.connected, "connects": transport.connects,
