@@ -26,7 +26,10 @@ class Publication:
 @dataclass(frozen=True, slots=True)
 class Message:
     """One received message. ``received`` is wall-clock time at arrival (``time.time()``);
-    ``token`` is what :meth:`Transport.ack` needs (the packet id for MQTT)."""
+    ``mid`` and ``session`` are what :meth:`Transport.ack` needs: the packet id, and which
+    connection it arrived on (a packet id is only meaningful on the connection that used it:
+    after a reconnect the broker redelivers the message, and an ack of the old id is skipped
+    rather than acknowledging whatever now carries that id)."""
 
     topic: str
     payload: bytes
@@ -34,6 +37,7 @@ class Message:
     retain: bool
     mid: int
     received: float
+    session: int = 0
 
 
 class Transport(Protocol):
@@ -51,6 +55,8 @@ class Transport(Protocol):
 
     @property
     def disconnects(self) -> int: ...
+
+    def stats(self) -> dict[str, int]: ...
 
     async def __aenter__(self) -> Transport: ...
 
