@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from edgeml.errors import SubscribeError
+
 
 @dataclass(frozen=True, slots=True)
 class Publication:
@@ -89,3 +91,20 @@ class Connector(Protocol):
 
     def __call__(self, settings: object, *, will: Publication | None = None,
                  manual_ack: bool = False, require_connection: bool = True) -> Transport: ...
+
+
+def validate_filter(topic_filter: str) -> None:
+    """Raise :class:`SubscribeError` for a filter no broker would accept (mosquitto answers
+    those by dropping the connection, which would look like an outage, not a bad filter)."""
+    if not topic_filter or "\0" in topic_filter or len(topic_filter.encode()) > 65535:
+        raise SubscribeError(f"invalid topic filter {topic_filter!r}")
+    levels = topic_filter.split("/")
+    if topic_filter.startswith("$share/"):
+        if len(levels) < 3 or not levels[1] or any(c in levels[1] for c in "+#"):
+            raise SubscribeError(f"invalid shared subscription {topic_filter!r}")
+        levels = levels[2:]
+    for i, level in enumerate(levels):
+        if ("#" in level and (level != "#" or i != len(levels) - 1)) or \
+                ("+" in level and level != "+"):
+            raise SubscribeError(f"invalid topic filter {topic_filter!r}: a wildcard must be a "
+                                 "whole level, and '#' the last one")

@@ -64,7 +64,7 @@ from edgeml.errors import (
     SubscribeError,
     TransportError,
 )
-from edgeml.transport.base import Message, Publication
+from edgeml.transport.base import Message, Publication, validate_filter
 from edgeml.transport.settings import BrokerSettings, parse_broker_url
 
 __all__ = ["BrokerSettings", "Message", "MqttClient", "MqttTransport", "Publication",
@@ -73,23 +73,6 @@ __all__ = ["BrokerSettings", "Message", "MqttClient", "MqttTransport", "Publicat
 log = logging.getLogger("edgeml.transport.mqtt")
 
 _FAILURE = 0x80  # SUBACK / UNSUBACK / PUBACK reason codes from here up are failures
-
-
-def validate_filter(topic_filter: str) -> None:
-    """Raise :class:`SubscribeError` for a filter no broker would accept (mosquitto answers
-    those by dropping the connection, which would look like an outage, not a bad filter)."""
-    if not topic_filter or "\0" in topic_filter or len(topic_filter.encode()) > 65535:
-        raise SubscribeError(f"invalid topic filter {topic_filter!r}")
-    levels = topic_filter.split("/")
-    if topic_filter.startswith("$share/"):
-        if len(levels) < 3 or not levels[1] or any(c in levels[1] for c in "+#"):
-            raise SubscribeError(f"invalid shared subscription {topic_filter!r}")
-        levels = levels[2:]
-    for i, level in enumerate(levels):
-        if ("#" in level and (level != "#" or i != len(levels) - 1)) or \
-                ("+" in level and level != "+"):
-            raise SubscribeError(f"invalid topic filter {topic_filter!r}: a wildcard must be a "
-                                 "whole level, and '#' the last one")
 
 
 def _code(rc: Any) -> int:
@@ -147,7 +130,7 @@ class MqttTransport:
         self._stats = collections.Counter({
             "connects": 0, "disconnects": 0, "received": 0, "publish_errors": 0,
             "publish_timeouts": 0, "dropped_qos0_offline": 0, "subscribe_errors": 0,
-            "acks_skipped_stale": 0,
+            "acks_skipped": 0,
         })
 
         proto = paho.MQTTv5 if settings.protocol == "5" else paho.MQTTv311
@@ -399,7 +382,7 @@ class MqttTransport:
 
     def stats(self) -> dict[str, int]:
         """Counters: connects, disconnects, received, publish_errors, publish_timeouts,
-        dropped_qos0_offline, subscribe_errors, acks_skipped_stale; and gauges: inbox
+        dropped_qos0_offline, subscribe_errors, acks_skipped; and gauges: inbox
         (received, not yet taken), awaiting_puback (publishes awaited by ``publish``)."""
         return {**self._stats, "inbox": len(self._inbox), "awaiting_puback": len(self._acks)}
 
@@ -535,13 +518,13 @@ class MqttTransport:
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1 message received with ``manual_ack``. A message from an
-        earlier connection is skipped (counted): the broker redelivers it."""
+        earlier connection, or an ack while offline, is skipped and counted (``acks_skipped``):
+        the broker redelivers the message."""
         if not self._manual_ack or message.qos == 0:
             return
-        if message.session != self._session:
-            self._stats["acks_skipped_stale"] += 1
-            return
-        self._client.ack(message.mid, message.qos)  # NO_CONN: redelivered on reconnect
+        if message.session != self._session or \
+                self._client.ack(message.mid, message.qos) != paho.MQTT_ERR_SUCCESS:
+            self._stats["acks_skipped"] += 1  # connection gone: the broker redelivers it
 
     # ---- receiving --------------------------------------------------------------------------
     async def messages(self) -> AsyncIterator[Message]:
