@@ -41,7 +41,8 @@ from edgeml.core.uplink import Uplink
 from edgeml.host.broker import MosquittoBroker
 from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.outbox import Outbox, record_id
-from edgeml.transport.mqtt import BrokerSettings, MqttClient
+from edgeml.transport.mqtt import MqttClient
+from edgeml.transport.settings import BrokerSettings
 
 DEVICE = "watch-01"
 BUDGET_US = 1000.0  # the per-message budget at 1,000 msg/s

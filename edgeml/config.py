@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ConfigError
-from edgeml.transport.mqtt import BrokerSettings
+from edgeml.transport.settings import BrokerSettings
 from edgeml.validate import Table
 
 if sys.version_info >= (3, 11):

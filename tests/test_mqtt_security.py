@@ -163,7 +163,8 @@ def test_mqtt5_persistent_session_keeps_queued_messages(broker):
 
     from conftest import publish_all
 
-    from edgeml.transport.mqtt import BrokerSettings, MqttClient
+    from edgeml.transport.mqtt import MqttClient
+    from edgeml.transport.settings import BrokerSettings
 
     settings = BrokerSettings(url=broker.url, client_id="v5-device", protocol="5")
 

@@ -20,7 +20,8 @@ from test_outbox import output_record, simulate, size_of
 from edgeml.core.uplink import Uplink
 from edgeml.errors import ConfigError
 from edgeml.storage.outbox import DEFAULT_STREAMS, Outbox, StreamPolicy, record_id
-from edgeml.transport.mqtt import BrokerSettings, MqttClient
+from edgeml.transport.mqtt import MqttClient
+from edgeml.transport.settings import BrokerSettings
 
 DEVICE = "watch-01"
 SYNC = "edgeml/+/sync/#"

@@ -87,7 +87,7 @@ class DemoSettings:
             raise ConfigError(f"must be a number in (0, 10000], not {self.speed!r}",
                               key="--speed")
         if self.broker_url is not None:
-            from edgeml.transport.mqtt import parse_broker_url
+            from edgeml.transport.settings import parse_broker_url
 
             parse_broker_url(self.broker_url)
         if self.broker_url is not None and self.embedded:
@@ -479,7 +479,8 @@ def sample_messages(test: Any) -> list[list[tuple[str, bytes]]]:
 async def _forget_sessions(url: str, client_ids: list[str]) -> None:
     """Connect once with a clean session per id: the broker drops any persistent session (and
     queued messages) a previous run left under it."""
-    from edgeml.transport.mqtt import BrokerSettings, MqttClient
+    from edgeml.transport.mqtt import MqttClient
+    from edgeml.transport.settings import BrokerSettings
 
     for cid in client_ids:
         with contextlib.suppress(EdgemlError, OSError):
@@ -540,7 +541,8 @@ class Demo:
 
     async def _with_broker(self, stack: contextlib.AsyncExitStack, broker: BrokerHandle,
                            bundles: dict[str, dict], kid: str, t_wall: float) -> dict:
-        from edgeml.transport.mqtt import BrokerSettings, MqttClient
+        from edgeml.transport.mqtt import MqttClient
+        from edgeml.transport.settings import BrokerSettings
 
         s = self.settings
         run_id = f"{os.getpid()}-{int(t_wall)}"

@@ -31,7 +31,9 @@ from edgeml.control.protocol import (
 )
 from edgeml.errors import DeployError, FleetTimeout, TransportError
 from edgeml.topics import matches as topic_matches
-from edgeml.transport.mqtt import BrokerSettings, Message, MqttClient
+from edgeml.transport.base import Message
+from edgeml.transport.mqtt import MqttClient
+from edgeml.transport.settings import BrokerSettings
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_PREFIX = "edgeml"

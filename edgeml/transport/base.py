@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from edgeml.errors import SubscribeError
+
 
 @dataclass(frozen=True, slots=True)
 class Publication:
@@ -26,7 +28,10 @@ class Publication:
 @dataclass(frozen=True, slots=True)
 class Message:
     """One received message. ``received`` is wall-clock time at arrival (``time.time()``);
-    ``token`` is what :meth:`Transport.ack` needs (the packet id for MQTT)."""
+    ``mid`` and ``session`` are what :meth:`Transport.ack` needs: the packet id, and which
+    connection it arrived on (a packet id is only meaningful on the connection that used it:
+    after a reconnect the broker redelivers the message, and an ack of the old id is skipped
+    rather than acknowledging whatever now carries that id)."""
 
     topic: str
     payload: bytes
@@ -34,6 +39,7 @@ class Message:
     retain: bool
     mid: int
     received: float
+    session: int = 0
 
 
 class Transport(Protocol):
@@ -51,6 +57,8 @@ class Transport(Protocol):
 
     @property
     def disconnects(self) -> int: ...
+
+    def stats(self) -> dict[str, int]: ...
 
     async def __aenter__(self) -> Transport: ...
 
@@ -83,3 +91,20 @@ class Connector(Protocol):
 
     def __call__(self, settings: object, *, will: Publication | None = None,
                  manual_ack: bool = False, require_connection: bool = True) -> Transport: ...
+
+
+def validate_filter(topic_filter: str) -> None:
+    """Raise :class:`SubscribeError` for a filter no broker would accept (mosquitto answers
+    those by dropping the connection, which would look like an outage, not a bad filter)."""
+    if not topic_filter or "\0" in topic_filter or len(topic_filter.encode()) > 65535:
+        raise SubscribeError(f"invalid topic filter {topic_filter!r}")
+    levels = topic_filter.split("/")
+    if topic_filter.startswith("$share/"):
+        if len(levels) < 3 or not levels[1] or any(c in levels[1] for c in "+#"):
+            raise SubscribeError(f"invalid shared subscription {topic_filter!r}")
+        levels = levels[2:]
+    for i, level in enumerate(levels):
+        if ("#" in level and (level != "#" or i != len(levels) - 1)) or \
+                ("+" in level and level != "+"):
+            raise SubscribeError(f"invalid topic filter {topic_filter!r}: a wildcard must be a "
+                                 "whole level, and '#' the last one")

@@ -1,9 +1,54 @@
-"""The one module that owns paho-mqtt and the bridge between its network thread and asyncio.
+"""The one module that owns paho-mqtt: :class:`MqttTransport`, the real :class:`Transport`.
 
-Nothing else in edgeml imports paho (except test helpers and the plain-script baseline). The
-client runs paho's own network thread (``loop_start``), which reconnects with backoff by itself;
-incoming messages cross into the event loop through a deque that is drained in bursts, so a
-flood of small messages costs one loop wake-up per burst, not one per message.
+Nothing else in edgeml imports paho (except test helpers and the plain-script baseline).
+
+Design: paho's own network thread (``loop_start``) does the socket I/O and reconnects with
+backoff by itself. Everything it learns crosses into the event loop in bursts: received
+messages through one deque, everything else (CONNACK, SUBACK, UNSUBACK, PUBACK, disconnects)
+through a second one, each drained by one coalesced ``call_soon_threadsafe`` wake-up, so a
+flood of small messages costs one loop wake-up per burst, not one per message. The network
+thread never reads loop-owned state: the birth messages are bytes the loop handed in with
+:meth:`MqttTransport.set_birth`, and the subscriptions to renew are an immutable snapshot
+the loop replaces when it changes them.
+
+Why a thread and not the asyncio loop driving paho's socket (``add_reader``/``add_writer``
+plus ``loop_misc`` on a timer, as aiomqtt 2.x and paho's ``examples/loop_asyncio.py`` do):
+measured with ``benchmarks/bench_transport.py`` (2 cores, mosquitto 2.0.11 on loopback,
+paho 2.2, Python 3.11; both designs in one run; full table in benchmarks/results/transport.json)::
+
+    design        QoS0 msg/s  us/msg  QoS1+ack msg/s  us/msg  RTT p50  RTT p99  us/msg
+    (a) thread         7,787   109.5           2,527   132.7  0.75 ms  10.4 ms     559
+    (b) loop           6,827    85.2           2,255   142.7  0.55 ms   6.7 ms     343
+
+    (median of 2 rounds, order alternated; 100k QoS 0 / 30k QoS 1 flood from a plain paho
+    publisher process; RTT: paced 1,000 msg/s for 5 s, answered with publish_nowait;
+    CPU = time.process_time of the process under test per message)
+
+(b) answers a paced stream faster and with ~40% less CPU (no thread wake-up and GIL hand-off
+per message), but floods are received 10-12% slower, because every socket read (paho reads a
+packet with several small ``recv`` calls) now runs on the loop that also decodes, archives and
+dispatches; and (b) needs its own reconnect loop, a blocking ``connect`` moved to an executor
+and thread hops for paho's socket callbacks. Not clearly better, so (a) stays; (b) is kept,
+runnable, in the benchmark (``LoopDrivenTransport``) for a Pi-class re-measurement.
+
+Error mapping (no paho return code or exception crosses this module):
+
+- ``publish_nowait``/``publish``: a refused publish (``MQTT_ERR_QUEUE_SIZE``,
+  ``MQTT_ERR_PAYLOAD_SIZE``, an invalid topic, a payload over 256 MB, any other non-success
+  code) raises :class:`PublishError` and counts ``publish_errors``. QoS 1/2 while offline is
+  not an error: paho keeps the message and sends it on reconnect (store-and-forward).
+  QoS 0 while offline: ``publish_nowait`` drops it and counts ``dropped_qos0_offline``
+  (QoS 0 is fire-and-forget by contract; the device only uses it where a loss is acceptable);
+  ``publish`` (awaited, so the caller cares) raises :class:`NotConnectedError`.
+- ``publish(..., timeout=)``: no PUBACK in time raises :class:`PublishTimeoutError`; the
+  message stays queued in paho and may still be delivered later (at-least-once). An MQTT 5
+  PUBACK with a failure reason code (e.g. not authorised) raises :class:`PublishError`.
+- ``subscribe``/``unsubscribe``: an invalid filter, a refused request, a SUBACK/UNSUBACK with a
+  failure reason code (>= 0x80) or no answer within ``settings.subscribe_timeout_s`` raises
+  :class:`SubscribeError`; a connection lost while waiting raises :class:`NotConnectedError`
+  (the filter stays registered and is renewed on reconnect).
+- a connection that cannot be made at start (``require_connection=True``) raises
+  :class:`TransportError`.
 """
 
 from __future__ import annotations
@@ -14,30 +59,48 @@ import contextlib
 import logging
 import socket
 import ssl
-import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import paho.mqtt.client as paho
 
-from edgeml.errors import TransportError
+from edgeml.errors import (
+    NotConnectedError,
+    PublishError,
+    PublishTimeoutError,
+    SubscribeError,
+    TransportError,
+)
+from edgeml.transport.base import Message, Publication, validate_filter
+from edgeml.transport.settings import BrokerSettings, parse_broker_url
+
+__all__ = ["BrokerSettings", "Message", "MqttClient", "MqttTransport", "Publication",
+           "parse_broker_url", "validate_filter"]
 
 log = logging.getLogger("edgeml.transport.mqtt")
 
-
-from edgeml.transport.base import Message, Publication  # noqa: E402
-from edgeml.transport.settings import BrokerSettings, parse_broker_url  # noqa: E402,F401
+_FAILURE = 0x80  # SUBACK / UNSUBACK / PUBACK reason codes from here up are failures
 
 
-class MqttClient:
-    """``async with MqttClient(settings) as c``, then ``subscribe``, ``messages()``, ``publish``.
+def _code(rc: Any) -> int:
+    """A paho ReasonCode (or a bare int) as an int."""
+    value = getattr(rc, "value", rc)
+    return int(value) if isinstance(value, int) else 0
 
-    - ``will``: the last will (retained ``offline`` status for the daemon).
-    - ``birth``: called on every (re)connect; the publications it returns go out first.
+
+class MqttTransport:
+    """``async with MqttTransport(settings) as t``, then ``subscribe``, ``batches()``,
+    ``publish``. Use it from the event loop it was entered on, only.
+
+    - ``will``: the last will (the daemon's retained ``offline`` status).
+    - :meth:`set_birth`: publications that go out first on every (re)connect (bytes made by
+      the caller on its loop; the network thread only sends them).
     - ``manual_ack``: QoS 1 messages are acknowledged only when ``ack(message)`` is called.
     - ``require_connection=False``: enter at once and keep trying in the background (an
       upstream that is away at start must not stop the device).
-    Subscriptions are remembered and renewed on every reconnect.
+    Subscriptions are remembered and renewed on every reconnect; unsubscribed filters are
+    forgotten (and unsubscribed on the next connect if the link was down when asked).
     """
 
     def __init__(
@@ -50,22 +113,33 @@ class MqttClient:
     ) -> None:
         self.settings = settings
         self._require_connection = require_connection
-        self._birth: tuple[Publication, ...] = ()
         self._manual_ack = manual_ack
+        # immutable snapshots, replaced by the loop, read by the network thread
+        self._birth: tuple[Publication, ...] = ()
         self._subscriptions: dict[str, int] = {}
+        self._unsub_pending: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # network thread -> loop
         self._inbox: collections.deque[Message] = collections.deque()
+        self._events: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake_pending = False
+        self._events_pending = False
         self._waiter: asyncio.Future[None] | None = None
-        self._connected = threading.Event()
+        self._is_connected = False
+        self._session = 0  # bumped by the network thread on every CONNACK
         self._first_connect: asyncio.Future[None] | None = None
         self._connect_error: str | None = None
         self._closing = False
-        self.connects = 0
-        self.disconnects = 0
+        self._closed = False
+        # loop-owned
         self._acks: dict[int, asyncio.Future[None]] = {}
-        self._acks_lock = threading.Lock()
-        self._early_acks: collections.OrderedDict[int, bool] = collections.OrderedDict()
+        self._requests: dict[int, tuple[str, asyncio.Future[list[int]]]] = {}
+        self._drained: asyncio.Event | None = None
+        self._stats = collections.Counter({
+            "connects": 0, "disconnects": 0, "received": 0, "publish_errors": 0,
+            "publish_timeouts": 0, "dropped_qos0_offline": 0, "subscribe_errors": 0,
+            "acks_skipped": 0,
+        })
 
         proto = paho.MQTTv5 if settings.protocol == "5" else paho.MQTTv311
         kwargs: dict = {"client_id": settings.client_id, "protocol": proto}
@@ -98,77 +172,93 @@ class MqttClient:
             if settings.tls_insecure:
                 self._client.tls_insecure_set(True)
         if will is not None:
-            self._client.will_set(will.topic, will.payload, will.qos, will.retain)
-        self._client.on_connect = self._on_connect
-        self._client.on_connect_fail = self._on_connect_fail
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_publish = self._on_publish
-        self._client.on_socket_open = self._on_socket_open
+            try:
+                self._client.will_set(will.topic, will.payload, will.qos, will.retain)
+            except ValueError as exc:
+                raise TransportError(f"invalid last will: {exc}") from exc
+        c = self._client
+        c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_unsubscribe
+        c.on_socket_open = self._on_socket_open
 
-    # ---- paho thread side -------------------------------------------------------------------
-    @staticmethod
-    def _on_socket_open(client, userdata, sock) -> None:
+    # ---- driver hooks (the benchmark's loop-driven variant overrides these) ----------------
+    def _post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the event loop, from the network thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                loop.call_soon_threadsafe(fn)
+
+    def _start_network(self, connect_kwargs: dict) -> None:
+        s = self.settings
+        try:
+            self._client.connect_async(s.host, s.port, keepalive=s.keepalive, **connect_kwargs)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to {s.url}: {exc}") from exc
+        self._client.loop_start()
+
+    async def _stop_network(self) -> None:
+        self._client.disconnect()
+        await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
+
+    # ---- network thread side ----------------------------------------------------------------
+    def _on_socket_open(self, client, userdata, sock) -> None:
         # paho does not set TCP_NODELAY; without it small publishes wait for delayed ACKs.
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
-            self._connect_error = f"broker refused the connection: {reason_code}"
-            log.warning("connect to %s refused: %s", self.settings.url, reason_code)
-            self._resolve_first(TransportError(self._connect_error))
+            self._event("refused", f"broker refused the connection: {reason_code}")
             return
-        self.connects += 1
-        log.info("connected to %s (session present: %s)", self.settings.url,
-                 getattr(flags, "session_present", None))
-        if self._subscriptions:
-            client.subscribe(list(self._subscriptions.items()))
-        for pub in self._birth:
+        self._session += 1
+        self._is_connected = True
+        for pub in self._birth:  # bytes made on the loop; nothing else is read here
             client.publish(pub.topic, pub.payload, pub.qos, pub.retain)
-        self._connected.set()
-        self._resolve_first(None)
+        unsub = self._unsub_pending
+        if unsub:
+            client.unsubscribe(sorted(unsub))
+        subs = self._subscriptions
+        if subs:
+            client.subscribe(list(subs.items()))
+        self._event("connected", getattr(flags, "session_present", None))
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._connect_error = f"cannot connect to {self.settings.url}"
-        log.debug("connect to %s failed; paho retries with backoff", self.settings.url)
+        log.debug("connect to %s failed; retrying with backoff", self.settings.url)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        self._connected.clear()
-        if not self._closing:
-            self.disconnects += 1
-            log.warning("disconnected from %s (%s); reconnecting", self.settings.url, reason_code)
+        was = self._is_connected
+        self._is_connected = False
+        if was:
+            self._event("disconnected", str(reason_code))
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
-        self._inbox.append(
-            Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid, time.time())
-        )
-        if not self._wake_pending and self._loop is not None:
+        self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
+                                   time.time(), self._session))
+        if not self._wake_pending:
             self._wake_pending = True
-            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                self._loop.call_soon_threadsafe(self._wake)
+            self._post(self._wake)
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
-        with self._acks_lock:
-            fut = self._acks.pop(mid, None)
-            if fut is None:
-                self._early_acks[mid] = True
-                if len(self._early_acks) > 10_000:  # acks of publish_nowait messages
-                    self._early_acks.popitem(last=False)
-        if fut is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(_set_result, fut)
+        self._event("puback", mid, _code(reason_code))
 
-    def _resolve_first(self, error: Exception | None) -> None:
-        fut, loop = self._first_connect, self._loop
-        if fut is None or loop is None:
-            return
-        def settle() -> None:
-            if not fut.done():
-                if error is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(error)
-        loop.call_soon_threadsafe(settle)
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        self._event("ack", mid, [_code(rc) for rc in reason_codes])
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        self._event("ack", mid, [_code(rc) for rc in (reason_codes or [])])
+
+    def _event(self, *event: Any) -> None:
+        self._events.append(event)
+        if not self._events_pending:
+            self._events_pending = True
+            self._post(self._drain_events)
 
     # ---- event loop side --------------------------------------------------------------------
     def _wake(self) -> None:
@@ -176,7 +266,66 @@ class MqttClient:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def __aenter__(self) -> MqttClient:
+    def _drain_events(self) -> None:
+        self._events_pending = False
+        events = self._events
+        while events:
+            kind, *args = events.popleft()
+            if kind == "puback":
+                mid, code = args
+                fut = self._acks.pop(mid, None)
+                if fut is not None and not fut.done():
+                    if code >= _FAILURE:
+                        self._stats["publish_errors"] += 1
+                        fut.set_exception(PublishError(f"broker refused the publish "
+                                                       f"(reason code {code:#x})"))
+                    else:
+                        fut.set_result(None)
+                if not self._acks and self._drained is not None:
+                    self._drained.set()
+            elif kind == "ack":
+                self._on_ack(*args)
+            elif kind == "connected":
+                self._stats["connects"] += 1
+                log.info("connected to %s (session present: %s)", self.settings.url, args[0])
+                self._settle_first(None)
+            elif kind == "disconnected":
+                if not self._closing:
+                    self._stats["disconnects"] += 1
+                    log.warning("disconnected from %s (%s); reconnecting", self.settings.url,
+                                args[0])
+                for what, fut in self._requests.values():
+                    if not fut.done():
+                        fut.set_exception(NotConnectedError(
+                            f"connection to {self.settings.url} lost before the {what}"))
+                self._requests.clear()
+            elif kind == "refused":
+                self._connect_error = args[0]
+                log.warning("connect to %s refused: %s", self.settings.url, args[0])
+                self._settle_first(TransportError(args[0]))
+
+    def _on_ack(self, mid: int, codes: list[int]) -> None:
+        pending = self._requests.pop(mid, None)
+        if pending is not None:
+            if not pending[1].done():
+                pending[1].set_result(codes)
+            return
+        # a renewal made by the network thread on reconnect: nobody waits for it
+        failed = [c for c in codes if c >= _FAILURE]
+        if failed:
+            self._stats["subscribe_errors"] += 1
+            log.warning("broker refused renewing a subscription (reason codes %s)",
+                        ", ".join(f"{c:#x}" for c in failed))
+
+    def _settle_first(self, error: Exception | None) -> None:
+        fut = self._first_connect
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+    async def __aenter__(self) -> MqttTransport:
         self._loop = asyncio.get_running_loop()
         self._first_connect = self._loop.create_future()
         s = self.settings
@@ -189,117 +338,227 @@ class MqttClient:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0 if s.clean_start else 0xFFFFFFFF
             kwargs = {"clean_start": s.clean_start, "properties": props}
-        try:
-            self._client.connect_async(s.host, s.port, keepalive=s.keepalive, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise TransportError(f"cannot connect to {s.url}: {exc}") from exc
-        self._client.loop_start()
+        self._start_network(kwargs)
         if not self._require_connection:
-            return self  # paho keeps retrying in its thread; publishes queue meanwhile
+            return self  # paho keeps retrying; QoS 1 publishes queue meanwhile
         try:
-            await asyncio.wait_for(self._first_connect, s.connect_timeout_s)
-        except (TimeoutError, asyncio.TimeoutError) as exc:
-            self._closing = True
-            self._client.loop_stop()
+            await asyncio.wait_for(asyncio.shield(self._first_connect), s.connect_timeout_s)
+        except TimeoutError as exc:
+            await self._abort()
             raise TransportError(
                 f"cannot connect to {s.url} within {s.connect_timeout_s:g} s"
                 + (f" ({self._connect_error})" if self._connect_error else "")
             ) from exc
         except TransportError:
-            self._closing = True
-            self._client.loop_stop()
+            await self._abort()
             raise
         return self
+
+    async def _abort(self) -> None:
+        self._closing = self._closed = True
+        await self._stop_network()
+        self._wake()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self, timeout: float = 2.0) -> None:
-        """Flush what is queued for sending (bounded by ``timeout``), then disconnect cleanly."""
+        """Wait (up to ``timeout``) for the PUBACKs awaited by :meth:`publish`, then
+        disconnect cleanly. Iterators over messages end."""
         if self._closing:
             return
-        deadline = time.monotonic() + timeout
-        while self._acks and self.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self._acks and self.connected:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout)
         self._closing = True
-        self._client.disconnect()
-        await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
-
-    def set_birth(self, publications: Sequence[Publication]) -> None:
-        self._birth = tuple(publications)
+        await self._stop_network()
+        self._closed = True
+        self._wake()  # iterators see _closing and end
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._is_connected
 
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, self._connected.wait, timeout)
-        if not ok:
-            raise TransportError(f"not connected to {self.settings.url}")
+    @property
+    def connects(self) -> int:
+        return self._stats["connects"]
 
+    @property
+    def disconnects(self) -> int:
+        return self._stats["disconnects"]
+
+    def stats(self) -> dict[str, int]:
+        """Counters: connects, disconnects, received, publish_errors, publish_timeouts,
+        dropped_qos0_offline, subscribe_errors, acks_skipped; and gauges: inbox
+        (received, not yet taken), awaiting_puback (publishes awaited by ``publish``)."""
+        return {**self._stats, "inbox": len(self._inbox), "awaiting_puback": len(self._acks)}
+
+    def set_birth(self, publications: Sequence[Publication]) -> None:
+        """The messages sent first on every (re)connect, replacing the previous ones. Make
+        them on the loop (e.g. a status snapshot) and call again whenever they change."""
+        self._birth = tuple(publications)
+
+    # ---- subscriptions ----------------------------------------------------------------------
     async def subscribe(self, filters: Sequence[tuple[str, int]]) -> None:
-        """Subscribe now and on every reconnect."""
-        for topic, qos in filters:
-            self._subscriptions[topic] = qos
-        if self.connected and filters:
-            rc, _ = self._client.subscribe(list(filters))
-            if rc != paho.MQTT_ERR_SUCCESS:
-                log.warning("subscribe failed now (%s); renewed on reconnect", rc)
+        """Subscribe now (awaiting the SUBACK when connected) and on every reconnect."""
+        filters = [(f, int(q)) for f, q in filters]
+        for f, q in filters:
+            validate_filter(f)
+            if q not in (0, 1, 2):
+                raise SubscribeError(f"invalid QoS {q} for {f!r}")
+        if not filters:
+            return
+        self._subscriptions = {**self._subscriptions, **dict(filters)}
+        self._unsub_pending = self._unsub_pending - {f for f, _ in filters}
+        if not self.connected:
+            return  # renewed by the network thread when the connection comes
+        codes = await self._request("SUBACK", lambda: self._client.subscribe(filters))
+        if codes is None:
+            return
+        failed = [(f, c) for (f, _), c in zip(filters, codes, strict=False) if c >= _FAILURE]
+        if failed or len(codes) != len(filters):
+            self._stats["subscribe_errors"] += 1
+            for f, _ in failed:  # not renewed on reconnect: the broker said no
+                self._subscriptions = {k: v for k, v in self._subscriptions.items() if k != f}
+            raise SubscribeError("broker refused " + ", ".join(
+                f"{f!r} (reason code {c:#x})" for f, c in failed) if failed else
+                f"SUBACK has {len(codes)} codes for {len(filters)} filters")
 
-    def publish_nowait(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
-        """Queue a publish without waiting; paho keeps it across a reconnect (QoS 1)."""
-        info = self._client.publish(topic, payload, qos, retain)
-        return info.mid
+    async def unsubscribe(self, filters: Sequence[str]) -> None:
+        """Stop receiving ``filters`` (awaiting the UNSUBACK when connected); they are not
+        renewed on reconnect. While disconnected the unsubscribe is sent on the next connect
+        (a persistent session would otherwise keep the subscription)."""
+        filters = list(filters)
+        for f in filters:
+            validate_filter(f)
+        if not filters:
+            return
+        self._subscriptions = {k: v for k, v in self._subscriptions.items() if k not in filters}
+        self._unsub_pending = self._unsub_pending | set(filters)
+        if not self.connected:
+            return
+        codes = await self._request("UNSUBACK", lambda: self._client.unsubscribe(filters))
+        if codes is None:
+            return
+        self._unsub_pending = self._unsub_pending - set(filters)
+        failed = [(f, c) for f, c in zip(filters, codes, strict=False) if c >= _FAILURE]
+        if failed:
+            self._stats["subscribe_errors"] += 1
+            raise SubscribeError("broker refused to unsubscribe " + ", ".join(
+                f"{f!r} (reason code {c:#x})" for f, c in failed))
+
+    async def _request(self, what: str, send: Callable[[], tuple[Any, int | None]]
+                       ) -> list[int] | None:
+        """Send a SUBSCRIBE/UNSUBSCRIBE and await its answer; None if the link was down."""
+        assert self._loop is not None
+        try:
+            rc, mid = send()
+        except ValueError as exc:
+            raise SubscribeError(str(exc)) from exc
+        if rc == paho.MQTT_ERR_NO_CONN:
+            return None  # raced a disconnect: the network thread sends it on reconnect
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            self._stats["subscribe_errors"] += 1
+            raise SubscribeError(f"{what} not sent: {paho.error_string(rc)}")
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        self._requests[mid] = (what, fut)
+        try:
+            return await asyncio.wait_for(fut, self.settings.subscribe_timeout_s)
+        except TimeoutError as exc:
+            self._stats["subscribe_errors"] += 1
+            raise SubscribeError(f"no {what} from {self.settings.url} within "
+                                 f"{self.settings.subscribe_timeout_s:g} s") from exc
+        finally:
+            self._requests.pop(mid, None)
+
+    # ---- publishing -------------------------------------------------------------------------
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
+        try:
+            info = self._client.publish(topic, payload, qos, retain)
+        except (ValueError, TypeError) as exc:  # bad topic, QoS, payload type or size
+            self._stats["publish_errors"] += 1
+            raise PublishError(f"publish to {topic!r} refused: {exc}") from exc
+        rc = info.rc
+        # NO_CONN: QoS > 0 is queued by paho until the connection is back; QoS 0 is not,
+        # and the caller decides (drop and count, or NotConnectedError)
+        if rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            return info
+        self._stats["publish_errors"] += 1
+        raise PublishError(f"publish to {topic!r} refused: {paho.error_string(rc)}")
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 0,
+                       retain: bool = False) -> None:
+        """Hand a publish to paho without waiting. QoS 1/2 while offline is queued and sent
+        on reconnect; QoS 0 while offline is dropped and counted (``dropped_qos0_offline``).
+        Raises :class:`PublishError` when paho refuses it."""
+        info = self._send(topic, payload, qos, retain)
+        if info.rc == paho.MQTT_ERR_NO_CONN and qos == 0:
+            self._stats["dropped_qos0_offline"] += 1
 
     async def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Publish and, for QoS 1, wait for the broker's PUBACK."""
+        """Publish and, for QoS > 0, wait for the broker's acknowledgement (a QoS 1/2
+        publish made while offline waits for the reconnect). Raises
+        :class:`PublishTimeoutError` after ``timeout`` seconds (the message stays queued),
+        :class:`NotConnectedError` for QoS 0 while offline, :class:`PublishError` when paho
+        or the broker refuses it."""
+        info = self._send(topic, payload, qos, retain)
         if qos == 0:
-            self._client.publish(topic, payload, 0, retain)
+            if info.rc == paho.MQTT_ERR_NO_CONN:
+                raise NotConnectedError(f"not connected to {self.settings.url}")
             return
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
-        # Never hold _acks_lock while calling paho: paho calls on_publish under its own
-        # message mutex, so holding ours here would deadlock against the network thread.
-        info = self._client.publish(topic, payload, qos, retain)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        with self._acks_lock:
-            if self._early_acks.pop(info.mid, None) is not None:
-                return  # the PUBACK beat us here
-            self._acks[info.mid] = fut
-        await asyncio.wait_for(fut, timeout)
+        # the PUBACK is handled on this loop, so it cannot be processed before this line
+        self._acks[info.mid] = fut
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError as exc:
+            self._stats["publish_timeouts"] += 1
+            raise PublishTimeoutError(
+                f"no acknowledgement for {topic!r} within {timeout:g} s") from exc
+        finally:
+            if self._acks.get(info.mid) is fut:
+                del self._acks[info.mid]
 
     def ack(self, message: Message) -> None:
-        """Acknowledge a QoS 1 message received with ``manual_ack``."""
-        if self._manual_ack and message.qos > 0:
-            self._client.ack(message.mid, message.qos)
+        """Acknowledge a QoS 1 message received with ``manual_ack``. A message from an
+        earlier connection, or an ack while offline, is skipped and counted (``acks_skipped``):
+        the broker redelivers the message."""
+        if not self._manual_ack or message.qos == 0:
+            return
+        if message.session != self._session or \
+                self._client.ack(message.mid, message.qos) != paho.MQTT_ERR_SUCCESS:
+            self._stats["acks_skipped"] += 1  # connection gone: the broker redelivers it
 
+    # ---- receiving --------------------------------------------------------------------------
     async def messages(self) -> AsyncIterator[Message]:
-        """Every received message, in arrival order, until the client closes."""
+        """Every received message, in arrival order, until the transport closes."""
         while not self._closing:
             while self._inbox:
+                self._stats["received"] += 1
                 yield self._inbox.popleft()
             await self._wait_inbox()
 
     async def batches(self, max_items: int = 1024) -> AsyncIterator[list[Message]]:
-        """Received messages in bursts: whatever arrived since the last wake-up."""
+        """Received messages in bursts of up to ``max_items``: whatever arrived since the
+        last wake-up. Ends when the transport closes."""
         while not self._closing:
-            if self._inbox:
-                out = []
-                inbox = self._inbox
-                while inbox and len(out) < max_items:
-                    out.append(inbox.popleft())
+            inbox = self._inbox
+            if inbox:
+                n = min(len(inbox), max_items)
+                out = [inbox.popleft() for _ in range(n)]
+                self._stats["received"] += n
                 yield out
             else:
                 await self._wait_inbox()
 
     async def _wait_inbox(self) -> None:
         assert self._loop is not None
-        if self._inbox:
+        if self._inbox or self._closing:
             return
         self._waiter = self._loop.create_future()
         if self._inbox:  # raced with the network thread
@@ -311,17 +570,12 @@ class MqttClient:
             self._waiter = None
 
 
+MqttClient = MqttTransport  # the old name, until every caller says MqttTransport
+
+
 class _QueuedWhileOffline(logging.Filter):
     """paho logs an ERROR for every publish made while offline; for us that is the normal
     store-and-forward case (QoS 1 messages are queued and resent on reconnect)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Client is not connected")
-
-
-def _set_result(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-MqttTransport = MqttClient

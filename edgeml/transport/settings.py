@@ -1,5 +1,10 @@
-"""How to reach one broker: settings validated when built (paho-free, so reading a config
-does not load the MQTT client)."""
+"""How to reach one broker: :class:`BrokerSettings` and :func:`parse_broker_url`.
+
+Paho-free on purpose: loading a config builds these, and ``edgeml run --check`` or the host
+tools must not pay for importing paho just to validate a URL. Every connection has its own
+settings object, so the device broker and the upstream (uplink) broker can differ in anything,
+the MQTT protocol version included.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from edgeml.errors import ConfigError
+
+PROTOCOLS = ("3.1.1", "5")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,12 +35,13 @@ class BrokerSettings:
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
     connect_timeout_s: float = 10.0
+    subscribe_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         parse_broker_url(self.url)
         if self.keepalive < 5:
             raise ConfigError("must be at least 5 seconds", key="broker.keepalive")
-        if self.protocol not in ("3.1.1", "5"):
+        if self.protocol not in PROTOCOLS:
             raise ConfigError(f"must be '3.1.1' or '5', not {self.protocol!r}",
                               key="broker.protocol")
         if not 1 <= self.max_inflight <= 65535:
@@ -41,6 +49,9 @@ class BrokerSettings:
                               key="broker.max_inflight")
         if self.clean_start is False and not self.client_id:
             raise ConfigError("a persistent session needs a client_id", key="broker.client_id")
+        if self.subscribe_timeout_s <= 0:
+            raise ConfigError(f"must be positive, not {self.subscribe_timeout_s}",
+                              key="broker.subscribe_timeout_s")
 
     @property
     def host(self) -> str:

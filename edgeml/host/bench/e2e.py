@@ -740,7 +740,7 @@ def run_e2e(settings: E2ESettings, *, progress: Progress | None = None) -> dict:
     from edgeml.host.bench.report import add_derived, machine_info
     from edgeml.host.broker import MosquittoBroker
     from edgeml.profiles import load_profile
-    from edgeml.transport.mqtt import parse_broker_url
+    from edgeml.transport.settings import parse_broker_url
 
     say = progress or (lambda s: None)
     require_host_extra()

@@ -41,7 +41,7 @@ def fleet_settings(args: argparse.Namespace):
     import secrets
 
     from edgeml.errors import ConfigError
-    from edgeml.transport.mqtt import BrokerSettings
+    from edgeml.transport.settings import BrokerSettings
 
     password = None
     if args.password_file:
