@@ -70,6 +70,9 @@ SUPPORTED_ESTIMATORS: tuple[EstimatorSpec, ...] = (
     EstimatorSpec("sklearn.linear_model", "LinearRegression", "regressor", False),
     EstimatorSpec("sklearn.linear_model", "Ridge", "regressor", False),
     EstimatorSpec("sklearn.ensemble", "RandomForestRegressor", "regressor", False),
+    EstimatorSpec("sklearn.ensemble", "ExtraTreesRegressor", "regressor", False),
+    EstimatorSpec("sklearn.ensemble", "GradientBoostingRegressor", "regressor", False),
+    EstimatorSpec("sklearn.ensemble", "HistGradientBoostingRegressor", "regressor", False),
 )
 """Final estimators (alone or as the last step of a Pipeline)."""
 
@@ -197,6 +200,14 @@ def _hgb_classifier_converter(scope, operator, container) -> None:
     from skl2onnx.common._registration import get_converter
 
     get_converter("SklearnHistGradientBoostingClassifier")(
+        scope, operator, _IntAttributeContainer(container)
+    )
+
+
+def _hgb_regressor_converter(scope, operator, container) -> None:
+    from skl2onnx.common._registration import get_converter
+
+    get_converter("SklearnHistGradientBoostingRegressor")(
         scope, operator, _IntAttributeContainer(container)
     )
 
@@ -332,7 +343,11 @@ def to_onnx_model(
     skl2onnx's converters throughout."""
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.ensemble import HistGradientBoostingClassifier, IsolationForest
+    from sklearn.ensemble import (
+        HistGradientBoostingClassifier,
+        HistGradientBoostingRegressor,
+        IsolationForest,
+    )
     from sklearn.preprocessing import MinMaxScaler
 
     from converters.features import register_converters
@@ -342,6 +357,7 @@ def to_onnx_model(
     register_converters()
     custom: dict[type, Any] = {
         HistGradientBoostingClassifier: _hgb_classifier_converter,
+        HistGradientBoostingRegressor: _hgb_regressor_converter,
         MinMaxScaler: _minmax_scaler_converter,
     }
     if converter == "edgeml":

@@ -13,8 +13,11 @@ from models import build_gait_anomaly_bundle, score_bundle, train_gait_anomaly_m
 from sklearn.decomposition import PCA
 from sklearn.ensemble import (
     ExtraTreesClassifier,
+    ExtraTreesRegressor,
     GradientBoostingClassifier,
+    GradientBoostingRegressor,
     HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
     RandomForestClassifier,
     RandomForestRegressor,
 )
@@ -199,6 +202,11 @@ REGRESSION_CASES = {
     "ridge": lambda: make_pipeline(StandardScaler(), Ridge()),
     "random_forest": lambda: RandomForestRegressor(n_estimators=20, max_depth=8,
                                                    random_state=0),
+    "extra_trees": lambda: ExtraTreesRegressor(n_estimators=20, max_depth=8, max_features=0.6,
+                                               bootstrap=True, random_state=0),
+    "gradient_boosting": lambda: GradientBoostingRegressor(n_estimators=30, random_state=0),
+    "hist_gradient_boosting": lambda: HistGradientBoostingRegressor(max_iter=20,
+                                                                    random_state=0),
 }
 
 
