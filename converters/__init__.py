@@ -17,9 +17,13 @@ from converters.export import (
 from converters.features import STATS, WindowFeatures, register_converters
 from converters.parity import ParityMismatch, ParityReport
 from converters.quantize import QuantizationReport
+from converters.trees import CONVERTERS, DEFAULT_CONVERTER, LOWERED_ESTIMATORS
 
 __all__ = [
+    "CONVERTERS",
+    "DEFAULT_CONVERTER",
     "DEFAULT_TARGET_OPSET",
+    "LOWERED_ESTIMATORS",
     "STATS",
     "SUPPORTED_ESTIMATORS",
     "SUPPORTED_TRANSFORMERS",

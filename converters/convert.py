@@ -42,6 +42,7 @@ from converters.quantize import (
     quantize_int8,
     report_change,
 )
+from converters.trees import DEFAULT_CONVERTER, check_converter, lowered_steps
 from edgeml.bundle import (
     Manifest,
     ModelInput,
@@ -218,14 +219,20 @@ def convert_estimator(
     self_test_rows: int = 8,
     description: str = "",
     target_opset: Mapping[str, int] | None = None,
+    converter: str = DEFAULT_CONVERTER,
 ) -> ConversionReport:
     """Convert ``estimator``, prove parity on ``sample``, write the bundle to ``out``.
 
     ``sample`` holds rows as the device will feed them: ``[n, window * len(features)]``
     sample-major (or ``[n, window, len(features)]``), or ``[n, len(features)]`` for a model that
     scores single samples. ``labels`` (true labels of ``sample``) add accuracy figures.
+    ``converter``: ``"edgeml"`` (default) lowers IsolationForest to one TreeEnsemble plus a
+    few elementwise nodes (:mod:`converters.trees`), everything else goes through skl2onnx;
+    ``"skl2onnx"`` uses skl2onnx's own converters for every step. Parity is checked on the
+    graph that is written either way.
     Raises UnsupportedEstimatorError, ParityError (nothing written) or ConversionError.
     """
+    check_converter(converter)
     feats = _check_args(name, version, features, window, input_shape, tolerance, self_test_rows)
     analysis = analyse(estimator)
     n_features = len(feats)
@@ -247,7 +254,7 @@ def convert_estimator(
 
     onnx_model = to_onnx_model(
         estimator, analysis, n_inputs=width, window=window, n_features=n_features,
-        input_shape=input_shape, target_opset=target_opset,
+        input_shape=input_shape, target_opset=target_opset, converter=converter,
     )
     model_bytes = onnx_model.SerializeToString()
     feed = rows.reshape(len(rows), window, n_features) if input_shape == "3d" else rows
@@ -312,6 +319,8 @@ def convert_estimator(
         "framework": "scikit-learn",
         "converter": "skl2onnx",
         **_versions(),
+        # which steps edgeml wrote itself instead of skl2onnx (empty: skl2onnx throughout)
+        "lowered": lowered_steps(analysis.steps, converter),
         "opset": opset_of(final_model),
         "estimator": _short_repr(estimator),
         "estimator_steps": list(analysis.steps),

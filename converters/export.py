@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.trees import DEFAULT_CONVERTER, check_converter
 from edgeml.errors import ConversionError, UnsupportedEstimatorError
 
 #: ONNX opsets the converters target. IsolationForest needs ``ai.onnx.ml`` 3 (skl2onnx 1.20
@@ -69,6 +70,9 @@ SUPPORTED_ESTIMATORS: tuple[EstimatorSpec, ...] = (
     EstimatorSpec("sklearn.linear_model", "LinearRegression", "regressor", False),
     EstimatorSpec("sklearn.linear_model", "Ridge", "regressor", False),
     EstimatorSpec("sklearn.ensemble", "RandomForestRegressor", "regressor", False),
+    EstimatorSpec("sklearn.ensemble", "ExtraTreesRegressor", "regressor", False),
+    EstimatorSpec("sklearn.ensemble", "GradientBoostingRegressor", "regressor", False),
+    EstimatorSpec("sklearn.ensemble", "HistGradientBoostingRegressor", "regressor", False),
 )
 """Final estimators (alone or as the last step of a Pipeline)."""
 
@@ -200,6 +204,14 @@ def _hgb_classifier_converter(scope, operator, container) -> None:
     )
 
 
+def _hgb_regressor_converter(scope, operator, container) -> None:
+    from skl2onnx.common._registration import get_converter
+
+    get_converter("SklearnHistGradientBoostingRegressor")(
+        scope, operator, _IntAttributeContainer(container)
+    )
+
+
 # --- scalers that round like scikit-learn ----------------------------------------------------
 def _minmax_scaler_converter(scope, operator, container) -> None:
     """MinMaxScaler as numpy computes it on float32 input: ``X *= scale_`` and ``X += min_``
@@ -321,16 +333,35 @@ def to_onnx_model(
     n_features: int,
     input_shape: str,
     target_opset: Mapping[str, int] | None = None,
+    converter: str = DEFAULT_CONVERTER,
 ) -> Any:
-    """Convert to an ``onnx.ModelProto`` that follows edgeml's input and output names."""
+    """Convert to an ``onnx.ModelProto`` that follows edgeml's input and output names.
+
+    ``converter="edgeml"`` (the default) writes the models of
+    :data:`~converters.trees.LOWERED_ESTIMATORS` with edgeml's own lowering
+    (:mod:`converters.trees`) and everything else with skl2onnx; ``"skl2onnx"`` uses
+    skl2onnx's converters throughout."""
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.ensemble import (
+        HistGradientBoostingClassifier,
+        HistGradientBoostingRegressor,
+        IsolationForest,
+    )
     from sklearn.preprocessing import MinMaxScaler
 
     from converters.features import register_converters
+    from converters.trees import convert_isolation_forest
 
+    check_converter(converter)
     register_converters()
+    custom: dict[type, Any] = {
+        HistGradientBoostingClassifier: _hgb_classifier_converter,
+        HistGradientBoostingRegressor: _hgb_regressor_converter,
+        MinMaxScaler: _minmax_scaler_converter,
+    }
+    if converter == "edgeml":
+        custom[IsolationForest] = convert_isolation_forest
     spec = analysis.spec
     flat_name = INPUT_NAME if input_shape == "flat" else "edgeml_flat_input"
     options = _conversion_options(analysis)
@@ -345,11 +376,10 @@ def to_onnx_model(
                 initial_types=[(flat_name, FloatTensorType([None, n_inputs]))],
                 target_opset=opset,
                 options=options,
-                custom_conversion_functions={
-                    HistGradientBoostingClassifier: _hgb_classifier_converter,
-                    MinMaxScaler: _minmax_scaler_converter,
-                },
+                custom_conversion_functions=custom,
             )
+    except ConversionError:
+        raise
     except Exception as exc:  # skl2onnx raises bare RuntimeError/ValueError/NameError
         raise ConversionError(
             f"skl2onnx could not convert {' -> '.join(analysis.steps)}: "
