@@ -41,7 +41,7 @@ from edgeml.core.uplink import Uplink
 from edgeml.host.broker import MosquittoBroker
 from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.outbox import Outbox, record_id
-from edgeml.transport.mqtt import MqttClient
+from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
 
 DEVICE = "watch-01"
@@ -140,7 +140,7 @@ def bench_flush(path: Path, items: list, *, flush: int = 800, batch: int = 500,
 async def drain(ob: Outbox, broker: MosquittoBroker, *, batch: int, client_id: str) -> dict:
     settings = BrokerSettings(url=broker.url, client_id=client_id, clean_start=False)
     backlog = ob.stats()["backlog"]
-    async with MqttClient(settings) as client:
+    async with MqttTransport(settings) as client:
         up = Uplink(ob, client, topic_prefix="edgeml", device_id=DEVICE,
                     batch_max_records=batch, batch_max_wait_s=0.05)
         cpu0, t0 = time.process_time(), time.perf_counter()

@@ -58,6 +58,7 @@ def _say(msg: str) -> None:
 def build_models():
     """(name, fitted estimator, X, label kind) on Daphnet."""
     import numpy as np
+    from edgeml.datasets import load_daphnet
     from sklearn.ensemble import (
         ExtraTreesClassifier,
         ExtraTreesRegressor,
@@ -69,8 +70,6 @@ def build_models():
         RandomForestClassifier,
         RandomForestRegressor,
     )
-
-    from edgeml.datasets import load_daphnet
 
     X = load_daphnet().X
     s = X[:, 1] + X[:, 7]
@@ -256,7 +255,6 @@ def _probe(model_path: str, arena: bool, opt: str, threads: int, repeats: int) -
     """Runs in a child process: RSS deltas and latency for one combination."""
     import numpy as np
     import psutil
-
     from edgeml.datasets import load_daphnet
 
     X = np.ascontiguousarray(load_daphnet().X[:, : int(Path(model_path).stem.split("_")[-1])])

@@ -163,17 +163,17 @@ def test_mqtt5_persistent_session_keeps_queued_messages(broker):
 
     from conftest import publish_all
 
-    from edgeml.transport.mqtt import MqttClient
+    from edgeml.transport.mqtt import MqttTransport
     from edgeml.transport.settings import BrokerSettings
 
     settings = BrokerSettings(url=broker.url, client_id="v5-device", protocol="5")
 
     async def subscribe_then_leave():
-        async with MqttClient(settings) as c:
+        async with MqttTransport(settings) as c:
             await c.subscribe([("v5/#", 1)])
 
     async def come_back():
-        async with MqttClient(settings) as c:
+        async with MqttTransport(settings) as c:
             await c.subscribe([("v5/#", 1)])
             async for m in c.messages():
                 return m

@@ -20,7 +20,7 @@ from test_outbox import output_record, simulate, size_of
 from edgeml.core.uplink import Uplink
 from edgeml.errors import ConfigError
 from edgeml.storage.outbox import DEFAULT_STREAMS, Outbox, StreamPolicy, record_id
-from edgeml.transport.mqtt import MqttClient
+from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
 
 DEVICE = "watch-01"
@@ -89,7 +89,7 @@ def settings(url: str, **kwargs) -> BrokerSettings:
 
 @contextlib.asynccontextmanager
 async def running_uplink(outbox: Outbox, url: str, **kwargs) -> AsyncIterator[Uplink]:
-    async with MqttClient(settings(url)) as client:
+    async with MqttTransport(settings(url)) as client:
         kwargs.setdefault("batch_max_wait_s", 0.05)
         up = Uplink(outbox, client, topic_prefix="edgeml", device_id=DEVICE, retry_min_s=0.05,
                     **kwargs)

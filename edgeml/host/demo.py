@@ -479,12 +479,12 @@ def sample_messages(test: Any) -> list[list[tuple[str, bytes]]]:
 async def _forget_sessions(url: str, client_ids: list[str]) -> None:
     """Connect once with a clean session per id: the broker drops any persistent session (and
     queued messages) a previous run left under it."""
-    from edgeml.transport.mqtt import MqttClient
+    from edgeml.transport.mqtt import MqttTransport
     from edgeml.transport.settings import BrokerSettings
 
     for cid in client_ids:
         with contextlib.suppress(EdgemlError, OSError):
-            async with MqttClient(BrokerSettings(url=url, client_id=cid, clean_start=True)):
+            async with MqttTransport(BrokerSettings(url=url, client_id=cid, clean_start=True)):
                 pass
 
 
@@ -541,7 +541,7 @@ class Demo:
 
     async def _with_broker(self, stack: contextlib.AsyncExitStack, broker: BrokerHandle,
                            bundles: dict[str, dict], kid: str, t_wall: float) -> dict:
-        from edgeml.transport.mqtt import MqttClient
+        from edgeml.transport.mqtt import MqttTransport
         from edgeml.transport.settings import BrokerSettings
 
         s = self.settings
@@ -554,13 +554,13 @@ class Demo:
         truth = [str(y) for y in test.y]
 
         obs = Observed()
-        observer_client = await stack.enter_async_context(MqttClient(BrokerSettings(
+        observer_client = await stack.enter_async_context(MqttTransport(BrokerSettings(
             url=broker.url, client_id=f"edgeml-demo-observer-{run_id}", clean_start=True)))
         await observer_client.subscribe(Observer.topics())
         observer = Observer(observer_client, obs, truth, self.say, t_wall)
         observer_task = asyncio.create_task(observer.run(), name="demo-observer")
         stack.push_async_callback(_cancel, observer_task)
-        watch = await stack.enter_async_context(MqttClient(BrokerSettings(
+        watch = await stack.enter_async_context(MqttTransport(BrokerSettings(
             url=broker.url, client_id=f"edgeml-demo-watch-{run_id}", clean_start=True)))
         from edgeml.host.fleet import Fleet
 

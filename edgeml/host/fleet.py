@@ -32,7 +32,7 @@ from edgeml.control.protocol import (
 from edgeml.errors import DeployError, FleetTimeout, TransportError
 from edgeml.topics import matches as topic_matches
 from edgeml.transport.base import Message
-from edgeml.transport.mqtt import MqttClient
+from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -94,7 +94,7 @@ class Fleet:
                 url=broker, client_id=client_id or f"edgeml-cli-{secrets.token_hex(4)}",
                 clean_start=True, connect_timeout_s=connect_timeout_s)
         self.prefix = topic_prefix
-        self._client: MqttClient | None = None
+        self._client: MqttTransport | None = None
         self._listeners: list[_Listener] = []
         self._subscribed: set[str] = set()
         self._reader: asyncio.Task | None = None
@@ -105,7 +105,7 @@ class Fleet:
         self._status_cache: dict[str, dict] = {}
 
     async def __aenter__(self) -> Fleet:
-        self._client = MqttClient(self.settings)
+        self._client = MqttTransport(self.settings)
         await self._client.__aenter__()
         self._reader = asyncio.get_running_loop().create_task(self._read())
         await self._subscribe([self._sync_topic])
@@ -120,7 +120,7 @@ class Fleet:
             await self._client.close()
 
     @property
-    def client(self) -> MqttClient:
+    def client(self) -> MqttTransport:
         if self._client is None:
             raise TransportError("Fleet is not connected; use 'async with Fleet(...)'")
         return self._client
@@ -145,7 +145,7 @@ class Fleet:
     async def _publish(self, topic: str, payload: bytes, *, retain: bool = False,
                        timeout: float = 30.0) -> None:
         """QoS 1, one at a time: each waits for its PUBACK before the next goes out. (Order
-        is kept, and MqttClient is never asked to track two acknowledgements at once.)"""
+        is kept, and MqttTransport is never asked to track two acknowledgements at once.)"""
         try:
             await self.client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
         except (TimeoutError, asyncio.TimeoutError) as exc:

@@ -75,7 +75,7 @@ from edgeml.errors import (
 from edgeml.transport.base import Message, Publication, validate_filter
 from edgeml.transport.settings import BrokerSettings, parse_broker_url
 
-__all__ = ["BrokerSettings", "Message", "MqttClient", "MqttTransport", "Publication",
+__all__ = ["BrokerSettings", "Message", "MqttTransport", "Publication",
            "parse_broker_url", "validate_filter"]
 
 log = logging.getLogger("edgeml.transport.mqtt")
@@ -570,7 +570,6 @@ class MqttTransport:
             self._waiter = None
 
 
-MqttClient = MqttTransport  # the old name, until every caller says MqttTransport
 
 
 class _QueuedWhileOffline(logging.Filter):

@@ -13,12 +13,12 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import write_config
-from edgeml.transport.fake import FakeBroker
 
 from edgeml.config import load_config
 from edgeml.core.device import Device
 from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 from edgeml.storage.rawlog import open_reader
+from edgeml.transport.fake import FakeBroker
 from edgeml.transport.settings import BrokerSettings
 
 DEVICE = "watch-01"
@@ -129,7 +129,7 @@ async def test_a_bad_message_is_dead_lettered_alone(tmp_path, activity_bundle, t
         await _until(lambda: len(rig.answers()) == 1, "the good window's answer")
         assert rig.answers()[0]["output"]["label"] == sklearn_labels[2]
         dlq = [json.loads(p) for p in rig.broker.payloads(f"edgeml/{DEVICE}/dlq")]
-        assert [(d["topic"], d["reason"]) for d in dlq] == [("sensors/b/imu", "bad_json")]
+        assert [(d["topic"], d["reason"]) for d in dlq] == [("sensors/b/imu", "malformed")]
         rig.device.publish_status_soon()
         st = rig.status()["pipelines"]["activity"]
         assert (st["received"], st["accepted"], st["rejected"]) == (101, 100, 1)

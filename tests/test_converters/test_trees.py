@@ -13,6 +13,12 @@ import joblib
 import numpy as np
 import onnx
 import pytest
+from edgeml.datasets import (
+    BASICMOTIONS_CHANNELS,
+    BASICMOTIONS_WINDOW,
+    load_basicmotions,
+    load_daphnet,
+)
 from models import score_bundle
 from sklearn.ensemble import (
     ExtraTreesClassifier,
@@ -34,12 +40,6 @@ from converters.trees import (
     label_depth_threshold,
 )
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
-from edgeml.datasets import (
-    BASICMOTIONS_CHANNELS,
-    BASICMOTIONS_WINDOW,
-    load_basicmotions,
-    load_daphnet,
-)
 from edgeml.errors import ConversionError
 
 SCORE_TOL = 1e-5
