@@ -92,6 +92,29 @@ def test_csv_header_names_the_features(tmp_path, capsys):
     self_test_passes(out)
 
 
+def test_converter_flag_picks_the_isolation_forest_graph(tmp_path, capsys):
+    """The default lowers the forest to a handful of nodes; ``--converter skl2onnx`` keeps
+    skl2onnx's graph. Both score what scikit-learn scores."""
+    import onnx
+
+    data = load_daphnet()
+    model = train_gait_anomaly_model()
+    joblib.dump(model, tmp_path / "gait.joblib")
+    np.save(tmp_path / "s.npy", data.X[::70])
+    nodes = {}
+    for conv in ("edgeml", "skl2onnx"):
+        out = tmp_path / f"gait-{conv}.edgeml"
+        rc = main(["convert", str(tmp_path / "gait.joblib"), "--sample", str(tmp_path / "s.npy"),
+                   "--features", ",".join(DAPHNET_CHANNELS), "--name", "gait", "--version", "1",
+                   "--converter", conv, "-o", str(out)])
+        assert rc == 0, capsys.readouterr()
+        b = read_bundle(out)
+        nodes[conv] = len(onnx.load_from_string(b.model_bytes).graph.node)
+        labels, _ = score_bundle(out, data.X[:2000])
+        assert (labels.ravel() == model.predict(data.X[:2000])).all()
+    assert nodes["edgeml"] < 16 < 300 < nodes["skl2onnx"]
+
+
 def test_parity_failure_prints_fail_and_exits_1(tmp_path, capsys):
     data = load_daphnet()
     y = (data.X[:, 1] > np.median(data.X[:, 1])).astype(int)

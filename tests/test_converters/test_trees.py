@@ -13,7 +13,7 @@ import joblib
 import numpy as np
 import onnx
 import pytest
-from edgeml.datasets import (
+from edgeml.host.datasets import (
     BASICMOTIONS_CHANNELS,
     BASICMOTIONS_WINDOW,
     load_basicmotions,

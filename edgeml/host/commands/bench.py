@@ -24,6 +24,12 @@ Benchmarks on the host (needs the host extra: pip install 'edgeml[host]').
       Without --rate/--max both phases run: paced at 1,000 msg/s (latency) and max (rate).
       Writes report.json, report.md and PNG charts to --out (default
       benchmarks/results/<timestamp>/) and latest.json/latest.md next to it.
+
+  edgeml bench trees [--skip-sessions] [--repeats N] [--out FILE]
+      every tree model (IsolationForest, random forests, extra trees, gradient boosting) as
+      skl2onnx's graph and, where edgeml lowers it, as edgeml's graph, side by side: nodes,
+      load time, us per row at batch 1 and 64, parity with scikit-learn; then session
+      settings (memory arena, graph optimisation, threads) for small devices.
 """
 
 
@@ -45,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also write the report as JSON to OUT")
     m.add_argument("--out", type=Path, metavar="DIR",
                    help="write report.json, report.md and models.png into DIR")
+
+    t = sub.add_parser("trees", help="tree models: skl2onnx's graph vs edgeml's lowering",
+                       description="Every tree model converted by skl2onnx and, where edgeml "
+                       "lowers it, by edgeml: nodes, load, latency, parity side by side.")
+    from edgeml.host.bench.trees import add_arguments as trees_arguments
+
+    trees_arguments(t)
 
     e = sub.add_parser("e2e", help="the whole MQTT path vs raw subscriber and plain script",
                        description="Side by side in one run: raw onnxruntime, a raw paho "
@@ -97,6 +110,10 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     if args.bench_kind == "models":
         return _run_models(args)
+    if args.bench_kind == "trees":
+        from edgeml.host.bench.trees import run as run_trees
+
+        return run_trees(args)
     return _run_e2e(args)
 
 
