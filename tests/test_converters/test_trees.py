@@ -13,12 +13,6 @@ import joblib
 import numpy as np
 import onnx
 import pytest
-from edgeml.host.datasets import (
-    BASICMOTIONS_CHANNELS,
-    BASICMOTIONS_WINDOW,
-    load_basicmotions,
-    load_daphnet,
-)
 from models import score_bundle
 from sklearn.ensemble import (
     ExtraTreesClassifier,
@@ -41,6 +35,12 @@ from converters.trees import (
 )
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
 from edgeml.errors import ConversionError
+from edgeml.host.datasets import (
+    BASICMOTIONS_CHANNELS,
+    BASICMOTIONS_WINDOW,
+    load_basicmotions,
+    load_daphnet,
+)
 
 SCORE_TOL = 1e-5
 
