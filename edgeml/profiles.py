@@ -74,6 +74,9 @@ class QueueSettings:
 
     max_messages: int = 10000
     policy: str = "drop_oldest"
+    #: the largest MQTT packet the device accepts; with MQTT 5 it is declared to the broker
+    #: (Maximum Packet Size), which then never sends a larger one
+    max_packet_kb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ def _queue(t: Table) -> QueueSettings:
     s = QueueSettings(
         max_messages=t.int("max_messages", d.max_messages, min=1, max=100_000_000),
         policy=t.choice("policy", QUEUE_POLICIES, d.policy),
+        max_packet_kb=t.int("max_packet_kb", d.max_packet_kb, min=16, max=262_144),
     )
     t.finish()
     return s

@@ -66,6 +66,16 @@ def test_batch_shapes(series):
     (b"x" * (10 * 2**20), "too_large"),
     (json.dumps([]).encode(), "wrong_shape"),
     (json.dumps(42).encode(), "malformed"),
+    # hostile shapes that used to escape as other exceptions and cost a whole burst
+    (b"[" * 5000 + b"]" * 5000, "malformed"),                      # RecursionError
+    (b"\x81\x91\x01\x01", "malformed"),                            # msgpack list as map key
+    (json.dumps({**sample([1] * 6), "gz": 10**400}).encode(), "bad_value"),  # OverflowError
+    (json.dumps(sample([1, 2, 3, 4, 5, "0.25"])).encode(), "bad_value"),     # numeric string
+    (msgpack.packb({**sample([1] * 6), "gz": b"\x01"}), "bad_value"),
+    (json.dumps({**sample([1] * 6), "id": 2**70}).encode(), "bad_id"),
+    (json.dumps({**sample([1] * 6), "id": {"a": [1]}}).encode(), "bad_id"),
+    (json.dumps({**sample([1] * 6), "id": "x" * 300}).encode(), "bad_id"),
+    (json.dumps({"samples": [sample([1] * 6, id=-(2**64))]}).encode(), "bad_id"),
 ])
 def test_rejections(payload, reason):
     with pytest.raises(DecodeError) as info:

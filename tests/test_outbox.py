@@ -177,11 +177,21 @@ def test_marks_commit_with_the_records_and_never_go_back(tmp_path: Path):
         assert again.marks() == {"activity": 100000, "gait": 7}
 
 
+def test_an_unencodable_record_is_refused_alone(tmp_path: Path):
+    """Encoded before the transaction: the bad record is counted, its neighbours stored."""
+    with Outbox(tmp_path / "outbox") as ob:
+        bad = [("results", "x/1", {"value": object()}), ("outputs", "x/2", {"id": 2**70})]
+        res = ob.put_many([item(100000), *bad, item(100001)], marks={"activity": 100001})
+        assert res.stored == 2
+        assert ob.stats()["unencodable"] == 2 and ob.stats()["backlog"] == 2
+        assert ob.marks() == {"activity": 100001}
+        got = [r["input_seq"] for c in ob.next_batch("results", max_records=10,
+                                                    max_bytes=2**20) for r in c.records()]
+        assert got == [100000, 100001]
+
+
 def test_put_many_is_all_or_nothing(tmp_path: Path):
     with Outbox(tmp_path / "outbox") as ob:
-        bad = ("results", "x/1", {"value": object()})
-        with pytest.raises(OutboxError, match="cannot be encoded"):
-            ob.put_many([item(100000), bad])
         with pytest.raises(OutboxError, match="unknown stream 'nope'"):
             ob.put_many([item(100001), ("nope", "y/1", {})])
         with pytest.raises(OutboxError, match="reserved"):

@@ -67,14 +67,18 @@ class Decoder:
         if fmt == "json":
             try:
                 return json.loads(payload)
+            except RecursionError:
+                raise DecodeError("malformed", "not valid JSON: nested too deeply") from None
             except (ValueError, UnicodeDecodeError) as exc:
                 raise DecodeError("malformed", f"not valid JSON: {exc}") from None
         try:
-            return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+            return msgpack.unpackb(payload, raw=False, strict_map_key=False,
+                                   max_bin_len=self.max_payload_bytes)
         except msgpack.ExtraData:
             hint = " (looks like JSON)" if payload[:1] in (b"{", b"[") else ""
             raise DecodeError("malformed", f"not valid msgpack: trailing bytes{hint}") from None
-        except (ValueError, msgpack.UnpackException) as exc:
+        except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+            # TypeError: a map key msgpack can carry and Python cannot hash (a list)
             raise DecodeError("malformed", f"not valid msgpack: {exc}") from None
 
     def decode(self, payload: bytes) -> Decoded:
@@ -93,13 +97,13 @@ class Decoder:
             if isinstance(vals, list) and vals and isinstance(vals[0], list):
                 rows = self._check(vals, f"field '{self.field}'")
                 n = rows.shape[0]
-                base = doc.get(self.id_field)
+                base = _check_id(doc.get(self.id_field))
                 ids = tuple(base if n == 1 else _sub_id(base, i) for i in range(n))
                 lab = doc.get(self.label_field) if self.label_field else None
                 return Decoded(rows, ids, (lab,) * n if lab is not None else None)
         row = self._row(doc)
         lab = doc.get(self.label_field) if self.label_field else None
-        return Decoded(self._check([row], "sample"), (doc.get(self.id_field),),
+        return Decoded(self._check([row], "sample"), (_check_id(doc.get(self.id_field)),),
                        (lab,) if lab is not None else None)
 
     def _batch(self, items: list, doc: dict | None) -> Decoded:
@@ -109,7 +113,7 @@ class Decoder:
             raise DecodeError("too_large", f"{len(items)} samples > limit "
                                            f"{self.max_batch_samples}")
         rows, ids, labels = [], [], []
-        base = doc.get(self.id_field) if doc else None
+        base = _check_id(doc.get(self.id_field)) if doc else None
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 if self.field is not None and isinstance(item, list):
@@ -117,7 +121,7 @@ class Decoder:
                 else:
                     raise DecodeError("malformed", f"samples[{i}] is not a map")
             rows.append(self._row(item, f"samples[{i}]"))
-            sid = item.get(self.id_field)
+            sid = _check_id(item.get(self.id_field))
             ids.append(sid if sid is not None else _sub_id(base, i))
             labels.append(item.get(self.label_field) if self.label_field else None)
         if doc and self.label_field and doc.get(self.label_field) is not None:
@@ -139,8 +143,18 @@ class Decoder:
         return vals
 
     def _check(self, rows: list, where: str) -> np.ndarray:
+        for r in rows:
+            for v in (r if isinstance(r, list) else (r,)):
+                if type(v) not in _NUMBER_TYPES:
+                    if isinstance(v, bool):
+                        raise DecodeError("bad_value", f"{where}: boolean {v!r} is not a number")
+                    if isinstance(v, (str, bytes)):  # "0.25" is text, not a number
+                        raise DecodeError("bad_value", f"{where}: {_short(v)} is a string, "
+                                                       "not a number")
         try:
             arr = np.asarray(rows, dtype=np.float32)
+        except OverflowError:
+            raise DecodeError("bad_value", f"{where}: a number too large for float32") from None
         except (TypeError, ValueError):
             bad = next((v for r in rows for v in (r if isinstance(r, list) else [r])
                         if isinstance(v, (str, bytes, dict, list, bool)) or v is None), None)
@@ -149,10 +163,6 @@ class Decoder:
             raise DecodeError("bad_value", f"{where}: non-numeric value {bad!r}") from None
         if arr.ndim != 2:
             raise DecodeError("wrong_shape", f"{where}: expected rows of numbers")
-        for r in rows:
-            for v in r:
-                if isinstance(v, bool):
-                    raise DecodeError("bad_value", f"{where}: boolean {v!r} is not a number")
         if self.n_features is not None and arr.shape[1] != self.n_features:
             raise DecodeError("wrong_shape", f"{where}: {arr.shape[1]} features, expected "
                                              f"{self.n_features}")
@@ -161,6 +171,32 @@ class Decoder:
                 raise DecodeError("bad_value", f"{where}: null is not a number")
             raise DecodeError("non_finite", f"{where}: NaN or infinite value")
         return arr
+
+
+_NUMBER_TYPES = (int, float)
+MAX_ID_CHARS = 256
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_id(v: Any) -> Any:
+    """An input id must survive every encoding it meets (JSON, msgpack, record ids): a short
+    string, a 64-bit integer or a finite number. Anything else is refused here, for this
+    message alone, rather than failing a whole outbox write later."""
+    if v is None or (type(v) is str and len(v) <= MAX_ID_CHARS):
+        return v
+    if type(v) is int and -(2**63) <= v < 2**64:
+        return v
+    if type(v) is float and np.isfinite(v):
+        return v
+    if type(v) is str:
+        raise DecodeError("bad_id", f"id is {len(v)} characters (at most {MAX_ID_CHARS})")
+    if type(v) is int:
+        raise DecodeError("bad_id", "id is an integer outside 64 bits")
+    raise DecodeError("bad_id", f"id must be a string or a number, not {_short(v)}")
 
 
 def _sub_id(base: Any, i: int) -> Any:

@@ -124,6 +124,7 @@ class Device:
         self.ready = asyncio.Event()
         self.load_errors: list[str] = []
         self.recovered_rows = 0
+        self.storage_events: list[dict] = []  # damaged files found and moved aside
         self.pipelines = PipelineSet()
         self._stop = asyncio.Event()
         self._rate = RateMeter()
@@ -163,7 +164,8 @@ class Device:
             self._close_storage()
             raise
         self.ingress = Ingress([p.inlet for p in self.pipelines], device=cfg.device_id,
-                               dlq_topic=self.topic("dlq"), control=self.control)
+                               dlq_topic=self.topic("dlq"), control=self.control,
+                               alert=self.egress.alert)
         self._entered = True
         return self
 
@@ -181,7 +183,9 @@ class Device:
         will = Publication(self.topic("status"), json_bytes(
             status_doc.offline(cfg.device_id, "connection lost")), qos=1, retain=True)
         manual_ack = any(p.qos > 0 for p in cfg.pipelines)
-        transport = self._connector(cfg.broker, will=will, manual_ack=manual_ack)
+        settings = dataclasses.replace(
+            cfg.broker, max_packet_bytes=self.profile.queue.max_packet_kb * 1024)
+        transport = self._connector(settings, will=will, manual_ack=manual_ack)
         self._refresh_birth(transport)
         async with transport:
             self.transport = transport
@@ -214,6 +218,8 @@ class Device:
             if self.uplink is not None:
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
             self._recover()
+            for event in self.storage_events:
+                self.egress.alert("*", event["kind"], event)
             self.publish_status_soon()
             self.ready.set()
             log.info("ready: device %s, %d pipeline(s), subscribed to %s", cfg.device_id,
@@ -335,13 +341,38 @@ class Device:
         return [s for s in loaded if s is not None]
 
     def _open_outbox(self) -> Any:
+        """Open the outbox; a damaged one (it fails to open, or SQLite's quick check finds
+        problems) is moved aside with what it still holds counted, and a fresh one started:
+        the device keeps answering, and the quarantine is reported in status and alerted."""
         if not self.config.sync.enabled:
             return None
+        from edgeml.errors import OutboxError
         from edgeml.storage.outbox import Outbox
+        from edgeml.storage.outbox.damage import check_integrity, quarantine
 
-        return Outbox(self.config.data_dir / "outbox" / "outbox.db",
-                      budget_bytes=self.profile.disk.outbox_budget_bytes,
-                      fsync_interval_s=self.profile.disk.fsync_interval_s)
+        path = self.config.data_dir / "outbox" / "outbox.db"
+
+        def open_() -> Any:
+            return Outbox(path, budget_bytes=self.profile.disk.outbox_budget_bytes,
+                          fsync_interval_s=self.profile.disk.fsync_interval_s)
+        problems: list[str] = []
+        try:
+            problems = check_integrity(path)
+            if not problems:
+                return open_()
+        except OutboxError as exc:
+            problems = [str(exc)]
+        except Exception as exc:  # sqlite3 refuses the file outright
+            problems = [f"{type(exc).__name__}: {exc}"]
+        report = quarantine(path)
+        self.storage_events.append({
+            "kind": "outbox_quarantined", "problems": list(problems)[:5],
+            "moved_to": str(report.moved_to), "records_lost": report.records,
+            "count_error": report.count_error, "ts": time.time()})
+        log.error("the outbox %s is damaged (%s); moved aside to %s with %s record(s) not "
+                  "synced; starting a fresh one", path, "; ".join(problems[:3]),
+                  report.moved_to, report.records if report.records is not None else "?")
+        return open_()
 
     async def _start_uplink(self) -> None:
         if self.outbox is None:
@@ -463,7 +494,7 @@ class Device:
             d["windows_pending"] = p.inlet.assembler.pending_topics
             pipes[p.config.name] = d
             total_received += p.runtime.stats.received
-        return status_doc.build(
+        doc = status_doc.build(
             device=self.config.device_id, state=state or self.state, started=self.started,
             profile=self.profile.name, pipelines=pipes,
             received_per_s=self._rate.rate(total_received), dlq=self.ingress.dead_letters,
@@ -471,6 +502,12 @@ class Device:
             recovered_rows=self.recovered_rows, transport=self.transport, outbox=self.outbox,
             outbox_overflow=self.egress.overflow, uplink=self.uplink, control=self.control,
             publish_errors=self.egress.publish_errors + self.ingress.dead_letters_lost)
+        if isinstance(doc.get("outbox"), dict):
+            doc["outbox"].update(write_errors=self.egress.write_errors,
+                                 write_error=self.egress.write_error)
+        doc["storage"] = {"events": self.storage_events[-5:],
+                          "archive": self.ingress.archive_status()}
+        return doc
 
     def _status_bytes(self) -> bytes:
         return json_bytes(self.status(self.state))

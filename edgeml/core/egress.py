@@ -61,6 +61,9 @@ class Egress:
         self.published: dict[str, int] = dict.fromkeys(out_formats, 0)
         self.overflow = 0
         self.publish_errors = 0
+        self.write_errors = 0
+        self.write_error: str | None = None
+        self.retry_s = 1.0
         self._pending: list[tuple[str, str, dict]] = []
         self._marks: dict[str, int] = {}
         self._ready = asyncio.Event()
@@ -75,7 +78,8 @@ class Egress:
             for rec in records:
                 try:
                     transport.publish_nowait(topic, encode(rec), qos)
-                except TransportError as exc:  # the outbox still gets the record below
+                except (TransportError, TypeError, ValueError, OverflowError) as exc:
+                    # this answer alone is not published; the outbox still gets it below
                     self.publish_errors += 1
                     log.warning("answer for %s not published: %s", rec.get("id"), exc)
                     continue
@@ -160,12 +164,47 @@ class Egress:
                 try:
                     await loop.run_in_executor(self._pool, functools.partial(
                         self.outbox.put_many, items, marks=marks))
-                except Exception:
-                    log.exception("outbox write of %d record(s) failed", len(items))
+                except Exception as exc:
+                    # disk full, I/O error, a damaged file: keep the records (bounded) and
+                    # try again; after a crash the raw log re-scores past the mark anyway
+                    self._write_failed(items, marks, exc)
+                    if self._closing:
+                        return
+                    await asyncio.sleep(self.retry_s)
+                    self._ready.set()
+                    continue
+                if self.write_error is not None:
+                    log.warning("outbox writes work again after %d failed attempt(s)",
+                                self.write_errors)
+                    self.write_error = None
+                    self.alert("*", "outbox_write_resumed", {"failed_writes": self.write_errors})
                 if self.uplink is not None:
                     self.uplink.notify()
             if self._closing and not self._pending:
                 return
+
+    def _write_failed(self, items: list, marks: dict, exc: Exception) -> None:
+        self.write_errors += 1
+        first = self.write_error is None
+        self.write_error = str(exc)
+        self._pending[:0] = items  # back in front, in order
+        for k, v in marks.items():
+            self._marks[k] = max(v, self._marks.get(k, v))
+        if len(self._pending) > PENDING_MAX:
+            drop = len(self._pending) - PENDING_MAX
+            del self._pending[:drop]
+            self.overflow += drop
+        if first:
+            log.error("outbox write of %d record(s) failed, will retry: %s", len(items), exc)
+            problems = self._check_outbox()
+            self.alert("*", "outbox_write_failed", {"error": str(exc), "waiting": len(
+                self._pending), **({"damaged": problems} if problems else {})})
+
+    def _check_outbox(self) -> list[str]:
+        try:
+            return self.outbox.check_integrity()
+        except Exception as exc:  # the check itself failed: report that
+            return [f"integrity check failed: {exc}"]
 
     def close_writer(self) -> None:
         self._closing = True

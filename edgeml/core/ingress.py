@@ -4,20 +4,30 @@ Everything a message needs before scoring happens here, in that order, and nothi
 looks back: rejected input leaves as a dead letter, accepted input is archived in the
 pipeline's raw-input log *before* its QoS 1 acknowledgement, and rows go on to the pipeline's
 scoring queue. Messages on control topics are handed to control untouched.
+
+A fault costs exactly the message that caused it: anything that goes wrong while decoding or
+assembling one message dead-letters that message alone. When the archive cannot write (disk
+full, I/O error) the stage holds what it received, unacknowledged, in a bounded buffer and
+stops acknowledging sensor input: the broker keeps further QoS 1 messages in the device's
+persistent session (within its own limits). It retries on its own and carries on where it
+stopped once the archive writes again; control messages are handled throughout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from edgeml.config import PipelineConfig
 from edgeml.core.assemble import Assembler, Row
-from edgeml.errors import DecodeError, TransportError
+from edgeml.errors import DecodeError, RawLogError, TransportError
 from edgeml.topics import matches as topic_matches
 from edgeml.transport.base import Message, Transport
 
@@ -25,6 +35,9 @@ log = logging.getLogger("edgeml.core.ingress")
 
 DLQ_PAYLOAD_COPY = 1024  # bytes of a rejected payload copied into its dead-letter record
 ROUTE_CACHE_MAX = 50_000
+HOLD_MAX_MESSAGES = 10_000  # received while the archive cannot write; beyond: oldest dropped
+HOLD_MAX_BYTES = 32 * 2**20
+ARCHIVE_RETRY_S = 1.0
 
 
 @dataclass
@@ -38,15 +51,18 @@ class Inlet:
     stats: Any  # the pipeline's PipelineStats: received / accepted / rejected counters
 
 
-def dead_letter(device: str, pipeline: str, m: Message, exc: DecodeError) -> bytes:
+def dead_letter(device: str, pipeline: str, m: Message, reason: str, detail: str,
+                seq: int | None = None) -> bytes:
     """The dead-letter record for a rejected message (docs/topics.md)."""
     copy = m.payload[:DLQ_PAYLOAD_COPY]
     rec = {
         "device": device, "pipeline": pipeline, "topic": m.topic,
-        "reason": exc.reason, "detail": exc.detail, "ts": m.received,
+        "reason": reason, "detail": detail, "ts": m.received,
         "payload_bytes": len(m.payload), "truncated": len(m.payload) > len(copy),
         "payload_b64": base64.b64encode(copy).decode(),
     }
+    if seq is not None:
+        rec["input_seq"] = seq  # archived before it failed: replayable
     return json.dumps(rec, separators=(",", ":"), default=str).encode()
 
 
@@ -54,14 +70,36 @@ class Ingress:
     """Turns bursts of received messages into archived, queued rows."""
 
     def __init__(self, inlets: Sequence[Inlet], *, device: str, dlq_topic: str,
-                 control: Any = None) -> None:
+                 control: Any = None,
+                 alert: Callable[[str, str, dict], None] | None = None) -> None:
         self.inlets = list(inlets)
         self.device = device
         self.dlq_topic = dlq_topic
         self.control = control  # .handles(topic) / .submit(message)
+        self._alert = alert
         self._routes: dict[str, list[Inlet]] = {}
         self.dead_letters = 0
         self.dead_letters_lost = 0
+        # the archive cannot write: held messages, in arrival order, not acknowledged
+        self.paused_since: float | None = None
+        self.archive_error: str | None = None
+        self._held: collections.deque[tuple[Inlet, Message, Any]] = collections.deque()
+        self._held_bytes = 0
+        self._waiting: dict[int, list] = {}  # id(message) -> [message, holds outstanding]
+        self.held_dropped = 0
+        self.pauses = 0
+        self._transport: Transport | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_since is not None
+
+    def archive_status(self) -> dict:
+        return {"paused": self.paused, "paused_s": round(time.time() - self.paused_since, 3)
+                if self.paused_since else None, "held": len(self._held),
+                "held_bytes": self._held_bytes, "held_dropped": self.held_dropped,
+                "pauses": self.pauses, "error": self.archive_error}
 
     def route(self, topic: str) -> list[Inlet]:
         hit = self._routes.get(topic)
@@ -74,14 +112,16 @@ class Ingress:
         return hit
 
     async def run(self, transport: Transport) -> None:
-        async for msgs in transport.batches(1024):
-            try:
-                self.handle(transport, msgs)
-            except Exception:  # never let one burst take the daemon down
-                log.exception("dispatch failed for a burst of %d message(s)", len(msgs))
-                for m in msgs:
-                    transport.ack(m)
+        self._transport = transport
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._retry_archive(transport), name="archive-retry")
+            async for msgs in transport.batches(1024):
+                try:
+                    self.handle(transport, msgs)
+                except Exception:  # a bug here: say so loudly, and ack nothing unarchived
+                    log.exception("ingress failed for a burst of %d message(s)", len(msgs))
 
+    # ---- one burst -------------------------------------------------------------------------
     def handle(self, transport: Transport, msgs: list[Message]) -> None:
         per_inlet: dict[int, tuple[Inlet, list[tuple[Message, Any]]]] = {}
         for m in msgs:
@@ -96,27 +136,125 @@ class Ingress:
                 try:
                     decoded = inlet.assembler.decoder.decode(m.payload)
                 except DecodeError as exc:
-                    st.rejected += 1
-                    st.rejected_by_reason[exc.reason] += 1
-                    try:
-                        transport.publish_nowait(
-                            self.dlq_topic, dead_letter(self.device, inlet.config.name, m, exc),
-                            qos=1)
-                        self.dead_letters += 1
-                    except TransportError as pub_exc:
-                        self.dead_letters_lost += 1
-                        log.warning("dead letter from %s not published: %s", m.topic, pub_exc)
-                    log.info("dead letter from %s: %s", m.topic, exc)
+                    self._reject(transport, inlet, m, exc.reason, exc.detail)
+                    continue
+                except Exception as exc:  # a decoder bug must cost this message only
+                    log.exception("decoding a message from %s failed", m.topic)
+                    self._reject(transport, inlet, m, "decode_failed",
+                                 f"{type(exc).__name__}: {exc}")
                     continue
                 per_inlet.setdefault(id(inlet), (inlet, []))[1].append((m, decoded))
         for inlet, items in per_inlet.values():
+            if self.paused or not self._archive(transport, inlet, items):
+                self._hold(inlet, items)
+        for m in msgs:  # acknowledged only now, and only what is archived or rejected
+            if id(m) not in self._waiting:
+                transport.ack(m)
+
+    def _reject(self, transport: Transport, inlet: Inlet, m: Message, reason: str,
+                detail: str, seq: int | None = None) -> None:
+        st = inlet.stats
+        st.rejected += 1
+        st.rejected_by_reason[reason] += 1
+        try:
+            transport.publish_nowait(self.dlq_topic, dead_letter(
+                self.device, inlet.config.name, m, reason, detail, seq), qos=1)
+            self.dead_letters += 1
+        except TransportError as exc:
+            self.dead_letters_lost += 1
+            log.warning("dead letter from %s not published: %s", m.topic, exc)
+        log.info("dead letter from %s: %s: %s", m.topic, reason, detail)
+
+    def _archive(self, transport: Transport, inlet: Inlet,
+                 items: list[tuple[Message, Any]]) -> bool:
+        """Archive, assemble and queue ``items``; False (nothing archived) when the archive
+        cannot write, after pausing."""
+        try:
             seqs = inlet.rawlog.append_many([(m.topic, m.payload, m.received)
                                              for m, _ in items])
-            rows: list[Row] = []
-            for (m, decoded), seq in zip(items, seqs, strict=True):
+        except (OSError, RawLogError) as exc:
+            self._pause(inlet, exc)
+            return False
+        rows: list[Row] = []
+        for (m, decoded), seq in zip(items, seqs, strict=True):
+            try:
                 rows += inlet.assembler.feed_decoded(m.topic, decoded, seq, m.received)
-            inlet.stats.accepted += len(items)
-            if rows:
-                inlet.enqueue(rows)
-        for m in msgs:  # acknowledged only now: accepted input is in the raw-input log
-            transport.ack(m)
+            except Exception as exc:  # archived, but cannot become rows: this one alone
+                log.exception("assembling seq %d from %s failed", seq, m.topic)
+                self._reject(transport, inlet, m, "assembly_failed",
+                             f"{type(exc).__name__}: {exc}", seq)
+                continue
+            inlet.stats.accepted += 1
+        if rows:
+            inlet.enqueue(rows)
+        return True
+
+    # ---- the archive cannot write ------------------------------------------------------------
+    def _pause(self, inlet: Inlet, exc: Exception) -> None:
+        self.archive_error = f"{inlet.config.name}: {exc}"
+        if self.paused:
+            return
+        self.paused_since = time.time()
+        self.pauses += 1
+        log.error("the raw-input log cannot write (%s): holding sensor input unacknowledged "
+                  "and retrying every %g s", self.archive_error, ARCHIVE_RETRY_S)
+        if self._alert is not None:
+            self._alert(inlet.config.name, "archive_paused", {"error": str(exc)})
+        self._wake.set()
+
+    def _hold(self, inlet: Inlet, items: list[tuple[Message, Any]]) -> None:
+        for m, decoded in items:
+            entry = self._waiting.setdefault(id(m), [m, 0])
+            entry[1] += 1
+            self._held.append((inlet, m, decoded))
+            self._held_bytes += len(m.payload)
+        while self._held and (len(self._held) > HOLD_MAX_MESSAGES
+                              or self._held_bytes > HOLD_MAX_BYTES):
+            _, m, _ = self._held.popleft()
+            self._held_bytes -= len(m.payload)
+            self._release(m, ack=False)  # never acked: a QoS 1 message comes back later
+            self.held_dropped += 1
+
+    def _release(self, m: Message, *, ack: bool) -> None:
+        entry = self._waiting.get(id(m))
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._waiting[id(m)]
+            if ack and self._transport is not None:
+                self._transport.ack(m)
+
+    def flush_held(self, transport: Transport) -> bool:
+        """Try to archive what is held, oldest first; True once nothing is held."""
+        while self._held:
+            inlet = self._held[0][0]
+            batch: list[tuple[Message, Any]] = []
+            while self._held and self._held[0][0] is inlet and len(batch) < 1024:
+                _, m, decoded = self._held.popleft()
+                batch.append((m, decoded))
+            if not self._archive(transport, inlet, batch):
+                for m, decoded in reversed(batch):
+                    self._held.appendleft((inlet, m, decoded))
+                return False
+            for m, _ in batch:
+                self._held_bytes -= len(m.payload)
+                self._release(m, ack=True)
+        return True
+
+    async def _retry_archive(self, transport: Transport) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.paused:
+                await asyncio.sleep(ARCHIVE_RETRY_S)
+                if self.flush_held(transport):
+                    was = self.paused_since or time.time()
+                    self.paused_since = None
+                    self.archive_error = None
+                    log.warning("the raw-input log writes again after %.1f s; input resumed",
+                                time.time() - was)
+                    if self._alert is not None:
+                        self._alert("*", "archive_resumed", {
+                            "paused_s": round(time.time() - was, 3),
+                            "held_dropped": self.held_dropped})

@@ -337,6 +337,8 @@ class MqttTransport:
             # MQTT 5 ends a session at disconnect unless an expiry is asked for
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0 if s.clean_start else 0xFFFFFFFF
+            if s.max_packet_bytes is not None:
+                props.MaximumPacketSize = s.max_packet_bytes
             kwargs = {"clean_start": s.clean_start, "properties": props}
         self._start_network(kwargs)
         if not self._require_connection:

@@ -36,6 +36,9 @@ class BrokerSettings:
     reconnect_max_s: float = 10.0
     connect_timeout_s: float = 10.0
     subscribe_timeout_s: float = 10.0
+    #: MQTT 5 only: declared in CONNECT as Maximum Packet Size (the broker sends nothing
+    #: larger); None declares nothing
+    max_packet_bytes: int | None = None
 
     def __post_init__(self) -> None:
         parse_broker_url(self.url)
@@ -49,6 +52,9 @@ class BrokerSettings:
                               key="broker.max_inflight")
         if self.clean_start is False and not self.client_id:
             raise ConfigError("a persistent session needs a client_id", key="broker.client_id")
+        if self.max_packet_bytes is not None and not 1024 <= self.max_packet_bytes <= 2**28:
+            raise ConfigError(f"must be between 1 KiB and 256 MiB, not {self.max_packet_bytes}",
+                              key="broker.max_packet_bytes")
         if self.subscribe_timeout_s <= 0:
             raise ConfigError(f"must be positive, not {self.subscribe_timeout_s}",
                               key="broker.subscribe_timeout_s")

@@ -93,9 +93,14 @@ def pack_record(rid: str, record: Mapping[str, Any]) -> bytes:
     packer = getattr(_local, "packer", None)
     if packer is None:
         packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_msgpack_default)
-    if type(record) is not dict:
-        return packer.pack({"record_id": rid, **record})
-    spliced = _prepend_id(packer, rid, packer.pack(record))
+    try:
+        if type(record) is not dict:
+            return packer.pack({"record_id": rid, **record})
+        packed = packer.pack(record)
+    except BaseException:
+        _local.packer = None  # never reuse a packer that failed half way
+        raise
+    spliced = _prepend_id(packer, rid, packed)
     assert spliced is not None  # a dict always packs as a map
     return spliced
 

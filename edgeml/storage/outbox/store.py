@@ -137,6 +137,8 @@ class Outbox:
         self.by_priority: tuple[str, ...] = tuple(
             sorted(self.streams, key=lambda s: (self.streams[s].priority, s)))
         self._lock = threading.Lock()
+        self.unencodable = 0  # records refused because they cannot be encoded (counted)
+        self.last_unencodable: str | None = None
         self._closed = False
         self._count: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
@@ -343,8 +345,11 @@ class Outbox:
             try:
                 data = pack_record(rid, record)
             except (TypeError, ValueError, OverflowError) as exc:
-                raise OutboxError(f"record {rid!r} of stream {stream!r} cannot be encoded: "
-                                  f"{exc}") from exc
+                # refused alone, before the transaction: its neighbours are stored
+                self.unencodable += 1
+                self.last_unencodable = f"record {rid!r} of stream {stream!r}: {exc}"
+                log.error("outbox: %s cannot be encoded; refused", self.last_unencodable)
+                continue
             encoded.append((stream, rid, data))
         now = time.time()
         with self._lock:
@@ -719,6 +724,7 @@ class Outbox:
             "file_bytes": self.file_bytes(),
             "dropped": sum(v["dropped"] for v in streams.values()),
             "refused": sum(v["refused"] for v in streams.values()),
+            "unencodable": self.unencodable,
         }
 
     def check_integrity(self) -> list[str]:
