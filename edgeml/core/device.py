@@ -219,7 +219,7 @@ class Device:
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
             self._recover()
             for event in self.storage_events:
-                self.egress.alert("*", event["kind"], event)
+                self.egress.alert(event.get("pipeline", "*"), event["kind"], event)
             self.publish_status_soon()
             self.ready.set()
             log.info("ready: device %s, %d pipeline(s), subscribed to %s", cfg.device_id,
@@ -322,6 +322,13 @@ class Device:
                 segment_bytes=disk.rawlog_segment_bytes, budget_bytes=disk.rawlog_budget_bytes,
                 max_age_s=disk.rawlog_max_age_s, fsync_interval_s=disk.fsync_interval_s,
             )
+            rec = rawlog.recovery
+            if rec is not None and rec.truncated_bytes:
+                self.storage_events.append({
+                    "kind": "rawlog_recovered", "pipeline": pcfg.name,
+                    "segment": rec.segment, "truncated_bytes": rec.truncated_bytes,
+                    "records_kept": rec.records_kept, "detail": rec.detail,
+                    "ts": time.time()})
             inlet = Inlet(pcfg, assembler, rawlog, runtime.enqueue, runtime.stats)
             self.pipelines.add(_Pipeline(pcfg, runtime, inlet))
 

@@ -59,3 +59,32 @@ def test_damaged_outbox_is_quarantined_reported_and_replaced(broker, daemon_fact
     finally:
         alerts.close()
         sync.close()
+
+
+def test_torn_raw_log_tail_is_cut_reported_and_alerted(broker, daemon_factory, tmp_path,
+                                                       gait_bundle):
+    """A power cut mid-write leaves half a record at the end of the open segment: the next
+    start cuts it, keeps every whole record, and says so in status and as an alert."""
+    cfg = write_config(tmp_path / "edgeml.toml", broker=broker, data_dir=tmp_path / "data",
+                       models=[{"name": "gait", "version": "1", "bundle": gait_bundle}],
+                       pipeline=gait_pipeline(), device_id="gw-t")
+    out = Collector(broker, "edgeml/gw-t/out/gait")
+    d = daemon_factory(cfg)
+    publish_all(broker, gait_messages(30))
+    out.wait_count(30)
+    d.stop()
+    out.close()
+    seg = sorted((tmp_path / "data" / "rawlog" / "gait").glob("seg-*.log"))[-1]
+    whole = seg.read_bytes()
+    with open(seg, "ab") as fh:
+        fh.write(whole[: len(whole) // 60])  # the first bytes of a record, no more
+    alerts = Collector(broker, "edgeml/gw-t/alerts")
+    d = daemon_factory(cfg)
+    try:
+        alert = json.loads(alerts.wait_count(1)[0].payload)
+        assert alert["kind"] == "rawlog_recovered" and alert["pipeline"] == "gait"
+        assert alert["truncated_bytes"] == len(whole) // 60 and alert["records_kept"] == 30
+        assert d.status()["storage"]["events"][0]["kind"] == "rawlog_recovered"
+        assert d.status()["pipelines"]["gait"]["rawlog"]["next_seq"] == 30
+    finally:
+        alerts.close()
