@@ -288,6 +288,21 @@ def gait_pipeline(**extra) -> dict:
             "window": None, **extra}
 
 
+def basicmotions_window(series, topic: str, prefix: str) -> list[tuple[str, bytes]]:
+    """One BasicMotions series (100 samples x 6 channels) as JSON messages on ``topic``, ids
+    ``<prefix>-0`` .. ``<prefix>-99`` (the window's answer carries ``<prefix>-99``)."""
+    import json
+
+    from edgeml.host.datasets import BASICMOTIONS_CHANNELS
+
+    out = []
+    for i, s in enumerate(series):
+        body = dict(zip(BASICMOTIONS_CHANNELS, map(float, s), strict=True))
+        body["id"] = f"{prefix}-{i}"
+        out.append((topic, json.dumps(body).encode()))
+    return out
+
+
 def gait_messages(n: int, topic: str = "sensors/p1/gait", start: int = 0) -> list:
     """``n`` real Daphnet samples as JSON messages, ids ``g<i>``."""
     import json

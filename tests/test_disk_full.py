@@ -14,9 +14,9 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import publish_all, write_config
+from conftest import basicmotions_window, publish_all, write_config
 
-from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.rawlog import open_reader
 
 DEVICE = "watch-df"
@@ -57,12 +57,7 @@ def answer(m) -> dict:
 
 
 def window(test, w: int) -> list[tuple[str, bytes]]:
-    out = []
-    for i, s in enumerate(test.X[w]):
-        body = dict(zip(BASICMOTIONS_CHANNELS, map(float, s), strict=True))
-        body["id"] = f"w{w}-{i}"
-        out.append((f"sensors/s{w}/imu", json.dumps(body).encode()))
-    return out
+    return basicmotions_window(test.X[w], f"sensors/s{w}/imu", f"w{w}")
 
 
 def test_disk_full_pauses_input_unacknowledged_and_resumes_by_itself(

@@ -12,22 +12,15 @@ import tarfile
 from pathlib import Path
 
 import msgpack
-from conftest import Collector, publish_all, write_config
+from conftest import Collector, basicmotions_window, publish_all, write_config
 
-from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.rawlog import open_reader
 
 FIXTURE = Path(__file__).parent / "fixtures" / "datadir-previous-release.tar.gz"
 OLD_WINDOWS = 3
 
 
-def _window(test, w: int, topic: str) -> list[tuple[str, bytes]]:
-    out = []
-    for i, sample in enumerate(test.X[w]):
-        body = dict(zip(BASICMOTIONS_CHANNELS, map(float, sample), strict=True))
-        body["id"] = f"new{w}-{i}"
-        out.append((topic, json.dumps(body).encode()))
-    return out
 
 
 def test_previous_release_data_dir_opens_and_keeps_working(broker, daemon_factory, tmp_path):
@@ -64,7 +57,7 @@ def test_previous_release_data_dir_opens_and_keeps_working(broker, daemon_factor
 
         # new input: archived after the old records, answered by the restored champion
         test = load_basicmotions("TEST")
-        publish_all(broker, _window(test, 5, "sensors/new/imu"))
+        publish_all(broker, basicmotions_window(test.X[5], "sensors/new/imu", "new5"))
         got = answers.wait_count(1)
         rec = json.loads(got[0].payload) if got[0].payload[:1] == b"{" else \
             msgpack.unpackb(got[0].payload, raw=False)

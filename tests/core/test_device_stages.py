@@ -12,11 +12,11 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from conftest import write_config
+from conftest import basicmotions_window, write_config
 
 from edgeml.config import load_config
 from edgeml.core.device import Device
-from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
+from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.rawlog import open_reader
 from edgeml.transport.fake import FakeBroker
 from edgeml.transport.settings import BrokerSettings
@@ -37,12 +37,7 @@ class _Url:
 
 
 def window_messages(test, w: int, topic: str) -> list[tuple[str, bytes]]:
-    out = []
-    for i, sample in enumerate(test.X[w]):
-        body = dict(zip(BASICMOTIONS_CHANNELS, map(float, sample), strict=True))
-        body["id"] = f"w{w}-{i}"
-        out.append((topic, json.dumps(body).encode()))
-    return out
+    return basicmotions_window(test.X[w], topic, f"w{w}")
 
 
 @pytest.fixture(scope="module")
