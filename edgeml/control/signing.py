@@ -40,6 +40,7 @@ ALG = "ed25519"
 #: before this wall time (2024-01-01) the device clock is not trusted (no RTC, no NTP yet)
 TRUSTED_CLOCK_AFTER = 1_704_067_200.0
 MAX_KEYS_REMEMBERED = 1000
+MAX_COUNTER = 2**63 - 1
 
 
 class CommandRefused(Exception):
@@ -163,8 +164,9 @@ class CommandVerifier:
             raise CommandRefused("wrong device", f"the command is meant for device "
                                  f"{device!r}, this is {self.device_id!r}")
         counter = doc.get("counter")
-        if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
-            raise CommandRefused("bad signature", "'counter' must be a non-negative integer")
+        if isinstance(counter, bool) or not isinstance(counter, int) or \
+                not 0 <= counter <= MAX_COUNTER:
+            raise CommandRefused("bad counter", "'counter' must be an integer in 0..2**63-1")
         last = self.counters.last(kid, device)
         if last is not None and counter <= last:
             raise CommandRefused("replay", f"counter {counter} is not above the last one "
