@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -201,12 +202,17 @@ def test_caps_and_output_contract_without_keys(broker, collector, daemon_factory
     # outputs that do not match the manifest: one class more than the model scores
     lying = rewrite(activity_bundle_v2, tmp_path / "a6.edgeml", version="6", outputs=(
         dataclasses.replace(m.outputs, classes=(*m.outputs.classes, "swimming"))))
-    caps = "[profile_overrides]\nmodels = { max_active_versions = 3, max_model_names = 1 }"
+    padding = "".join(random.Random(3).choices("abcdefghijklmnopqrstuvwxyz0123456789",
+                                               k=2_000_000))
+    big = rewrite(activity_bundle, tmp_path / "a7.edgeml", version="7", description=padding)
+    assert big.stat().st_size > 2**20
+    caps = ("[profile_overrides]\nmodels = { max_active_versions = 3, max_model_names = 1, "
+            "store_budget_mb = 1 }")
     cfg = config(tmp_path, broker, "dev-c",
                  [{"name": "activity", "version": "1", "bundle": activity_bundle}], caps,
                  sync=True)
     with caplog.at_level("WARNING", logger="edgeml"):
-        daemon_factory(cfg)
+        d = daemon_factory(cfg)
     assert "trusted_keys is empty: commands on edgeml/dev-c/cmd" in caplog.text
     out = collector("edgeml/dev-c/out/activity")
     up_deploy = collector("edgeml/dev-c/sync/deploy")
@@ -221,6 +227,11 @@ def test_caps_and_output_contract_without_keys(broker, collector, daemon_factory
         assert res.exit_code == 1, res.final
         assert "would have 4 active versions, over the firmware profile's " \
                "models.max_active_versions = 3" in res.final["dev-c"]["reason"]
+        # the model store's disk budget: refused, nothing evicted
+        res = push(broker, big, device="dev-c", role="shadow", timeout=30)
+        assert res.exit_code == 1 and "would pass models.store_budget_mb = 1 MB" in \
+            res.final["dev-c"]["reason"], res.final
+        assert active(d) == {"1": "champion", "2": "challenger", "4": "shadow"}
         # the lying bundle: refused before activation, at the load stage
         res = push(broker, lying, device="dev-c", role="champion", timeout=30)
         assert res.exit_code == 1 and res.final["dev-c"]["at"] == "loaded", res.final
