@@ -142,3 +142,18 @@ def test_check_refuses_with_one_line_naming_the_key(tmp_path, capsys, change, ke
     assert cli(["run", "--config", str(cfg), "--check"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
+
+
+def test_a_huge_integer_in_a_bundle_manifest_is_a_format_error():
+    import io
+    import zipfile
+
+    from edgeml.bundle import read_bundle
+    from edgeml.errors import BundleFormatError
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("manifest.json", b'{"manifest_version": 1, "release": ' + b"7" * 5000 + b"}")
+        z.writestr("model.onnx", b"x")
+    with pytest.raises(BundleFormatError, match="4300 digits"):
+        read_bundle(buf.getvalue())

@@ -804,6 +804,8 @@ class RawLog(_LogView):
                 "last_sync_age_s": round(time.monotonic() - self._last_sync, 3),
                 "write_errors": self._write_errors,
                 "records_lost": self._records_lost,
+                "retention_refusals": self.retention_refusals,
+                "seq_reserved": self._reserved,
                 "recovered_truncated_bytes": self.recovery.truncated_bytes,
             })
             return d
