@@ -157,3 +157,23 @@ def test_a_huge_integer_in_a_bundle_manifest_is_a_format_error():
         z.writestr("model.onnx", b"x")
     with pytest.raises(BundleFormatError, match="4300 digits"):
         read_bundle(buf.getvalue())
+
+
+def test_outputs_that_stop_fitting_the_manifest_are_errors(activity_bundle):
+    """At run time: scores that no longer match the class list raise (scoring counts an error
+    for the version, and the watch rolls a champion back on its error rate)."""
+    import numpy as np
+
+    from edgeml.bundle import read_bundle
+    from edgeml.core.model import LoadedModel, Prediction
+    from edgeml.errors import ModelError
+
+    m = read_bundle(activity_bundle).manifest
+    model = LoadedModel(m, activity_bundle, profile=None)
+    k = len(m.outputs.classes)
+    ok = Prediction(np.asarray([m.outputs.classes[0]]), np.zeros((1, k), np.float32), 0.1)
+    assert model.outputs(ok)[0]["label"] == m.outputs.classes[0]
+    bad = Prediction(np.asarray([m.outputs.classes[0]]), np.zeros((1, k - 1), np.float32), 0.1)
+    with pytest.raises(ModelError, match="output contract: scores have 3 columns, the "
+                                         "manifest has 4 classes"):
+        model.outputs(bad)

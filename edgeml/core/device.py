@@ -189,7 +189,9 @@ class Device:
                              rawlogs={p.config.name: p.inlet.rawlog for p in self.pipelines})
         will = Publication(self.topic("status"), json_bytes({
             **status_doc.offline(cfg.device_id, "connection lost"),
-            "identity": {"instance": self.identity.instance}}), qos=1, retain=True)
+            "identity": self.identity.status(
+                {p.config.name: p.inlet.rawlog.next_seq for p in self.pipelines})}),
+            qos=1, retain=True)
         # --- end wt-trust
         manual_ack = any(p.qos > 0 for p in cfg.pipelines)
         transport = self._connector(cfg.broker, will=will, manual_ack=manual_ack)
