@@ -363,4 +363,25 @@ def load_config(path: str | Path, *, broker_url: str | None = None,
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(p)) from exc
+    except ValueError as exc:  # wt-trust: an integer over Python's 4300-digit limit
+        raise ConfigError(f"not valid TOML: a number is too large ({exc})", file=str(p)) \
+            from exc
+    _check_int64(data, "", str(p))  # wt-trust: --check completeness
     return parse_config(data, source=p.resolve(), broker_url=broker_url, data_dir=data_dir)
+
+
+def _check_int64(value: Any, key: str, file: str) -> None:
+    """wt-trust: TOML integers are 64-bit; tomllib reads larger ones. Refuse them, naming
+    the key, before any of them reaches a size, a budget or a count."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"{str(value)[:20]}... does not fit a 64-bit integer", key=key,
+                              file=file)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_int64(v, f"{key}.{k}" if key else str(k), file)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_int64(v, f"{key}[{i}]", file)

@@ -257,6 +257,7 @@ def test_record_ids_never_collide_after_tail_loss_or_restore(broker, collector, 
     data = tmp_path / "dev-s"
     results = collector("edgeml/dev-s/sync/results")
     alerts = collector("edgeml/dev-s/alerts")
+    up_alerts = collector("edgeml/dev-s/sync/alerts")
     sink = sqlite3.connect(":memory:")
     sink.execute("CREATE TABLE records (record_id TEXT PRIMARY KEY, input_seq INTEGER)")
     seen: set[int] = set()  # collector messages already loaded into the sink
@@ -297,6 +298,8 @@ def test_record_ids_never_collide_after_tail_loss_or_restore(broker, collector, 
     assert min(c) > max(b)
     restored = [x for x in docs(alerts) if x["kind"] == "data_dir_restored"]
     assert restored and restored[0]["published_seq"] == max(b) + 1, restored
+    up_alerts.wait_for(lambda ms: any(r["kind"] == "data_dir_restored"
+                                      for r in synced(up_alerts)), 10)
     # the raw log loses its tail (a power cut): the last records of the open segment
     seg = max((data / "rawlog" / "activity").glob("seg-*.log"))
     size = seg.stat().st_size

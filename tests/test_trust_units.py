@@ -177,3 +177,20 @@ def test_outputs_that_stop_fitting_the_manifest_are_errors(activity_bundle):
     with pytest.raises(ModelError, match="output contract: scores have 3 columns, the "
                                          "manifest has 4 classes"):
         model.outputs(bad)
+
+
+@pytest.mark.parametrize("value, why", [
+    ("9" * 5000, "not valid TOML: a number is too large"),
+    ("99999999999999999999999999999", "deploy.max_bundle_bytes: 99999999999999999999... does "
+                                      "not fit a 64-bit integer"),
+])
+def test_check_refuses_huge_integers_in_the_config(tmp_path, capsys, value, why):
+    from edgeml.cli import main as cli
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'device_id = "d"\ndata_dir = "{tmp_path / "data"}"\n[deploy]\n'
+                   f'max_bundle_bytes = {value}\n[[pipelines]]\nname = "p"\ntopics = ["a"]\n'
+                   'features = ["x"]\n')
+    assert cli(["run", "--config", str(cfg), "--check"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0], err

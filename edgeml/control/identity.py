@@ -87,6 +87,7 @@ class Identity:
 
 async def check_identity(identity: Identity, *, connector: Any, settings: Any, prefix: str,
                          device_id: str, rawlogs: dict[str, Any],
+                         on_alert: Any = None,
                          timeout: float = CHECK_TIMEOUT_S) -> dict | None:
     """Read the retained status through a side connection; raise :class:`TwinDeviceError`
     for a twin; move the raw logs past published sequence numbers. Returns the retained
@@ -147,6 +148,10 @@ async def check_identity(identity: Identity, *, connector: Any, settings: Any, p
                 with contextlib.suppress(Exception):
                     await transport.publish(alerts_topic, json.dumps(alert).encode(), qos=1,
                                             timeout=2.0)
+                if on_alert is not None:  # into the outbox too: synced upstream
+                    on_alert(name, "data_dir_restored", {k: v for k, v in alert.items() if k
+                                                         not in ("device", "pipeline", "kind",
+                                                                 "ts")})
         return doc
     finally:
         with contextlib.suppress(Exception):

@@ -186,7 +186,8 @@ class Device:
         # --- wt-trust: refuse to run as a twin; continue past published seqs (restored dir)
         await check_identity(self.identity, connector=self._connector, settings=cfg.broker,
                              prefix=cfg.topic_prefix, device_id=cfg.device_id,
-                             rawlogs={p.config.name: p.inlet.rawlog for p in self.pipelines})
+                             rawlogs={p.config.name: p.inlet.rawlog for p in self.pipelines},
+                             on_alert=self.egress.alert)
         will = Publication(self.topic("status"), json_bytes({
             **status_doc.offline(cfg.device_id, "connection lost"),
             "identity": self.identity.status(
