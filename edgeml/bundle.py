@@ -385,7 +385,7 @@ def _parse_manifest(d: Any) -> Manifest:
     provenance = t.mapping("provenance", {})
     metrics = t.mapping("metrics", {})
     self_test = _parse_self_test(t.table("self_test", None), model_input)
-    release = t.int("release", None, min=0, max=2**63 - 1)  # wt-trust: anti-downgrade
+    release = t.int("release", None, min=0, max=MAX_RELEASE)  # wt-trust: anti-downgrade
     t.finish()
     return Manifest(
         name=name, version=version, created=created, input=model_input, outputs=outputs,
