@@ -48,6 +48,7 @@ from edgeml.bundle import (
     ModelInput,
     ModelOutputs,
     SelfTest,
+    default_release,
     name_is_safe,
     sha256_hex,
     utc_now_iso,
@@ -342,6 +343,7 @@ def convert_estimator(
     manifest = Manifest(
         name=name,
         version=version,
+        release=default_release(version),  # wt-trust: anti-downgrade order
         created=utc_now_iso(),
         input=ModelInput(name=INPUT_NAME, dtype="float32", shape=shape, features=feats,
                          window=window),

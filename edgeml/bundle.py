@@ -72,6 +72,26 @@ def name_is_safe(s: str) -> bool:
     return isinstance(s, str) and _SAFE_NAME.fullmatch(s) is not None
 
 
+# --- release (wt-trust) ----------------------------------------------------------------------
+MAX_RELEASE = 2**63 - 1
+
+
+def release_of_version(version: str) -> int:
+    """The release a bundle without one is treated as: its version when that is a plain
+    non-negative integer ("3" -> 3), else 0 (older than any release)."""
+    return int(version) if version.isdigit() and len(version) <= 18 else 0
+
+
+def default_release(version: str) -> int:
+    """The release ``edgeml convert`` writes: the version when numeric, else the conversion
+    time in seconds (later conversions are newer)."""
+    if version.isdigit() and len(version) <= 18:
+        return int(version)
+    import time
+
+    return int(time.time())
+
+
 def utc_now_iso() -> str:
     """The ``created`` stamp the writer's callers should use: ISO-8601 UTC, seconds."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
@@ -140,6 +160,13 @@ class Manifest:
     self_test: SelfTest | None = None
     description: str = ""
     manifest_version: int = MANIFEST_VERSION
+    # --- release (wt-trust): the anti-downgrade order; None in bundles made before it ---
+    release: int | None = None
+
+    @property
+    def effective_release(self) -> int:
+        """``release``, else the version when it is a plain integer, else 0 (oldest)."""
+        return self.release if self.release is not None else release_of_version(self.version)
 
     def to_dict(self) -> dict:
         """The JSON shape of ``manifest.json`` (plain lists, str keys; numpy values unwrapped)."""
@@ -176,6 +203,8 @@ class Manifest:
                 "rtol": st.rtol,
             },
         }
+        if self.release is not None:  # wt-trust: absent from bundles made before it
+            d["release"] = self.release
         return _jsonable(d, "")
 
     def to_json_bytes(self) -> bytes:
@@ -356,11 +385,12 @@ def _parse_manifest(d: Any) -> Manifest:
     provenance = t.mapping("provenance", {})
     metrics = t.mapping("metrics", {})
     self_test = _parse_self_test(t.table("self_test", None), model_input)
+    release = t.int("release", None, min=0, max=MAX_RELEASE)  # wt-trust: anti-downgrade
     t.finish()
     return Manifest(
         name=name, version=version, created=created, input=model_input, outputs=outputs,
         sha256=sha, size=size, provenance=provenance, metrics=metrics, self_test=self_test,
-        description=description, manifest_version=mv,
+        description=description, manifest_version=mv, release=release,
     )
 
 
@@ -383,7 +413,7 @@ def _signature_bytes(manifest_bytes: bytes, sign_key: Ed25519PrivateKey) -> byte
 def _parse_signature(raw: bytes) -> tuple[str, bytes]:
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # wt-trust: ValueError = huge integers
         raise BundleSignatureError(f"malformed {SIGNATURE_MEMBER}: not JSON ({exc})") from exc
     if not isinstance(doc, dict) or set(doc) != {"alg", "key_id", "sig"}:
         raise BundleSignatureError(
@@ -586,7 +616,7 @@ def read_bundle(
         signer = _verify(manifest_bytes, signature_raw, trusted_keys, required)
         try:
             doc = json.loads(manifest_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # wt-trust: huge ints
             raise BundleFormatError(f"{MANIFEST_MEMBER} is not valid UTF-8 JSON: {exc}") from exc
         manifest = Manifest.from_dict(doc)
         model_bytes = _read_member(zf, found[MODEL_MEMBER], max_bytes)

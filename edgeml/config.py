@@ -187,6 +187,17 @@ def _version(mr: Table) -> str:
     return version
 
 
+def _check_filter(r: Table, key: str, topic_filter: str) -> None:
+    """wt-trust: a filter no broker accepts is a config error naming the key."""
+    from edgeml.errors import EdgemlError
+    from edgeml.transport.base import validate_filter
+
+    try:
+        validate_filter(topic_filter)
+    except EdgemlError as exc:
+        raise r.error(key, str(exc)) from None
+
+
 def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
     r.known = ("name", "topics", "format", "features", "field", "window", "policy",
                "deadline_ms", "top_n", "models", "qos", "output_format", "output_qos",
@@ -197,6 +208,7 @@ def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
     for i, t in enumerate(topics):
         if t.startswith("$share/"):
             raise r.error(f"topics[{i}]", "use shared_group instead of writing $share/ yourself")
+        _check_filter(r, f"topics[{i}]", t)  # wt-trust: --check completeness
     fmt = r.choice("format", FORMATS, "auto")
     features = r.list_of_str("features", None, nonempty=True, unique=True)
     field_ = r.str("field", None)
@@ -275,6 +287,8 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
     profile_overrides = r.mapping("profile_overrides", {})
     dd = r.str("data_dir", "/var/lib/edgeml")
     data_path = Path(data_dir) if data_dir is not None else _resolve(source, dd)
+    if data_path.exists() and not data_path.is_dir():  # wt-trust: --check completeness
+        raise r.error("data_dir", f"{data_path} exists and is not a directory")
     prefix = r.str("topic_prefix", "edgeml")
     if not prefix or any(c in prefix for c in "+#") or prefix.startswith("/") or \
             prefix.endswith("/"):
@@ -349,4 +363,25 @@ def load_config(path: str | Path, *, broker_url: str | None = None,
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(p)) from exc
+    except ValueError as exc:  # wt-trust: an integer over Python's 4300-digit limit
+        raise ConfigError(f"not valid TOML: a number is too large ({exc})", file=str(p)) \
+            from exc
+    _check_int64(data, "", str(p))  # wt-trust: --check completeness
     return parse_config(data, source=p.resolve(), broker_url=broker_url, data_dir=data_dir)
+
+
+def _check_int64(value: Any, key: str, file: str) -> None:
+    """wt-trust: TOML integers are 64-bit; tomllib reads larger ones. Refuse them, naming
+    the key, before any of them reaches a size, a budget or a count."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"{str(value)[:20]}... does not fit a 64-bit integer", key=key,
+                              file=file)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_int64(v, f"{key}.{k}" if key else str(k), file)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_int64(v, f"{key}[{i}]", file)

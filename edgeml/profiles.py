@@ -112,6 +112,19 @@ class DiskSettings:
 
 
 @dataclass(frozen=True)
+class ModelLimits:
+    """Caps on what pushes can make active and store (hold with or without trusted keys)."""
+
+    max_active_versions: int = 4   # active versions per pipeline
+    max_model_names: int = 2       # distinct model names active per pipeline
+    store_budget_mb: int = 1024    # the model store (data_dir/models) on disk
+
+    @property
+    def store_budget_bytes(self) -> int:
+        return int(self.store_budget_mb * _MB)
+
+
+@dataclass(frozen=True)
 class FirmwareProfile:
     """Everything hardware-dependent about running edgeml on one class of device."""
 
@@ -123,6 +136,7 @@ class FirmwareProfile:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     disk: DiskSettings = field(default_factory=DiskSettings)
+    models: ModelLimits = field(default_factory=ModelLimits)
 
     def to_dict(self) -> dict:
         """The TOML shape (providers as a list), e.g. to merge overrides over it."""
@@ -197,7 +211,19 @@ def _disk(t: Table) -> DiskSettings:
     return s
 
 
-_SECTIONS = ("onnxruntime", "batching", "queue", "disk")
+def _models(t: Table) -> ModelLimits:
+    d = ModelLimits()
+    s = ModelLimits(
+        max_active_versions=t.int("max_active_versions", d.max_active_versions, min=1,
+                                  max=64),
+        max_model_names=t.int("max_model_names", d.max_model_names, min=1, max=64),
+        store_budget_mb=t.int("store_budget_mb", d.store_budget_mb, min=1, max=100_000_000),
+    )
+    t.finish()
+    return s
+
+
+_SECTIONS = ("onnxruntime", "batching", "queue", "disk", "models")
 
 
 def profile_from_dict(
@@ -217,6 +243,7 @@ def profile_from_dict(
         batching=_batching(t.table("batching", {})),
         queue=_queue(t.table("queue", {})),
         disk=_disk(t.table("disk", {})),
+        models=_models(t.table("models", {})),
     )
     t.finish()
     return profile

@@ -47,9 +47,10 @@ def test_each_shipped_profile_loads_and_scores(name: str) -> None:
     # Every key is spelled out in the shipped file, so none silently falls back to a default.
     raw = tomllib.loads((files("firmware_profiles") / f"{name}.toml").read_text())
     assert set(raw) == {"name", "description", "cpu_cores", "memory_mb", "onnxruntime",
-                        "batching", "queue", "disk"}
+                        "batching", "queue", "disk", "models"}
     assert set(raw["onnxruntime"]) == set(p.to_dict()["onnxruntime"])
     assert set(raw["disk"]) == set(p.to_dict()["disk"])
+    assert set(raw["models"]) == set(p.to_dict()["models"])  # wt-trust: caps
 
     model, X, labels, proba, _ = tiny_classifier()
     session = create_session(model, p)

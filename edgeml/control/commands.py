@@ -12,6 +12,7 @@ from edgeml.config import POLICIES, Config, PipelineConfig
 from edgeml.control.activeset import ActiveSets, label, member_dict
 from edgeml.control.delivery import reason_of
 from edgeml.control.ports import EventSink, Pipelines
+from edgeml.control.signing import CommandRefused, CommandVerifier
 from edgeml.core.model import Member
 from edgeml.errors import CommandError, EdgemlError
 
@@ -28,6 +29,8 @@ def parse_command(payload: bytes, *, retained: bool) -> tuple[dict | None, str |
         doc = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         return {"id": None}, f"command is not JSON: {exc}"
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+        return {"id": None}, f"command refused: a number in it is too large ({exc})"
     if not isinstance(doc, dict):
         return {"id": None}, "command must be a JSON object"
     if retained:  # a retained command would run again at every restart
@@ -49,8 +52,10 @@ def _opt_str(doc: dict, key: str) -> str | None:
 
 class Commands:
     def __init__(self, config: Config, pipelines: Pipelines, active: ActiveSets,
-                 events: EventSink) -> None:
+                 events: EventSink, verifier: CommandVerifier | None = None) -> None:
         self.config = config
+        self.verifier = verifier
+        self.refused = 0
         self.pipelines = pipelines
         self.active = active
         self.events = events
@@ -68,6 +73,18 @@ class Commands:
     async def run(self, doc: dict) -> None:
         self.count += 1
         cmd = doc.get("cmd")
+        if self.verifier is not None:
+            try:
+                signer = self.verifier.verify(doc)
+            except CommandRefused as exc:
+                self._refuse(doc, exc)
+                return
+            except OSError as exc:  # the counter could not be persisted: refuse, not risk
+                self._refuse(doc, CommandRefused("state", f"cannot persist the command "
+                                                          f"counter: {exc}"))
+                return
+            if signer is not None:
+                log.info("command %s signed by key %s", cmd, signer)
         try:
             deadline = doc.get("deadline")
             if isinstance(deadline, (int, float)) and not isinstance(deadline, bool) \
@@ -86,6 +103,20 @@ class Commands:
         self.reply(doc, True, message, pipeline=pcfg.name,
                    policy=self.pipelines.policy(pcfg.name),
                    active=[member_dict(s) for s in self.pipelines.members(pcfg.name)])
+
+    def _refuse(self, doc: dict, exc: CommandRefused) -> None:
+        """Not carried out: the reason on cmd/reply, and an alert (synced upstream)."""
+        self.refused += 1
+        log.warning("command %r refused: %s", doc.get("cmd"), exc)
+        self.reply(doc, False, str(exc), refused=exc.kind)
+        pipeline = doc.get("pipeline") if isinstance(doc.get("pipeline"), str) else None
+        if pipeline is None and self.config.pipelines:
+            pipeline = self.config.pipelines[0].name
+        sig = doc.get("sig") if isinstance(doc.get("sig"), dict) else {}
+        self.events.alert(pipeline or "-", "command_refused", {
+            "cmd": str(doc.get("cmd"))[:64], "reason": str(exc), "refused": exc.kind,
+            "key": str(sig.get("key"))[:64] if sig else None,
+            "target": str(doc.get("device"))[:128] if doc.get("device") else None})
 
     def _pipeline(self, doc: dict) -> PipelineConfig:
         name = doc.get("pipeline")

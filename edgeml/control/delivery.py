@@ -78,7 +78,7 @@ class Deliveries:
         base = self.base_of(msg.topic)
         if base is None:
             return []
-        check = functools.partial(self._precheck, retained=bool(msg.retain))
+        check = functools.partial(self._precheck, retained=bool(msg.retain), base=base)
         events = self._reasm.feed(base, msg.topic, msg.payload, retained=bool(msg.retain),
                                   check=check)
         return [d for e in events if (d := self._on_event(e)) is not None]
@@ -93,6 +93,7 @@ class Deliveries:
             return event
         if isinstance(event, Ignored):
             rec = self._record(event.header, event.base)
+            self.mark_retained_done(event.base, event.header)
             if event.retained:  # a retained deployment seen again (restart, reconnect)
                 log.info("deployment %s on %s: no-op (%s)", event.header.label, event.base,
                          event.reason)
@@ -112,10 +113,13 @@ class Deliveries:
             self.report(rec, "failed", reason=event.reason, at=event.stage)
         return None
 
-    def _precheck(self, header: DeployHeader, *, retained: bool) -> str | None:
+    def _precheck(self, header: DeployHeader, *, retained: bool, base: str = "") -> str | None:
         """On a header, before any chunk is kept: refuse early, or call it a no-op."""
         if header.transfer in self.inflight:
             return "already being deployed"
+        done = self.active.state.doc.get("retained_done", {})
+        if retained and self._retained_key(base, header.transfer) in done:
+            return "this retained deployment was processed before (not applied again)"
         refused = self.active.state.refused
         if retained and header.sha256 in refused:
             return f"refused before: {refused[header.sha256]}"
@@ -154,6 +158,61 @@ class Deliveries:
             return using[0]
         raise DeployError("verified", f"cannot tell which pipeline {model} is for; name one "
                                       "(push --pipeline)")
+
+    # ---- trust: no downgrades, caps -------------------------------------------------------
+    def _check_release(self, pcfg: PipelineConfig, m: Any, role: str) -> None:
+        """No push makes a release older than the current champion's the champion (forced
+        or not); older releases may come in as challenger, canary or shadow. The way back
+        to an old release is a (signed) rollback or promote command."""
+        if role != "champion":
+            return
+        champ = self.pipelines.champion(pcfg.name)
+        if champ is None or champ.key == (m.name, m.version):
+            return
+        mine, theirs = m.effective_release, champ.manifest.effective_release
+        if mine < theirs:
+            raise DeployError("verified", (
+                f"downgrade: {m.name} {m.version} is release {mine}, older than the "
+                f"champion {label(champ)} (release {theirs}); a push never makes an older "
+                "release the champion (push it as challenger, canary or shadow, or use a "
+                "signed rollback/promote command)"))
+
+    def _check_caps(self, pcfg: PipelineConfig, key: tuple[str, str], role: str,
+                    size: int) -> None:
+        """A push into a full pipeline (or a full model store) is refused, never evicts."""
+        limits = getattr(self.registry.profile, "models", None)
+        if limits is None:
+            return
+        after = projected(self.pipelines.members(pcfg.name), key, role)
+        if len(after) > limits.max_active_versions:
+            raise DeployError("verified", (
+                f"capacity: pipeline {pcfg.name} would have {len(after)} active versions, over "
+                f"the firmware profile's models.max_active_versions = "
+                f"{limits.max_active_versions}; retire one first (nothing was evicted)"))
+        names = sorted({k[0] for k, _ in after})
+        if len(names) > limits.max_model_names:
+            raise DeployError("verified", (
+                f"capacity: pipeline {pcfg.name} would run {len(names)} model names "
+                f"({', '.join(names)}), over the firmware profile's models.max_model_names = "
+                f"{limits.max_model_names}; retire one first"))
+        if self.registry.installed(*key) is None:
+            used = store_bytes(self.registry.store.root)
+            if used + size > limits.store_budget_bytes:
+                raise DeployError("verified", (
+                    f"capacity: the model store holds {used} bytes; this bundle "
+                    f"({size} bytes) would pass models.store_budget_mb = "
+                    f"{limits.store_budget_mb} MB"))
+
+    def _retained_key(self, base: str, transfer: str) -> str:
+        return f"{base}#{transfer}"
+
+    def mark_retained_done(self, base: str, header: DeployHeader) -> None:
+        """A retained deployment was processed: never apply it again (restart, reconnect)."""
+        done = self.active.state.doc.setdefault("retained_done", {})
+        done[self._retained_key(base, header.transfer)] = header.sha256
+        while len(done) > 200:
+            done.pop(next(iter(done)))
+        self.active.save_soon()
 
     # ---- reports ----------------------------------------------------------------------------
     def _record(self, header: DeployHeader, base: str) -> dict:
@@ -209,6 +268,8 @@ class Deliveries:
                 check_compatible(pcfg, m)
             except EdgemlError as exc:
                 raise DeployError("verified", f"incompatible: {exc}") from exc
+            self._check_release(pcfg, m, h.role)
+            self._check_caps(pcfg, (m.name, m.version), h.role, len(data))
             existing = self.registry.installed(m.name, m.version)
             if existing is not None and existing.manifest.sha256 != m.sha256:
                 raise DeployError("verified", (
@@ -255,6 +316,38 @@ class Deliveries:
                                             fresh_install.version)
         finally:
             self.inflight.discard(h.transfer)
+            # live or retained: the broker may hand the same (retained) transfer back later
+            self.mark_retained_done(d.base, h)
 
 
-__all__ = ["Deliveries", "label", "reason_of"]
+def projected(members: Any, key: tuple[str, str], role: str) -> list:
+    """The ``(key, role)`` pairs of an active set after ``key`` joins it as ``role`` (the
+    rules of :func:`edgeml.control.activeset.assign`, on keys only)."""
+    out = [(s.key, s.role) for s in members if s.key != key]
+    if role == "champion":
+        old = next((x for x in out if x[1] == "champion"), None)
+        if old is not None:
+            out.remove(old)
+            out = [x for x in out if not (x[1] == "challenger" and x[0][0] == old[0][0])]
+            out.append((old[0], "challenger"))
+    else:
+        out = [x for x in out if not (x[1] == role and x[0][0] == key[0])]
+    out.append((key, role))
+    return out
+
+
+def store_bytes(root: Any) -> int:
+    """Bytes of every file under the model store."""
+    import os
+
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                continue
+    return total
+
+
+__all__ = ["Deliveries", "label", "projected", "reason_of", "store_bytes"]

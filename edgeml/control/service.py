@@ -23,6 +23,7 @@ from edgeml.control.commands import Commands, parse_command
 from edgeml.control.delivery import Deliveries
 from edgeml.control.ports import EventSink, Pipelines
 from edgeml.control.registry import ModelRegistry
+from edgeml.control.signing import CommandVerifier, CounterFile
 from edgeml.control.watch import Watch, WatchLimits, judge
 from edgeml.errors import CommandError, EdgemlError
 
@@ -50,7 +51,10 @@ class Control:
                                  on_watch=self._set_watch)
         self.deliveries = Deliveries(config, pipelines, registry, self.active, events,
                                      self._remember)
-        self.commands = Commands(config, pipelines, self.active, events)
+        self.verifier = CommandVerifier(
+            registry.trusted_keys, config.device_id,
+            CounterFile(config.data_dir / "state" / "cmd_counters.json"))
+        self.commands = Commands(config, pipelines, self.active, events, self.verifier)
         self._inbox: collections.deque = collections.deque()
         self._wake = asyncio.Event()
         self._work: asyncio.Queue = asyncio.Queue()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeml.config import Config, PipelineConfig, load_device_profile
+from edgeml.control.identity import Identity, check_identity, warn_if_untrusted
 from edgeml.control.registry import ModelRegistry
 from edgeml.control.service import Control
 from edgeml.core import status as status_doc
@@ -145,6 +146,10 @@ class Device:
         """Open storage and load every configured model (nothing is connected yet)."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # --- wt-trust: this data dir's instance id; the warning when commands are unsigned
+        self.identity = Identity(cfg.data_dir)
+        warn_if_untrusted(cfg.trusted_keys, self.topic("cmd"))
+        # --- end wt-trust
         self.store = ModelStore(cfg.data_dir / "models")
         self.registry = ModelRegistry(self.store, profile=self.profile,
                                       trusted_keys=_load_keys(cfg.trusted_keys),
@@ -180,8 +185,17 @@ class Device:
                 await self.run()
             return
         cfg = self.config
-        will = Publication(self.topic("status"), json_bytes(
-            status_doc.offline(cfg.device_id, "connection lost")), qos=1, retain=True)
+        # --- wt-trust: refuse to run as a twin; continue past published seqs (restored dir)
+        await check_identity(self.identity, connector=self._connector, settings=cfg.broker,
+                             prefix=cfg.topic_prefix, device_id=cfg.device_id,
+                             rawlogs={p.config.name: p.inlet.rawlog for p in self.pipelines},
+                             on_alert=self.egress.alert)
+        will = Publication(self.topic("status"), json_bytes({
+            **status_doc.offline(cfg.device_id, "connection lost"),
+            "identity": self.identity.status(
+                {p.config.name: p.inlet.rawlog.next_seq for p in self.pipelines})}),
+            qos=1, retain=True)
+        # --- end wt-trust
         manual_ack = any(p.qos > 0 for p in cfg.pipelines)
         settings = dataclasses.replace(
             cfg.broker, max_packet_bytes=self.profile.queue.max_packet_kb * 1024)
@@ -492,6 +506,13 @@ class Device:
             self.publish_status_soon()
 
     def status(self, state: str | None = None) -> dict:
+        doc = self._status(state)
+        # wt-trust: instance id and the seqs handed out so far (twin / restore checks)
+        doc["identity"] = self.identity.status(
+            {p.config.name: p.inlet.rawlog.next_seq for p in self.pipelines})
+        return doc
+
+    def _status(self, state: str | None = None) -> dict:
         pipes = {}
         total_received = 0
         for p in self.pipelines:

@@ -289,16 +289,25 @@ class Fleet:
     # ---- commands ---------------------------------------------------------------------------
     async def command(self, device: str, cmd: str, *, pipeline: str | None = None,
                       model: str | None = None, version: str | None = None,
-                      policy: str | None = None, timeout: float = 10.0) -> dict:
+                      policy: str | None = None, timeout: float = 10.0,
+                      sign_key: Any = None, extra: dict | None = None) -> dict:
         """Send one command and wait for its reply (a dict with ``ok`` and ``message``).
         Raises FleetTimeout when no reply comes; the command carries a deadline, so a device
-        that gets it later (it was offline) does not carry it out."""
+        that gets it later (it was offline) does not carry it out. With ``sign_key`` (an
+        Ed25519 private key) the command names its device, carries a counter (host time in
+        ns) and an expiry, and is signed (:mod:`edgeml.control.signing`)."""
         rid = secrets.token_hex(8)
         doc: dict[str, Any] = {"id": rid, "cmd": cmd, "deadline": time.time() + timeout}
         for k, v in (("pipeline", pipeline), ("model", model), ("version", version),
                      ("policy", policy)):
             if v is not None:
                 doc[k] = v
+        doc.update(extra or {})
+        if sign_key is not None:
+            from edgeml.control.signing import sign_command
+
+            doc = sign_command({**doc, "device": device}, sign_key,
+                               expires_in_s=max(timeout, 1.0) + 60.0)
         async with self.listen(f"{self.prefix}/{device}/cmd/reply") as q:
             await self._publish(f"{self.prefix}/{device}/cmd", json.dumps(doc).encode(),
                                 timeout=timeout)

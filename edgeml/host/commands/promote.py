@@ -12,6 +12,9 @@ champion stays as a challenger and is remembered for `edgeml rollback`. A watch 
 if the new champion's error rate, p99 latency or canary agreement crosses the device's [deploy]
 thresholds, the device rolls back by itself and raises an alert.
 
+A device with trusted_keys obeys only signed commands: give --sign-key FILE (the private key
+of one of its trusted keys). See docs/deploy.md, "Signed commands".
+
 Exit status: 0 ok, 1 the device refused (its reason is printed), 2 no reply before --timeout.
 """
 
@@ -28,7 +31,24 @@ def add_device_command_arguments(p: argparse.ArgumentParser, *,
                                             " (default: any model with an earlier champion)"))
     p.add_argument("--version", metavar="V", help="the model version (default: see above)")
     p.add_argument("--json", action="store_true", help="print the device's reply as JSON")
+    add_sign_key_argument(p)
     add_connection_arguments(p, timeout=10.0)
+
+
+def add_sign_key_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sign-key", metavar="FILE",
+                   help="Ed25519 private key (from `edgeml keygen`) to sign the command with; "
+                        "required by devices that have trusted_keys")
+
+
+def sign_key_of(args: argparse.Namespace):
+    if not getattr(args, "sign_key", None):
+        return None
+    from pathlib import Path
+
+    from edgeml.keys import load_private_key
+
+    return load_private_key(Path(args.sign_key))
 
 
 def run_device_command(args: argparse.Namespace, cmd: str) -> int:
@@ -43,7 +63,10 @@ def run_device_command(args: argparse.Namespace, cmd: str) -> int:
         async with Fleet(_settings(args), topic_prefix=args.topic_prefix) as fleet:
             return await fleet.command(args.device, cmd, pipeline=args.pipeline,
                                        model=args.model, version=args.version,
-                                       timeout=args.timeout)
+                                       timeout=args.timeout, sign_key=key,
+                                       policy=getattr(args, "policy", None))
+
+    key = sign_key_of(args)
 
     try:
         reply = asyncio.run(send())

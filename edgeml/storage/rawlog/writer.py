@@ -47,6 +47,11 @@ from edgeml.storage.rawlog.reader import _LogView
 log = logging.getLogger("edgeml.storage.rawlog")
 
 _DIRECT_WRITE_BYTES = 256 * 1024  # larger payloads skip the buffer (no copy: writev)
+#: the sequence high-water mark (wt-trust): seqs are reserved in blocks of this many, and the
+#: reservation is on disk (fsynced) before any seq of the block is handed out, so a lost tail
+#: (power cut, truncated segment) never brings a seq back that an answer already carried
+SEQ_FILE = "seq.json"
+SEQ_RESERVE = 4096
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,9 @@ class RawLog(_LogView):
 
     def __init__(self, directory: str | Path, *, segment_bytes: int = 16 * 2**20,
                  budget_bytes: int | None = 2**30, max_age_s: float | None = 30 * 86400,
-                 fsync_interval_s: float = 1.0, buffer_bytes: int = 64 * 1024) -> None:
+                 fsync_interval_s: float = 1.0, buffer_bytes: int = 64 * 1024,
+                 seq_reserve: int = SEQ_RESERVE,
+                 clock: Any = time.time, monotonic: Any = time.monotonic) -> None:
         super().__init__(directory)
         if not isinstance(segment_bytes, int) or segment_bytes < 1024:
             raise RawLogError(f"segment_bytes must be an int >= 1024, not {segment_bytes!r}")
@@ -104,6 +111,12 @@ class RawLog(_LogView):
         self.max_age_s = max_age_s
         self.fsync_interval_s = float(fsync_interval_s)
         self.buffer_bytes = buffer_bytes
+        self.seq_reserve = int(seq_reserve)
+        self._reserved = 0  # seqs below this may have been handed out (seq.json)
+        self._clock = clock
+        self._mono = monotonic
+        self._age_base: tuple[float, float] | None = None  # (wall, monotonic) at open
+        self.retention_refusals = 0
         self._sync_each = self.fsync_interval_s == 0
         self._lock = threading.Lock()
         self._buf = bytearray()
@@ -141,7 +154,9 @@ class RawLog(_LogView):
         self._take_lock()
         try:
             self.recovery = self._recover()
-            self._enforce_retention_locked(time.time())
+            self._restore_seq_mark()
+            self._age_base = (self._clock(), self._mono())
+            self._enforce_retention_locked(self._clock())
         except BaseException:
             self._release()
             raise
@@ -287,6 +302,58 @@ class RawLog(_LogView):
             return RecoveryReport(path.name, cut, meta.records, detail)
         return RecoveryReport(None, 0, meta.records, "clean")
 
+    # ---- the sequence high-water mark (wt-trust) ----------------------------------------
+    def _seq_path(self) -> Path:
+        return self.directory / SEQ_FILE
+
+    def _restore_seq_mark(self) -> None:
+        if self.seq_reserve <= 0:
+            return
+        try:
+            doc = json.loads(self._seq_path().read_text(encoding="utf-8"))
+            mark = int(doc["reserved"])
+        except FileNotFoundError:
+            mark = 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # unreadable: never reuse a seq: jump a whole block past what the log holds
+            log.error("%s: unreadable (%s); sequence numbers continue one reserve block "
+                      "further", self._seq_path(), exc)
+            mark = self._next_seq + self.seq_reserve
+        if mark > self._next_seq:
+            log.warning("%s: sequence numbers %d..%d may have been handed out before a lost "
+                        "tail or an unclean stop; continuing at %d (never reused)",
+                        self.directory, self._next_seq, mark - 1, mark)
+            self._next_seq = mark
+        self._reserved = self._next_seq
+        self._reserve_locked(self._next_seq)
+
+    def _reserve_locked(self, upto: int) -> None:
+        """Make every seq below ``upto`` (and a block more) safe to hand out."""
+        if self.seq_reserve <= 0 or upto < self._reserved:
+            return
+        mark = upto + self.seq_reserve
+        try:
+            atomic_write(self._seq_path(), json.dumps({"reserved": mark}).encode())
+        except OSError as exc:
+            raise RawLogError(f"{self._seq_path()}: cannot persist the sequence mark: "
+                              f"{exc.strerror}") from exc
+        self._reserved = mark
+
+    @property
+    def seq_reserved(self) -> int:
+        """Seqs below this may have been handed out (published in the status)."""
+        return self._reserved
+
+    def advance_seq(self, seq: int) -> bool:
+        """Continue at ``seq`` at least (a restored data dir: the fleet saw higher seqs)."""
+        with self._lock:
+            if seq <= self._next_seq:
+                return False
+            self._write_out_locked()
+            self._next_seq = seq
+            self._reserve_locked(seq)
+            return True
+
     def _add_sealed(self, info: SegmentInfo) -> None:
         self._sealed.append(info)
         self._sealed_bytes += info.bytes
@@ -352,6 +419,8 @@ class RawLog(_LogView):
         if meta.records and self._open_written + len(self._buf) + rec_len > self.segment_bytes:
             self._roll_locked()
             meta = self._meta
+        if seq >= self._reserved:
+            self._reserve_locked(seq + 1)
         self._next_seq = seq + 1
         meta.note(seq, received)  # first: a failed write below counts this record as lost
         self._records_appended += 1
@@ -387,6 +456,8 @@ class RawLog(_LogView):
                 raise self._closed()
             first = self._next_seq
             seq = first
+            if first + len(items) > self._reserved:
+                self._reserve_locked(first + len(items))
             framed = [(*self._frame(first + i, t, p, r), r) for i, (t, p, r) in
                       enumerate(items)]
             for head, payload, rec_len, received in framed:
@@ -482,6 +553,10 @@ class RawLog(_LogView):
                 if self._fd >= 0:
                     self._write_out_locked()
                     self._sync_segment_locked()
+                    if self.seq_reserve > 0:  # a clean stop: continue exactly here
+                        with contextlib.suppress(OSError):
+                            atomic_write(self._seq_path(),
+                                         json.dumps({"reserved": self._next_seq}).encode())
             finally:
                 if self._fd >= 0:
                     os.close(self._fd)  # appends fail from here on
@@ -541,7 +616,7 @@ class RawLog(_LogView):
                                             name=f"rawlog-sealer-{self.directory.name}")
             self._sealer.start()
         self._create_segment_locked(self._next_seq, durable=self._sync_each)
-        self._enforce_retention_locked(time.time())  # the budget counts pending segments
+        self._enforce_retention_locked(self._clock())  # the budget counts pending segments
 
     def _sealer_main(self) -> None:
         """The sealer thread: touches files only, never the writer's state or lock."""
@@ -578,7 +653,7 @@ class RawLog(_LogView):
             changed = True
         if changed:
             self._sealed.sort(key=lambda i: i.first_seq)
-            self._enforce_retention_locked(time.time())
+            self._enforce_retention_locked(self._clock())
 
     def wait_sealed(self) -> None:
         """Block until every rolled segment is sealed (snapshot() and close() do this)."""
@@ -595,8 +670,7 @@ class RawLog(_LogView):
             pending = sum(i.bytes for i in self._pending.values())
             over = (self.budget_bytes is not None
                     and self._sealed_bytes + pending + self.segment_bytes > self.budget_bytes)
-            old = self.max_age_s is not None and (
-                oldest.max_received is None or oldest.max_received < now - self.max_age_s)
+            old = self.max_age_s is not None and self._too_old_locked(oldest, now)
             if not (over or old):
                 break
             try:
@@ -617,6 +691,53 @@ class RawLog(_LogView):
         # no directory fsync: an unlink lost in a power cut is redone at the next open
         return removed
 
+    # ---- clock-safe age retention (wt-trust) ----------------------------------------------
+    #: wall time and monotonic time may drift apart by this much before it counts as a step
+    CLOCK_STEP_S = 120.0
+    #: records received before this wall time (2024-01-01) were stamped by an unset clock
+    TRUSTED_WALL = 1_704_067_200.0
+
+    def _refuse_age(self, why: str) -> bool:
+        self.retention_refusals += 1
+        if why != getattr(self, "_last_refusal", None):
+            log.warning("%s: age-based retention refused: %s (the byte budget still applies)",
+                        self.directory, why)
+            self._last_refusal = why
+        return False
+
+    def _too_old_locked(self, oldest: SegmentInfo, now: float) -> bool:
+        """Whether the oldest sealed segment is past ``max_age_s``, judged only when the wall
+        clock can be believed: it agrees with monotonic time since the log was opened, the
+        segment was stamped by a set clock, and the segments' times follow their order.
+        A clock step (1970 -> 2026 at NTP sync, or back) never deletes anything."""
+        assert self.max_age_s is not None
+        if oldest.max_received is None:
+            return True  # an empty segment: nothing to lose
+        if self._age_base is not None:
+            wall0, mono0 = self._age_base
+            expected = wall0 + (self._mono() - mono0)
+            if abs(now - expected) > self.CLOCK_STEP_S:
+                self._age_base = (now, self._mono())  # judge from the new clock from now on
+                return self._refuse_age(
+                    f"the wall clock stepped by {now - expected:+.0f} s (it says {now:.0f}, "
+                    f"monotonic time since the log was opened says {expected:.0f})")
+        if oldest.max_received < self.TRUSTED_WALL:
+            return self._refuse_age(
+                f"{oldest.path.name} (seqs {oldest.first_seq}-{oldest.last_seq}) was stamped "
+                f"{oldest.max_received:.0f}, before the clock was set; kept until the budget "
+                "needs the space")
+        later = [i.max_received for i in self._sealed[1:] if i.max_received is not None]
+        if self._meta.records and self._meta.max_received is not None:
+            later.append(self._meta.max_received)
+        if later and min(later) < oldest.max_received - self.CLOCK_STEP_S:
+            return self._refuse_age(
+                f"segment times disagree with their order: {oldest.path.name} ends at "
+                f"{oldest.max_received:.0f}, a later segment at {min(later):.0f}")
+        if oldest.max_received > now + self.CLOCK_STEP_S:
+            return self._refuse_age(
+                f"{oldest.path.name} ends at {oldest.max_received:.0f}, after now ({now:.0f})")
+        return oldest.max_received < now - self.max_age_s
+
     def enforce_retention(self) -> dict[str, int]:
         """Apply the byte budget and the age limit now (rolls do it anyway; call it from time
         to time so an idle log still forgets old data)."""
@@ -624,7 +745,7 @@ class RawLog(_LogView):
             if self._fd < 0:
                 raise self._closed()
             self._integrate_seals_locked()
-            segs, recs, nbytes = self._enforce_retention_locked(time.time())
+            segs, recs, nbytes = self._enforce_retention_locked(self._clock())
         return {"segments": segs, "records": recs, "bytes": nbytes}
 
     def roll(self) -> None:
@@ -683,6 +804,8 @@ class RawLog(_LogView):
                 "last_sync_age_s": round(time.monotonic() - self._last_sync, 3),
                 "write_errors": self._write_errors,
                 "records_lost": self._records_lost,
+                "retention_refusals": self.retention_refusals,
+                "seq_reserved": self._reserved,
                 "recovered_truncated_bytes": self.recovery.truncated_bytes,
             })
             return d
