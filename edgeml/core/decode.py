@@ -6,6 +6,10 @@ Accepted shapes (JSON or msgpack, see docs/topics.md):
 - a batch:                     ``{"samples": [<sample>, ...], "id": "b7"}`` or ``[<sample>, ...]``
   and, with an array field, ``{"values": [[...], [...]]}`` (one row per sample).
 Anything else is a :class:`~edgeml.errors.DecodeError` with a short ``reason`` code.
+
+The formats ``senml``, ``influx_line``, ``value`` and ``sparkplug_b`` are decoded by
+:mod:`edgeml.core.formats` (dispatched from :meth:`Decoder.decode`); the last two only parse
+here and are assembled by their session (:meth:`Decoder.session`, kept by the Assembler).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from edgeml.core.formats import EXTRA_FORMATS
 from edgeml.errors import DecodeError
 
 _JSON_START = frozenset(b"{[ \t\r\n")
@@ -29,6 +34,10 @@ class Decoded:
     samples: np.ndarray
     ids: tuple[Any, ...]
     labels: tuple[Any, ...] | None
+    #: per sample, the source its window is kept for (None: the message's topic)
+    sources: tuple[str, ...] | None = None
+    #: stateful formats (value, sparkplug_b): the parsed message for the session; no samples
+    parsed: Any = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +52,8 @@ class Decoder:
     label_field: str | None = "label"
     max_payload_bytes: int = 256 * 1024
     max_batch_samples: int = 1024
+    #: format options: ValueSpec (value) or SparkplugSpec (sparkplug_b)
+    spec: Any = None
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, n_features: int | None = None) -> Decoder:
@@ -53,7 +64,20 @@ class Decoder:
             id_field=pipeline.id_field, label_field=pipeline.label_field,
             max_payload_bytes=pipeline.max_payload_bytes,
             max_batch_samples=pipeline.max_batch_samples,
+            spec=getattr(pipeline, "format_spec", None),
         )
+
+    def session(self) -> Any:
+        """A fresh per-pipeline session for a stateful format (None for the others)."""
+        if self.format == "value":
+            from edgeml.core.formats.value import ValueSession
+
+            return ValueSession(self.spec, self.features or ())
+        if self.format == "sparkplug_b":
+            from edgeml.core.formats.sparkplug import SparkplugSession
+
+            return SparkplugSession(self.spec, self.features or ())
+        return None
 
     def parse(self, payload: bytes) -> Any:
         if len(payload) > self.max_payload_bytes:
@@ -78,6 +102,8 @@ class Decoder:
             raise DecodeError("malformed", f"not valid msgpack: {exc}") from None
 
     def decode(self, payload: bytes) -> Decoded:
+        if self.format in EXTRA_FORMATS:
+            return self._decode_extra(payload)
         doc = self.parse(payload)
         if isinstance(doc, list):
             return self._batch(doc, None)
@@ -101,6 +127,32 @@ class Decoder:
         lab = doc.get(self.label_field) if self.label_field else None
         return Decoded(self._check([row], "sample"), (doc.get(self.id_field),),
                        (lab,) if lab is not None else None)
+
+    def _decode_extra(self, payload: bytes) -> Decoded:
+        if len(payload) > self.max_payload_bytes:
+            raise DecodeError("too_large", f"{len(payload)} bytes > limit "
+                                           f"{self.max_payload_bytes}")
+        if not payload:
+            raise DecodeError("malformed", "empty payload")
+        fmt, features = self.format, self.features or ()
+        if fmt == "value":
+            from edgeml.core.formats.value import parse_value
+
+            return Decoded(_NO_SAMPLES, (), None, parsed=parse_value(payload))
+        if fmt == "sparkplug_b":
+            from edgeml.core.formats.sparkplug import parse_payload
+
+            return Decoded(_NO_SAMPLES, (), None, parsed=parse_payload(payload))
+        if fmt == "senml":
+            from edgeml.core.formats.senml import decode_senml as parse
+        else:
+            from edgeml.core.formats.influx import decode_influx as parse
+        rows, ids, labels, sources = parse(payload, features=features, id_field=self.id_field,
+                                           label_field=self.label_field,
+                                           max_records=self.max_batch_samples)
+        has_labels = any(lab is not None for lab in labels)
+        return Decoded(self._check(rows, fmt), tuple(ids),
+                       tuple(labels) if has_labels else None, tuple(sources))
 
     def _batch(self, items: list, doc: dict | None) -> Decoded:
         if not items:
@@ -161,6 +213,9 @@ class Decoder:
                 raise DecodeError("bad_value", f"{where}: null is not a number")
             raise DecodeError("non_finite", f"{where}: NaN or infinite value")
         return arr
+
+
+_NO_SAMPLES = np.zeros((0, 0), dtype=np.float32)
 
 
 def _sub_id(base: Any, i: int) -> Any:
