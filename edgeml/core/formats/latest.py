@@ -15,6 +15,16 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 
+class _Source:
+    __slots__ = ("fresh", "oldest", "times", "values")
+
+    def __init__(self, n: int) -> None:
+        self.values = [0.0] * n
+        self.times: list[float | None] = [None] * n  # None: no fresh value
+        self.fresh = 0
+        self.oldest = float("inf")  # the oldest fresh value's time
+
+
 class LatestValues:
     def __init__(self, features: tuple[str, ...], *, max_age_s: float,
                  max_sources: int = 10_000) -> None:
@@ -22,8 +32,7 @@ class LatestValues:
         self.index = {f: i for i, f in enumerate(features)}
         self.max_age_s = max_age_s
         self.max_sources = max_sources
-        # source -> [values float64[n], times float64[n] (nan: not fresh)]
-        self._by_source: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._by_source: OrderedDict[str, _Source] = OrderedDict()
         self.counts: Counter[str] = Counter()
         #: sources (prefixes) dropped since the assembler last looked: their partial windows
         #: are dropped too (a window must not span a node's death or rebirth)
@@ -34,35 +43,49 @@ class LatestValues:
         ``feature`` must be one of ``features`` (callers count the others)."""
         st = self._by_source.get(source)
         if st is None:
-            n = len(self.features)
-            st = self._by_source[source] = (np.zeros(n), np.full(n, np.nan))
+            st = self._by_source[source] = _Source(len(self.features))
             if len(self._by_source) > self.max_sources:
                 self._by_source.popitem(last=False)
                 self.counts["evicted_sources"] += 1
         else:
             self._by_source.move_to_end(source)
-        values, times = st
+        times = st.times
+        limit = t - self.max_age_s
+        if st.oldest < limit:  # something fresh went stale
+            oldest = float("inf")
+            for j, tj in enumerate(times):
+                if tj is None:
+                    continue
+                if tj < limit:
+                    times[j] = None
+                    st.fresh -= 1
+                    self.counts["stale"] += 1
+                elif tj < oldest:
+                    oldest = tj
+            st.oldest = oldest
         i = self.index[feature]
-        stale = times < t - self.max_age_s  # nan compares False: only fresh values expire
-        if stale.any():
-            self.counts["stale"] += int(stale.sum())
-            times[stale] = np.nan
-        if not np.isnan(times[i]):
+        if times[i] is None:
+            st.fresh += 1
+        else:
             self.counts["overwritten"] += 1
-        values[i] = value
+        st.values[i] = value
         times[i] = t
-        if np.isnan(times).any():
+        if t < st.oldest:
+            st.oldest = t
+        if st.fresh < len(times):
             return None
-        times[:] = np.nan
+        sample = np.array(st.values, dtype=np.float32)
+        st.times = [None] * len(times)
+        st.fresh = 0
+        st.oldest = float("inf")
         self.counts["samples"] += 1
-        return values.astype(np.float32)
+        return sample
 
     def drop(self, prefix: str) -> None:
         """Forget the sources ``prefix`` or under ``prefix/`` (a node or device went away)."""
         self.dropped.append(prefix)
         for s in [s for s in self._by_source if s == prefix or s.startswith(prefix + "/")]:
-            _, times = self._by_source.pop(s)
-            self.counts["dropped"] += int((~np.isnan(times)).sum())
+            self.counts["dropped"] += self._by_source.pop(s).fresh
 
     @property
     def pending_sources(self) -> int:
