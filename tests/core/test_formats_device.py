@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 
 import msgpack
 import numpy as np
@@ -25,6 +26,7 @@ from _formats_streams import (
 )
 from conftest import write_config
 
+from edgeml.cli import main
 from edgeml.config import load_config
 from edgeml.core.assemble import Assembler
 from edgeml.core.decode import Decoder
@@ -164,6 +166,13 @@ def test_every_format_answers_like_the_json_stream(fmt, tmp_path, activity_bundl
     assert [r.seq for r in rows] == [a["input_seq"] for a in answers]
     for r, w in zip(rows, range(n), strict=True):
         np.testing.assert_array_equal(r.features, test_set.X[w].astype(np.float32).ravel())
+    # and `edgeml replay` over the archive gives every answer again, for the same input_seq
+    out = tmp_path / "rows.jsonl"
+    assert main(["replay", str(activity_bundle), "--config", str(tmp_path / "edgeml.toml"),
+                 "--pipeline", "activity", "--rows", str(out), "--quiet"]) == 0
+    replayed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["seq"], next(iter(r["outputs"].values()))["label"]) for r in replayed] == \
+        [(a["input_seq"], a["output"]["label"]) for a in answers]
 
 
 @sync
