@@ -109,3 +109,15 @@ def test_unknown_aliases_historical_nulls_and_unmapped_metrics():
     assert (s.counts["historical"], s.counts["nulls"], s.counts["unmapped"],
             s.counts["unknown_alias"]) == (1, 1, 1, 1)
     assert not s.outbound  # rebirth is opt-in
+
+
+def test_node_and_device_tables_are_bounded():
+    s = SparkplugSession(SparkplugSpec(group_id=G), ("a", "b"), max_nodes=2, max_devices=2)
+    for node in ("n1", "n2", "n3"):
+        s.feed(f"spBv1.0/{G}/NBIRTH/{node}", parse_payload(spb(BIRTH, 0)), 0.0)
+    for k, dev in enumerate(("d1", "d2", "d3")):
+        s.feed(f"spBv1.0/{G}/DBIRTH/n3/{dev}", parse_payload(spb(BIRTH, k + 1)), 0.0)
+    assert list(s.nodes) == [f"{G}/n2", f"{G}/n3"] and list(s.nodes[f"{G}/n3"].devices) == \
+        ["d2", "d3"]
+    st = s.status()
+    assert (st["evicted_nodes"], st["evicted_devices"], st["nodes_total"]) == (1, 1, 2)

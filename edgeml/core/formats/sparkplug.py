@@ -41,6 +41,7 @@ BOOLEAN = 11
 _SIGNED32 = (1, 2, 3)  # Int8, Int16, Int32 travel as uint32 two's complement
 _SIGNED64 = (4,)  # Int64 as uint64 two's complement
 _NUMERIC_ONEOF = ("int_value", "long_value", "float_value", "double_value", "boolean_value")
+STATUS_NODES = 50
 _SEQ_TYPES = frozenset(("NDATA", "DBIRTH", "DDATA", "DDEATH"))
 
 
@@ -217,7 +218,10 @@ class SparkplugSession:
     """One pipeline's Sparkplug B host state. Feed messages in archive order."""
 
     def __init__(self, spec: SparkplugSpec, features: tuple[str, ...], *,
-                 max_outbound: int = 16) -> None:
+                 max_outbound: int = 16, max_nodes: int = 10_000,
+                 max_devices: int = 10_000) -> None:
+        self.max_nodes = max_nodes  # names come from the network: the tables are bounded
+        self.max_devices = max_devices
         self.spec = spec
         self.features = features
         self.mapping = dict(spec.metrics) if spec.metrics else {f: f for f in features}
@@ -243,9 +247,9 @@ class SparkplugSession:
             return []
         node = self.nodes.get(key)
         if mtype == "NBIRTH":
-            node = self.nodes[key] = _Node(
+            node = self._add_node(key, _Node(
                 born=True, seq=msg.seq, gaps=node.gaps if node else 0,
-                last_request=node.last_request if node else None)
+                last_request=node.last_request if node else None))
             node.edge.learn(msg.metrics)
             node.bdseq = next((m.value for m in msg.metrics if m.name == "bdSeq"), None)
             self.latest.drop(key)
@@ -291,6 +295,9 @@ class SparkplugSession:
             return []
         source = key if device is None else f"{key}/{device}"
         if mtype == "DBIRTH":
+            if device not in node.devices and len(node.devices) >= self.max_devices:
+                node.devices.pop(next(iter(node.devices)))
+                self.counts["evicted_devices"] += 1
             edge = node.devices[device] = _Edge()  # type: ignore[index]
             edge.learn(msg.metrics)
             self.latest.drop(source)
@@ -339,7 +346,7 @@ class SparkplugSession:
         if not self.spec.rebirth:
             return
         if node is None:
-            node = self.nodes[key] = _Node()
+            node = self._add_node(key, _Node())
         node.on_hold = True
         if node.last_request is not None and \
                 received - node.last_request < self.spec.rebirth_interval_s:
@@ -354,8 +361,20 @@ class SparkplugSession:
         if self.notify is not None:
             self.notify()
 
+    def _add_node(self, key: str, node: _Node) -> _Node:
+        if key not in self.nodes and len(self.nodes) >= self.max_nodes:
+            old = next(iter(self.nodes))
+            del self.nodes[old]
+            self.latest.drop(old)
+            self.counts["evicted_nodes"] += 1
+        self.nodes[key] = node
+        return node
+
     def status(self) -> dict:
+        # at most STATUS_NODES nodes in the (retained) status: those on hold or with gaps first
+        shown = sorted(self.nodes.items(), key=lambda kv: (not kv[1].on_hold, not kv[1].gaps))
         nodes = {k: {"online": n.born, "seq": n.seq, "on_hold": n.on_hold, "gaps": n.gaps,
-                     "devices": sorted(n.devices)} for k, n in self.nodes.items()}
-        return {"sources": self.latest.pending_sources, "nodes": nodes,
+                     "devices": len(n.devices)} for k, n in shown[:STATUS_NODES]}
+        return {"sources": self.latest.pending_sources, "nodes_total": len(self.nodes),
+                "nodes": nodes,
                 "last_gap": self.last_gap, **dict(self.counts)}
