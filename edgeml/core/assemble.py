@@ -9,6 +9,7 @@ the same samples.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 
 from edgeml.config import WindowConfig
 from edgeml.core.decode import Decoded, Decoder
+
+log = logging.getLogger("edgeml.core.assemble")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +91,12 @@ class Assembler:
     def _session_feed(self, topic: str, parsed, received: float) -> Decoded | None:
         if self.session is None:
             raise TypeError(f"{self.decoder.format}: a parsed message needs a session")
-        pairs = self.session.feed(topic, parsed, received)
+        try:
+            pairs = self.session.feed(topic, parsed, received)
+        except Exception:  # a bug must not take the burst down: count it, keep going
+            log.exception("%s session failed on a message from %s", self.decoder.format, topic)
+            self.session.counts["errors"] += 1
+            pairs = []
         dropped = self.session.latest.dropped
         if dropped:
             for prefix in dropped:

@@ -267,7 +267,6 @@ class Device:
                         except TransportError as exc:
                             s.counts["rebirth_send_failed"] += 1
                             log.warning("request on %s not sent: %s", topic, exc)
-        wake.set()  # anything queued while recovering
         return tg.create_task(drain(), name="outbound")
 
     # ---- SIGHUP ----------------------------------------------------------------------------

@@ -331,3 +331,14 @@ assert "google.protobuf" not in sys.modules or sys.modules["google.protobuf"] is
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "pipelines[0].format" in out.stdout and "edgeml[sparkplug]" in out.stdout
+
+
+def test_a_failing_session_is_counted_not_raised(monkeypatch):
+    spec = ValueSpec(TopicTemplate.parse("a/{feature}"))
+    asm = Assembler(Decoder(format="value", features=("x",), spec=spec))
+
+    def boom(*_a):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(asm.session, "feed", boom)
+    assert asm.feed("a/x", b"1", 0, 0.0) == []
+    assert asm.status()["errors"] == 1

@@ -146,8 +146,9 @@ def parse_payload(payload: bytes) -> SpbPayload:
     msg = payload_class()()
     try:
         msg.ParseFromString(payload)
-    except (PbDecodeError, ValueError, RuntimeError) as exc:
-        raise DecodeError("malformed", f"not a Sparkplug B payload: {exc}") from None
+    except Exception as exc:  # PbDecodeError and anything else: untrusted bytes
+        what = "" if isinstance(exc, PbDecodeError) else f"{type(exc).__name__}: "
+        raise DecodeError("malformed", f"not a Sparkplug B payload: {what}{exc}") from None
     metrics = []
     for m in msg.metrics:
         kind = m.WhichOneof("value")
