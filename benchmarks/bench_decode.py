@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -141,12 +142,14 @@ def main() -> int:
     doc = {"benchmark": "decode", "python": platform.python_version(),
            "machine": platform.machine(), "processor": platform.processor(),
            "seconds_per_measurement": args.seconds, "features": 6,
+           "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
            "note": "per sample (6 float features), BasicMotions TEST; decode = "
                    "Decoder.decode, +assemble = Assembler.feed_decoded without windows",
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: "
+          "figures from a busy machine are noisy)")
     return 0
 
 

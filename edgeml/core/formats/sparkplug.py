@@ -24,6 +24,7 @@ one rebirth request (an NCMD with ``Node Control/Rebirth = true``), at most one 
 from __future__ import annotations
 
 import functools
+import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ import numpy as np
 from edgeml.core.formats import F32_MAX
 from edgeml.core.formats.latest import LatestValues
 from edgeml.errors import DecodeError
+
+log = logging.getLogger("edgeml.core.formats.sparkplug")
 
 NAMESPACE = "spBv1.0"
 REBIRTH_METRIC = "Node Control/Rebirth"
@@ -288,6 +291,9 @@ class SparkplugSession:
                 node.gaps += 1
                 self.last_gap = {"node": key, "expected": expected, "got": msg.seq,
                                  "at": received}
+                log.warning("sparkplug node %s: sequence gap (expected %d, got %d)%s", key,
+                            expected, msg.seq, "; rebirth requested" if self.spec.rebirth
+                            else "")
                 self._hold(key, node, received)
             node.seq = msg.seq
         if node.on_hold:
