@@ -1,6 +1,7 @@
-"""Sparkplug B end to end through a real mosquitto and a real daemon: BasicMotions windows as
-DDATA, a lost message (a real sequence gap), exactly one rebirth request published by the
-daemon on the broker, and answers again after the node's new BIRTH."""
+"""Through a real mosquitto and a real daemon. Sparkplug B: BasicMotions windows as DDATA, a
+lost message (a real sequence gap), exactly one rebirth request published by the daemon on
+the broker, and answers again after the node's new BIRTH. One value per topic: the
+subscription derived from the topic template."""
 
 from __future__ import annotations
 
@@ -12,16 +13,39 @@ from _formats_streams import (
     SPARKPLUG_METRICS_TOML,
     SparkplugNode,
     sparkplug_messages,
+    value_messages,
 )
 from conftest import publish_all, write_config
 
 from edgeml.host.datasets import load_basicmotions
 
-pytest.importorskip("google.protobuf")
+
+def test_one_value_per_topic_over_mosquitto(tmp_path, broker, collector, daemon_factory,
+                                            activity_bundle):
+    from models import train_activity_model
+
+    test = load_basicmotions("TEST")
+    want = list(train_activity_model("logreg").predict(test.flat()[:2]))
+    cfg = write_config(
+        tmp_path / "edgeml.toml", broker=broker, data_dir=tmp_path / "data",
+        models=[{"name": "activity", "version": "1", "bundle": str(activity_bundle)}],
+        pipeline={"format": "value", "topics": None,
+                  "topic_template": "plant/{line}/{machine}/{feature}"})
+    out = "edgeml/watch-01/out/activity"
+    c = collector(out)
+    d = daemon_factory(cfg)
+    publish_all(broker, value_messages(test, [0, 1]))
+    msgs = c.wait_count(2, topic=out)
+    answers = [msgpack.unpackb(m.payload, raw=False) for m in msgs]
+    assert [a["output"]["label"] for a in answers] == want
+    assert [a["topic"] for a in answers] == ["plant/line1/w0/gz", "plant/line1/w1/gz"]
+    st = d.status()["pipelines"]["activity"]
+    assert (st["accepted"], st["format"]["samples"]) == (1200, 200)
 
 
 def test_sparkplug_gap_and_rebirth_over_mosquitto(tmp_path, broker, collector, daemon_factory,
                                                  activity_bundle):
+    pytest.importorskip("google.protobuf")
     from models import train_activity_model
 
     from edgeml.core.formats.sparkplug import REBIRTH_METRIC, parse_payload
