@@ -17,6 +17,7 @@ are relative to "now" (RFC 8428 4.5.3) and only order the samples.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -39,6 +40,11 @@ def _num(rec: dict, key: str, i: int) -> float | None:
 
 
 def _split(name: str, features: tuple[str, ...]) -> tuple[str, str] | None:
+    # names repeat from pack to pack: cache the short ones (the cache stays small)
+    return _split_cached(name, features) if len(name) <= 128 else _split_name(name, features)
+
+
+def _split_name(name: str, features: tuple[str, ...]) -> tuple[str, str] | None:
     best = None
     for f in features:
         if name == f:
@@ -47,6 +53,9 @@ def _split(name: str, features: tuple[str, ...]) -> tuple[str, str] | None:
                 best is None or len(f) > len(best)):
             best = f
     return None if best is None else (name[: -len(best)], best)
+
+
+_split_cached = functools.lru_cache(maxsize=4096)(_split_name)
 
 
 def decode_senml(payload: bytes, *, features: tuple[str, ...], id_field: str | None,
@@ -77,7 +86,8 @@ def decode_senml(payload: bytes, *, features: tuple[str, ...], id_field: str | N
         if ver is not None and (isinstance(ver, bool) or not isinstance(ver, int) or ver > 10):
             raise DecodeError("malformed", f"record {i}: unsupported SenML version {ver!r}")
         for key in _NUMBERS:
-            _num(rec, key, i)
+            if key in rec:
+                _num(rec, key, i)
         if "bn" in rec:
             if not isinstance(rec["bn"], str):
                 raise DecodeError("malformed", f"record {i}: bn must be a string")
