@@ -293,6 +293,10 @@ def _format_options(r: Table, fmt: str, topics: tuple[str, ...],
             tt = TopicTemplate.parse(template)
         except ValueError as exc:
             raise r.error("topic_template", f"{template!r}: {exc}") from None
+        for i, f in enumerate(features or ()):
+            if not _TOPIC_LEVEL.fullmatch(f):
+                raise r.error(f"features[{i}]", f"{f!r} cannot be a topic level (the "
+                                                "{feature} of topic_template)")
         return (tt.topic_filter,), ValueSpec(tt, max_age), template, max_age
     if fmt == "sparkplug_b":
         from edgeml.core.formats import sparkplug

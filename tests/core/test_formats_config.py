@@ -56,6 +56,8 @@ def test_sparkplug_derives_the_node_namespace():
     ({"format": "senml", "topics": ["x"], "features": None, "field": "values"},
      "pipelines[0].field", "features"),
     ({"format": "influx", "topics": ["x"]}, "pipelines[0].format", "influx_line"),
+    ({"format": "value", "topic_template": "a/{feature}", "features": ["ax", "imu/ay"]},
+     "pipelines[0].features[1]", "topic level"),
 ])
 def test_bad_keys_are_named(pipeline, key, words):
     msg = error(**pipeline)
