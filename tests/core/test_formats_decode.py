@@ -1,7 +1,8 @@
-"""The four extra payload formats, decoded from the specifications' own examples:
-RFC 8428 section 5.1 (SenML JSON), the InfluxDB line protocol reference (syntax, data types,
-special characters), and Sparkplug B payloads encoded here by hand from the field numbers in
-Eclipse Tahu's sparkplug_b.proto (an encoder independent of the device's descriptor)."""
+"""The four extra payload formats, decoded from the specifications' own examples: RFC 8428
+section 5 (SenML JSON; the examples checked against a public copy), the InfluxDB line
+protocol reference (syntax, data types, special characters), and Sparkplug B payloads
+encoded here by hand from the field numbers in Eclipse Tahu's sparkplug_b.proto (an encoder
+independent of the device's descriptor)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def reason(decoder: Decoder, payload: bytes) -> str:
     return exc.value.reason
 
 
-# ---- SenML: RFC 8428 section 5.1 -------------------------------------------------------------
-RFC_5_1_2 = b'''[
+# ---- SenML: the examples of RFC 8428 section 5, by their titles ----------------------------------
+RFC_MULTIPLE_DATA_POINTS = b'''[
   {"bn":"urn:dev:ow:10e2073a01080063:","n":"voltage","u":"V","v":120.1},
   {"n":"current","u":"A","v":1.2}
 ]'''
-RFC_5_1_3 = b'''[
+RFC_POINTS_AND_TIME = b'''[
   {"bn":"urn:dev:ow:10e2073a0108006:","bt":1.276020076001e+09,
    "bu":"A","bver":5,
    "n":"voltage","u":"V","v":120.1},
@@ -44,55 +45,78 @@ RFC_5_1_3 = b'''[
   {"n":"current","t":-1,"v":1.6},
   {"n":"current","v":1.7}
 ]'''
-RFC_5_1_5 = b'''[
+# not from the RFC: "Multiple Data Points" resolved by hand (section 4.6 rules) with a time
+RESOLVED_BY_HAND = b'''[
   {"n":"urn:dev:ow:10e2073a01080063:voltage","u":"V","v":120.1,"t":1.320078429e+09},
   {"n":"urn:dev:ow:10e2073a01080063:current","u":"A","v":1.2,"t":1.320078429e+09}
 ]'''
-RFC_5_1_6 = b'''[
+RFC_DATA_TYPES = b'''[
   {"bn":"urn:dev:ow:10e2073a01080063:","n":"temp","u":"Cel","v":23.1},
   {"n":"label","vs":"Machine Room"},
   {"n":"open","vb":false},
-  {"n":"nfv-reader","vd":"aGkgCg"}
+  {"n":"nfc-reader","vd":"aGkgCg"}
 ]'''
-RFC_5_1_7 = b'''[
-  {"bn":"2001:db8::2/","n":"temperature","u":"Cel","v":25.2},
+RFC_COLLECTION_OF_RESOURCES = b'''[
+  {"bn":"2001:db8::2/","bt":1.320078429e+09,
+   "n":"temperature","u":"Cel","v":25.2},
   {"n":"humidity","u":"%RH","v":30},
   {"bn":"2001:db8::1/","n":"temperature","u":"Cel","v":12.3},
   {"n":"humidity","u":"%RH","v":67}
 ]'''
+RFC_SETTING_AN_ACTUATOR = b'''[
+  {"bn":"urn:dev:ow:10e2073a01080063:"},
+  {"n":"temp","u":"Cel","v":23.1},
+  {"n":"heat","u":"/","v":1},
+  {"n":"fan","u":"/","v":0}
+]'''
+RFC_SYNCHRONIZED_LIGHTS_OFF = b'''[
+  {"bt":1.320078429e+09,"bu":"/","n":"2001:db8::3","v":0.5},
+  {"n":"2001:db8::4","v":0.5},
+  {"n":"2001:db8::3","t":0.1,"v":0},
+  {"n":"2001:db8::4","t":0.1,"v":0}
+]'''
 
 
 def test_senml_base_name_splits_source_and_feature():
-    d = senml(["voltage", "current"]).decode(RFC_5_1_2)
+    d = senml(["voltage", "current"]).decode(RFC_MULTIPLE_DATA_POINTS)
     np.testing.assert_array_equal(d.samples, np.float32([[120.1, 1.2]]))
     assert d.sources == ("urn:dev:ow:10e2073a01080063:",)
-    # the resolved form of the same pack (5.1.5) names the same source and features
-    r = senml(["voltage", "current"]).decode(RFC_5_1_5)
+    # the same pack resolved names the same source and features
+    r = senml(["voltage", "current"]).decode(RESOLVED_BY_HAND)
     np.testing.assert_array_equal(r.samples, d.samples)
     assert r.sources == d.sources
 
 
 def test_senml_base_time_and_relative_times_order_the_samples():
-    d = senml(["current"]).decode(RFC_5_1_3)  # voltage names no feature: not ours
+    d = senml(["current"]).decode(RFC_POINTS_AND_TIME)  # voltage names no feature: not ours
     np.testing.assert_allclose(d.samples[:, 0], [1.2, 1.3, 1.4, 1.5, 1.6, 1.7], rtol=1e-6)
-    shuffled = RFC_5_1_3.replace(b'{"n":"current","t":-5,"v":1.2},', b"").replace(
-        b'{"n":"current","v":1.7}', b'{"n":"current","v":1.7},{"n":"current","t":-5,"v":1.2}')
+    first = b'{"n":"current","t":-5,"v":1.2}'
+    shuffled = RFC_POINTS_AND_TIME.replace(first + b",", b"").replace(
+        b'{"n":"current","v":1.7}', b'{"n":"current","v":1.7},' + first)
     d2 = senml(["current"]).decode(shuffled)
     np.testing.assert_array_equal(d2.samples, d.samples)  # time order, not record order
     # voltage exists only at bt: the samples at bt-5 .. bt-1 lack it
-    assert reason(senml(["voltage", "current"]), RFC_5_1_3) == "missing_field"
+    assert reason(senml(["voltage", "current"]), RFC_POINTS_AND_TIME) == "missing_field"
 
 
 def test_senml_value_kinds_label_and_refusals():
-    d = senml(["temp", "open"]).decode(RFC_5_1_6)
+    d = senml(["temp", "open"]).decode(RFC_DATA_TYPES)
     np.testing.assert_array_equal(d.samples, np.float32([[23.1, 0.0]]))  # vb false -> 0.0
     assert d.labels == ("Machine Room",)
-    assert reason(senml(["temp", "nfv-reader"]), RFC_5_1_6) == "bad_value"  # a data value
-    assert reason(senml(["temp", "label"], label_field=None), RFC_5_1_6) == "bad_value"
+    assert reason(senml(["temp", "nfc-reader"]), RFC_DATA_TYPES) == "bad_value"  # vd
+    assert reason(senml(["temp", "label"], label_field=None), RFC_DATA_TYPES) == "bad_value"
+
+
+def test_senml_records_without_a_feature_name_are_not_ours_and_times_group_samples():
+    d = senml(["temp", "heat", "fan"]).decode(RFC_SETTING_AN_ACTUATOR)  # the bn-only record
+    np.testing.assert_array_equal(d.samples, np.float32([[23.1, 1, 0]]))
+    d = senml(["2001:db8::3", "2001:db8::4"]).decode(RFC_SYNCHRONIZED_LIGHTS_OFF)
+    np.testing.assert_array_equal(d.samples, np.float32([[0.5, 0.5], [0, 0]]))  # bt, bt+0.1
+    assert d.sources == ("", "")
 
 
 def test_senml_collection_of_resources_is_one_sample_per_base_name():
-    d = senml(["temperature", "humidity"]).decode(RFC_5_1_7)
+    d = senml(["temperature", "humidity"]).decode(RFC_COLLECTION_OF_RESOURCES)
     np.testing.assert_array_equal(d.samples, np.float32([[25.2, 30], [12.3, 67]]))
     assert d.sources == ("2001:db8::2/", "2001:db8::1/")
 
