@@ -191,6 +191,20 @@ def test_influx_special_characters_and_string_fields():
     assert pts[5] == ("my,Measurement", {"a=b": "c,d"}, {"f k": 1.0}, None)
 
 
+def test_influx_examples_of_the_influxdb_docs_and_readme():
+    from edgeml.core.formats.influx import parse_lines
+
+    # docs.influxdata.com line protocol reference (v2) and influxdb's tsdb/README.md
+    assert parse_lines('measurementName,tagKey=tagValue fieldKey="fieldValue" '
+                       "1465839830100400200") == \
+        [("measurementName", {"tagKey": "tagValue"}, {"fieldKey": "fieldValue"},
+          1465839830100400200)]
+    d = influx(["value"], label_field="msg").decode(
+        b'cpu,host=server\\ 01,region=uswest value=1.0,msg="all systems nominal"')
+    assert d.samples.tolist() == [[1.0]] and d.labels == ("all systems nominal",)
+    assert d.sources == ("cpu,host=server\\ 01,region=uswest",)
+
+
 def test_influx_label_field_same_timestamp_merges_and_time_order():
     payload = (b'imu,s=w1 ax=2,ay=2 20\nimu,s=w1 ax=1,ay=1,label="Walking" 10\n'
                b"imu,s=w1 az=3 20\nimu,s=w1 az=1 10\n")
