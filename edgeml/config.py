@@ -239,6 +239,10 @@ def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
     max_payload = r.int("max_payload_bytes", 256 * 1024, min=1)
     max_batch_samples = r.int("max_batch_samples", 1024, min=1)
     shared_group = r.str("shared_group", None, pattern=_NAME, what=_NAME_RULE)
+    if shared_group is not None and fmt in _DERIVED_TOPICS:
+        raise r.error("shared_group", f"not with format {fmt!r}: a shared subscription splits "
+                                      "a source's messages between devices, so its samples "
+                                      "(and a Sparkplug node's sequence) never complete")
     canary_window = r.int("canary_window", 200, min=1)
     canary_threshold = r.number("canary_threshold", 0.8, min=0, max=1)
     models_raw = r.seq("models", [])

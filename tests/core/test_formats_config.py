@@ -24,8 +24,8 @@ def test_value_derives_its_filter_from_the_template():
     p = cfg(format="value", topic_template="plant/{line}/{machine}/{feature}", max_age_s=2)
     assert p.topics == ("plant/+/+/+",) and p.subscriptions == ("plant/+/+/+",)
     assert p.format_spec.max_age_s == 2.0 and p.max_age_s == 2.0
-    shared = cfg(format="value", topic_template="a/{feature}", shared_group="g")
-    assert shared.subscriptions == ("$share/g/a/+",)
+    assert "pipelines[0].shared_group" in error(format="value", topic_template="a/{feature}",
+                                                shared_group="g")
 
 
 def test_sparkplug_derives_the_node_namespace():
