@@ -14,6 +14,7 @@ here and are assembled by their session (:meth:`Decoder.session`, kept by the As
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edgeml.core.formats import EXTRA_FORMATS
+from edgeml.core.formats import EXTRA_FORMATS, STATEFUL_FORMATS
 from edgeml.errors import DecodeError
 
 _JSON_START = frozenset(b"{[ \t\r\n")
@@ -135,18 +136,9 @@ class Decoder:
         if not payload:
             raise DecodeError("malformed", "empty payload")
         fmt, features = self.format, self.features or ()
-        if fmt == "value":
-            from edgeml.core.formats.value import parse_value
-
-            return Decoded(_NO_SAMPLES, (), None, parsed=parse_value(payload))
-        if fmt == "sparkplug_b":
-            from edgeml.core.formats.sparkplug import parse_payload
-
-            return Decoded(_NO_SAMPLES, (), None, parsed=parse_payload(payload))
-        if fmt == "senml":
-            from edgeml.core.formats.senml import decode_senml as parse
-        else:
-            from edgeml.core.formats.influx import decode_influx as parse
+        parse = _format_parser(fmt)
+        if fmt in STATEFUL_FORMATS:  # parsed here, assembled by the session
+            return Decoded(_NO_SAMPLES, (), None, parsed=parse(payload))
         rows, ids, labels, sources = parse(payload, features=features, id_field=self.id_field,
                                            label_field=self.label_field,
                                            max_records=self.max_batch_samples)
@@ -216,6 +208,27 @@ class Decoder:
 
 
 _NO_SAMPLES = np.zeros((0, 0), dtype=np.float32)
+
+
+@functools.cache
+def _format_parser(fmt: str) -> Any:
+    """The format module's parse function, imported on first use (protobuf only for
+    sparkplug_b)."""
+    if fmt == "value":
+        from edgeml.core.formats.value import parse_value
+
+        return parse_value
+    if fmt == "sparkplug_b":
+        from edgeml.core.formats.sparkplug import parse_payload
+
+        return parse_payload
+    if fmt == "senml":
+        from edgeml.core.formats.senml import decode_senml
+
+        return decode_senml
+    from edgeml.core.formats.influx import decode_influx
+
+    return decode_influx
 
 
 def _sub_id(base: Any, i: int) -> Any:

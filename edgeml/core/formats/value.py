@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from edgeml.errors import DecodeError
 
 _NUMBER = re.compile(rb"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")
 _NON_FINITE = re.compile(rb"\s*[+-]?(?:nan|inf|infinity)\s*", re.IGNORECASE)
+_MISS: Any = object()
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -108,10 +110,15 @@ class ValueSession:
         self.spec = spec
         self.latest = LatestValues(features, max_age_s=spec.max_age_s)
         self.counts: Counter[str] = self.latest.counts
+        self._split_cache: dict[str, tuple[str, str] | None] = {}
 
     def feed(self, topic: str, parsed: Scalar, received: float
              ) -> list[tuple[str, np.ndarray]]:
-        where = self.spec.template.split(topic)
+        where = self._split_cache.get(topic, _MISS)
+        if where is _MISS:
+            if len(self._split_cache) >= 10_000:  # topics come from the network: bounded
+                self._split_cache.clear()
+            where = self._split_cache[topic] = self.spec.template.split(topic)
         if where is None:
             self.counts["unknown_topic"] += 1
             return []
