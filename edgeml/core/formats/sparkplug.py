@@ -326,6 +326,8 @@ class SparkplugSession:
             if name is None:
                 self.counts["unknown_alias"] += 1
                 self._hold(key, node, received)
+                if node.on_hold:  # rebirth: the rest of the node's data waits for its BIRTH
+                    return out
                 continue
             if m.is_historical:
                 self.counts["historical"] += 1
