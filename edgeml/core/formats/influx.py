@@ -18,6 +18,7 @@ without a timestamp keeps its place). A point that misses a feature is ``missing
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -101,72 +102,66 @@ def _field_value(raw: str) -> Any:
     raise ValueError(f"bad field value {raw[:30]!r}")
 
 
-def _plain_line(line: str) -> tuple[str, dict[str, str], dict[str, Any], int | None]:
-    """A line without backslashes or quotes: plain splits (same rules, faster)."""
-    parts = [p for p in line.split(" ") if p]
+def _split_line(line: str) -> list[str]:
+    """``<measurement,tags> <fields> [timestamp]`` at the unescaped spaces outside quotes."""
+    if "\\" in line or '"' in line:
+        parts = _split_unescaped(line, " ", quotes=True)
+    else:
+        parts = line.split(" ")
+    parts = [p for p in parts if p]  # tolerate repeated spaces
     if len(parts) not in (2, 3):
         raise ValueError("expected <measurement,tags> <fields> [timestamp]")
-    tokens = parts[0].split(",")
-    if not tokens[0]:
+    return parts
+
+
+def _parse_key(key: str) -> tuple[str, dict[str, str], str]:
+    """-> (measurement, tags, series key as the source)."""
+    plain = "\\" not in key
+    tokens = key.split(",") if plain else _split_unescaped(key, ",")
+    measurement = tokens[0] if plain else _unescape(tokens[0], ", ")
+    if not measurement:
         raise ValueError("empty measurement")
     tags: dict[str, str] = {}
     for tok in tokens[1:]:
-        k, eq, v = tok.partition("=")
-        if not eq or not k or not v:
+        kv = tok.split("=", 1) if plain else _split_unescaped(tok, "=", limit=1)
+        if len(kv) != 2 or not kv[0] or not kv[1]:
             raise ValueError(f"bad tag {tok[:30]!r}")
-        tags[k] = v
+        if plain:
+            tags[kv[0]] = kv[1]
+        else:
+            tags[_unescape(kv[0], ",= ")] = _unescape(kv[1], ",= ")
+    return measurement, tags, series_key(measurement, tags)
+
+
+_key_cached = functools.lru_cache(maxsize=1024)(_parse_key)  # series repeat line after line
+
+
+def _parse_fields(fieldset: str) -> dict[str, Any]:
+    plain = "\\" not in fieldset and '"' not in fieldset
     fields: dict[str, Any] = {}
-    for tok in parts[1].split(","):
-        k, eq, v = tok.partition("=")
-        if not eq or not k or not v:
+    for tok in (fieldset.split(",") if plain else
+                _split_unescaped(fieldset, ",", quotes=True)):
+        kv = tok.split("=", 1) if plain else _split_unescaped(tok, "=", quotes=True, limit=1)
+        if len(kv) != 2 or not kv[0] or not kv[1]:
             raise ValueError(f"bad field {tok[:30]!r}")
-        try:
-            fields[k] = float(v) if _FLOAT.fullmatch(v) else _field_value(v)
-        except ValueError:
-            raise ValueError(f"bad field value {v[:30]!r}") from None
-    ts = None
-    if len(parts) == 3:
-        if not _INT.fullmatch(parts[2]):
-            raise ValueError(f"bad timestamp {parts[2][:30]!r}")
-        ts = int(parts[2])
-    return tokens[0], tags, fields, ts
+        k, v = kv
+        fields[k if plain else _unescape(k, ",= ")] = \
+            float(v) if _FLOAT.fullmatch(v) else _field_value(v)
+    return fields
 
 
-def parse_lines(text: str) -> list[tuple[str, dict[str, str], dict[str, Any], int | None]]:
-    """-> [(measurement, tags, fields, timestamp or None)]; raises ValueError('line N: ...')."""
+def _parse(text: str) -> list[tuple[str, dict[str, str], dict[str, Any], int | None, str]]:
     points = []
     for no, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        if "\\" not in line and '"' not in line:  # the common case: nothing escaped
-            try:
-                points.append(_plain_line(line))
-                continue
-            except ValueError as exc:
-                raise ValueError(f"line {no}: {exc}") from None
         try:
-            parts = _split_unescaped(line, " ", quotes=True)
-            parts = [p for p in parts if p != ""]  # tolerate repeated spaces
-            if len(parts) not in (2, 3):
-                raise ValueError("expected <measurement,tags> <fields> [timestamp]")
-            key, fieldset = parts[0], parts[1]
-            tokens = _split_unescaped(key, ",")
-            measurement = _unescape(tokens[0], ", ")
-            if not measurement:
-                raise ValueError("empty measurement")
-            tags: dict[str, str] = {}
-            for tok in tokens[1:]:
-                kv = _split_unescaped(tok, "=", limit=1)
-                if len(kv) != 2 or not kv[0] or not kv[1]:
-                    raise ValueError(f"bad tag {tok[:30]!r}")
-                tags[_unescape(kv[0], ",= ")] = _unescape(kv[1], ",= ")
-            fields: dict[str, Any] = {}
-            for tok in _split_unescaped(fieldset, ",", quotes=True):
-                kv = _split_unescaped(tok, "=", quotes=True, limit=1)
-                if len(kv) != 2 or not kv[0] or not kv[1]:
-                    raise ValueError(f"bad field {tok[:30]!r}")
-                fields[_unescape(kv[0], ",= ")] = _field_value(kv[1])
+            parts = _split_line(line)
+            key = parts[0]
+            measurement, tags, source = (_key_cached(key) if len(key) <= 256
+                                         else _parse_key(key))
+            fields = _parse_fields(parts[1])
             ts = None
             if len(parts) == 3:
                 if not _INT.fullmatch(parts[2]):
@@ -174,8 +169,13 @@ def parse_lines(text: str) -> list[tuple[str, dict[str, str], dict[str, Any], in
                 ts = int(parts[2])
         except ValueError as exc:
             raise ValueError(f"line {no}: {exc}") from None
-        points.append((measurement, tags, fields, ts))
+        points.append((measurement, tags, fields, ts, source))
     return points
+
+
+def parse_lines(text: str) -> list[tuple[str, dict[str, str], dict[str, Any], int | None]]:
+    """-> [(measurement, tags, fields, timestamp or None)]; raises ValueError('line N: ...')."""
+    return [(m, dict(t), f, ts) for m, t, f, ts, _ in _parse(text)]
 
 
 def series_key(measurement: str, tags: dict[str, str]) -> str:
@@ -195,7 +195,7 @@ def decode_influx(payload: bytes, *, features: tuple[str, ...], id_field: str | 
     except UnicodeDecodeError:
         raise DecodeError("malformed", "line protocol is UTF-8 text") from None
     try:
-        points = parse_lines(text)
+        points = _parse(text)
     except ValueError as exc:
         raise DecodeError("malformed", f"line protocol: {exc}") from None
     if not points:
@@ -204,8 +204,7 @@ def decode_influx(payload: bytes, *, features: tuple[str, ...], id_field: str | 
         raise DecodeError("too_large", f"{len(points)} points > limit {max_records}")
     merged: dict[tuple[str, int], dict[str, Any]] = {}
     order: list[tuple[str, int | None, dict[str, Any]]] = []
-    for measurement, tags, fields, ts in points:
-        source = series_key(measurement, tags)
+    for _measurement, _tags, fields, ts, source in points:
         if ts is not None and (source, ts) in merged:
             merged[(source, ts)].update(fields)
             continue
