@@ -24,7 +24,10 @@ else:  # pragma: no cover
 
 ROLES = ("champion", "challenger", "shadow", "canary")
 POLICIES = ("champion", "first", "vote", "mean")
-FORMATS = ("auto", "json", "msgpack")
+FORMATS = ("auto", "json", "msgpack", "senml", "influx_line", "value", "sparkplug_b")
+#: formats whose topics are derived (topic_template, sparkplug) rather than listed
+_DERIVED_TOPICS = ("value", "sparkplug_b")
+_TOPIC_LEVEL = re.compile(r"^[^/+#]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ROLE_PRIORITY = {"champion": 0, "challenger": 10, "canary": 20, "shadow": 30}
 
@@ -68,6 +71,10 @@ class PipelineConfig:
     shared_group: str | None = None
     canary_window: int = 200
     canary_threshold: float = 0.8
+    topic_template: str | None = None
+    max_age_s: float | None = None
+    #: the format's options for the decoder (ValueSpec, SparkplugSpec), derived from the keys
+    format_spec: Any = None
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -188,7 +195,7 @@ def _version(mr: Table) -> str:
 
 
 def _check_filter(r: Table, key: str, topic_filter: str) -> None:
-    """wt-trust: a filter no broker accepts is a config error naming the key."""
+    """A filter no broker accepts is a config error naming the key."""
     from edgeml.errors import EdgemlError
     from edgeml.transport.base import validate_filter
 
@@ -202,19 +209,27 @@ def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
     r.known = ("name", "topics", "format", "features", "field", "window", "policy",
                "deadline_ms", "top_n", "models", "qos", "output_format", "output_qos",
                "id_field", "label_field", "max_payload_bytes", "max_batch_samples",
-               "shared_group", "canary_window", "canary_threshold")
+               "shared_group", "canary_window", "canary_threshold", "topic_template",
+               "max_age_s", "sparkplug")
     name = r.str("name", pattern=_NAME, what=_NAME_RULE)
-    topics = r.list_of_str("topics", (), nonempty=True)
+    fmt = r.choice("format", FORMATS, "auto")
+    if fmt in _DERIVED_TOPICS and "topics" in r:
+        what = "topic_template" if fmt == "value" else "sparkplug.group_id/edge_node_id"
+        raise r.error("topics", f"format {fmt!r} derives its subscription from {what}; "
+                                "remove 'topics'")
+    topics = r.list_of_str("topics", (), nonempty=True) if fmt not in _DERIVED_TOPICS else ()
     for i, t in enumerate(topics):
         if t.startswith("$share/"):
             raise r.error(f"topics[{i}]", "use shared_group instead of writing $share/ yourself")
-        _check_filter(r, f"topics[{i}]", t)  # wt-trust: --check completeness
-    fmt = r.choice("format", FORMATS, "auto")
+        _check_filter(r, f"topics[{i}]", t)
     features = r.list_of_str("features", None, nonempty=True, unique=True)
     field_ = r.str("field", None)
     if (features is None) == (field_ is None):
         raise r.error("features", "give exactly one of 'features' (field names) or 'field' "
                                   "(one array field)")
+    if fmt in ("senml", "influx_line", "value", "sparkplug_b") and field_ is not None:
+        raise r.error("field", f"format {fmt!r} names its values: list them in 'features'")
+    topics, spec, template, max_age = _format_options(r, fmt, topics, features)
     window = None
     wr = r.table("window", None)
     if wr is not None:
@@ -236,6 +251,10 @@ def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
     max_payload = r.int("max_payload_bytes", 256 * 1024, min=1)
     max_batch_samples = r.int("max_batch_samples", 1024, min=1)
     shared_group = r.str("shared_group", None, pattern=_NAME, what=_NAME_RULE)
+    if shared_group is not None and fmt in _DERIVED_TOPICS:
+        raise r.error("shared_group", f"not with format {fmt!r}: a shared subscription splits "
+                                      "a source's messages between devices, so its samples "
+                                      "(and a Sparkplug node's sequence) never complete")
     canary_window = r.int("canary_window", 200, min=1)
     canary_threshold = r.number("canary_threshold", 0.8, min=0, max=1)
     models_raw = r.seq("models", [])
@@ -268,7 +287,59 @@ def _pipeline(r: Table, base: Path | None) -> PipelineConfig:
         label_field=label_field, max_payload_bytes=max_payload,
         max_batch_samples=max_batch_samples, shared_group=shared_group,
         canary_window=canary_window, canary_threshold=canary_threshold,
+        topic_template=template, max_age_s=max_age, format_spec=spec,
     )
+
+
+def _format_options(r: Table, fmt: str, topics: tuple[str, ...],
+                    features: tuple[str, ...] | None) -> tuple[tuple[str, ...], Any,
+                                                               str | None, float | None]:
+    """topic_template / max_age_s / [sparkplug] of one pipeline -> (topics, spec, ...)."""
+    for key, owner in (("topic_template", "value"), ("sparkplug", "sparkplug_b")):
+        if key in r and fmt != owner:
+            raise r.error(key, f"only for format = {owner!r} (this pipeline's is {fmt!r})")
+    if "max_age_s" in r and fmt not in _DERIVED_TOPICS:
+        raise r.error("max_age_s", "only for format = 'value' or 'sparkplug_b'")
+    max_age = r.number("max_age_s", 10.0, min=0, min_open=True)
+    if fmt == "value":
+        from edgeml.core.formats.value import TopicTemplate, ValueSpec
+
+        template = r.str("topic_template")
+        try:
+            tt = TopicTemplate.parse(template)
+        except ValueError as exc:
+            raise r.error("topic_template", f"{template!r}: {exc}") from None
+        for i, f in enumerate(features or ()):
+            if not _TOPIC_LEVEL.fullmatch(f):
+                raise r.error(f"features[{i}]", f"{f!r} cannot be a topic level (the "
+                                                "{feature} of topic_template)")
+        return (tt.topic_filter,), ValueSpec(tt, max_age), template, max_age
+    if fmt == "sparkplug_b":
+        from edgeml.core.formats import sparkplug
+
+        if not sparkplug.available():
+            raise r.error("format", "'sparkplug_b' needs the protobuf package, which is not "
+                                    "installed: pip install 'edgeml[sparkplug]'")
+        sp = r.table("sparkplug")
+        sp.known = ("group_id", "edge_node_id", "metrics", "rebirth", "rebirth_interval_s")
+        level = "a topic level without / + #"
+        group = sp.str("group_id", pattern=_TOPIC_LEVEL, what=level)
+        node = sp.str("edge_node_id", "+")
+        if node != "+" and not _TOPIC_LEVEL.fullmatch(node):
+            raise sp.error("edge_node_id", f"{node!r} is not {level} (or \"+\": every node)")
+        mapping = sp.mapping("metrics", {})
+        for metric, feat in mapping.items():
+            if not isinstance(feat, str) or feat not in (features or ()):
+                raise sp.error(f"metrics.{metric}", f"{feat!r} is not one of the pipeline's "
+                                                    "features")
+        spec = sparkplug.SparkplugSpec(
+            group_id=group, edge_node_id=node, metrics=tuple(mapping.items()),
+            rebirth=sp.bool("rebirth", False),
+            rebirth_interval_s=sp.number("rebirth_interval_s", 30.0, min=0),
+            max_age_s=max_age)
+        sp.finish()
+        return (spec.topic_filter,), spec, None, max_age
+    return topics, None, None, None
 
 
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None,

@@ -6,10 +6,15 @@ Accepted shapes (JSON or msgpack, see docs/topics.md):
 - a batch:                     ``{"samples": [<sample>, ...], "id": "b7"}`` or ``[<sample>, ...]``
   and, with an array field, ``{"values": [[...], [...]]}`` (one row per sample).
 Anything else is a :class:`~edgeml.errors.DecodeError` with a short ``reason`` code.
+
+The formats ``senml``, ``influx_line``, ``value`` and ``sparkplug_b`` are decoded by
+:mod:`edgeml.core.formats` (dispatched from :meth:`Decoder.decode`); the last two only parse
+here and are assembled by their session (:meth:`Decoder.session`, kept by the Assembler).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +22,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from edgeml.core.formats import EXTRA_FORMATS, STATEFUL_FORMATS
 from edgeml.errors import DecodeError
 
 _JSON_START = frozenset(b"{[ \t\r\n")
@@ -29,6 +35,10 @@ class Decoded:
     samples: np.ndarray
     ids: tuple[Any, ...]
     labels: tuple[Any, ...] | None
+    #: per sample, the source its window is kept for (None: the message's topic)
+    sources: tuple[str, ...] | None = None
+    #: stateful formats (value, sparkplug_b): the parsed message for the session; no samples
+    parsed: Any = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +53,8 @@ class Decoder:
     label_field: str | None = "label"
     max_payload_bytes: int = 256 * 1024
     max_batch_samples: int = 1024
+    #: format options: ValueSpec (value) or SparkplugSpec (sparkplug_b)
+    spec: Any = None
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, n_features: int | None = None) -> Decoder:
@@ -53,7 +65,20 @@ class Decoder:
             id_field=pipeline.id_field, label_field=pipeline.label_field,
             max_payload_bytes=pipeline.max_payload_bytes,
             max_batch_samples=pipeline.max_batch_samples,
+            spec=getattr(pipeline, "format_spec", None),
         )
+
+    def session(self) -> Any:
+        """A fresh per-pipeline session for a stateful format (None for the others)."""
+        if self.format == "value":
+            from edgeml.core.formats.value import ValueSession
+
+            return ValueSession(self.spec, self.features or ())
+        if self.format == "sparkplug_b":
+            from edgeml.core.formats.sparkplug import SparkplugSession
+
+            return SparkplugSession(self.spec, self.features or ())
+        return None
 
     def parse(self, payload: bytes) -> Any:
         if len(payload) > self.max_payload_bytes:
@@ -82,6 +107,8 @@ class Decoder:
             raise DecodeError("malformed", f"not valid msgpack: {exc}") from None
 
     def decode(self, payload: bytes) -> Decoded:
+        if self.format in EXTRA_FORMATS:
+            return self._decode_extra(payload)
         doc = self.parse(payload)
         if isinstance(doc, list):
             return self._batch(doc, None)
@@ -105,6 +132,23 @@ class Decoder:
         lab = doc.get(self.label_field) if self.label_field else None
         return Decoded(self._check([row], "sample"), (_check_id(doc.get(self.id_field)),),
                        (lab,) if lab is not None else None)
+
+    def _decode_extra(self, payload: bytes) -> Decoded:
+        if len(payload) > self.max_payload_bytes:
+            raise DecodeError("too_large", f"{len(payload)} bytes > limit "
+                                           f"{self.max_payload_bytes}")
+        if not payload:
+            raise DecodeError("malformed", "empty payload")
+        fmt, features = self.format, self.features or ()
+        parse = _format_parser(fmt)
+        if fmt in STATEFUL_FORMATS:  # parsed here, assembled by the session
+            return Decoded(_NO_SAMPLES, (), None, parsed=parse(payload))
+        rows, ids, labels, sources = parse(payload, features=features, id_field=self.id_field,
+                                           label_field=self.label_field,
+                                           max_records=self.max_batch_samples)
+        has_labels = any(lab is not None for lab in labels)
+        return Decoded(self._check(rows, fmt), tuple(_check_id(i) for i in ids),
+                       tuple(labels) if has_labels else None, tuple(sources))
 
     def _batch(self, items: list, doc: dict | None) -> Decoded:
         if not items:
@@ -197,6 +241,30 @@ def _check_id(v: Any) -> Any:
     if type(v) is int:
         raise DecodeError("bad_id", "id is an integer outside 64 bits")
     raise DecodeError("bad_id", f"id must be a string or a number, not {_short(v)}")
+
+
+_NO_SAMPLES = np.zeros((0, 0), dtype=np.float32)
+
+
+@functools.cache
+def _format_parser(fmt: str) -> Any:
+    """The format module's parse function, imported on first use (protobuf only for
+    sparkplug_b)."""
+    if fmt == "value":
+        from edgeml.core.formats.value import parse_value
+
+        return parse_value
+    if fmt == "sparkplug_b":
+        from edgeml.core.formats.sparkplug import parse_payload
+
+        return parse_payload
+    if fmt == "senml":
+        from edgeml.core.formats.senml import decode_senml
+
+        return decode_senml
+    from edgeml.core.formats.influx import decode_influx
+
+    return decode_influx
 
 
 def _sub_id(base: Any, i: int) -> Any:

@@ -33,7 +33,7 @@ from edgeml.core.ingress import Ingress, Inlet
 from edgeml.core.model import Member
 from edgeml.core.scoring import PipelineRuntime, ScoringSettings
 from edgeml.core.stats import RateMeter
-from edgeml.errors import DecodeError, EdgemlError
+from edgeml.errors import DecodeError, EdgemlError, TransportError
 from edgeml.storage.models import ModelStore
 from edgeml.transport.base import Connector, Publication, Transport
 
@@ -231,6 +231,7 @@ class Device:
             uplink = None
             if self.uplink is not None:
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
+            outbound = self._start_outbound(tg, transport)
             self._recover()
             for event in self.storage_events:
                 self.egress.alert(event.get("pipeline", "*"), event["kind"], event)
@@ -253,11 +254,40 @@ class Device:
                 uplink.cancel()
             fsync.cancel()
             status.cancel()
+            if outbound is not None:
+                outbound.cancel()
             self.control.stop()
             self.state = "offline"
             with contextlib.suppress(EdgemlError):
                 await transport.publish(self.topic("status"), self._status_bytes(),
                                         qos=1, retain=True, timeout=2)
+
+    def _start_outbound(self, tg: asyncio.TaskGroup, transport: Transport
+                        ) -> asyncio.Task | None:
+        """What format sessions ask to send (Sparkplug rebirth requests) is queued on the
+        session by the ingress stage and published here: decoding never calls the transport."""
+        sessions = [p.inlet.assembler.session for p in self.pipelines
+                    if getattr(p.inlet.assembler.session, "outbound", None) is not None]
+        if not sessions:
+            return None
+        wake = asyncio.Event()
+        for s in sessions:
+            s.notify = wake.set
+
+        async def drain() -> None:
+            while True:
+                await wake.wait()
+                wake.clear()
+                for s in sessions:
+                    while s.outbound:
+                        topic, payload = s.outbound.popleft()
+                        try:
+                            transport.publish_nowait(topic, payload, qos=0)
+                            s.counts["rebirth_sent"] += 1
+                        except TransportError as exc:
+                            s.counts["rebirth_send_failed"] += 1
+                            log.warning("request on %s not sent: %s", topic, exc)
+        return tg.create_task(drain(), name="outbound")
 
     # ---- SIGHUP ----------------------------------------------------------------------------
     async def reload(self) -> list[str]:
@@ -520,6 +550,9 @@ class Device:
             d["published"] = self.egress.published.get(p.config.name, 0)
             d["rawlog"] = status_doc.safe(lambda p=p: p.inlet.rawlog.stats)
             d["windows_pending"] = p.inlet.assembler.pending_topics
+            fmt = p.inlet.assembler.status()
+            if fmt is not None:
+                d["format"] = {"name": p.config.format, **fmt}
             pipes[p.config.name] = d
             total_received += p.runtime.stats.received
         doc = status_doc.build(
