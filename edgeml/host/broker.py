@@ -32,7 +32,8 @@ class MosquittoBroker:
     """One mosquitto with persistence in ``workdir``; ``start()``/``stop()``/``restart()``.
 
     ``extra_config`` lines are appended to the generated config (listeners for TLS, password
-    files, bridges, ...). ``port`` stays the same across restarts.
+    files, bridges, ...). ``port`` stays the same across restarts. ``tuned=False`` keeps
+    mosquitto's stock queue limits (1000 queued, 20 in flight) and Nagle, as users install it.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class MosquittoBroker:
         extra_config: str = "",
         listener_config: str | None = None,
         executable: str | None = None,
+        tuned: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,7 @@ class MosquittoBroker:
         self.host = "127.0.0.1"
         self.extra_config = extra_config
         self.listener_config = listener_config
+        self.tuned = tuned  # False: mosquitto's own queue, in-flight and Nagle defaults
         self.executable = executable or mosquitto_path()
         if not self.executable:
             raise TransportError("mosquitto is not installed (apt-get install mosquitto)")
@@ -72,11 +75,10 @@ class MosquittoBroker:
             "log_type error",
             "log_type warning",
             "log_type notice",
-            "max_queued_messages 100000",
-            "max_inflight_messages 0",
-            "message_size_limit 0",
-            "set_tcp_nodelay true",
         ]
+        if self.tuned:  # a test rig's broker: deep queues, no in-flight cap, no Nagle
+            lines += ["max_queued_messages 100000", "max_inflight_messages 0",
+                      "message_size_limit 0", "set_tcp_nodelay true"]
         if os.geteuid() == 0:
             # As root mosquitto drops to the mosquitto user and then silently cannot write
             # persistence into a root-owned temp dir (queued and retained messages vanish).

@@ -59,6 +59,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -77,6 +78,10 @@ from edgeml.transport.settings import BrokerSettings, parse_broker_url
 
 __all__ = ["BrokerSettings", "Message", "MqttTransport", "Publication",
            "parse_broker_url", "validate_filter"]
+
+#: Linux's TCP_QUICKACK (not in every Python build's socket module; None elsewhere)
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK",
+                                    12 if sys.platform.startswith("linux") else None)
 
 log = logging.getLogger("edgeml.transport.mqtt")
 
@@ -111,6 +116,7 @@ class MqttTransport:
         manual_ack: bool = False,
         require_connection: bool = True,
     ) -> None:
+        self._sock: Any = None  # the connected socket, for quick ACKs (paho's thread)
         self.settings = settings
         self._require_connection = require_connection
         self._manual_ack = manual_ack
@@ -211,6 +217,7 @@ class MqttTransport:
         # paho does not set TCP_NODELAY; without it small publishes wait for delayed ACKs.
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock if _TCP_QUICKACK is not None else None
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
@@ -238,7 +245,22 @@ class MqttTransport:
         if was:
             self._event("disconnected", str(reason_code))
 
+    def _quickack(self) -> None:
+        """Acknowledge TCP segments at once instead of after the kernel's delayed-ACK timer.
+
+        A broker without TCP_NODELAY (mosquitto's default) holds a small packet (the next
+        sensor message) while an earlier small one (the PUBACK of our QoS 1 answer) is not yet
+        ACKed; with delayed ACKs that costs up to ~40 ms per message. Linux turns quick-ACK
+        mode off again by itself, so it is re-armed after every read, on paho's thread."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except (OSError, AttributeError):
+                self._sock = None  # not supported here (or the socket went): stop trying
+
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        self._quickack()
         self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
                                    time.time(), self._session))
         if not self._wake_pending:
@@ -246,6 +268,7 @@ class MqttTransport:
             self._post(self._wake)
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        self._quickack()
         self._event("puback", mid, _code(reason_code))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:

@@ -71,6 +71,7 @@ class E2ESettings:
 
     out_dir: Path
     broker_url: str | None = None
+    broker_config: str = "stock"          # the private mosquitto: stock | tuned
     paced_rate: float | None = 1000.0     # None: no paced phase
     max_rate: bool = True                 # the as-fast-as-possible phase
     messages: int = 20000                 # per max phase
@@ -89,6 +90,8 @@ class E2ESettings:
     def __post_init__(self) -> None:
         if self.paced_rate is not None and not self.paced_rate > 0:
             raise BenchError(f"--rate: {self.paced_rate} must be positive")
+        if self.broker_config not in ("stock", "tuned"):
+            raise BenchError(f"--broker-config: {self.broker_config!r} is not stock or tuned")
         if self.paced_rate is None and not self.max_rate:
             raise BenchError("nothing to measure: give --rate R, --max, or neither for both")
         if self.messages < 10:
@@ -768,9 +771,10 @@ def run_e2e(settings: E2ESettings, *, progress: Progress | None = None) -> dict:
     if s.broker_url:
         _, host, port = parse_broker_url(s.broker_url)
     else:
-        broker = MosquittoBroker(run_dir / "broker").start()
+        broker = MosquittoBroker(run_dir / "broker",
+                                 tuned=s.broker_config == "tuned").start()
         host, port = broker.host, broker.port
-        say(f"started a private mosquitto on {broker.url}")
+        say(f"started a private mosquitto ({s.broker_config} configuration) on {broker.url}")
     h = Harness(settings=s, progress=say, host=host, port=port, run_dir=run_dir)
     try:
         if "raw" in s.variants:

@@ -467,6 +467,13 @@ def render_markdown(report: dict) -> str:
         "script is not slowed by delayed "
         f"ACKs. The plain script's sessions use intra_op_num_threads={s['plain_threads']}.",
         "",
+        "Broker: " + ("a private mosquitto with its stock settings (queue limits, in-flight "
+                      "window 20, no `set_tcp_nodelay`), as users install it."
+                      if s.get("broker_config", "tuned") == "stock" and not s.get("broker_url")
+                      else "a private mosquitto tuned for tests (deep queues, no in-flight "
+                      "cap, `set_tcp_nodelay true`)." if not s.get("broker_url")
+                      else f"the broker at {s['broker_url']}."),
+        "",
     ]
     if report.get("targets"):
         lines += ["## Targets", "", markdown_table(_TARGET_HEADERS,

@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "subscriber, the plain paho + session.run script, and the edgeml daemon.")
     e.add_argument("--broker", metavar="URL",
                    help="use this broker (mqtt://host:port) instead of a private mosquitto")
+    e.add_argument("--broker-config", choices=("stock", "tuned"), default="stock",
+                   help="the private mosquitto's settings: stock (as installed: queue limits, "
+                   "in-flight window 20, Nagle; the default) or tuned (deep queues, no "
+                   "in-flight cap, set_tcp_nodelay)")
     mode = e.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, metavar="R",
                       help="only the paced phase, at R messages per second")
@@ -146,7 +150,8 @@ def _run_e2e(args: argparse.Namespace) -> int:
     out = args.out or default_out_dir()
     paced = args.rate if args.rate is not None else (None if args.max else 1000.0)
     settings = E2ESettings(
-        out_dir=out, broker_url=args.broker, paced_rate=paced,
+        out_dir=out, broker_url=args.broker, broker_config=args.broker_config,
+        paced_rate=paced,
         max_rate=args.max or args.rate is None, messages=args.messages,
         paced_seconds=args.paced_seconds, versions=_ints(args.versions, "--versions"),
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
