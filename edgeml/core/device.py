@@ -197,8 +197,13 @@ class Device:
             qos=1, retain=True)
         # --- end wt-trust
         manual_ack = any(p.qos > 0 for p in cfg.pipelines)
+        # MQTT 5: the broker never sends more than the profile allows in one packet, and may
+        # send a tenth of the input queue before our acknowledgements (which wait for the
+        # archive) come back; mosquitto's in-flight window of 20 applies to MQTT 3.1.1
+        q = self.profile.queue
         settings = dataclasses.replace(
-            cfg.broker, max_packet_bytes=self.profile.queue.max_packet_kb * 1024)
+            cfg.broker, max_packet_bytes=q.max_packet_kb * 1024,
+            receive_maximum=min(65535, max(20, q.max_messages // 10)))
         transport = self._connector(settings, will=will, manual_ack=manual_ack)
         self._refresh_birth(transport)
         async with transport:

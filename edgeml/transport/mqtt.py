@@ -362,6 +362,8 @@ class MqttTransport:
             props.SessionExpiryInterval = 0 if s.clean_start else 0xFFFFFFFF
             if s.max_packet_bytes is not None:
                 props.MaximumPacketSize = s.max_packet_bytes
+            if s.receive_maximum is not None:
+                props.ReceiveMaximum = s.receive_maximum
             kwargs = {"clean_start": s.clean_start, "properties": props}
         self._start_network(kwargs)
         if not self._require_connection:

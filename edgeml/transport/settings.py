@@ -39,6 +39,9 @@ class BrokerSettings:
     #: MQTT 5 only: declared in CONNECT as Maximum Packet Size (the broker sends nothing
     #: larger); None declares nothing
     max_packet_bytes: int | None = None
+    #: MQTT 5 only: declared in CONNECT as Receive Maximum, the QoS 1 messages the broker
+    #: may send before we acknowledge (mosquitto's max_inflight_messages applies otherwise)
+    receive_maximum: int | None = None
 
     def __post_init__(self) -> None:
         parse_broker_url(self.url)
@@ -55,6 +58,9 @@ class BrokerSettings:
         if self.max_packet_bytes is not None and not 1024 <= self.max_packet_bytes <= 2**28:
             raise ConfigError(f"must be between 1 KiB and 256 MiB, not {self.max_packet_bytes}",
                               key="broker.max_packet_bytes")
+        if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65535:
+            raise ConfigError(f"must be between 1 and 65535, not {self.receive_maximum}",
+                              key="broker.receive_maximum")
         if self.subscribe_timeout_s <= 0:
             raise ConfigError(f"must be positive, not {self.subscribe_timeout_s}",
                               key="broker.subscribe_timeout_s")
