@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeml.config import DriftConfig as DriftSettings
 from edgeml.core.health import AlertGate, RateTracker
 
 REFERENCE_VERSION = 1
@@ -172,24 +173,6 @@ def compare_inputs(reference: Mapping[str, Any], rows: np.ndarray,
 
 
 # ---- the device side ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DriftSettings:
-    """``[drift]`` in the config (docs/configuration.md)."""
-
-    enabled: bool = True
-    window: int = 2000  # input samples per channel per drift window
-    output_window: int = 500  # rows per version per output window
-    psi_warn: float = 0.1
-    psi_alert: float = 0.25
-    ks_alert: float | None = None  # off by default: on autocorrelated samples KS is too eager
-    consecutive: int = 2  # bad windows in a row before an alert; good ones before "cleared"
-    out_of_range: float = 0.05  # share of samples outside the training min..max
-    stuck_min_samples: int = 20  # a source must send this many samples in a window
-    rate_interval_s: float = 10.0
-    rate_drop_ratio: float = 0.5
-    max_sources: int = 32
-
-
 class _OutputWindow:
     def __init__(self, ref: Mapping[str, Any], kind: str) -> None:
         self.kind = kind
@@ -271,11 +254,13 @@ class DriftMonitor:
         self.rates = RateTracker(settings.rate_drop_ratio, settings.max_sources,
                                  settings.consecutive)
         self.alerts_raised = 0
+        self.enabled = settings.enabled
+        self._members: Any = None
 
     # ---- configuration ----------------------------------------------------------------
     def set_reference(self, reference: Mapping[str, Any] | None, version: str | None) -> None:
         """The input reference (the champion's, or the first version that has one)."""
-        if reference is not None and version == self.ref_version:
+        if version == self.ref_version:
             return
         self.ref = dict(reference) if reference is not None else None
         self.ref_version = version
@@ -293,6 +278,47 @@ class DriftMonitor:
             if key not in self.outputs and ref and ref.get("outputs"):
                 self.outputs[key] = _OutputWindow(ref["outputs"], kind)
 
+    # ---- the scoring hook --------------------------------------------------------------------
+    def on_batch(self, batch: Sequence[Any], x: np.ndarray, members: Sequence[Any]) -> None:
+        """One scored batch's input rows (``Row`` objects and their stacked features)."""
+        self.follow(members)
+        if not self.enabled or not self.nf:
+            self.rows += len(batch)
+            self.batch_sizes[min(len(batch).bit_length(), 7)] += 1
+            return
+        self.observe_rows([r.topic for r in batch], x)
+
+    def on_outcomes(self, outcomes: Sequence[Any]) -> None:
+        """Each version's outcome for one batch (late ones too)."""
+        if not self.outputs:
+            return
+        for o in outcomes:
+            if o.labels is not None or o.scores is not None:
+                self.observe_outputs(f"{o.name}:{o.version}", o.labels, o.scores)
+
+    def follow(self, members: Sequence[Any]) -> None:
+        """Re-read the references when the active set changed (an identity check)."""
+        if members is not self._members:
+            self._members = members
+            self.sync_members(members)
+
+    def sync_members(self, members: Sequence[Any]) -> None:
+        """Follow the active set: the input reference is the champion's (or the first version
+        by priority that has one); every version with a reference gets an output window."""
+        with_ref = [m for m in members if getattr(m.manifest, "reference", None)]
+        pick = next((m for m in with_ref if m.role == "champion"),
+                    with_ref[0] if with_ref else None)
+        if not self.features and members:  # the pipeline names one array field
+            self.features = tuple(members[0].manifest.input.features)
+            self.nf = len(self.features)
+        if pick is None:
+            self.set_reference(None, None)
+        else:
+            self.set_reference(pick.manifest.reference, f"{pick.name}:{pick.version}")
+        self.set_versions({f"{m.name}:{m.version}": (m.manifest.reference,
+                                                     m.manifest.outputs.kind)
+                           for m in with_ref})
+
     # ---- feeding --------------------------------------------------------------------------
     def observe_rows(self, topics: Sequence[str], x: np.ndarray) -> None:
         n = len(x)
@@ -304,13 +330,18 @@ class DriftMonitor:
         else:
             x = x.reshape(n, self.nf)
             per = 1
-        self._buf.append(x)
         for t in topics:
             self.rates.add(t, per)
-        self._buf_topics.append((tuple(topics), per))
-        self._buffered += n * per
-        if self._buffered >= min(FLUSH_SAMPLES, max(self.s.window - self._wn, 1)):
-            self._flush()
+        start = 0
+        while start < n:  # split at window boundaries: a window holds `window` samples
+            room = self.s.window - self._wn - self._buffered
+            k = min(n - start, max(1, -(-room // per)))
+            self._buf.append(x[start * per:(start + k) * per])
+            self._buf_topics.append((tuple(topics[start:start + k]), per))
+            self._buffered += k * per
+            start += k
+            if self._buffered >= min(FLUSH_SAMPLES, max(room, 1)):
+                self._flush()
 
     def observe_outputs(self, key: str, labels: Sequence[Any] | None, scores: Any) -> None:
         w = self.outputs.get(key)
