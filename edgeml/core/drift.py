@@ -502,3 +502,52 @@ class DriftMonitor:
 
 #: batch size histogram: batch_sizes[i] counts batches of 2**(i-1) .. 2**i - 1 rows
 BATCH_LE = (0, 1, 3, 7, 15, 31, 63)
+
+
+class SnapshotDrift:
+    """A whole archived snapshot against one bundle's reference (``edgeml replay``): input
+    bin counts accumulated over every row (for window models the ``hop`` newest samples of
+    each, or every sample when no hop is known), the version's outputs likewise."""
+
+    def __init__(self, reference: Mapping[str, Any], features: Sequence[str], kind: str,
+                 window: int | None, hop: int | None = None) -> None:
+        refs = reference.get("inputs", {})
+        self.features = tuple(features)
+        self.cols = {f: ColumnRef.parse(refs[f]) for f in self.features if f in refs}
+        self.window = window
+        self.take = hop or window
+        self.counts = {f: np.zeros(len(c.freq), dtype=np.int64) for f, c in self.cols.items()}
+        self.oor = dict.fromkeys(self.cols, 0)
+        self.n = 0
+        self.out = _OutputWindow(reference.get("outputs", {}), kind)
+
+    def add_rows(self, x: np.ndarray) -> None:
+        nf = len(self.features)
+        if self.window:
+            x = np.asarray(x).reshape(len(x), self.window, nf)[:, -self.take:, :]
+        samples = np.asarray(x, dtype=np.float64).reshape(-1, nf)
+        self.n += len(samples)
+        for i, f in enumerate(self.features):
+            c = self.cols.get(f)
+            if c is None:
+                continue
+            col = samples[:, i]
+            self.counts[f] += np.bincount(bin_index(c.edges, col), minlength=len(c.freq))
+            self.oor[f] += int(np.count_nonzero((col < c.lo) | (col > c.hi)))
+
+    def add_outputs(self, labels: Sequence[Any] | None, scores: Any) -> None:
+        self.out.add(labels, scores)
+
+    def figures(self, psi_alert: float = 0.25) -> dict[str, Any]:
+        inputs = {}
+        for f, c in self.cols.items():
+            a = shares(self.counts[f])
+            inputs[f] = {"psi": round(psi(c.freq, a), 5), "ks": round(ks_binned(c.freq, a), 5),
+                         "out_of_range": round(self.oor[f] / self.n, 5) if self.n else 0.0}
+        outputs = {k: round(v, 5) for k, v in self.out.figures().items()}
+        worst = max((v["psi"] for v in inputs.values()), default=None)
+        worst_out = max((v for k, v in outputs.items() if k.endswith("psi")), default=None)
+        return {"samples": self.n, "inputs": inputs, "outputs": outputs,
+                "max_input_psi": worst, "max_output_psi": worst_out,
+                "input_drift": worst is not None and worst >= psi_alert,
+                "output_drift": worst_out is not None and worst_out >= psi_alert}
