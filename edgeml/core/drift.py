@@ -37,6 +37,7 @@ REFERENCE_VERSION = 1
 DEFAULT_BINS = 10
 EPS = 1e-4  # floor for a bin's share: an empty bin costs a bounded, large PSI term
 FLUSH_SAMPLES = 512  # live samples are binned in chunks this big (amortises numpy calls)
+OUTPUT_FLUSH = 256  # likewise output rows
 
 
 def _r(v: float) -> float:
@@ -185,23 +186,45 @@ class _OutputWindow:
 
     def reset(self) -> None:
         self.n = 0
+        self._pending = 0
+        self._pl: list = []
+        self._ps: list = []
         self.label_counts = np.zeros(0 if self.labels is None else len(self.labels) + 1)
         self.score_counts = np.zeros(0 if self.score is None else len(self.score.freq))
 
     def add(self, labels: Sequence[Any] | None, scores: Any) -> None:
-        if self.labels is not None and labels is not None:
+        """Buffered: binned :data:`OUTPUT_FLUSH` rows at a time (and before figures)."""
+        n = len(labels) if labels is not None else (len(scores) if scores is not None else 0)
+        if labels is not None and self.labels is not None:
+            self._pl.extend(labels)
+        if scores is not None or (self.kind == "regressor" and labels is not None):
+            self._ps.append((labels, scores))
+        self.n += n
+        self._pending += n
+        if self._pending >= OUTPUT_FLUSH:
+            self._digest()
+
+    def _digest(self) -> None:
+        self._pending = 0
+        if self._pl:
             other = len(self.labels)
-            idx = [self.labels.get(str(x), other) for x in labels]
+            idx = [self.labels.get(str(x), other) for x in self._pl]
             self.label_counts += np.bincount(idx, minlength=other + 1)
-        if self.score is not None:
-            s = output_score(self.kind, labels, scores)
-            if s is not None:
-                s = s[np.isfinite(s)]
-                self.score_counts += np.bincount(bin_index(self.score.edges, s),
+            self._pl = []
+        if self._ps:
+            parts, self._ps = self._ps, []
+            if self.score is None:
+                return
+            vals = [output_score(self.kind, lab, sc) for lab, sc in parts]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                v = np.concatenate(vals)
+                v = v[np.isfinite(v)]
+                self.score_counts += np.bincount(bin_index(self.score.edges, v),
                                                  minlength=len(self.score.freq))
-        self.n += len(labels) if labels is not None else 0
 
     def figures(self) -> dict[str, float]:
+        self._digest()
         out: dict[str, float] = {}
         if self.labels is not None and self.label_counts.sum():
             e = np.append(self.label_freq, 0.0)  # labels never seen in training: one bin
@@ -246,7 +269,7 @@ class DriftMonitor:
         self.windows = 0
         self.samples = 0
         self.rows = 0
-        self.batch_sizes = np.zeros(8, dtype=np.int64)  # counts for BATCH_BUCKETS
+        self.batch_sizes = [0] * 8  # counts per BATCH_LE bucket (+Inf last)
         self.current: dict[str, Any] = {}
         self.outputs: dict[str, _OutputWindow] = {}
         self.output_current: dict[str, dict] = {}
@@ -375,22 +398,29 @@ class DriftMonitor:
                 self._counts[i] += np.bincount(bin_index(c.edges, col),
                                                minlength=len(c.freq))
                 self._oor[i] += np.count_nonzero((col < c.lo) | (col > c.hi))
-        # per source: min/max for the stuck check (bounded number of sources)
-        start = 0
-        for topics, per in parts:
+        # per source: min/max for the stuck check (bounded number of sources), grouped so a
+        # flush costs a few numpy calls per source, not per row
+        per = parts[0][1]
+        owners: dict[str, list[int]] = {}
+        i = 0
+        for topics, _per in parts:
             for t in topics:
-                block = x[start:start + per]
-                start += per
-                s = self._src.get(t)
-                if s is None:
-                    if len(self._src) >= self.s.max_sources:
-                        self._src_other += 1
-                        continue
-                    s = self._src[t] = [block.min(0), block.max(0), 0]
-                else:
-                    np.minimum(s[0], block.min(0), out=s[0])
-                    np.maximum(s[1], block.max(0), out=s[1])
-                s[2] += per
+                owners.setdefault(t, []).append(i)
+                i += 1
+        blocks = x.reshape(-1, per, x.shape[1]) if per > 1 else None
+        for t, idx in owners.items():
+            s = self._src.get(t)
+            if s is None and len(self._src) >= self.s.max_sources:
+                self._src_other += len(idx)
+                continue
+            block = x[idx] if blocks is None else blocks[idx].reshape(-1, x.shape[1])
+            lo, hi = block.min(0), block.max(0)
+            if s is None:
+                self._src[t] = [lo, hi, len(block)]
+            else:
+                np.minimum(s[0], lo, out=s[0])
+                np.maximum(s[1], hi, out=s[1])
+                s[2] += len(block)
         self._wn += len(x)
         self.samples += len(x)
         if self._wn >= self.s.window:
