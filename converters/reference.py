@@ -11,28 +11,31 @@ with. Layout: docs/bundle-format.md, "reference".
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from edgeml.core.drift import DEFAULT_BINS, make_reference
-from edgeml.errors import ConversionError
+
+log = logging.getLogger("converters.reference")
 
 MAX_ROWS = 100_000  # beyond this an evenly spaced subset of the training rows is profiled
 
 
 def build_reference(estimator: Any, analysis: Any, training_data: np.ndarray,
                     features: Sequence[str], window: int | None, *,
-                    bins: int = DEFAULT_BINS) -> dict[str, Any]:
+                    bins: int = DEFAULT_BINS) -> dict[str, Any] | None:
     from converters.parity import reference_outputs
 
     td = np.asarray(training_data, dtype=np.float64)
     width = (window or 1) * len(features)
     if td.ndim == 1 or td.size % width or (td.ndim >= 2 and td[0].size != width):
-        raise ConversionError(
-            f"training data of shape {list(td.shape)} does not hold rows of {width} values "
-            f"({len(features)} features x window {window or 1}); no reference profile")
+        log.warning("training data of shape %s does not hold rows of %d values (%d features "
+                    "x window %d): the bundle gets no drift reference", list(td.shape), width,
+                    len(features), window or 1)
+        return None
     rows = td.reshape(len(td), width)
     if len(rows) > MAX_ROWS:
         rows = rows[np.linspace(0, len(rows) - 1, MAX_ROWS).astype(int)]

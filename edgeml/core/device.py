@@ -329,6 +329,7 @@ class Device:
             )
             inlet = Inlet(pcfg, assembler, rawlog, runtime.enqueue, runtime.stats)
             runtime.observer = self._monitor(pcfg)
+            runtime.observer.stats = runtime.stats
             runtime.observer.follow(runtime.members)
             self.pipelines.add(_Pipeline(pcfg, runtime, inlet))
 

@@ -23,6 +23,7 @@ bins, a value equal to an edge goes into the bin above it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import numpy as np
 
 from edgeml.config import DriftConfig as DriftSettings
 from edgeml.core.health import AlertGate, RateTracker
+
+log = logging.getLogger("edgeml.core.drift")
 
 REFERENCE_VERSION = 1
 DEFAULT_BINS = 10
@@ -278,6 +281,9 @@ class DriftMonitor:
                                  settings.consecutive)
         self.alerts_raised = 0
         self.enabled = settings.enabled
+        self.errors = 0
+        self.stats: Any = None  # the pipeline's PipelineStats: rejected share per window
+        self._rej0 = (0, 0)
         self._members: Any = None
 
     # ---- configuration ----------------------------------------------------------------
@@ -303,21 +309,35 @@ class DriftMonitor:
 
     # ---- the scoring hook --------------------------------------------------------------------
     def on_batch(self, batch: Sequence[Any], x: np.ndarray, members: Sequence[Any]) -> None:
-        """One scored batch's input rows (``Row`` objects and their stacked features)."""
-        self.follow(members)
-        if not self.enabled or not self.nf:
-            self.rows += len(batch)
-            self.batch_sizes[min(len(batch).bit_length(), 7)] += 1
-            return
-        self.observe_rows([r.topic for r in batch], x)
+        """One scored batch's input rows (``Row`` objects and their stacked features).
+        Never raises: a fault here is counted and logged, the batch is scored regardless."""
+        try:
+            self.follow(members)
+            if not self.enabled or not self.nf:
+                self.rows += len(batch)
+                self.batch_sizes[min(len(batch).bit_length(), 7)] += 1
+                return
+            self.observe_rows([r.topic for r in batch], x)
+        except Exception:
+            self._fault("inputs")
 
     def on_outcomes(self, outcomes: Sequence[Any]) -> None:
-        """Each version's outcome for one batch (late ones too)."""
+        """Each version's outcome for one batch (late ones too). Never raises."""
         if not self.outputs:
             return
-        for o in outcomes:
-            if o.labels is not None or o.scores is not None:
-                self.observe_outputs(f"{o.name}:{o.version}", o.labels, o.scores)
+        try:
+            for o in outcomes:
+                if o.labels is not None or o.scores is not None:
+                    self.observe_outputs(f"{o.name}:{o.version}", o.labels, o.scores)
+        except Exception:
+            self._fault("outputs")
+
+    def _fault(self, where: str) -> None:
+        self.errors += 1
+        if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
+            log.exception("pipeline %s: drift watch failed on %s (%d so far); scoring goes on",
+                          self.pipeline, where, self.errors)
+        self._buf, self._buf_topics, self._buffered = [], [], 0
 
     def follow(self, members: Sequence[Any]) -> None:
         """Re-read the references when the active set changed (an identity check)."""
@@ -451,8 +471,15 @@ class DriftMonitor:
                 c = self._cols[i] if self._cols else None
                 if mn[i] == mx[i] and (c is None or c.std > 0):
                     stuck.append({"source": t, "channel": f, "value": float(mn[i])})
+        rejected = None
+        if self.stats is not None:  # missing / non-finite / malformed input is dead-lettered
+            rec, rej = self.stats.received, self.stats.rejected
+            d_rec, d_rej = rec - self._rej0[0], rej - self._rej0[1]
+            self._rej0 = (rec, rej)
+            rejected = round(d_rej / d_rec, 5) if d_rec > 0 else 0.0
         doc.update(psi=psis, ks=kss, out_of_range=oor, stuck=stuck[:50],
-                   sources=len(self._src), sources_untracked=self._src_other)
+                   sources=len(self._src), sources_untracked=self._src_other,
+                   rejected=rejected)
         self.current = doc
         self._reset_window()
         self._record(doc)
@@ -527,6 +554,7 @@ class DriftMonitor:
                 "stuck": cur.get("stuck", []),
                 "outputs": {k: {kk: vv for kk, vv in v.items() if kk.endswith(("psi", "ks"))}
                             for k, v in self.output_current.items()},
+                "rejected": cur.get("rejected"), "errors": self.errors,
                 "alerts": self.active_alerts(), "sources": self.rates.status()}
 
 

@@ -106,3 +106,24 @@ def test_stuck_sources_are_bounded():
         m.observe_rows([topics[i % 10] for i in range(1000)], x)
     stuck = {d["source"] for k, s, d in alerts if k == "sensor_stuck" and s == "raised"}
     assert len(stuck) == 4 and m.current["sources_untracked"] > 0
+
+
+def test_a_fault_in_the_watch_never_reaches_scoring():
+    ref = make_reference(np.zeros((10, 2)) + np.arange(10)[:, None], ["x", "y"], None,
+                         kind="regressor")
+    alerts: list = []
+    m = _monitor(ref, alerts)
+    m.on_batch([object()], np.zeros((1, 2)), ())  # rows without a topic: counted, not raised
+    assert m.errors == 1
+    m.set_versions({"m:1": (ref | {"outputs": {"score": {"edges": [], "freq": [1.0],
+                                                           "min": 0, "max": 0}}},
+                            "regressor")})
+    m.on_outcomes([object()])
+    assert m.errors == 2
+
+
+def test_wrong_shaped_training_data_gives_no_reference_not_a_failure(caplog):
+    from converters.reference import build_reference
+
+    assert build_reference(None, None, np.zeros((5, 7)), ["a", "b"], None) is None
+    assert "no drift reference" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import msgpack
 import numpy as np
 import pytest
 from test_device_stages import DEVICE, Rig, _until, sync
@@ -94,6 +95,15 @@ async def test_a_stuck_channel_raises_sensor_stuck(tmp_path, activity_bundle, te
         assert [(a["state"], a["source"], a["channel"]) for a in stuck] == \
             [("raised", TOPIC, "gx")]
         assert stuck[0]["value"] == 0.25
+
+        def synced() -> list[dict]:  # the per-window figures go upstream on sync/drift
+            return [r for p in rig.broker.payloads(f"edgeml/{DEVICE}/sync/drift")
+                    for r in msgpack.unpackb(p, raw=False)["records"]]
+        await _until(lambda: len(synced()) >= 4, "4 drift records upstream")
+        recs = sorted(synced(), key=lambda r: r["window"])
+        assert [r["window"] for r in recs] == [1, 2, 3, 4]
+        assert recs[0]["kind"] == "input" and recs[0]["reference"] == "activity:1"
+        assert recs[0]["rejected"] == 0.0 and recs[3]["stuck"][0]["channel"] == "gx"
 
 
 def _daphnet_run(ref, X, window=2000):
