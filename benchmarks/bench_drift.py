@@ -140,7 +140,7 @@ def scrape_cost(seconds: float) -> dict:
 
 
 # ---- paced CPU: drift + metrics on vs off -----------------------------------------------------
-def paced(rate: float, seconds: float) -> list[dict]:
+def paced(rate: float, seconds: float, repeats: int = 1) -> list[dict]:
     import paho.mqtt.client as paho
 
     from edgeml.host.broker import MosquittoBroker
@@ -156,8 +156,8 @@ def paced(rate: float, seconds: float) -> list[dict]:
         broker = MosquittoBroker(base / "broker")
         broker.start()
         try:
-            for label, on in (("drift+metrics off", False), ("drift+metrics on", True),
-                              ("drift+metrics off (again)", False)):
+            order = [("drift+metrics off", False), ("drift+metrics on", True)] * repeats
+            for label, on in [*order, ("drift+metrics off", False)]:
                 results.append(_paced_run(base, broker, bundle, X, rate, seconds, label, on,
                                           paho))
         finally:
@@ -242,6 +242,7 @@ def main() -> None:
     ap.add_argument("--paced", action="store_true", help="also the paced daemon CPU test")
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--paced-seconds", type=float, default=10.0)
+    ap.add_argument("--repeats", type=int, default=1, help="off/on pairs, alternating")
     args = ap.parse_args()
     rows, lat = micro(args.seconds)
     print(f"{'case':34} {'batch':>5} {'inputs us/row':>14} {'outputs us/row':>15}")
@@ -257,11 +258,14 @@ def main() -> None:
            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "micro": rows, **lat, "scrape": scrape}
     if args.paced:
-        runs = paced(args.rate, args.paced_seconds)
+        runs = paced(args.rate, args.paced_seconds, args.repeats)
         print(f"\n{'paced daemon':28} {'msgs':>6} {'CPU s':>7} {'us/msg':>8} {'CPU share':>9}")
         for r in runs:
             print(f"{r['variant']:28} {r['messages']:>6} {r['cpu_s']:>7.2f} "
                   f"{r['cpu_us_per_msg']:>8.1f} {r['cpu_share']:>9.3f}")
+        for on in (False, True):
+            v = [r["cpu_us_per_msg"] for r in runs if ("on" in r["variant"].split()[1]) == on]
+            print(f"  {'on ' if on else 'off'}: median {np.median(v):.1f} us/msg over {len(v)}")
         doc["paced"] = runs
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
