@@ -525,7 +525,8 @@ class DriftMonitor:
         """Message rates per source since the last tick; ``rate_drop`` alerts."""
         for src, bad, figs in self.rates.tick(self._clock() if now is None else now):
             self._gate("rate_drop", src, bad, {"source": src, **figs,
-                                              "ratio": self.s.rate_drop_ratio})
+                                              "ratio": self.s.rate_drop_ratio,
+                                              "reference": self.ref_version})
 
     def _gate(self, kind: str, key: str, bad: bool, detail: dict) -> None:
         g = self.gates.get((kind, key))

@@ -124,6 +124,8 @@ class DeviceCollector:
                                                 "(late)", V)
         skipped = fam(C, "edgeml_rows_skipped", "Rows a busy version skipped", V)
         won = fam(C, "edgeml_version_answers", "Rows answered by this version", V)
+        vfall = fam(C, "edgeml_version_fallbacks", "Rows this version answered as a "
+                                                   "fallback", V)
         vlat = fam(H, "edgeml_scoring_seconds", "Per version, per batch scoring time", V)
         a_bytes = fam(G, "edgeml_archive_bytes", "Raw-input log bytes on disk", P)
         a_segs = fam(G, "edgeml_archive_segments", "Raw-input log segments", P)
@@ -174,6 +176,7 @@ class DeviceCollector:
                 late.add_metric(lab, vs.late)
                 skipped.add_metric(lab, vs.skipped)
                 won.add_metric(lab, vs.answered)
+                vfall.add_metric(lab, vs.fallbacks)
                 vlat.add_metric(lab, _hist_buckets(vs.latency.hist, _LAT_S),
                                 vs.latency.total_ms / 1e3)
             try:
@@ -215,7 +218,7 @@ class DeviceCollector:
                 rate.add_metric([name, src], r)
         yield from (received, accepted, dlq, rows, qdrop, qdepth, answered, fallbacks,
                     unanswered, published, perr, gaps, evicted, batch, ans_lat, scored, verr,
-                    late, skipped, won, vlat, a_bytes, a_segs, a_recs, a_werr, a_lost, a_rm,
+                    late, skipped, won, vfall, vlat, a_bytes, a_segs, a_recs, a_werr, a_lost, a_rm,
                     d_psi, d_ks, d_oor, o_psi, d_win, d_alerts, d_raised, stuck, rate)
 
         # outbox, uplink, transport, control

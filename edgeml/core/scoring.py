@@ -350,6 +350,7 @@ class PipelineRuntime:
         policy = self.policy
         records = []
         st = self.stats
+        fallbacks0 = st.fallbacks
         for row, a in zip(batch, answers, strict=True):
             latency = (now - row.received) * 1000.0
             rec = {
@@ -372,6 +373,11 @@ class PipelineRuntime:
         for key, n in collections.Counter((a.model, a.version) for a in answers).items():
             if key in self._runners:
                 self.stats.version(*key).answered += n
+        if st.fallbacks != fallbacks0:  # per version too, for /metrics
+            for key, n in collections.Counter((a.model, a.version) for a in answers
+                                              if a.fallback).items():
+                if key in self._runners:
+                    self.stats.version(*key).fallbacks += n
         self.emitter.answers(self.name, records)
 
     def _results(self, batch: list[Row], outcomes: Sequence[Outcome], late: bool) -> None:

@@ -53,6 +53,7 @@ class VersionStats:
     late: int = 0
     skipped: int = 0
     answered: int = 0
+    fallbacks: int = 0  # answers this version gave as a fallback (not the policy's first pick)
     latency: LatencyRing = field(default_factory=LatencyRing)
     last_error: str | None = None
 

@@ -22,7 +22,8 @@ EXPECTED = {
     "edgeml_answers_published", "edgeml_pipeline_errors", "edgeml_input_gaps",
     "edgeml_windows_evicted", "edgeml_batch_size_rows", "edgeml_answer_latency_seconds",
     "edgeml_rows_scored", "edgeml_scoring_errors", "edgeml_deadline_misses",
-    "edgeml_rows_skipped", "edgeml_version_answers", "edgeml_scoring_seconds",
+    "edgeml_rows_skipped", "edgeml_version_answers", "edgeml_version_fallbacks",
+    "edgeml_scoring_seconds",
     "edgeml_archive_bytes", "edgeml_archive_segments", "edgeml_archive_records_appended",
     "edgeml_archive_write_errors", "edgeml_archive_records_lost",
     "edgeml_archive_records_removed", "edgeml_drift_psi", "edgeml_drift_ks",
@@ -111,6 +112,7 @@ def test_metrics_endpoint_counts_what_was_streamed(broker, daemon_factory, tmp_p
     assert value(fams, "edgeml_rows_scored", **v) == 40
     assert value(fams, "edgeml_version_answers", **v) == 40
     assert value(fams, "edgeml_scoring_errors", **v) == 0
+    assert value(fams, "edgeml_version_fallbacks", **v) == 0
     assert value(fams, "edgeml_answers_published", **p) == 40
     assert value(fams, "edgeml_answer_latency_seconds",
                  "edgeml_answer_latency_seconds_count", **p) == 40
