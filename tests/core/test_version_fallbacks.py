@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from test_pipeline import FailingSlot, rows, runtime, score, slot
-from test_pipeline import windows as windows  # noqa: F401  (the fixture)
+from test_pipeline import windows as windows  # the fixture, re-exported
 
 from edgeml.core.model import LoadedModel
 
