@@ -12,9 +12,13 @@ Paced (``--paced``, needs mosquitto): ``python -m edgeml run`` on Daphnet single
 paced 1,000 msg/s, once with ``[drift]`` + ``[metrics]`` on (scraped every second) and once
 with both off; the daemon's CPU seconds per message from /proc.
 
+In-process (``--inproc``): the device on the in-memory broker in this process, 20,000 Daphnet
+samples, drift on vs off, alternating; process CPU per message (no broker or other process).
+
 Prints a table and writes benchmarks/results/drift.json.
 
-    python benchmarks/bench_drift.py [--seconds 1] [--paced] [--rate 1000] [--paced-seconds 10]
+    python benchmarks/bench_drift.py [--seconds 1] [--inproc] [--paced] [--rate 1000]
+        [--paced-seconds 10] [--repeats N]
 """
 
 from __future__ import annotations
@@ -165,6 +169,64 @@ def paced(rate: float, seconds: float, repeats: int = 1) -> list[dict]:
     return results
 
 
+def inproc(n: int, repeats: int) -> list[dict]:
+    """The device on the in-memory broker in this process (no broker, no other process):
+    process CPU per message for ``n`` Daphnet JSON samples on 4 topics, drift on vs off,
+    alternating. Includes this loop's own publishing."""
+    from edgeml.config import parse_config
+    from edgeml.core.device import Device
+    from edgeml.transport.fake import FakeBroker
+    from edgeml.transport.settings import BrokerSettings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from models import build_gait_anomaly_bundle
+
+    X = load_daphnet().X
+    payloads = [json.dumps(dict(zip(DAPHNET_CHANNELS, map(float, r), strict=True))).encode()
+                for r in X[:5000]]
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        bundle = build_gait_anomaly_bundle(Path(d))
+
+        async def run(on: bool, k: int) -> float:
+            fb = FakeBroker()
+            cfg = parse_config({
+                "device_id": "x", "data_dir": str(Path(d) / f"data{k}"),
+                "metrics": {"listen": ""},
+                "drift": {"enabled": on, "rate_interval_s": 1.0},
+                "pipelines": [{"name": "gait", "topics": ["s/+/g"], "qos": 0,
+                               "features": list(DAPHNET_CHANNELS),
+                               "models": [{"name": "gait", "version": "1",
+                                           "bundle": str(bundle)}]}]})
+            dev = Device(cfg, connector=fb.connector)
+            sensor = fb.client(BrokerSettings(client_id="s", clean_start=True))
+            await sensor.__aenter__()
+            async with dev:
+                task = asyncio.create_task(dev.run())
+                await dev.ready.wait()
+                st = dev.pipelines["gait"].stats
+                c0 = time.process_time()
+                for i in range(n):
+                    sensor.publish_nowait(f"s/p{i % 4}/g", payloads[i % len(payloads)], qos=0)
+                    if i % 4 == 3:
+                        await asyncio.sleep(0.001)
+                while st.scored < n:
+                    await asyncio.sleep(0.01)
+                cpu = time.process_time() - c0
+                dev.request_stop()
+                await task
+            await sensor.close()
+            return cpu / n * 1e6
+
+        k = 0
+        for _ in range(repeats):
+            for on in (False, True):
+                k += 1
+                out.append({"variant": "drift on" if on else "drift off", "messages": n,
+                            "cpu_us_per_msg": round(asyncio.run(run(on, k)), 1)})
+    return out
+
+
 def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         parts = fh.read().rsplit(")", 1)[1].split()
@@ -243,6 +305,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--paced-seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=1, help="off/on pairs, alternating")
+    ap.add_argument("--inproc", action="store_true",
+                    help="also the device on the in-memory broker, drift on vs off")
     args = ap.parse_args()
     rows, lat = micro(args.seconds)
     print(f"{'case':34} {'batch':>5} {'inputs us/row':>14} {'outputs us/row':>15}")
@@ -257,6 +321,12 @@ def main() -> None:
            "machine": platform.machine(), "cpus": os.cpu_count(),
            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "micro": rows, **lat, "scrape": scrape}
+    if args.inproc:
+        runs = inproc(20_000, max(args.repeats, 2))
+        print(f"\n{'in-process device':28} {'msgs':>6} {'us/msg':>8}")
+        for r in runs:
+            print(f"{r['variant']:28} {r['messages']:>6} {r['cpu_us_per_msg']:>8.1f}")
+        doc["inproc"] = runs
     if args.paced:
         runs = paced(args.rate, args.paced_seconds, args.repeats)
         print(f"\n{'paced daemon':28} {'msgs':>6} {'CPU s':>7} {'us/msg':>8} {'CPU share':>9}")
