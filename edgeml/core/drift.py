@@ -483,8 +483,6 @@ class DriftMonitor:
         self.current = doc
         self._reset_window()
         self._record(doc)
-        if not psis and not stuck:
-            return
         base = {"reference": self.ref_version, "window": self.windows, "samples": n}
         worst = max(psis, key=psis.get) if psis else None
         bad = worst is not None and (

@@ -127,3 +127,16 @@ def test_wrong_shaped_training_data_gives_no_reference_not_a_failure(caplog):
 
     assert build_reference(None, None, np.zeros((5, 7)), ["a", "b"], None) is None
     assert "no drift reference" in caplog.text
+
+
+def test_without_a_reference_a_stuck_channel_still_raises_and_clears():
+    alerts: list = []
+    m = DriftMonitor("p", DriftConfig(window=1000, consecutive=1), features=["x", "y"],
+                     window=None, hop=None, record=lambda d: None, clock=lambda: 0.0,
+                     alert=lambda k, d: alerts.append((k, d["state"])))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1000, 2))
+    x[:, 0] = 1.0
+    m.observe_rows(["s"] * 1000, x)
+    m.observe_rows(["s"] * 1000, rng.normal(size=(1000, 2)))
+    assert alerts == [("sensor_stuck", "raised"), ("sensor_stuck", "cleared")]
