@@ -129,3 +129,27 @@ def test_metrics_endpoint_counts_what_was_streamed(broker, daemon_factory, tmp_p
     assert value(fams, "edgeml_uplink_records_sent") >= 80  # 40 outputs + 40 results (+drift)
     assert value(fams, "edgeml_mqtt_connected") == 1
     assert value(fams, "edgeml_ready") == 1
+
+
+def test_metrics_off_or_port_taken_never_stops_the_device(tmp_path, activity_bundle):
+    import asyncio
+    import socket
+
+    from test_device_stages import Rig
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+
+    async def check(listen: str, sub: str) -> None:
+        (tmp_path / sub).mkdir()
+        async with Rig(tmp_path / sub, [
+                {"name": "activity", "version": "1", "bundle": str(activity_bundle)}],
+                extra=f'[metrics]\nlisten = "{listen}"\n') as rig:
+            assert rig.device.http is None and rig.device.readiness()[0]
+    try:
+        asyncio.run(check("", "off"))
+        asyncio.run(check(f"127.0.0.1:{port}", "taken"))
+    finally:
+        taken.close()
