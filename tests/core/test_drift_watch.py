@@ -78,6 +78,7 @@ async def test_scaled_channel_raises_input_drift_then_clears(tmp_path, activity_
         rig.device.publish_status_soon()
         drift = rig.status()["pipelines"]["activity"]["drift"]
         assert drift["windows"] == 12 and drift["reference"] == "activity:1"
+        assert drift["level"] == "stable" and drift["alerts"] == []
         assert set(drift["psi"]) == set(BASICMOTIONS_CHANNELS)
 
 
