@@ -332,10 +332,15 @@ def convert_estimator(
         "training_data_sha256": None,
         "training_rows": None,
     }
+    reference = None
     if training_data is not None:
         td = np.asarray(training_data)
         provenance["training_data_sha256"] = training_fingerprint(td)
         provenance["training_rows"] = int(td.shape[0]) if td.ndim else 1
+        # the drift reference profile (converters/reference.py), signed with the manifest
+        from converters.reference import build_reference
+
+        reference = build_reference(estimator, analysis, td, feats, window)
 
     shape: tuple[int | None, ...] = (
         (None, window, n_features) if input_shape == "3d" else (None, width)
@@ -355,6 +360,7 @@ def convert_estimator(
         metrics=all_metrics,
         self_test=_self_test(rows, expected, self_test_rows, tolerance, regression=regression),
         description=description,
+        reference=reference,
     )
     path = write_bundle(Path(out), manifest, model_bytes, sign_key=sign_key)
     return ConversionReport(path=path, manifest=manifest, parity=parity,

@@ -160,13 +160,15 @@ class Manifest:
     self_test: SelfTest | None = None
     description: str = ""
     manifest_version: int = MANIFEST_VERSION
-    # --- release (wt-trust): the anti-downgrade order; None in bundles made before it ---
+    # release: the anti-downgrade order; None in bundles made before it
     release: int | None = None
 
     @property
     def effective_release(self) -> int:
         """``release``, else the version when it is a plain integer, else 0 (oldest)."""
         return self.release if self.release is not None else release_of_version(self.version)
+    # drift: the training data's profile (docs/bundle-format.md, "reference"); optional
+    reference: dict | None = None
 
     def to_dict(self) -> dict:
         """The JSON shape of ``manifest.json`` (plain lists, str keys; numpy values unwrapped)."""
@@ -203,8 +205,10 @@ class Manifest:
                 "rtol": st.rtol,
             },
         }
-        if self.release is not None:  # wt-trust: absent from bundles made before it
+        if self.release is not None:  # absent from bundles made before it
             d["release"] = self.release
+        if self.reference is not None:  # drift reference: absent from older manifests
+            d["reference"] = self.reference
         return _jsonable(d, "")
 
     def to_json_bytes(self) -> bytes:
@@ -385,13 +389,37 @@ def _parse_manifest(d: Any) -> Manifest:
     provenance = t.mapping("provenance", {})
     metrics = t.mapping("metrics", {})
     self_test = _parse_self_test(t.table("self_test", None), model_input)
-    release = t.int("release", None, min=0, max=MAX_RELEASE)  # wt-trust: anti-downgrade
+    release = t.int("release", None, min=0, max=MAX_RELEASE)  # anti-downgrade order
+    reference = _parse_reference(t, model_input)  # drift reference (optional)
     t.finish()
     return Manifest(
         name=name, version=version, created=created, input=model_input, outputs=outputs,
         sha256=sha, size=size, provenance=provenance, metrics=metrics, self_test=self_test,
         description=description, manifest_version=mv, release=release,
+        reference=reference,
     )
+
+
+def _parse_reference(t: Table, model_input: ModelInput) -> dict | None:
+    """The drift reference: checked enough that the device can bin against it."""
+    ref = t.mapping("reference", None)
+    if ref is None:
+        return None
+    r = t.table("reference")
+    inputs = r.mapping("inputs", {})
+    for f, col in inputs.items():
+        if f not in model_input.features or not isinstance(col, dict):
+            raise r.error(f"inputs.{f}", "not a feature of the model's input")
+        edges, freq = col.get("edges"), col.get("freq")
+        if (not isinstance(edges, list) or not isinstance(freq, list)
+                or len(freq) != len(edges) + 1
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in [*edges, *freq, col.get("min"), col.get("max")])
+                or any(edges[i + 1] < edges[i] for i in range(len(edges) - 1))):
+            raise r.error(f"inputs.{f}", "needs sorted numeric 'edges', 'freq' with one more "
+                                         "entry, 'min' and 'max'")
+    r.mapping("outputs", {})
+    return dict(ref)
 
 
 # --- signatures -----------------------------------------------------------------------------

@@ -104,6 +104,39 @@ class SyncConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus text on /metrics, /healthz, /readyz; ``listen = ""``: off."""
+
+    listen: str = "127.0.0.1:9464"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriftConfig:
+    """``[drift]``: input/output drift and sensor health against the bundles' references
+    (docs/configuration.md; the figures: edgeml/core/drift.py)."""
+
+    enabled: bool = True
+    window: int = 2000  # input samples per drift window
+    output_window: int = 500  # rows per version per output window
+    psi_warn: float = 0.1
+    psi_alert: float = 0.25
+    ks_alert: float | None = None  # off unless set
+    consecutive: int = 2  # bad windows in a row before an alert; good ones before cleared
+    out_of_range: float = 0.05  # share of samples outside the training min..max
+    stuck_min_samples: int = 20  # samples a source must send in a window to be judged stuck
+    rate_interval_s: float = 10.0
+    rate_drop_ratio: float = 0.5
+    max_sources: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     source: Path | None
     device_id: str
@@ -119,6 +152,8 @@ class Config:
     pipelines: tuple[PipelineConfig, ...] = ()
     deploy: DeployConfig = field(default_factory=DeployConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.topic_prefix, self.device_id, *parts))
@@ -350,7 +385,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
     # them, and tests/test_service.py reads them to check every key is documented.
     r.known = ("device_id", "profile", "data_dir", "topic_prefix", "trusted_keys", "groups",
                "status_interval_s", "broker", "upstream", "pipelines", "deploy", "sync",
-               "profile_overrides")
+               "profile_overrides", "metrics", "drift")
     device_id = r.str("device_id", pattern=_NAME, what=_NAME_RULE)
     profile = r.str("profile", "x86-gateway")
     if "/" in profile or profile.endswith(".toml"):
@@ -397,6 +432,8 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
         record_results=sy.bool("record_results", True),
     )
     sy.finish()
+    metrics = _metrics(r.table("metrics", {}))
+    drift = _drift(r.table("drift", {}))
     pipes = r.seq("pipelines", [])
     r.finish()
     pipelines = tuple(_pipeline(t, source) for t in pipes.tables())
@@ -409,7 +446,43 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
         profile_overrides=profile_overrides, data_dir=data_path,
         topic_prefix=prefix, trusted_keys=keys, groups=groups, status_interval_s=status_interval,
         broker=broker, upstream=upstream, pipelines=pipelines, deploy=deploy, sync=sync,
+        metrics=metrics, drift=drift,
     )
+
+
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):\d{1,5}$")
+
+
+def _metrics(m: Table) -> MetricsConfig:
+    m.known = ("listen",)
+    listen = m.str("listen", "127.0.0.1:9464")
+    if listen and (not _LISTEN.fullmatch(listen) or int(listen.rsplit(":", 1)[1]) > 65535):
+        raise m.error("listen", f"{listen!r} is not HOST:PORT (or \"\" to turn it off)")
+    m.finish()
+    return MetricsConfig(listen=listen)
+
+
+def _drift(d: Table) -> DriftConfig:
+    d.known = ("enabled", "window", "output_window", "psi_warn", "psi_alert", "ks_alert",
+               "consecutive", "out_of_range", "stuck_min_samples", "rate_interval_s",
+               "rate_drop_ratio", "max_sources")
+    psi_warn = d.number("psi_warn", 0.1, min=0, min_open=True)
+    cfg = DriftConfig(
+        enabled=d.bool("enabled", True),
+        window=d.int("window", 2000, min=100),
+        output_window=d.int("output_window", 500, min=10),
+        psi_warn=psi_warn,
+        psi_alert=d.number("psi_alert", 0.25, min=psi_warn),
+        ks_alert=d.number("ks_alert", None, min=0, min_open=True, max=1),
+        consecutive=d.int("consecutive", 2, min=1),
+        out_of_range=d.number("out_of_range", 0.05, min=0, min_open=True, max=1),
+        stuck_min_samples=d.int("stuck_min_samples", 20, min=2),
+        rate_interval_s=d.number("rate_interval_s", 10.0, min=0, min_open=True),
+        rate_drop_ratio=d.number("rate_drop_ratio", 0.5, min=0, min_open=True, max=1),
+        max_sources=d.int("max_sources", 32, min=1, max=10_000),
+    )
+    d.finish()
+    return cfg
 
 
 def load_device_profile(config: Config):

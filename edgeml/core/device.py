@@ -42,7 +42,8 @@ log = logging.getLogger("edgeml.core.device")
 #: config keys a SIGHUP applies per pipeline; everything else needs a restart
 LIVE_KEYS = ("policy", "deadline_ms", "top_n", "models", "canary_window", "canary_threshold")
 RESTART_KEYS = ("device_id", "data_dir", "topic_prefix", "broker", "upstream", "profile",
-                "profile_overrides", "trusted_keys", "groups", "sync", "deploy")
+                "profile_overrides", "trusted_keys", "groups", "sync", "deploy", "metrics",
+                "drift")
 
 
 def mqtt_connector(settings: Any, *, will: Publication | None = None,
@@ -134,6 +135,8 @@ class Device:
         self.outbox: Any = None
         self.uplink: Any = None
         self._uplink_transport: Transport | None = None
+        self.monitors: dict[str, Any] = {}  # pipeline -> DriftMonitor (edgeml.core.drift)
+        self.http: Any = None  # the /metrics server (edgeml.core.http), when [metrics] listens
 
     # ---- public ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -161,8 +164,11 @@ class Device:
             out_formats={p.name: p.output_format for p in cfg.pipelines},
             out_qos={p.name: p.output_qos for p in cfg.pipelines},
             on_status_changed=self.publish_status_soon)
+        from edgeml.core.metrics import EventCounter
+
+        self.events = EventCounter(self.egress)  # counts deploy events/rollbacks for /metrics
         self.control = Control(cfg, pipelines=self.pipelines, registry=self.registry,
-                               events=self.egress)
+                               events=self.events)
         try:
             await self._build_pipelines()
         except BaseException:
@@ -225,6 +231,7 @@ class Device:
         subs += self.control.subscriptions()
         await transport.subscribe(subs)
         self.state = "online"
+        await self._start_http()
         async with asyncio.TaskGroup() as tg:
             scorers = [tg.create_task(p.runtime.run(), name=f"score:{p.config.name}")
                        for p in self.pipelines]
@@ -233,6 +240,7 @@ class Device:
             fsync = tg.create_task(self._fsync_loop(), name="rawlog-fsync")
             writer = tg.create_task(self.egress.run_writer(), name="outbox-writer")
             tg.create_task(self.control.run(), name="control")
+            drift = tg.create_task(self._drift_ticks(), name="drift")
             uplink = None
             if self.uplink is not None:
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
@@ -261,6 +269,9 @@ class Device:
             status.cancel()
             if outbound is not None:
                 outbound.cancel()
+            drift.cancel()
+            if self.http is not None:
+                await self.http.close()
             self.control.stop()
             self.state = "offline"
             with contextlib.suppress(EdgemlError):
@@ -379,6 +390,9 @@ class Device:
                     "records_kept": rec.records_kept, "detail": rec.detail,
                     "ts": time.time()})
             inlet = Inlet(pcfg, assembler, rawlog, runtime.enqueue, runtime.stats)
+            runtime.observer = self._monitor(pcfg)
+            runtime.observer.stats = runtime.stats
+            runtime.observer.follow(runtime.members)
             self.pipelines.add(_Pipeline(pcfg, runtime, inlet))
 
     async def _load_members(self, pcfg: PipelineConfig, models) -> list[Member]:
@@ -403,14 +417,17 @@ class Device:
         if not self.config.sync.enabled:
             return None
         from edgeml.errors import OutboxError
-        from edgeml.storage.outbox import Outbox
+        from edgeml.storage.outbox import DEFAULT_STREAMS, Outbox, StreamPolicy
         from edgeml.storage.outbox.damage import check_integrity, quarantine
 
         path = self.config.data_dir / "outbox" / "outbox.db"
 
+        # + "drift": one record per drift window (edgeml.core.drift), evicted before outputs
+        streams = {**DEFAULT_STREAMS, "drift": StreamPolicy("drift", 2, "drop_oldest")}
+
         def open_() -> Any:
             return Outbox(path, budget_bytes=self.profile.disk.outbox_budget_bytes,
-                          fsync_interval_s=self.profile.disk.fsync_interval_s)
+                          fsync_interval_s=self.profile.disk.fsync_interval_s, streams=streams)
         problems: list[str] = []
         try:
             problems = check_integrity(path)
@@ -514,6 +531,65 @@ class Device:
                 except Exception:
                     log.exception("raw-input log fsync failed for %s", p.config.name)
 
+    # ---- drift, metrics, readiness -------------------------------------------------------------
+    def _monitor(self, pcfg: PipelineConfig) -> Any:
+        from edgeml.core.drift import DriftMonitor
+
+        name = pcfg.name
+
+        def record(doc: dict) -> None:  # one record per drift window, synced on sync/drift
+            if self.egress.outbox is not None:
+                rid = f"{self.config.device_id}/{name}/drift/{doc['kind']}/{doc['ts']:.6f}"
+                self.egress._queue([("drift", rid, {"device": self.config.device_id, **doc})])
+
+        win = pcfg.window
+        mon = DriftMonitor(name, self.config.drift, features=pcfg.features or (),
+                           window=win.size if win else None, hop=win.hop if win else None,
+                           alert=lambda kind, detail: self.egress.alert(name, kind, detail),
+                           record=record, clock=time.time)
+        self.monitors[name] = mon
+        return mon
+
+    async def _drift_ticks(self) -> None:
+        interval = self.config.drift.rate_interval_s
+        while True:
+            for mon in self.monitors.values():
+                try:
+                    mon.tick()
+                except Exception:
+                    log.exception("drift rate check failed for %s", mon.pipeline)
+            await asyncio.sleep(interval)
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready: connected, and every pipeline has at least one loaded, self-tested version
+        (a version is only ever active after its self-test)."""
+        connected = bool(self.transport is not None and self.transport.connected)
+        pipes = {p.config.name: len(p.runtime.members) for p in self.pipelines}
+        ok = self.state == "online" and connected and all(pipes.values())
+        return ok, {"ready": ok, "state": self.state, "connected": connected,
+                    "active_versions": pipes, "load_errors": self.load_errors[-5:]}
+
+    async def _start_http(self) -> None:
+        addr = self.config.metrics.address
+        if addr is None or self.http is not None:
+            return
+        from edgeml.core import metrics
+        from edgeml.core.http import HttpServer, json_route
+
+        registry = metrics.make_registry(self)
+        server = HttpServer(addr[0], addr[1], {
+            "/metrics": lambda: (200, metrics.CONTENT_TYPE, metrics.exposition(registry)),
+            "/healthz": json_route(lambda: (True, {"ok": True, "state": self.state})),
+            "/readyz": json_route(self.readiness),
+        })
+        try:
+            host, port = await server.start()
+        except OSError as exc:  # a taken port must not stop the data path
+            log.error("metrics endpoint not started on %s: %s", self.config.metrics.listen, exc)
+            return
+        self.http = server
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
     # ---- status ----------------------------------------------------------------------------
     def publish_status_soon(self) -> None:
         """Publish the retained status now (after a deployment or command), not at the next
@@ -558,6 +634,8 @@ class Device:
             fmt = p.inlet.assembler.status()
             if fmt is not None:
                 d["format"] = {"name": p.config.format, **fmt}
+            if p.config.name in self.monitors:
+                d["drift"] = status_doc.safe(self.monitors[p.config.name].status)
             pipes[p.config.name] = d
             total_received += p.runtime.stats.received
         doc = status_doc.build(

@@ -110,6 +110,9 @@ class PipelineRuntime:
         self._idle.set()
         self._inflight_results: set[asyncio.Future] = set()
         self._last_batch = 0
+        # drift/health watch (edgeml.core.drift.DriftMonitor), set by the device: sees each
+        # batch's inputs once and every version's outcomes
+        self.observer: Any = None
 
     # ---- the active set ----------------------------------------------------------------------
     @property
@@ -233,6 +236,8 @@ class PipelineRuntime:
     async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[Row]) -> None:
         x = np.stack([r.features for r in batch])
         members = self._members
+        if self.observer is not None:
+            self.observer.on_batch(batch, x, members)
         if len(batch) <= INLINE_MAX_ROWS and members and all(
                 (r := self._runners[s.key]).inline_ok and r.pending == 0 for s in members):
             self._score_inline(members, x, batch)
@@ -345,6 +350,7 @@ class PipelineRuntime:
         policy = self.policy
         records = []
         st = self.stats
+        fallbacks0 = st.fallbacks
         for row, a in zip(batch, answers, strict=True):
             latency = (now - row.received) * 1000.0
             rec = {
@@ -367,9 +373,16 @@ class PipelineRuntime:
         for key, n in collections.Counter((a.model, a.version) for a in answers).items():
             if key in self._runners:
                 self.stats.version(*key).answered += n
+        if st.fallbacks != fallbacks0:  # per version too, for /metrics
+            for key, n in collections.Counter((a.model, a.version) for a in answers
+                                              if a.fallback).items():
+                if key in self._runners:
+                    self.stats.version(*key).fallbacks += n
         self.emitter.answers(self.name, records)
 
     def _results(self, batch: list[Row], outcomes: Sequence[Outcome], late: bool) -> None:
+        if self.observer is not None:
+            self.observer.on_outcomes(outcomes)
         records = []
         for o in outcomes:
             for i, row in enumerate(batch):

@@ -7,24 +7,34 @@ recent values per version so percentiles reflect now, not the whole uptime.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+#: upper bounds (ms) of the cumulative latency histogram exported on /metrics (in seconds)
+LATENCY_BUCKETS_MS = (0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
+
 
 class LatencyRing:
-    """The last ``size`` latencies in ms; percentiles on demand."""
+    """The last ``size`` latencies in ms; percentiles on demand. Also counts every value
+    since start into :data:`LATENCY_BUCKETS_MS` (``hist``, ``total_ms``) for /metrics."""
 
     def __init__(self, size: int = 2048) -> None:
         self._values: collections.deque[float] = collections.deque(maxlen=size)
+        self.hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.total_ms = 0.0
 
     def add(self, ms: float) -> None:
         self._values.append(ms)
+        self.hist[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        self.total_ms += ms
 
     def extend(self, values) -> None:
-        self._values.extend(values)
+        for v in values:
+            self.add(v)
 
     def summary(self) -> dict[str, float] | None:
         if not self._values:
@@ -43,6 +53,7 @@ class VersionStats:
     late: int = 0
     skipped: int = 0
     answered: int = 0
+    fallbacks: int = 0  # answers this version gave as a fallback (not the policy's first pick)
     latency: LatencyRing = field(default_factory=LatencyRing)
     last_error: str | None = None
 

@@ -99,6 +99,8 @@ class VersionReport:
     accuracy: float | None
     macro_f1: float | None
     confusion: ConfusionMatrix | None
+    # the snapshot against this bundle's reference profile (None: the bundle has none)
+    drift: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -332,6 +334,14 @@ class _Tally:
         self.v_sq = 0.0
         self.v_min = float("inf")
         self.v_max = float("-inf")
+        ref = getattr(slot.manifest, "reference", None)  # drift against the bundle's profile
+        self.drift = None
+        if ref:
+            from edgeml.core.drift import SnapshotDrift
+
+            spec = slot.manifest.input
+            self.drift = SnapshotDrift(ref, spec.features, self.kind, spec.window,
+                                       ref.get("hop"))
 
     def add_values(self, values: np.ndarray) -> None:
         v = values.astype(np.float64).ravel()
@@ -370,6 +380,7 @@ class _Tally:
             scoring_s=scoring_s, rows_per_s=(self.rows / scoring_s) if scoring_s > 0 else None,
             load_ms=self.slot.load_ms, labelled_rows=self.labelled, accuracy=accuracy,
             macro_f1=macro, confusion=confusion,
+            drift=self.drift.figures() if self.drift is not None and self.drift.n else None,
         )
 
 
@@ -444,6 +455,10 @@ def replay(records: Iterable[Any], assembler: Assembler, slots: Sequence[Any], *
                 keyed.append(None)
                 continue
             t.rows += len(rows)
+            if t.drift is not None:
+                t.drift.add_rows(x)
+                t.drift.add_outputs(pred.labels.tolist() if pred.labels is not None else None,
+                                    pred.scores)
             t.batch_ms.append(pred.elapsed_ms)
             t.batch_rows.append(len(rows))
             per_version.append(outputs)
@@ -690,6 +705,20 @@ def render_table(report: ReplayReport) -> str:
         if v.values is not None:
             lines.append(f"  {v.key} values: " + ", ".join(
                 f"{k} {_fmt(x, '.4g')}" for k, x in v.values.items()))
+    drifted = [v for v in vs if v.drift]
+    if drifted:  # the snapshot against each bundle's reference profile
+        lines += ["", "drift against each bundle's reference (PSI; >= 0.25 significant, "
+                      "0.1-0.25 moderate):"]
+        chans = list(drifted[0].drift["inputs"])
+        t = [["VERSION", "SAMPLES", *chans, "OUT label", "OUT score", "DRIFT"]]
+        for v in drifted:
+            d = v.drift
+            flag = ", ".join(k for k in ("input_drift", "output_drift") if d[k]) or "-"
+            t.append([v.key, str(d["samples"]),
+                      *(_fmt(d["inputs"].get(c, {}).get("psi"), ".3f") for c in chans),
+                      _fmt(d["outputs"].get("label_psi"), ".3f"),
+                      _fmt(d["outputs"].get("score_psi"), ".3f"), flag])
+        lines += _table(t)
     if len(vs) > 1:
         lines += ["", "agreement (share of the rows both scored with the same label):"]
         t = [["", *(v.key for v in vs)]]

@@ -1,0 +1,346 @@
+"""What the drift watch and the metrics endpoint cost.
+
+Micro (this process, no broker):
+  * ``DriftMonitor.on_batch`` per row, on real data: Daphnet single samples (9 channels) and
+    BasicMotions windows (100 x 6), at batch 1, 8 and 64;
+  * ``on_outcomes`` per row (a version's labels and scores into its output window);
+  * ``LatencyRing.add`` with the cumulative histogram /metrics reads (per answer and per
+    version batch);
+  * one /metrics scrape (``generate_latest`` over a device with one pipeline, one version).
+
+Paced (``--paced``, needs mosquitto): ``python -m edgeml run`` on Daphnet single samples at a
+paced 1,000 msg/s, once with ``[drift]`` + ``[metrics]`` on (scraped every second) and once
+with both off; the daemon's CPU seconds per message from /proc.
+
+In-process (``--inproc``): the device on the in-memory broker in this process, 20,000 Daphnet
+samples, drift on vs off, alternating; process CPU per message (no broker or other process).
+
+Prints a table and writes benchmarks/results/drift.json.
+
+    python benchmarks/bench_drift.py [--seconds 1] [--inproc] [--paced] [--rate 1000]
+        [--paced-seconds 10] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from edgeml.config import DriftConfig
+from edgeml.core.assemble import Row
+from edgeml.core.drift import DriftMonitor, make_reference
+from edgeml.core.stats import LatencyRing
+from edgeml.host.datasets import (
+    BASICMOTIONS_CHANNELS,
+    DAPHNET_CHANNELS,
+    load_basicmotions,
+    load_daphnet,
+)
+
+RESULTS = Path(__file__).parent / "results" / "drift.json"
+
+
+class _M:  # a member as the monitor sees it
+    def __init__(self, ref, kind):
+        self.name, self.version, self.role = "m", "1", "champion"
+        self.manifest = type("Mf", (), {"reference": ref,
+                                        "outputs": type("O", (), {"kind": kind})()})()
+
+
+class _O:  # an outcome
+    def __init__(self, labels, scores):
+        self.name, self.version, self.labels, self.scores = "m", "1", labels, scores
+
+
+def _timeit(fn, seconds: float) -> tuple[float, int]:
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        if n % 16 == 0 and time.perf_counter() - t0 > seconds:
+            return time.perf_counter() - t0, n
+
+
+def micro(seconds: float) -> list[dict]:
+    out = []
+    dap = load_daphnet().X
+    ref_d = make_reference(dap, DAPHNET_CHANNELS, None, kind="anomaly",
+                           labels=np.ones(len(dap), int), scores=np.zeros((len(dap), 1)))
+    bm = load_basicmotions("TRAIN")
+    ref_b = make_reference(bm.flat(), BASICMOTIONS_CHANNELS, 100, kind="classifier",
+                           labels=np.asarray(bm.y), scores=np.full((40, 4), 0.25))
+    cases = [("daphnet 9 ch, single samples", dap, DAPHNET_CHANNELS, None, ref_d, "anomaly"),
+             ("basicmotions 100x6 windows", bm.flat(), BASICMOTIONS_CHANNELS, 100, ref_b,
+              "classifier")]
+    for name, X, feats, window, ref, kind in cases:
+        for batch in (1, 8, 64):
+            mon = DriftMonitor("p", DriftConfig(), features=feats, window=window,
+                               hop=window, alert=lambda k, d: None, record=lambda d: None,
+                               clock=time.time)
+            members = (_M(ref, kind),)
+            mon.follow(members)
+            rows = [Row(np.asarray(X[i % len(X)], np.float32), i, "sensors/a", i, 0.0)
+                    for i in range(batch)]
+            x = np.stack([r.features for r in rows])
+            elapsed, n = _timeit(lambda m=mon, r=rows, x=x, ms=members: m.on_batch(r, x, ms),
+                                 seconds)
+            labels = [1] * batch if kind == "anomaly" else ["Walking"] * batch
+            scores = np.zeros((batch, 1 if kind == "anomaly" else 4), np.float32)
+            oc = [_O(labels, scores)]
+            e2, n2 = _timeit(lambda m=mon, oc=oc: m.on_outcomes(oc), seconds)
+            out.append({"case": name, "batch": batch,
+                        "inputs_us_per_row": elapsed / (n * batch) * 1e6,
+                        "outputs_us_per_row": e2 / (n2 * batch) * 1e6,
+                        "windows_closed": mon.windows})
+    ring = LatencyRing()
+    e3, n3 = _timeit(lambda: ring.add(1.7), seconds)
+    lat = {"latency_ring_add_us": e3 / n3 * 1e6}
+    return out, lat
+
+
+def scrape_cost(seconds: float) -> dict:
+    """One /metrics exposition of a real device (activity bundle) that has not connected."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from models import build_activity_bundle
+
+    from edgeml.config import parse_config
+    from edgeml.core import metrics
+    from edgeml.core.device import Device
+
+    with tempfile.TemporaryDirectory() as d:
+        bundle = build_activity_bundle(Path(d))
+        cfg = parse_config({
+            "device_id": "bench", "data_dir": str(Path(d) / "data"),
+            "pipelines": [{"name": "activity", "topics": ["s/+"], "features":
+                           list(BASICMOTIONS_CHANNELS), "window": {"size": 100, "hop": 100},
+                           "models": [{"name": "activity", "version": "1",
+                                       "bundle": str(bundle)}]}]})
+
+        async def run() -> dict:
+            from edgeml.core.ingress import Ingress
+
+            async with Device(cfg) as dev:
+                dev.ingress = getattr(dev, "ingress", None) or Ingress([], device="b",
+                                                                       dlq_topic="x")
+                reg = metrics.make_registry(dev)
+                body = metrics.exposition(reg)
+                elapsed, n = _timeit(lambda: metrics.exposition(reg), seconds)
+                return {"scrape_ms": elapsed / n * 1e3, "bytes": len(body),
+                        "series": sum(1 for line in body.splitlines()
+                                      if line and not line.startswith(b"#"))}
+        return asyncio.run(run())
+
+
+# ---- paced CPU: drift + metrics on vs off -----------------------------------------------------
+def paced(rate: float, seconds: float, repeats: int = 1) -> list[dict]:
+    import paho.mqtt.client as paho
+
+    from edgeml.host.broker import MosquittoBroker
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from models import build_gait_anomaly_bundle
+
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d)
+        bundle = build_gait_anomaly_bundle(base)
+        X = load_daphnet().X
+        broker = MosquittoBroker(base / "broker")
+        broker.start()
+        try:
+            order = [("drift+metrics off", False), ("drift+metrics on", True)] * repeats
+            for label, on in [*order, ("drift+metrics off", False)]:
+                results.append(_paced_run(base, broker, bundle, X, rate, seconds, label, on,
+                                          paho))
+        finally:
+            broker.stop()
+    return results
+
+
+def inproc(n: int, repeats: int) -> list[dict]:
+    """The device on the in-memory broker in this process (no broker, no other process):
+    process CPU per message for ``n`` Daphnet JSON samples on 4 topics, drift on vs off,
+    alternating. Includes this loop's own publishing."""
+    from edgeml.config import parse_config
+    from edgeml.core.device import Device
+    from edgeml.transport.fake import FakeBroker
+    from edgeml.transport.settings import BrokerSettings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from models import build_gait_anomaly_bundle
+
+    X = load_daphnet().X
+    payloads = [json.dumps(dict(zip(DAPHNET_CHANNELS, map(float, r), strict=True))).encode()
+                for r in X[:5000]]
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        bundle = build_gait_anomaly_bundle(Path(d))
+
+        async def run(on: bool, k: int) -> float:
+            fb = FakeBroker()
+            cfg = parse_config({
+                "device_id": "x", "data_dir": str(Path(d) / f"data{k}"),
+                "metrics": {"listen": ""},
+                "drift": {"enabled": on, "rate_interval_s": 1.0},
+                "pipelines": [{"name": "gait", "topics": ["s/+/g"], "qos": 0,
+                               "features": list(DAPHNET_CHANNELS),
+                               "models": [{"name": "gait", "version": "1",
+                                           "bundle": str(bundle)}]}]})
+            dev = Device(cfg, connector=fb.connector)
+            sensor = fb.client(BrokerSettings(client_id="s", clean_start=True))
+            await sensor.__aenter__()
+            async with dev:
+                task = asyncio.create_task(dev.run())
+                await dev.ready.wait()
+                st = dev.pipelines["gait"].stats
+                c0 = time.process_time()
+                for i in range(n):
+                    sensor.publish_nowait(f"s/p{i % 4}/g", payloads[i % len(payloads)], qos=0)
+                    if i % 4 == 3:
+                        await asyncio.sleep(0.001)
+                while st.scored < n:
+                    await asyncio.sleep(0.01)
+                cpu = time.process_time() - c0
+                dev.request_stop()
+                await task
+            await sensor.close()
+            return cpu / n * 1e6
+
+        k = 0
+        for _ in range(repeats):
+            for on in (False, True):
+                k += 1
+                out.append({"variant": "drift on" if on else "drift off", "messages": n,
+                            "cpu_us_per_msg": round(asyncio.run(run(on, k)), 1)})
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        parts = fh.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _paced_run(base, broker, bundle, X, rate, seconds, label, on, paho) -> dict:
+    tag = label.split()[1] + str(time.monotonic_ns())
+    feats = ", ".join(f'"{c}"' for c in DAPHNET_CHANNELS)
+    cfg = base / f"{tag}.toml"
+    cfg.write_text("\n".join([
+        f'device_id = "b{tag[-6:]}"', f'data_dir = "{base / tag}"', 'profile = "x86-gateway"',
+        "[metrics]", 'listen = "127.0.0.1:0"' if on else 'listen = ""',
+        "[drift]", f"enabled = {'true' if on else 'false'}", "rate_interval_s = 1.0",
+        "[broker]", f'url = "{broker.url}"', "[[pipelines]]", 'name = "gait"',
+        'topics = ["sensors/+/gait"]', f"features = [{feats}]", "deadline_ms = 50", "qos = 0",
+        "[[pipelines.models]]", 'name = "gait"', 'version = "1"', f'bundle = "{bundle}"',
+    ]) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "edgeml", "-v", "run", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    port = None
+    lines: list[str] = []
+    try:
+        t_end = time.monotonic() + 60
+        for line in proc.stdout:  # wait for "ready" (and the metrics port)
+            lines.append(line)
+            if "metrics on http://" in line:
+                port = int(line.rsplit(":", 1)[1].split("/")[0])
+            if "ready:" in line:
+                break
+            if time.monotonic() > t_end:
+                raise RuntimeError("daemon not ready: " + "".join(lines[-20:]))
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        payloads = [json.dumps(dict(zip(DAPHNET_CHANNELS, map(float, r), strict=True))).encode()
+                    for r in X[:5000]]
+        n = int(rate * seconds)
+        cpu0, t0 = _cpu_s(proc.pid), time.perf_counter()
+        scrapes = 0
+        next_scrape = t0 + 1.0
+        for i in range(n):
+            target = t0 + i / rate
+            while True:
+                now = time.perf_counter()
+                if now >= target:
+                    break
+                time.sleep(min(target - now, 0.001))
+            client.publish(f"sensors/p{i % 4}/gait", payloads[i % len(payloads)], qos=0)
+            if port and now >= next_scrape:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+                scrapes += 1
+                next_scrape += 1.0
+        time.sleep(1.0)  # let the daemon finish the tail before reading its CPU
+        cpu = _cpu_s(proc.pid) - cpu0
+        span = time.perf_counter() - t0
+        client.loop_stop()
+        client.disconnect()
+        return {"variant": label, "messages": n, "rate": rate, "span_s": round(span, 2),
+                "cpu_s": round(cpu, 3), "cpu_us_per_msg": round(cpu / n * 1e6, 1),
+                "cpu_share": round(cpu / span, 3), "scrapes": scrapes}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=1.0, help="per micro case")
+    ap.add_argument("--paced", action="store_true", help="also the paced daemon CPU test")
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--paced-seconds", type=float, default=10.0)
+    ap.add_argument("--repeats", type=int, default=1, help="off/on pairs, alternating")
+    ap.add_argument("--inproc", action="store_true",
+                    help="also the device on the in-memory broker, drift on vs off")
+    args = ap.parse_args()
+    rows, lat = micro(args.seconds)
+    print(f"{'case':34} {'batch':>5} {'inputs us/row':>14} {'outputs us/row':>15}")
+    for r in rows:
+        print(f"{r['case']:34} {r['batch']:>5} {r['inputs_us_per_row']:>14.2f} "
+              f"{r['outputs_us_per_row']:>15.2f}")
+    print(f"LatencyRing.add with the /metrics histogram: {lat['latency_ring_add_us']:.3f} us")
+    scrape = scrape_cost(args.seconds)
+    print(f"/metrics exposition: {scrape['scrape_ms']:.2f} ms per scrape, "
+          f"{scrape['bytes']} bytes, {scrape['series']} series (1 pipeline, 1 version)")
+    doc = {"host": platform.node(), "python": platform.python_version(),
+           "machine": platform.machine(), "cpus": os.cpu_count(),
+           "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "micro": rows, **lat, "scrape": scrape}
+    if args.inproc:
+        runs = inproc(20_000, max(args.repeats, 2))
+        print(f"\n{'in-process device':28} {'msgs':>6} {'us/msg':>8}")
+        for r in runs:
+            print(f"{r['variant']:28} {r['messages']:>6} {r['cpu_us_per_msg']:>8.1f}")
+        doc["inproc"] = runs
+    if args.paced:
+        runs = paced(args.rate, args.paced_seconds, args.repeats)
+        print(f"\n{'paced daemon':28} {'msgs':>6} {'CPU s':>7} {'us/msg':>8} {'CPU share':>9}")
+        for r in runs:
+            print(f"{r['variant']:28} {r['messages']:>6} {r['cpu_s']:>7.2f} "
+                  f"{r['cpu_us_per_msg']:>8.1f} {r['cpu_share']:>9.3f}")
+        for on in (False, True):
+            v = [r["cpu_us_per_msg"] for r in runs if ("on" in r["variant"].split()[1]) == on]
+            print(f"  {'on ' if on else 'off'}: median {np.median(v):.1f} us/msg over {len(v)}")
+        doc["paced"] = runs
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

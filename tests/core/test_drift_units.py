@@ -1,0 +1,142 @@
+"""The drift watch's pure parts: PSI/KS figures, the k-in-a-row gate, rate drops, output
+drift, bounded sources."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeml.config import DriftConfig
+from edgeml.core.drift import DriftMonitor, ks_binned, make_reference, psi
+from edgeml.core.health import AlertGate, RateTracker
+
+
+def test_psi_and_ks_basics():
+    e = np.full(10, 0.1)
+    assert psi(e, e) == 0.0 and ks_binned(e, e) == 0.0
+    a = np.r_[np.full(5, 0.2), np.zeros(5)]
+    assert psi(e, a) > 1.0 and abs(ks_binned(e, a) - 0.5) < 1e-9
+
+
+def test_small_sample_bias_is_about_bins_minus_one_over_n():
+    rng = np.random.default_rng(0)
+    ref = make_reference(rng.normal(size=(200_000, 1)), ["x"], None, kind="regressor")
+    from edgeml.core.drift import compare_inputs
+    for n in (1000, 2000):
+        vals = [compare_inputs(ref, rng.normal(size=(n, 1)), ["x"], None)["x"]["psi"]
+                for _ in range(200)]
+        assert abs(np.mean(vals) - 9 / n) < 0.35 * 9 / n  # iid: E[PSI] ~ (bins - 1) / n
+
+
+def test_gate_needs_k_in_a_row_both_ways():
+    g = AlertGate(2)
+    assert [g.update(b) for b in (True, False, True, True, True, False, True, False, False)] \
+        == [None, None, None, "raised", None, None, None, None, "cleared"]
+
+
+def test_rate_tracker_flags_a_drop_after_warmup_and_bounds_sources():
+    r = RateTracker(0.5, max_sources=2, k=2)
+    t = 0.0
+    r.tick(t)
+    out = []
+    for i in range(8):
+        for src in ("a", "b", "c"):
+            r.add(src, 100 if (src == "b" or i < 5) else 10)
+        t += 10
+        out.append(r.tick(t))
+    assert r.untracked == 8 * 100 - 3 * 90  # "c" is never tracked
+    bad_a = [[bad for s, bad, _ in o if s == "a"] for o in out]
+    assert bad_a[4:] == [[False], [True], [True], [True]]
+    assert all(not bad for o in out for s, bad, _ in o if s == "b")
+
+
+def _monitor(ref, alerts, **cfg):
+    m = DriftMonitor("p", DriftConfig(**{"window": 1000, **cfg}), features=["x", "y"],
+                     window=None, hop=None, record=lambda d: None, clock=lambda: 0.0,
+                     alert=lambda k, d: alerts.append((k, d["state"], d)))
+    m.set_reference(ref, "m:1")
+    return m
+
+
+def test_rate_drop_raised_and_cleared_through_the_monitor():
+    rng = np.random.default_rng(1)
+    ref = make_reference(rng.normal(size=(5000, 2)), ["x", "y"], None, kind="regressor")
+    alerts: list = []
+    m = _monitor(ref, alerts, consecutive=2)
+    t = 0.0
+    m.tick(t)
+    for rate in [50] * 5 + [5] * 3 + [50] * 3:
+        m.observe_rows(["s/1"] * rate, rng.normal(size=(rate, 2)))
+        t += 1.0
+        m.tick(t)
+    assert [(k, s) for k, s, _ in alerts if k == "rate_drop"] == \
+        [("rate_drop", "raised"), ("rate_drop", "cleared")]
+    raised = next(d for k, s, d in alerts if k == "rate_drop")
+    assert raised["source"] == "s/1" and raised["rate"] == 5.0 and raised["baseline"] > 40
+
+
+def test_output_drift_per_version():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(4000, 2))
+    lab = (X[:, 0] > 0).astype(int)
+    ref = make_reference(X, ["x", "y"], None, kind="anomaly", labels=lab,
+                         scores=X[:, :1])
+    alerts: list = []
+    m = _monitor(ref, alerts, output_window=200)
+    m.set_versions({"m:1": (ref, "anomaly")})
+    for _ in range(3):  # same distribution
+        x = rng.normal(size=(200, 2))
+        m.observe_outputs("m:1", (x[:, 0] > 0).astype(int).tolist(), x[:, :1])
+    assert alerts == [] and m.output_current["m:1"]["label_psi"] < 0.1
+    for _ in range(2):  # the model now says "1" nearly always
+        x = rng.normal(loc=2.0, size=(200, 2))
+        m.observe_outputs("m:1", (x[:, 0] > 0).astype(int).tolist(), x[:, :1])
+    assert [(k, s) for k, s, _ in alerts] == [("output_drift", "raised")]
+    assert alerts[0][2]["version"] == "1" and alerts[0][2]["score_psi"] > 0.25
+
+
+def test_stuck_sources_are_bounded():
+    rng = np.random.default_rng(3)
+    ref = make_reference(rng.normal(size=(5000, 2)), ["x", "y"], None, kind="regressor")
+    alerts: list = []
+    m = _monitor(ref, alerts, max_sources=4, consecutive=1)
+    topics = [f"s/{i}" for i in range(10)]
+    for _ in range(2):
+        x = rng.normal(size=(1000, 2))
+        x[:, 1] = 7.0  # every source's y is stuck
+        m.observe_rows([topics[i % 10] for i in range(1000)], x)
+    stuck = {d["source"] for k, s, d in alerts if k == "sensor_stuck" and s == "raised"}
+    assert len(stuck) == 4 and m.current["sources_untracked"] > 0
+
+
+def test_a_fault_in_the_watch_never_reaches_scoring():
+    ref = make_reference(np.zeros((10, 2)) + np.arange(10)[:, None], ["x", "y"], None,
+                         kind="regressor")
+    alerts: list = []
+    m = _monitor(ref, alerts)
+    m.on_batch([object()], np.zeros((1, 2)), ())  # rows without a topic: counted, not raised
+    assert m.errors == 1
+    m.set_versions({"m:1": (ref | {"outputs": {"score": {"edges": [], "freq": [1.0],
+                                                           "min": 0, "max": 0}}},
+                            "regressor")})
+    m.on_outcomes([object()])
+    assert m.errors == 2
+
+
+def test_wrong_shaped_training_data_gives_no_reference_not_a_failure(caplog):
+    from converters.reference import build_reference
+
+    assert build_reference(None, None, np.zeros((5, 7)), ["a", "b"], None) is None
+    assert "no drift reference" in caplog.text
+
+
+def test_without_a_reference_a_stuck_channel_still_raises_and_clears():
+    alerts: list = []
+    m = DriftMonitor("p", DriftConfig(window=1000, consecutive=1), features=["x", "y"],
+                     window=None, hop=None, record=lambda d: None, clock=lambda: 0.0,
+                     alert=lambda k, d: alerts.append((k, d["state"])))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1000, 2))
+    x[:, 0] = 1.0
+    m.observe_rows(["s"] * 1000, x)
+    m.observe_rows(["s"] * 1000, rng.normal(size=(1000, 2)))
+    assert alerts == [("sensor_stuck", "raised"), ("sensor_stuck", "cleared")]
