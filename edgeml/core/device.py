@@ -540,7 +540,7 @@ class Device:
         def record(doc: dict) -> None:  # one record per drift window, synced on sync/drift
             if self.egress.outbox is not None:
                 rid = f"{self.config.device_id}/{name}/drift/{doc['kind']}/{doc['ts']:.6f}"
-                self.egress._queue([("drift", rid, {"device": self.config.device_id, **doc})])
+                self.egress.record("drift", rid, doc)
 
         win = pcfg.window
         mon = DriftMonitor(name, self.config.drift, features=pcfg.features or (),

@@ -134,6 +134,11 @@ class Egress:
     def status_changed(self) -> None:
         self._status_changed()
 
+    def record(self, stream: str, rid: str, rec: dict) -> None:
+        """Any other stream's record (drift windows) into the outbox, with its own id."""
+        if self.outbox is not None:
+            self._queue([(stream, rid, {"device": self.device, **rec})])
+
     # ---- the outbox writer ---------------------------------------------------------------
     def _queue(self, items: list[tuple[str, str, dict]]) -> None:
         pending = self._pending
