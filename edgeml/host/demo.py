@@ -657,10 +657,16 @@ class Demo:
         self.event("active", version=v.version, role=v.role)
 
     async def _promote(self, host: Any, obs: Observed, v: DemoVersion) -> None:
-        self.say(f"promoting {MODEL} {v.version} to champion ({PREFIX}/{DEVICE}/cmd)")
+        self.say(f"promoting {MODEL} {v.version} to champion ({PREFIX}/{DEVICE}/cmd, signed "
+                 "with keys/demo.key)")
         self.event("promote", version=v.version)
+        from edgeml.keys import load_private_key
+
+        # the device trusts keys/demo.pub, so commands are signed like bundles
+        sign_key = load_private_key(self.out / "keys" / "demo.key")
         reply = await host.command(DEVICE, "promote", pipeline=PIPELINE, model=MODEL,
-                                   version=v.version, timeout=self.settings.timeout_s)
+                                   version=v.version, timeout=self.settings.timeout_s,
+                                   sign_key=sign_key)
         if not reply.get("ok"):
             raise DemoError(f"promote failed: {reply.get('message')}")
         self.event("promoted", version=v.version, message=reply.get("message"))
