@@ -17,7 +17,7 @@ from conftest import Collector, basicmotions_window, publish_all, write_config
 from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.rawlog import open_reader
 
-FIXTURE = Path(__file__).parent / "fixtures" / "datadir-previous-release.tar.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "datadir-previous-release.tar.gz"
 OLD_WINDOWS = 3
 
 

@@ -23,6 +23,8 @@ from edgeml.storage.outbox import DEFAULT_STREAMS, Outbox, StreamPolicy, record_
 from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
 
+HERE = Path(__file__).resolve().parent  # this directory: child processes import its modules
+
 DEVICE = "watch-01"
 SYNC = "edgeml/+/sync/#"
 
@@ -286,7 +288,7 @@ def test_kill_9_mid_flight_then_restart_loses_nothing(tmp_path: Path, broker, co
         ob.put_many(prefilled)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(tmp_path / "outbox"), broker.url,
-         str(Path(__file__).parent)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         str(HERE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         sub.wait_count(8, timeout=60)  # batches are flowing
     finally:

@@ -32,7 +32,7 @@ from edgeml.storage.rawlog import (
     verify_snapshot,
 )
 
-WRITER = Path(__file__).with_name("rawlog_writer.py")
+WRITER = Path(__file__).resolve().parents[1] / "rawlog_writer.py"
 HDR = 32  # segment file header, see docs/rawlog.md
 
 

@@ -29,6 +29,7 @@ from edgeml.storage.outbox import (
     record_id,
 )
 
+HERE = Path(__file__).resolve().parent  # this directory: child processes import its modules
 DEVICE = "watch-01"
 LABELS = load_basicmotions("TEST").y  # real activity labels for realistic records
 
@@ -371,7 +372,7 @@ CRASHER = textwrap.dedent("""
 
 def test_committed_records_survive_a_process_kill(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path / "outbox"),
-                           str(Path(__file__).parent)], capture_output=True, text=True,
+                           str(HERE)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     committed = int(proc.stdout.split()[-1])
