@@ -69,14 +69,7 @@ class Assembler:
                         labels[i] if labels is not None else None, i)
                     for i in range(len(samples))]
         size, hop = self.window.size, self.window.hop
-        buf = self._buffers.get(topic)
-        if buf is None:
-            buf = self._buffers[topic] = []
-            if len(self._buffers) > self.max_topics:
-                self._buffers.popitem(last=False)
-                self.evicted_windows += 1
-        else:
-            self._buffers.move_to_end(topic)
+        buf = self._buffer(topic)
         out: list[Row] = []
         for i in range(len(samples)):
             buf.append(samples[i])
@@ -116,14 +109,7 @@ class Assembler:
         out: list[Row] = []
         for i in range(len(samples)):
             key = decoded.sources[i]  # type: ignore[index]
-            buf = self._buffers.get(key)
-            if buf is None:
-                buf = self._buffers[key] = []
-                if len(self._buffers) > self.max_topics:
-                    self._buffers.popitem(last=False)
-                    self.evicted_windows += 1
-            else:
-                self._buffers.move_to_end(key)
+            buf = self._buffer(key)
             buf.append(samples[i])
             if len(buf) >= size:
                 win = np.concatenate(buf[:size])
@@ -136,6 +122,19 @@ class Assembler:
     def status(self) -> dict | None:
         """The format session's figures (stateful formats), for the device status."""
         return self.session.status() if self.session is not None else None
+
+    def _buffer(self, key: str) -> list[np.ndarray]:
+        """The partial window of one source; the least recently fed is evicted (counted)
+        beyond ``max_topics``."""
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = []
+            if len(self._buffers) > self.max_topics:
+                self._buffers.popitem(last=False)
+                self.evicted_windows += 1
+        else:
+            self._buffers.move_to_end(key)
+        return buf
 
     @property
     def pending_topics(self) -> int:

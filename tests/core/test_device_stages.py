@@ -52,7 +52,7 @@ def sklearn_labels(test_set):
     return train_activity_model("logreg").predict(test_set.flat())
 
 
-async def _until(predicate, what: str, timeout: float = 20.0) -> None:
+async def _until(predicate, what: str, timeout: float = 60.0) -> None:
     """Poll the device's own state on its loop (no thread, no sleep-as-sync on the fake)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout

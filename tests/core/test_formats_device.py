@@ -9,7 +9,6 @@ import contextlib
 import functools
 import json
 
-import msgpack
 import numpy as np
 import pytest
 from _formats_streams import (
@@ -24,18 +23,16 @@ from _formats_streams import (
     sparkplug_messages,
     value_messages,
 )
-from conftest import write_config
+from test_device_stages import Rig as StagesRig
+from test_device_stages import _until
 
 from edgeml.cli import main
 from edgeml.config import load_config
 from edgeml.core.assemble import Assembler
 from edgeml.core.decode import Decoder
-from edgeml.core.device import Device
 from edgeml.errors import DecodeError
 from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.rawlog import open_reader
-from edgeml.transport.fake import FakeBroker
-from edgeml.transport.settings import BrokerSettings
 
 DEVICE = "watch-01"
 OUT = f"edgeml/{DEVICE}/out/activity"
@@ -58,48 +55,12 @@ def sync(fn):
     return run
 
 
-class _Url:
-    url = "mqtt://127.0.0.1:1"
+class Rig(StagesRig):
+    """The stage tests' in-memory device, one activity bundle, this pipeline table."""
 
-
-async def _until(predicate, what: str, timeout: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-class Rig:
     def __init__(self, path, bundle, pipeline: dict) -> None:
-        self.broker = FakeBroker()
-        cfg = write_config(path / "edgeml.toml", broker=_Url, data_dir=path / "data",
-                           models=[{"name": "activity", "version": "1", "bundle": str(bundle)}],
-                           device_id=DEVICE, pipeline=pipeline)
-        self.config = load_config(cfg)
-        self.device = Device(self.config, connector=self.broker.connector)
-        self.sensor = self.broker.client(BrokerSettings(client_id="sensor", clean_start=True))
-
-    async def __aenter__(self) -> Rig:
-        await self.sensor.__aenter__()
-        await self.device.__aenter__()
-        self.task = asyncio.create_task(self.device.run())
-        await _until(self.device.ready.is_set, "the device to be ready")
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.device.request_stop()
-        await asyncio.wait_for(self.task, 30)
-        await self.device.__aexit__(*exc)
-        await self.sensor.close()
-
-    def send(self, items) -> None:
-        for topic, payload in items:
-            self.sensor.publish_nowait(topic, payload, qos=1)
-
-    def answers(self) -> list[dict]:
-        return [msgpack.unpackb(p, raw=False) for p in self.broker.payloads(OUT)]
+        super().__init__(path, [{"name": "activity", "version": "1", "bundle": str(bundle)}],
+                         pipeline=pipeline)
 
     def fmt_status(self) -> dict:
         return self.device.status()["pipelines"]["activity"]["format"]
