@@ -175,7 +175,6 @@ class ActiveSets:
         if role == "champion" and old is not None and old.key != member.key:
             self._push_previous(name, old.key)
         self.pipelines.set_members(name, new)
-        self._unload_unused(dropped)
         log.info("pipeline %s: %s %s active as %s%s", name, member.name, member.version, role,
                  f" (dropped {', '.join(label(s) for s in dropped)})" if dropped else "")
         if role == "champion":
@@ -188,11 +187,6 @@ class ActiveSets:
             prev.remove(item)
         prev.append(item)
         del prev[:-self.keep_versions]
-
-    def _unload_unused(self, gone: Sequence[Member]) -> None:
-        for m in gone:
-            if not self.in_use(m.key):
-                self.registry.unload(m.model)
 
     def _start_watch(self, pipeline: str, champion: tuple[str, str],
                      previous: tuple[str, str] | None, cause: str) -> None:
@@ -240,7 +234,6 @@ class ActiveSets:
         if list(target_key) in prev:
             prev.remove(list(target_key))
         self.pipelines.set_members(name, new)
-        self._unload_unused(dropped)
         self._on_watch(None, name)
         await self.save()
         what = "retired" if retire_current else "kept as challenger"
@@ -250,7 +243,6 @@ class ActiveSets:
     def retire(self, pcfg: PipelineConfig, member: Member) -> None:
         self.pipelines.set_members(pcfg.name, [s for s in self.pipelines.members(pcfg.name)
                                                if s.key != member.key])
-        self._unload_unused([member])
 
     def set_policy(self, pcfg: PipelineConfig, policy: str) -> str:
         old = self.pipelines.policy(pcfg.name)

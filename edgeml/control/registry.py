@@ -2,7 +2,9 @@
 
 Loading happens off the event loop and always completes (warm-up and self-test included)
 before anything is swapped, so a replacement is ready before the version it replaces is let
-go (MLServer's order)."""
+go (MLServer's order). A version that leaves every active set is unloaded when the last
+batch that holds it finishes: nothing else references its session, so it is freed then, and
+a batch already in flight never finds its model gone."""
 
 from __future__ import annotations
 
@@ -93,7 +95,3 @@ class ModelRegistry:
             installed = self.get(m.name, m.version)
         return await self.load(pcfg, installed)
 
-    @staticmethod
-    def unload(model: LoadedModel) -> None:
-        """Let a version that left every active set go (its session's memory with it)."""
-        model.unload()
