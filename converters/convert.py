@@ -348,7 +348,7 @@ def convert_estimator(
     manifest = Manifest(
         name=name,
         version=version,
-        release=default_release(version),  # wt-trust: anti-downgrade order
+        release=default_release(version),  # anti-downgrade order
         created=utc_now_iso(),
         input=ModelInput(name=INPUT_NAME, dtype="float32", shape=shape, features=feats,
                          window=window),

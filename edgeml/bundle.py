@@ -72,7 +72,7 @@ def name_is_safe(s: str) -> bool:
     return isinstance(s, str) and _SAFE_NAME.fullmatch(s) is not None
 
 
-# --- release (wt-trust) ----------------------------------------------------------------------
+# --- release ----------------------------------------------------------------------
 MAX_RELEASE = 2**63 - 1
 
 
@@ -441,7 +441,7 @@ def _signature_bytes(manifest_bytes: bytes, sign_key: Ed25519PrivateKey) -> byte
 def _parse_signature(raw: bytes) -> tuple[str, bytes]:
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:  # wt-trust: ValueError = huge integers
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError = huge integers
         raise BundleSignatureError(f"malformed {SIGNATURE_MEMBER}: not JSON ({exc})") from exc
     if not isinstance(doc, dict) or set(doc) != {"alg", "key_id", "sig"}:
         raise BundleSignatureError(
@@ -644,7 +644,7 @@ def read_bundle(
         signer = _verify(manifest_bytes, signature_raw, trusted_keys, required)
         try:
             doc = json.loads(manifest_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # wt-trust: huge ints
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # huge ints
             raise BundleFormatError(f"{MANIFEST_MEMBER} is not valid UTF-8 JSON: {exc}") from exc
         manifest = Manifest.from_dict(doc)
         model_bytes = _read_member(zf, found[MODEL_MEMBER], max_bytes)

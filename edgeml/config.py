@@ -393,7 +393,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
     profile_overrides = r.mapping("profile_overrides", {})
     dd = r.str("data_dir", "/var/lib/edgeml")
     data_path = Path(data_dir) if data_dir is not None else _resolve(source, dd)
-    if data_path.exists() and not data_path.is_dir():  # wt-trust: --check completeness
+    if data_path.exists() and not data_path.is_dir():  # --check completeness
         raise r.error("data_dir", f"{data_path} exists and is not a directory")
     prefix = r.str("topic_prefix", "edgeml")
     if not prefix or any(c in prefix for c in "+#") or prefix.startswith("/") or \
@@ -507,15 +507,15 @@ def load_config(path: str | Path, *, broker_url: str | None = None,
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(p)) from exc
-    except ValueError as exc:  # wt-trust: an integer over Python's 4300-digit limit
+    except ValueError as exc:  # an integer over Python's 4300-digit limit
         raise ConfigError(f"not valid TOML: a number is too large ({exc})", file=str(p)) \
             from exc
-    _check_int64(data, "", str(p))  # wt-trust: --check completeness
+    _check_int64(data, "", str(p))  # --check completeness
     return parse_config(data, source=p.resolve(), broker_url=broker_url, data_dir=data_dir)
 
 
 def _check_int64(value: Any, key: str, file: str) -> None:
-    """wt-trust: TOML integers are 64-bit; tomllib reads larger ones. Refuse them, naming
+    """TOML integers are 64-bit; tomllib reads larger ones. Refuse them, naming
     the key, before any of them reaches a size, a budget or a count."""
     if isinstance(value, bool):
         return

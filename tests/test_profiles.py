@@ -50,7 +50,7 @@ def test_each_shipped_profile_loads_and_scores(name: str) -> None:
                         "batching", "queue", "disk", "models"}
     assert set(raw["onnxruntime"]) == set(p.to_dict()["onnxruntime"])
     assert set(raw["disk"]) == set(p.to_dict()["disk"])
-    assert set(raw["models"]) == set(p.to_dict()["models"])  # wt-trust: caps
+    assert set(raw["models"]) == set(p.to_dict()["models"])  # caps
 
     model, X, labels, proba, _ = tiny_classifier()
     session = create_session(model, p)

@@ -141,7 +141,7 @@ class DeployHeader:
         priority = d.get("priority")
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
             raise bad("priority", f"must be an integer, not {priority!r}")
-        if priority is not None and not -2**31 <= priority < 2**31:  # wt-trust
+        if priority is not None and not -2**31 <= priority < 2**31:
             raise bad("priority", f"must be within -2**31..2**31-1, got {str(priority)[:24]}")
         timeout = d.get("timeout_s", DEFAULT_TRANSFER_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -232,7 +232,7 @@ def unframe(payload: bytes) -> tuple[dict, bytes]:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DeployError("received", f"deploy message does not start with a JSON line: "
                                       f"{exc}") from exc
-    except ValueError as exc:  # wt-trust: e.g. an integer over Python's 4300-digit limit
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
         raise DeployError("received", f"deploy message header has a number too large to "
                                       f"read ({exc})") from exc
     if not isinstance(meta, dict):

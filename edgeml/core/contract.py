@@ -1,4 +1,4 @@
-"""The output contract (wt-trust): a model's outputs must be what its manifest says, checked
+"""The output contract: a model's outputs must be what its manifest says, checked
 before a version is activated (:meth:`edgeml.core.model.LoadedModel.load`) and on every batch
 (:meth:`LoadedModel.outputs` raises, so scoring counts an error and the watch acts).
 

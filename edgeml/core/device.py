@@ -149,10 +149,9 @@ class Device:
         """Open storage and load every configured model (nothing is connected yet)."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        # --- wt-trust: this data dir's instance id; the warning when commands are unsigned
+        # this data dir's instance id; the warning when commands are unsigned
         self.identity = Identity(cfg.data_dir)
         warn_if_untrusted(cfg.trusted_keys, self.topic("cmd"))
-        # --- end wt-trust
         self.store = ModelStore(cfg.data_dir / "models")
         self.registry = ModelRegistry(self.store, profile=self.profile,
                                       trusted_keys=_load_keys(cfg.trusted_keys),
@@ -191,7 +190,7 @@ class Device:
                 await self.run()
             return
         cfg = self.config
-        # --- wt-trust: refuse to run as a twin; continue past published seqs (restored dir)
+        # refuse to run as a twin; continue past published seqs (restored dir)
         await check_identity(self.identity, connector=self._connector, settings=cfg.broker,
                              prefix=cfg.topic_prefix, device_id=cfg.device_id,
                              rawlogs={p.config.name: p.inlet.rawlog for p in self.pipelines},
@@ -201,7 +200,6 @@ class Device:
             "identity": self.identity.status(
                 {p.config.name: p.inlet.rawlog.next_seq for p in self.pipelines})}),
             qos=1, retain=True)
-        # --- end wt-trust
         manual_ack = any(p.qos > 0 for p in cfg.pipelines)
         # MQTT 5: the broker never sends more than the profile allows in one packet, and may
         # send a tenth of the input queue before our acknowledgements (which wait for the
@@ -618,7 +616,7 @@ class Device:
 
     def status(self, state: str | None = None) -> dict:
         doc = self._status(state)
-        # wt-trust: instance id and the seqs handed out so far (twin / restore checks)
+        # instance id and the seqs handed out so far (twin / restore checks)
         doc["identity"] = self.identity.status(
             {p.config.name: p.inlet.rawlog.next_seq for p in self.pipelines})
         return doc

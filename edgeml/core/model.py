@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgeml.bundle import Manifest, check_self_test, self_test_array
-from edgeml.core import contract  # wt-trust
+from edgeml.core import contract
 from edgeml.errors import EdgemlError, ModelError
 
 log = logging.getLogger("edgeml.core.model")
@@ -97,7 +97,7 @@ class LoadedModel:
         if missing:
             raise ModelError(f"{self.name} {self.version}: the model has no output "
                              f"{', '.join(missing)} (it has {', '.join(sorted(names))})")
-        # --- wt-trust: the output contract (names, dtypes, counts, classes, score shape)
+        # the output contract (names, dtypes, counts, classes, score shape)
         contract.check_declared(self.manifest, {o.name: o.type for o in session.get_outputs()})
         self._session = session
         try:
@@ -109,7 +109,6 @@ class LoadedModel:
             else:
                 x = np.zeros((1, self.row_width), dtype=np.float32)
                 contract.check_values(self.manifest, *self._run(x), 1)
-        # --- end wt-trust
         except EdgemlError:
             self._session = None
             raise
@@ -153,7 +152,7 @@ class LoadedModel:
             return [{key: lab} for lab in labels]
         scores = pred.scores.tolist()
         if kind == "classifier" and self.classes and len(self.classes) != len(scores[0]):
-            # wt-trust: outputs that stopped fitting the manifest are an error (counted)
+            # outputs that stopped fitting the manifest are an error (counted)
             raise ModelError(f"{self.name} {self.version}: output contract: scores have "
                              f"{len(scores[0])} columns, the manifest has "
                              f"{len(self.classes)} classes")

@@ -245,7 +245,7 @@ def test_kill9_mid_append_cuts_torn_tail_keeps_every_flushed_record(d, now, capl
             assert rep.segment == k["segment"]
             assert rep.truncated_bytes == k["size_after"] - k["size"] > 0
             assert rep.records_kept == sum(1 for r in seen if r.segment == k["segment"])
-            # wt-trust: never the torn record's seq again (it was handed out): the log
+            # never the torn record's seq again (it was handed out): the log
             # continues past the reserved high-water mark
             assert log.next_seq > k["seq"] == k["flushed"] + 1
             warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -258,7 +258,7 @@ def test_kill9_mid_append_cuts_torn_tail_keeps_every_flushed_record(d, now, capl
         after = list(log.read())
         assert as_tuples(after) == as_tuples(seen)
         nxt = log.next_seq
-        assert nxt >= after[-1].seq + 1  # wt-trust: past the high-water mark after a kill
+        assert nxt >= after[-1].seq + 1  # past the high-water mark after a kill
         assert log.append(*W.record_for(nxt, now)) == nxt
         log.close()
         assert as_tuples(open_reader(d).read()) == as_tuples(seen) + exp_tuples([nxt], now)
@@ -297,7 +297,7 @@ def test_power_cut_tail_is_cut_and_reported(d, now, caplog, damage):
     assert log.recovery.records_kept == kept
     assert seg.stat().st_size == good_end
     assert f"cut {damaged - good_end} bytes" in caplog.text and seg.name in caplog.text
-    # wt-trust: seqs never go backwards (seq.json high-water mark): seq 49 was handed out
+    # seqs never go backwards (seq.json high-water mark): seq 49 was handed out
     # before the power cut took its record, so appending continues at 50, not 49 again
     assert log.next_seq == 50
     assert log.append(*W.record_for(50, now)) == 50

@@ -47,7 +47,7 @@ from edgeml.storage.rawlog.reader import _LogView
 log = logging.getLogger("edgeml.storage.rawlog")
 
 _DIRECT_WRITE_BYTES = 256 * 1024  # larger payloads skip the buffer (no copy: writev)
-#: the sequence high-water mark (wt-trust): seqs are reserved in blocks of this many, and the
+#: the sequence high-water mark: seqs are reserved in blocks of this many, and the
 #: reservation is on disk (fsynced) before any seq of the block is handed out, so a lost tail
 #: (power cut, truncated segment) never brings a seq back that an answer already carried
 SEQ_FILE = "seq.json"
@@ -302,7 +302,7 @@ class RawLog(_LogView):
             return RecoveryReport(path.name, cut, meta.records, detail)
         return RecoveryReport(None, 0, meta.records, "clean")
 
-    # ---- the sequence high-water mark (wt-trust) ----------------------------------------
+    # ---- the sequence high-water mark ----------------------------------------
     def _seq_path(self) -> Path:
         return self.directory / SEQ_FILE
 
@@ -691,7 +691,7 @@ class RawLog(_LogView):
         # no directory fsync: an unlink lost in a power cut is redone at the next open
         return removed
 
-    # ---- clock-safe age retention (wt-trust) ----------------------------------------------
+    # ---- clock-safe age retention ----------------------------------------------
     #: wall time and monotonic time may drift apart by this much before it counts as a step
     CLOCK_STEP_S = 120.0
     #: records received before this wall time (2024-01-01) were stamped by an unset clock
