@@ -61,25 +61,14 @@ class Assembler:
             decoded = self._session_feed(topic, decoded.parsed, received)
             if decoded is None:
                 return []
-        if decoded.sources is not None and self.window is not None:
-            return self._windows_per_source(topic, decoded, seq, received)
         samples, ids, labels = decoded.samples, decoded.ids, decoded.labels
         if self.window is None:
             return [Row(samples[i], ids[i] if ids[i] is not None else seq, topic, seq, received,
                         labels[i] if labels is not None else None, i)
                     for i in range(len(samples))]
-        size, hop = self.window.size, self.window.hop
-        buf = self._buffer(topic)
-        out: list[Row] = []
-        for i in range(len(samples)):
-            buf.append(samples[i])
-            if len(buf) >= size:
-                win = np.concatenate(buf[:size])
-                del buf[:hop]
-                rid = ids[i] if ids[i] is not None else seq
-                out.append(Row(win, rid, topic, seq, received,
-                               labels[i] if labels is not None else None, len(out)))
-        return out
+        # windows per source when the format names one (value, Sparkplug), else per topic
+        keys = decoded.sources if decoded.sources is not None else (topic,) * len(samples)
+        return self._windows(topic, decoded, keys, seq, received)
 
     def _session_feed(self, topic: str, parsed, received: float) -> Decoded | None:
         if self.session is None:
@@ -102,14 +91,13 @@ class Assembler:
         return Decoded(np.stack([s for _, s in pairs]), (None,) * len(pairs), None,
                        tuple(src for src, _ in pairs))
 
-    def _windows_per_source(self, topic: str, decoded: Decoded, seq: int,
-                            received: float) -> list[Row]:
+    def _windows(self, topic: str, decoded: Decoded, keys, seq: int,
+                 received: float) -> list[Row]:
         size, hop = self.window.size, self.window.hop  # type: ignore[union-attr]
         samples, ids, labels = decoded.samples, decoded.ids, decoded.labels
         out: list[Row] = []
         for i in range(len(samples)):
-            key = decoded.sources[i]  # type: ignore[index]
-            buf = self._buffer(key)
+            buf = self._buffer(keys[i])
             buf.append(samples[i])
             if len(buf) >= size:
                 win = np.concatenate(buf[:size])

@@ -66,28 +66,65 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _metric(name: str | None, alias: int, datatype: int | None, value: float | int
-            ) -> bytes:
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def spb_metric(name=None, alias=None, datatype=None, *, double=None, int32=None, long=None,
+               boolean=None, string=None, historical=False, null=False, timestamp=None
+               ) -> bytes:
+    """Payload.Metric: name=1 alias=2 timestamp=3 datatype=4 is_historical=5 is_null=7
+    int_value=10 long_value=11 double_value=13 boolean_value=14 string_value=15."""
     b = b""
     if name is not None:
-        b += b"\x0a" + _varint(len(name.encode())) + name.encode()     # name = 1
-    b += b"\x10" + _varint(alias)                                      # alias = 2
+        raw = name.encode()
+        b += _key(1, 2) + _varint(len(raw)) + raw
+    if alias is not None:
+        b += _key(2, 0) + _varint(alias)
+    if timestamp is not None:
+        b += _key(3, 0) + _varint(timestamp)
     if datatype is not None:
-        b += b"\x20" + _varint(datatype)                               # datatype = 4
-    if isinstance(value, int):
-        b += b"\x58" + _varint(value)                                  # long_value = 11
-    else:
-        b += b"\x69" + struct.pack("<d", value)                        # double_value = 13
+        b += _key(4, 0) + _varint(datatype)
+    if historical:
+        b += _key(5, 0) + b"\x01"
+    if null:
+        b += _key(7, 0) + b"\x01"
+    if int32 is not None:
+        b += _key(10, 0) + _varint(int32 & 0xFFFFFFFF)
+    if long is not None:
+        b += _key(11, 0) + _varint(long & 0xFFFFFFFFFFFFFFFF)
+    if double is not None:
+        b += _key(13, 1) + struct.pack("<d", double)
+    if boolean is not None:
+        b += _key(14, 0) + (b"\x01" if boolean else b"\x00")
+    if string is not None:
+        raw = string.encode()
+        b += _key(15, 2) + _varint(len(raw)) + raw
     return b
+
+
+def spb_payload(metrics: list[bytes], seq: int | None = None, timestamp: int = 1700000000000
+                ) -> bytes:
+    """Payload: timestamp=1 metrics=2 seq=3."""
+    b = _key(1, 0) + _varint(timestamp)
+    for m in metrics:
+        b += _key(2, 2) + _varint(len(m)) + m
+    if seq is not None:
+        b += _key(3, 0) + _varint(seq)
+    return b
+
+
+
+
+def _metric(name: str | None, alias: int, datatype: int | None, value: float | int
+            ) -> bytes:
+    if isinstance(value, int):
+        return spb_metric(name, alias, datatype, long=value)
+    return spb_metric(name, alias, datatype, double=value)
 
 
 def spb(metrics: list[bytes], seq: int | None) -> bytes:
-    b = b"\x08" + _varint(1700000000000)                               # timestamp = 1
-    for m in metrics:
-        b += b"\x12" + _varint(len(m)) + m                             # metrics = 2
-    if seq is not None:
-        b += b"\x18" + _varint(seq)                                    # seq = 3
-    return b
+    return spb_payload(metrics, seq)
 
 
 class SparkplugNode:

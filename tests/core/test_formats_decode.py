@@ -6,12 +6,12 @@ independent of the device's descriptor)."""
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from _formats_streams import spb_metric, spb_payload
 
 from edgeml.core.assemble import Assembler
 from edgeml.core.decode import Decoder
@@ -263,65 +263,6 @@ def test_value_assembly_waits_for_every_feature_and_bounds_staleness():
     st = asm.status()
     assert (st["unknown_feature"], st["overwritten"], st["stale"], st["samples"]) == \
         (1, 1, 1, 2)
-
-
-# ---- sparkplug_b payloads, hand-encoded from the .proto's field numbers ------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
-
-
-def spb_metric(name=None, alias=None, datatype=None, *, double=None, int32=None, long=None,
-               boolean=None, string=None, historical=False, null=False, timestamp=None
-               ) -> bytes:
-    """Payload.Metric: name=1 alias=2 timestamp=3 datatype=4 is_historical=5 is_null=7
-    int_value=10 long_value=11 double_value=13 boolean_value=14 string_value=15."""
-    b = b""
-    if name is not None:
-        raw = name.encode()
-        b += _key(1, 2) + _varint(len(raw)) + raw
-    if alias is not None:
-        b += _key(2, 0) + _varint(alias)
-    if timestamp is not None:
-        b += _key(3, 0) + _varint(timestamp)
-    if datatype is not None:
-        b += _key(4, 0) + _varint(datatype)
-    if historical:
-        b += _key(5, 0) + b"\x01"
-    if null:
-        b += _key(7, 0) + b"\x01"
-    if int32 is not None:
-        b += _key(10, 0) + _varint(int32 & 0xFFFFFFFF)
-    if long is not None:
-        b += _key(11, 0) + _varint(long & 0xFFFFFFFFFFFFFFFF)
-    if double is not None:
-        b += _key(13, 1) + struct.pack("<d", double)
-    if boolean is not None:
-        b += _key(14, 0) + (b"\x01" if boolean else b"\x00")
-    if string is not None:
-        raw = string.encode()
-        b += _key(15, 2) + _varint(len(raw)) + raw
-    return b
-
-
-def spb_payload(metrics: list[bytes], seq: int | None = None, timestamp: int = 1700000000000
-                ) -> bytes:
-    """Payload: timestamp=1 metrics=2 seq=3."""
-    b = _key(1, 0) + _varint(timestamp)
-    for m in metrics:
-        b += _key(2, 2) + _varint(len(m)) + m
-    if seq is not None:
-        b += _key(3, 0) + _varint(seq)
-    return b
 
 
 def test_sparkplug_payload_parses_per_the_published_field_numbers():
