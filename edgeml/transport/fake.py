@@ -371,6 +371,10 @@ class FakeTransport:
             return
         self._unacked.pop(message.mid, None)
 
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        for m in messages:
+            self.ack(m)
+
     # ---- receiving --------------------------------------------------------------------------
     async def messages(self) -> AsyncIterator[Message]:
         while not self._closed:

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from edgeml.errors import ConfigError
 
-PROTOCOLS = ("3.1.1", "5")
+PROTOCOLS = ("auto", "5", "3.1.1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +30,7 @@ class BrokerSettings:
     tls_insecure: bool = False
     keepalive: int = 30
     clean_start: bool = False
+    #: "auto": MQTT 5, and 3.1.1 on a connection whose broker refuses 5 (amqtt, NATS)
     protocol: str = "3.1.1"
     max_inflight: int = 20
     reconnect_min_s: float = 0.2
@@ -40,7 +41,8 @@ class BrokerSettings:
     #: larger); None declares nothing
     max_packet_bytes: int | None = None
     #: MQTT 5 only: declared in CONNECT as Receive Maximum, the QoS 1 messages the broker
-    #: may send before we acknowledge (mosquitto's max_inflight_messages applies otherwise)
+    #: may send before we acknowledge (mosquitto's max_inflight_messages, 20 by default,
+    #: applies to 3.1.1 clients instead)
     receive_maximum: int | None = None
 
     def __post_init__(self) -> None:
@@ -48,7 +50,7 @@ class BrokerSettings:
         if self.keepalive < 5:
             raise ConfigError("must be at least 5 seconds", key="broker.keepalive")
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"must be '3.1.1' or '5', not {self.protocol!r}",
+            raise ConfigError(f"must be 'auto', '5' or '3.1.1', not {self.protocol!r}",
                               key="broker.protocol")
         if not 1 <= self.max_inflight <= 65535:
             raise ConfigError(f"must be between 1 and 65535, not {self.max_inflight}",

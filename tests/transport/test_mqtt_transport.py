@@ -211,3 +211,60 @@ def test_protocol_is_per_connection(broker, tmp_path):
     # mosquitto logs each connection's protocol: p5 = MQTT 5, p2 = 3.1.1
     assert any("dev-v5" in line and "(p5," in line for line in log.splitlines()), log
     assert any("up-v311" in line and "(p2," in line for line in log.splitlines()), log
+
+
+def test_ack_many_acknowledges_a_burst_in_one_write_and_leaves_the_rest_queued(broker):
+    """Acked in bulk: not redelivered after a reconnect; never acked: redelivered."""
+    s = settings(broker, "bulk", clean_start=False)
+    n = 300
+
+    async def main():
+        async with MqttTransport(s, manual_ack=True) as t:
+            await t.subscribe([("bulk/#", 1)])
+            publish_all(broker, [("bulk/a", str(i).encode()) for i in range(n)])
+            got = []
+            async for batch in t.batches():
+                got += batch
+                if len(got) >= n:
+                    break
+            assert [int(m.payload) for m in got] == list(range(n))
+            t.ack_many(got[:-10])  # the last ten stay unacknowledged
+            await t.publish("bulk/marker", b"m", qos=1, timeout=5)  # PUBACKs went out before
+        async with MqttTransport(s, manual_ack=True) as t:
+            await t.subscribe([("bulk/#", 1)])
+            again = []
+            async for batch in t.batches():
+                again += batch
+                if any(m.topic == "bulk/marker" for m in again) and len(again) >= 11:
+                    break
+            assert sorted(int(m.payload) for m in again if m.topic == "bulk/a") == \
+                list(range(n - 10, n))
+            t.ack_many(again)
+            assert t.stats()["acks_skipped"] == 0
+    asyncio.run(main())
+
+
+def test_auto_protocol_is_mqtt5_on_mosquitto_and_311_on_a_311_only_broker(broker):
+    """``protocol = "auto"``: MQTT 5 where the broker speaks it (the Receive Maximum then
+    applies), 3.1.1 on a broker that refuses 5 (amqtt), on the same transport."""
+    from edgeml.host.embedded_broker import EmbeddedBroker
+
+    async def roundtrip(t: MqttTransport) -> None:
+        await t.subscribe([("auto/#", 1)])
+        await t.publish("auto/x", b"hi", qos=1, timeout=5)
+        m = await first(t.messages())
+        assert m.payload == b"hi"
+        t.ack(m)
+
+    async def main(b, expect: str) -> None:
+        s = BrokerSettings(url=b.url, client_id=f"auto-{expect}", protocol="auto",
+                           receive_maximum=500, reconnect_min_s=0.05, reconnect_max_s=0.2,
+                           connect_timeout_s=10)
+        async with MqttTransport(s, manual_ack=True) as t:
+            assert t.protocol == expect
+            await roundtrip(t)
+            assert t.stats()["connects"] == 1
+
+    asyncio.run(main(broker, "5"))
+    with EmbeddedBroker() as amqtt:
+        asyncio.run(main(amqtt, "3.1.1"))
