@@ -202,12 +202,15 @@ class Device:
             qos=1, retain=True)
         manual_ack = any(p.qos > 0 for p in cfg.pipelines)
         # MQTT 5: the broker never sends more than the profile allows in one packet, and may
-        # send a tenth of the input queue before our acknowledgements (which wait for the
-        # archive) come back; mosquitto's in-flight window of 20 applies to MQTT 3.1.1
+        # send as many QoS 1 messages as the input queue holds before our acknowledgements
+        # come back. Acks go out as soon as a burst is archived, and are held while the
+        # scoring queue is full, so memory stays within twice the queue and a burst beyond it
+        # waits in the broker instead of being shed here. mosquitto's in-flight window of 20
+        # (max_inflight_messages) applies to MQTT 3.1.1 clients instead.
         q = self.profile.queue
         settings = dataclasses.replace(
             cfg.broker, max_packet_bytes=q.max_packet_kb * 1024,
-            receive_maximum=min(65535, max(20, q.max_messages // 10)))
+            receive_maximum=min(65535, max(20, q.max_messages)))
         transport = self._connector(settings, will=will, manual_ack=manual_ack)
         self._refresh_birth(transport)
         async with transport:
@@ -387,7 +390,8 @@ class Device:
                     "segment": rec.segment, "truncated_bytes": rec.truncated_bytes,
                     "records_kept": rec.records_kept, "detail": rec.detail,
                     "ts": time.time()})
-            inlet = Inlet(pcfg, assembler, rawlog, runtime.enqueue, runtime.stats)
+            inlet = Inlet(pcfg, assembler, rawlog, runtime.enqueue, runtime.stats,
+                          backlog=runtime)
             runtime.observer = self._monitor(pcfg)
             runtime.observer.stats = runtime.stats
             runtime.observer.follow(runtime.members)

@@ -47,8 +47,11 @@ class Inlet:
     config: PipelineConfig
     assembler: Assembler
     rawlog: Any
-    enqueue: Callable[[Sequence[Row]], int]
+    enqueue: Callable[..., int]
     stats: Any  # the pipeline's PipelineStats: received / accepted / rejected counters
+    #: the scoring queue's fill (``.full``, ``await .wait_room()``): QoS 1 input is not shed
+    #: when it is full, its acknowledgements wait instead (None: always shed by policy)
+    backlog: Any = None
 
 
 def dead_letter(device: str, pipeline: str, m: Message, reason: str, detail: str,
@@ -90,6 +93,12 @@ class Ingress:
         self.pauses = 0
         self._transport: Transport | None = None
         self._wake = asyncio.Event()
+        # archived QoS 1 input whose acks wait for room in a full scoring queue, in order
+        self._deferred: list[Message] = []
+        self._deferred_for: set[int] = set()  # id() of the inlets they wait for
+        self._inlets_by_id: dict[int, Inlet] = {id(i): i for i in self.inlets}
+        self._deferred_wake = asyncio.Event()
+        self.ack_holds = 0
 
     @property
     def paused(self) -> bool:
@@ -99,7 +108,8 @@ class Ingress:
         return {"paused": self.paused, "paused_s": round(time.time() - self.paused_since, 3)
                 if self.paused_since else None, "held": len(self._held),
                 "held_bytes": self._held_bytes, "held_dropped": self.held_dropped,
-                "pauses": self.pauses, "error": self.archive_error}
+                "pauses": self.pauses, "error": self.archive_error,
+                "acks_waiting_for_queue": len(self._deferred), "ack_holds": self.ack_holds}
 
     def route(self, topic: str) -> list[Inlet]:
         hit = self._routes.get(topic)
@@ -115,6 +125,7 @@ class Ingress:
         self._transport = transport
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._retry_archive(transport), name="archive-retry")
+            tg.create_task(self._ack_deferred(transport), name="ack-deferred")
             async for msgs in transport.batches(1024):
                 try:
                     self.handle(transport, msgs)
@@ -144,12 +155,25 @@ class Ingress:
                                  f"{type(exc).__name__}: {exc}")
                     continue
                 per_inlet.setdefault(id(inlet), (inlet, []))[1].append((m, decoded))
+        full: list[Inlet] = []
         for inlet, items in per_inlet.values():
-            if self.paused or not self._archive(transport, inlet, items):
+            # QoS 1 input is flow-controlled by its acks, so it is never shed here
+            hold = inlet.backlog is not None and all(m.qos > 0 for m, _ in items)
+            if self.paused or not self._archive(transport, inlet, items, hold=hold):
                 self._hold(inlet, items)
-        for m in msgs:  # acknowledged only now, and only what is archived or rejected
-            if id(m) not in self._waiting:
-                transport.ack(m)
+            elif hold and inlet.backlog.full:
+                full.append(inlet)
+        # acknowledged only now, in one write, and only what is archived or rejected
+        waiting = self._waiting
+        ackable = [m for m in msgs if id(m) not in waiting] if waiting else msgs
+        if full or self._deferred:  # a full queue: the broker waits (acks stay in order)
+            if not self._deferred:
+                self.ack_holds += 1
+            self._deferred += [m for m in ackable if m.qos > 0]
+            self._deferred_for.update(id(i) for i in full)
+            self._deferred_wake.set()
+        else:
+            transport.ack_many(ackable)
 
     def _reject(self, transport: Transport, inlet: Inlet, m: Message, reason: str,
                 detail: str, seq: int | None = None) -> None:
@@ -166,7 +190,7 @@ class Ingress:
         log.info("dead letter from %s: %s: %s", m.topic, reason, detail)
 
     def _archive(self, transport: Transport, inlet: Inlet,
-                 items: list[tuple[Message, Any]]) -> bool:
+                 items: list[tuple[Message, Any]], *, hold: bool = False) -> bool:
         """Archive, assemble and queue ``items``; False (nothing archived) when the archive
         cannot write, after pausing."""
         try:
@@ -186,8 +210,27 @@ class Ingress:
                 continue
             inlet.stats.accepted += 1
         if rows:
-            inlet.enqueue(rows)
+            if hold:
+                inlet.enqueue(rows, hold=True)
+            else:
+                inlet.enqueue(rows)
         return True
+
+    async def _ack_deferred(self, transport: Transport) -> None:
+        """Acknowledge held QoS 1 input once every scoring queue it waits for has room."""
+        while True:
+            await self._deferred_wake.wait()
+            self._deferred_wake.clear()
+            while self._deferred:
+                for key in list(self._deferred_for):
+                    inlet = self._inlets_by_id.get(key)
+                    if inlet is not None and inlet.backlog is not None:
+                        await inlet.backlog.wait_room()
+                    self._deferred_for.discard(key)
+                if self._deferred_for:
+                    continue  # a queue filled up again while waiting for another
+                batch, self._deferred = self._deferred, []
+                transport.ack_many(batch)
 
     # ---- the archive cannot write ------------------------------------------------------------
     def _pause(self, inlet: Inlet, exc: Exception) -> None:

@@ -101,6 +101,7 @@ class PipelineRuntime:
         self._clock = clock
         self._queue: collections.deque[Row] = collections.deque()
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # set when the queue drops below its limit
         self._runners: dict[tuple[str, str], _VersionRunner] = {}
         self._members: tuple[Member, ...] = ()
         self._stopping = False
@@ -173,11 +174,17 @@ class PipelineRuntime:
         return next((s for s in self._members if s.role == "champion"), None)
 
     # ---- input side ----------------------------------------------------------------------------
-    def enqueue(self, rows: Sequence[Row]) -> int:
-        """Add accepted rows; returns how many were dropped by the bounded queue's policy."""
+    def enqueue(self, rows: Sequence[Row], *, hold: bool = False) -> int:
+        """Add accepted rows; returns how many were dropped by the bounded queue's policy.
+
+        ``hold``: the rows come from QoS 1 messages whose acknowledgements the caller
+        withholds while :attr:`full` (the broker then stops sending), so none is dropped:
+        the queue may exceed its limit by at most what the broker has in flight."""
         q, limit = self._queue, self.batching.queue_limit
         dropped = 0
-        if self.batching.queue_policy == "drop_newest":
+        if hold:
+            q.extend(rows)
+        elif self.batching.queue_policy == "drop_newest":
             room = max(limit - len(q), 0)
             q.extend(rows[:room])
             dropped = len(rows) - min(room, len(rows))
@@ -196,6 +203,17 @@ class PipelineRuntime:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def full(self) -> bool:
+        """At or over the queue limit: held acknowledgements wait for :meth:`wait_room`."""
+        return len(self._queue) >= self.batching.queue_limit
+
+    async def wait_room(self) -> None:
+        """Return once the queue is below its limit (or the pipeline stops)."""
+        while self.full and not self._stopping:
+            self._room.clear()
+            await self._room.wait()
 
     # ---- the scoring loop ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -217,6 +235,8 @@ class PipelineRuntime:
                 await asyncio.sleep(self.batching.max_wait_ms / 1000.0)
             batch = [self._queue.popleft()
                      for _ in range(min(self.batching.max_batch, len(self._queue)))]
+            if not self.full:
+                self._room.set()
             self._last_batch = len(batch)
             try:
                 await self._score(loop, batch)
@@ -229,6 +249,7 @@ class PipelineRuntime:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        self._room.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
