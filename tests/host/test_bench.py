@@ -67,18 +67,25 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     settings = E2ESettings(
         out_dir=tmp_path / "run", broker_url=broker.url, paced_rate=400.0, paced_seconds=0.5,
         messages=300, versions=(1,), models=("light",), onnx_seconds=0.05,
-        phase_timeout_s=20.0,
+        phase_timeout_s=20.0, burst_messages=300, samples_per_message=10, affinity=("split",),
     )
     lines: list[str] = []
     report = run_e2e(settings, progress=lines.append)
     assert not report["errors"], report["errors"]
     assert any("first answer" in s for s in lines)  # progress is shown while it runs
     variants = {r["variant"] for r in report["runs"]}
-    assert variants == {"raw", "plain", "edgeml"}
+    assert variants == {"raw", "plain", "edgeml", "edgeml-nosync"}
+    assert {r["affinity"] for r in report["runs"]} == {"split"}
+    sent = {"paced": 200, "max": 300, "burst": 300, "samples": 30}
     for run in report["runs"]:
+        want = ["max"] if run["variant"] == "edgeml-nosync" else list(sent)
+        assert list(run["phases"]) == want
         for mode, ph in run["phases"].items():
-            assert ph["sent"] == (200 if mode == "paced" else 300)
+            assert ph["sent"] == sent[mode]
             assert ph["answered"] == ph["sent"], (run["variant"], mode, ph)
+            assert ph["pinned"] and ph["qos"] == (1 if mode == "burst" else 0)
+            if mode == "samples":  # 10 samples per message
+                assert ph["rows_per_s"] == pytest.approx(10 * ph["msgs_per_s"])
             assert ph["msgs_per_s"] > 0 and ph["cpu_s"] >= 0
             assert 0 <= ph["p50_ms"] <= ph["p99_ms"] <= ph["max_ms"]
     edgeml = next(r for r in report["runs"] if r["variant"] == "edgeml")
@@ -88,6 +95,10 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     limits = {r["batch"]: r for r in report["scoring_limit"]}
     assert set(limits) == {1, 64} and all(r["rows_per_s"] > 0 for r in limits.values())
     ratio = next(r for r in report["ratios"] if r["mode"] == "max")
+    nosync = next(r for r in report["runs"] if r["variant"] == "edgeml-nosync")
+    assert ratio["sync_on_vs_off"] == pytest.approx(
+        edgeml["phases"]["max"]["msgs_per_s"] / nosync["phases"]["max"]["msgs_per_s"])
+    assert {r["mode"] for r in report["ratios"]} == set(sent)
     plain_max = next(r for r in report["runs"] if r["variant"] == "plain")["phases"]["max"]
     assert ratio["edgeml_vs_plain_msgs"] == pytest.approx(
         edgeml["phases"]["max"]["msgs_per_s"] / plain_max["msgs_per_s"])

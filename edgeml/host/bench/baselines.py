@@ -5,7 +5,9 @@ on stdout (``{"event": "ready", ...}`` once it can work, ``{"event": "done", ...
 and writes its arrays next to ``spec["out"]``. Roles:
 
 - ``publish``: replays Daphnet samples at a fixed rate or as fast as possible, one msgpack/JSON
-  map per message with an ``id`` and the publish time ``t`` (``time.time_ns()``).
+  map per message with an ``id`` and the publish time ``t`` (``time.time_ns()``), or
+  ``samples`` of them per message (``{"samples": [...], "id", "t"}``).
+- ``burst``: a QoS 1 burst of JSON lines through ``mosquitto_pub -l``.
 - ``count``: a raw paho subscriber that only counts and time-stamps messages (the transport
   limit); payloads are decoded after the run, never in the hot path.
 - ``collect``: the same on an answer topic; the harness times edgeml and the plain script by it.
@@ -22,6 +24,7 @@ with the process being measured.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-ROLES = ("publish", "count", "collect", "plain", "bare")
+ROLES = ("publish", "burst", "count", "collect", "plain", "bare")
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -189,6 +192,7 @@ def publish(spec: dict) -> None:
     written). SIGTERM stops early (the start-up probe)."""
     X, channels = daphnet_rows()
     rows = [dict(zip(channels, (float(v) for v in r), strict=True)) for r in X]
+    per_msg = max(1, int(spec.get("samples", 1)))  # > 1: {"samples": [...], "id", "t"}
     n = int(spec["messages"])
     rate = float(spec.get("rate") or 0)
     first_id = int(spec.get("first_id", 0))
@@ -215,7 +219,10 @@ def publish(spec: dict) -> None:
         packets = []
         t = time.time_ns()
         for j in range(i, min(n, i + burst)):
-            msg = rows[j % len(rows)].copy()
+            if per_msg > 1:
+                msg = {"samples": [rows[(j * per_msg + k) % len(rows)] for k in range(per_msg)]}
+            else:
+                msg = rows[j % len(rows)].copy()
             msg["id"] = first_id + j
             msg["t"] = t
             pub_ns[j] = t
@@ -229,6 +236,39 @@ def publish(spec: dict) -> None:
     elapsed = time.perf_counter() - t0
     np.save(spec["out"] + ".pub_ns.npy", pub_ns[:i])
     emit("done", sent=i, seconds=elapsed, rate=i / elapsed if elapsed > 0 else 0.0)
+
+
+def burst(spec: dict) -> None:
+    """A QoS 1 burst the way people feed a file: ``messages`` JSON lines (one sample each)
+    through ``mosquitto_pub -l -q 1``, as fast as it and the broker go. Every message's
+    publish time is the burst's start (the harness reports how long the burst takes to drain)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+    if not Path(exe).exists():
+        raise SystemExit("burst: mosquitto_pub is not installed (apt install mosquitto-clients)")
+    X, channels = daphnet_rows()
+    n = int(spec["messages"])
+    first_id = int(spec.get("first_id", 0))
+    lines = Path(spec["out"] + ".lines")
+    with open(lines, "w", encoding="utf-8") as fh:
+        for j in range(n):
+            d = dict(zip(channels, (float(v) for v in X[j % len(X)]), strict=True))
+            d["id"] = first_id + j
+            fh.write(json.dumps(d, separators=(",", ":")) + "\n")
+    argv = [exe, "-h", spec["host"], "-p", str(spec["port"]), "-t", spec["topic"],
+            "-q", str(int(spec.get("qos", 1))), "-l",
+            "-i", spec.get("client_id", f"bench-burst-{os.getpid()}")]
+    emit("ready")
+    t0 = time.time_ns()
+    with open(lines, "rb") as fh:
+        rc = subprocess.run(argv, stdin=fh, check=False).returncode
+    elapsed = (time.time_ns() - t0) / 1e9
+    np.save(spec["out"] + ".pub_ns.npy", np.full(n, t0, dtype=np.int64))
+    lines.unlink()
+    emit("done", sent=n, seconds=elapsed, rate=n / elapsed if elapsed > 0 else 0.0,
+         returncode=rc)
 
 
 # --- count / collect ----------------------------------------------------------------------
@@ -289,7 +329,8 @@ def count(spec: dict) -> None:
     for i, p in enumerate(payloads[:n]):
         try:
             rec = _decode(p)
-            ids[i] = int(rec["id"]) if isinstance(rec, dict) else -1
+            # a batch message's rows are answered as "<id>:<row>": counted for the message
+            ids[i] = int(str(rec["id"]).split(":")[0]) if isinstance(rec, dict) else -1
         except (ValueError, KeyError, TypeError):
             pass
     np.save(spec["out"] + ".recv_ns.npy", np.asarray(recv_ns[:n], dtype=np.int64))
@@ -327,29 +368,35 @@ def plain(spec: dict) -> None:
     features = list(spec["features"])
     out_topic = spec["out_topic"]
     pack = _encode(spec.get("format", "msgpack"))
-    decode = _decode
+    import msgpack
+
+    unpack = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)
+    out_qos = int(spec.get("out_qos", 0))
 
     def on_message(client, userdata, msg):
-        try:
-            d = decode(msg.payload)
-            x = np.array([[d[f] for f in features]], dtype=np.float32)
+        try:  # msgpack; JSON lines (the QoS 1 burst, as mosquitto_pub -l sends them)
+            p = msg.payload
+            d = json.loads(p) if p[:1] == b"{" else unpack(p)
+            samples = d.get("samples")
+            x = np.array([[s[f] for f in features] for s in samples] if samples is not None
+                         else [[d[f] for f in features]], dtype=np.float32)
         except Exception:  # a plain script that survives bad input, nothing more
+            client.ack(msg.mid, msg.qos)
             return
         results = []
         for name, version, sess, input_name in sessions:
             outs = sess.run(None, {input_name: x})
-            label = outs[0][0]
-            score = outs[1][0] if len(outs) > 1 else None
             results.append({
-                "model": name, "version": version,
-                "label": label.item() if hasattr(label, "item") else label,
-                "scores": score.tolist() if score is not None else None,
+                "model": name, "version": version, "label": outs[0].tolist(),
+                "scores": outs[1].tolist() if len(outs) > 1 else None,
             })
         answer = {"id": d.get("id"), "model": results[0]["model"],
                   "version": results[0]["version"], "output": results[0], "all": results}
-        client.publish(out_topic, pack(answer), qos=int(spec.get("out_qos", 0)))
+        client.publish(out_topic, pack(answer), qos=out_qos)
+        client.ack(msg.mid, msg.qos)  # QoS 1: acknowledged after scoring
 
     client = _client(spec.get("client_id", f"bench-plain-{os.getpid()}"))
+    client.manual_ack_set(True)
     qos = int(spec.get("qos", 0))
     client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(spec["topic"], qos)
     client.on_subscribe = lambda *a: emit("ready", rss_kb=rss_kb())
@@ -388,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     role, raw = argv
     spec = json.loads(Path(raw[1:]).read_text() if raw.startswith("@") else raw)
-    {"publish": publish, "count": count, "collect": count, "plain": plain, "bare": bare}[role](spec)
+    roles = {"publish": publish, "burst": burst, "count": count, "collect": count,
+             "plain": plain, "bare": bare}
+    roles[role](spec)
     return 0
 
 

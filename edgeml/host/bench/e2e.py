@@ -86,6 +86,15 @@ class E2ESettings:
     onnx_seconds: float = 1.0             # per batch size in the scoring-limit measurement
     plain_threads: int = 1
     start_timeout_s: float = 30.0
+    #: phases after paced/max: "burst" (QoS 1 lines through mosquitto_pub -l), "samples"
+    #: (the flood with samples_per_message samples per message)
+    extra_phases: tuple[str, ...] = ("burst", "samples")
+    burst_messages: int = 20000
+    samples_per_message: int = 10
+    sync_off: bool = True                 # the daemon again with outbox and uplink off (max)
+    #: "split": the target alone on the last core, broker/load/receivers on the others;
+    #: "none": unpinned. Each one is a full pass.
+    affinity: tuple[str, ...] = ("split", "none")
 
     def __post_init__(self) -> None:
         if self.paced_rate is not None and not self.paced_rate > 0:
@@ -113,6 +122,24 @@ class E2ESettings:
             raise BenchError(f"--format: {self.format!r} must be msgpack or json")
         if self.qos not in (0, 1):
             raise BenchError(f"--qos: {self.qos} must be 0 or 1")
+        for ph in self.extra_phases:
+            if ph not in ("burst", "samples"):
+                raise BenchError(f"--phases: unknown phase {ph!r} (known: paced, max, burst, "
+                                 "samples)")
+        for a in self.affinity:
+            if a not in ("split", "none"):
+                raise BenchError(f"--affinity: {a!r} is not split or none")
+        if not self.affinity:
+            raise BenchError("--affinity: give split, none or both")
+        if self.burst_messages < 10:
+            raise BenchError(f"--burst-messages: {self.burst_messages} is too few (at least 10)")
+        if not 2 <= self.samples_per_message <= 1024:
+            raise BenchError(f"--samples: {self.samples_per_message} must be 2..1024")
+
+    @property
+    def phase_list(self) -> tuple[str, ...]:
+        return ((("paced",) if self.paced_rate is not None else ())
+                + (("max",) if self.max_rate else ()) + tuple(self.extra_phases))
 
     @property
     def paced_messages(self) -> int:
@@ -384,6 +411,8 @@ class Harness:
     host: str = "127.0.0.1"
     port: int = 0
     run_dir: Path = field(default=Path("."))
+    target_cpus: set[int] | None = None  # None: unpinned
+    load_cpus: set[int] | None = None
     _seq: int = 0
 
     def say(self, msg: str) -> None:
@@ -398,28 +427,40 @@ class Harness:
 
     # -- one measured phase ---------------------------------------------------------------------
     def phase(self, *, label: str, in_topic: str, answer_topic: str | None, target: Child | None,
-              mode: str, first_id: int) -> dict:
+              mode: str, first_id: int, answers_per_message: int = 1) -> dict:
         """Publish one stream and time its answers. ``answer_topic`` None: the raw subscriber
-        on ``in_topic`` is itself the receiver."""
+        on ``in_topic`` is itself the receiver. Modes: ``paced``, ``max`` (QoS 0 flood),
+        ``samples`` (the flood with ``samples_per_message`` samples per message), ``burst``
+        (QoS 1 lines through ``mosquitto_pub -l``; latency is time since the burst began)."""
         s = self.settings
+        per_msg = s.samples_per_message if mode == "samples" else 1
+        qos = 1 if mode == "burst" else s.qos
         if mode == "paced":
             n, rate, budget = s.paced_messages, float(s.paced_rate or 0), s.paced_seconds + 15
+        elif mode == "burst":
+            n, rate, budget = s.burst_messages, 0.0, s.phase_timeout_s
+        elif mode == "samples":
+            n, rate, budget = max(10, s.messages // per_msg), 0.0, s.phase_timeout_s
         else:
             n, rate, budget = s.messages, 0.0, s.phase_timeout_s
         name = self._name(f"{label}-{mode}")
         out = str(self.run_dir / name)
-        recv_spec = dict(self._base(), topic=answer_topic or in_topic, expect=n,
-                         timeout_s=budget + 5, idle_s=5.0, out=out + ".recv", qos=s.qos,
+        recv_spec = dict(self._base(), topic=answer_topic or in_topic,
+                         expect=n * (answers_per_message if mode == "samples" else 1),
+                         timeout_s=budget + 5, idle_s=5.0, out=out + ".recv", qos=qos,
                          client_id=f"bench-recv-{name}")
         receiver = _role("collect" if answer_topic else "count", recv_spec, self.run_dir,
                          name + ".recv")
+        self._pin(receiver.pid, load=True)
         ready = receiver.wait_event("ready", 30)
         cpu_target = target or receiver
         cpu0, cpu_ready_recv = cpu_target.cpu_seconds(), ready.get("cpu_s", 0.0)
-        pub = _role("publish", dict(self._base(), topic=in_topic, messages=n, rate=rate,
-                                    first_id=first_id, format=s.format, qos=s.qos,
-                                    out=out + ".pub", client_id=f"bench-pub-{name}"),
+        pub = _role("burst" if mode == "burst" else "publish",
+                    dict(self._base(), topic=in_topic, messages=n, rate=rate,
+                         first_id=first_id, format=s.format, qos=qos, samples=per_msg,
+                         out=out + ".pub", client_id=f"bench-pub-{name}"),
                     self.run_dir, name + ".pub")
+        self._pin(pub.pid, load=True)
         pub.wait_event("ready", 30)
         t_start = time.monotonic()
         last_shown = [t_start]
@@ -459,27 +500,40 @@ class Harness:
             "saturated": bool(mode == "paced" and span > 0 and answered / span < 0.95 * rate),
             "publish_rate": float(pub_done.get("rate", 0.0)),
             "msgs_per_s": answered / span if span > 0 else 0.0,
-            "rows_per_s": answered / span if span > 0 else 0.0,
+            "rows_per_s": answered * per_msg / span if span > 0 else 0.0,
+            "samples_per_message": per_msg, "qos": qos, "pinned": bool(self.target_cpus),
             **latency_stats(lat),
             "cpu_s": cpu, "cpu_ms_per_msg": cpu * 1000 / answered if answered else None,
             **mem, "quantiles": quantiles(lat),
         }
+        if mode == "burst":
+            result["drain_s"] = span
         lost = f", {n - answered} unanswered" if answered < n else ""
         self.say(f"  {label} {mode}: {result['msgs_per_s']:,.0f} msg/s, p50 "
                  f"{_fmt(result['p50_ms'])} ms, p99 {_fmt(result['p99_ms'])} ms{lost}")
         return result
 
     def _phases(self, label: str, in_topic: str, answer_topic: str | None,
-                target: Child | None) -> dict:
+                target: Child | None, *, answers_per_sample: bool = False,
+                only: Sequence[str] | None = None) -> dict:
         s = self.settings
         phases = {}
-        if s.paced_rate is not None:
-            phases["paced"] = self.phase(label=label, in_topic=in_topic, answer_topic=answer_topic,
-                                         target=target, mode="paced", first_id=0)
-        if s.max_rate:
-            phases["max"] = self.phase(label=label, in_topic=in_topic, answer_topic=answer_topic,
-                                       target=target, mode="max", first_id=1_000_000)
+        kw = dict(label=label, in_topic=in_topic, answer_topic=answer_topic, target=target)
+        wanted = [m for m in s.phase_list if only is None or m in only]
+        first_ids = {"paced": 0, "max": 1_000_000, "samples": 2_000_000, "burst": 3_000_000}
+        for mode in wanted:
+            phases[mode] = self.phase(**kw, mode=mode, first_id=first_ids[mode],
+                                      answers_per_message=s.samples_per_message
+                                      if answers_per_sample else 1)
         return phases
+
+    def _pin(self, pid: int, *, load: bool) -> None:
+        """With ``affinity = split``: the target on its own core, everything else on the
+        others (a no-op unpinned)."""
+        cpus = self.load_cpus if load else self.target_cpus
+        if cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, cpus)
 
     # -- start-up: time to the first answer ------------------------------------------------------
     def start_measured(
@@ -545,7 +599,9 @@ class Harness:
         in_topic, out_topic = f"{PREFIX}/{tag}/in", f"{PREFIX}/{tag}/out"
         from edgeml.host.datasets import DAPHNET_CHANNELS
 
-        spec = dict(self._base(), topic=in_topic, out_topic=out_topic, qos=self.settings.qos,
+        # subscribed at QoS 1 and acknowledging after scoring (the QoS 1 burst); the QoS 0
+        # streams of the other phases arrive at QoS 0 all the same
+        spec = dict(self._base(), topic=in_topic, out_topic=out_topic, qos=1,
                     format=self.settings.format, features=list(DAPHNET_CHANNELS),
                     threads=self.settings.plain_threads, client_id=f"bench-{tag}",
                     models=[{"name": m.name, "version": m.version, "path": str(m.onnx)}
@@ -554,8 +610,10 @@ class Harness:
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
 
         def start() -> Child:
-            return Child(tag, [sys.executable, "-m", "edgeml.host.bench.baselines", "plain",
-                               f"@{spec_path}"], log_path=self.run_dir / f"{tag}.log")
+            c = Child(tag, [sys.executable, "-m", "edgeml.host.bench.baselines", "plain",
+                            f"@{spec_path}"], log_path=self.run_dir / f"{tag}.log")
+            self._pin(c.pid, load=False)
+            return c
 
         target, start_info = self.start_measured(tag, in_topic, out_topic, start, lambda c: None)
         try:
@@ -566,10 +624,13 @@ class Harness:
         return {"variant": "plain", "model": kind, "versions": len(models), "phases": phases,
                 "start": start_info, **mem}
 
-    def run_edgeml(self, kind: str, models: list[BenchModel]) -> dict:
+    def run_edgeml(self, kind: str, models: list[BenchModel], *, sync: bool = True,
+                   only: Sequence[str] | None = None) -> dict:
+        """The daemon with the config defaults; ``sync=False``: outbox and uplink off (the
+        sync-off comparison runs only ``only``'s phases)."""
         s = self.settings
-        tag = f"edgeml-{kind}-{len(models)}"
-        device = f"bench-{kind}-{len(models)}"
+        tag = f"edgeml-{kind}-{len(models)}" + ("" if sync else "-nosync")
+        device = f"bench-{kind}-{len(models)}" + ("" if sync else "-nosync")
         self.say(f"edgeml daemon, {kind} model, {len(models)} version(s)")
         in_topic = f"{PREFIX}/{tag}/in"
         out_topic = f"{PREFIX}/{device}/out/{PIPELINE}"
@@ -580,14 +641,17 @@ class Harness:
         config = self.run_dir / f"{tag}.toml"
         config.write_text(edgeml_config(device=device, profile=s.profile, data_dir=data_dir,
                                         broker_url=f"mqtt://{self.host}:{self.port}",
-                                        in_topic=in_topic, models=models, fmt=s.format),
+                                        in_topic=in_topic, models=models, fmt="auto",
+                                        sync=sync),
                           encoding="utf-8")
         status = StatusWatch(self.host, self.port, f"{PREFIX}/{device}/status")
 
         def start() -> Child:
-            return Child(tag, [sys.executable, "-m", "edgeml", "-v", "run", "--config",
-                               str(config)], log_path=self.run_dir / f"{tag}.log",
-                         ready_line="ready")
+            c = Child(tag, [sys.executable, "-m", "edgeml", "-v", "run", "--config",
+                            str(config)], log_path=self.run_dir / f"{tag}.log",
+                      ready_line="ready")
+            self._pin(c.pid, load=False)
+            return c
 
         def ready(c: Child) -> None:
             if not status.online.wait(s.start_timeout_s):
@@ -606,7 +670,8 @@ class Harness:
         start_info["status_online_s"] = ((t_online - target.started_ns) / 1e9
                                          if t_online else None)
         try:
-            phases = self._phases(tag, in_topic, out_topic, target)
+            phases = self._phases(tag, in_topic, out_topic, target, answers_per_sample=True,
+                                  only=only)
             mem = target.memory()
             device_libs = target.loaded_libraries("sklearn", "scipy", "skl2onnx")
         finally:
@@ -614,7 +679,8 @@ class Harness:
             status.close()
         from edgeml.host.bench.baselines import jsonable
 
-        return {"variant": "edgeml", "model": kind, "versions": len(models), "phases": phases,
+        return {"variant": "edgeml" if sync else "edgeml-nosync", "model": kind,
+                "versions": len(models), "phases": phases,
                 "start": start_info, **mem, "host_libraries_loaded": device_libs,
                 "exit_code": code, "config": config.read_text(encoding="utf-8"),
                 "last_status": jsonable(status.last)}
@@ -634,7 +700,7 @@ class Harness:
 
 
 def edgeml_config(*, device: str, profile: str, data_dir: Path, broker_url: str, in_topic: str,
-                  models: Sequence[BenchModel], fmt: str) -> str:
+                  models: Sequence[BenchModel], fmt: str, sync: bool = True) -> str:
     """The daemon config the bench runs: one pipeline, the given versions, defaults elsewhere."""
     from edgeml.host.datasets import DAPHNET_CHANNELS
 
@@ -648,6 +714,7 @@ def edgeml_config(*, device: str, profile: str, data_dir: Path, broker_url: str,
         "[broker]",
         f'url = "{broker_url}"',
         "",
+        *([] if sync else ["[sync]", "enabled = false", ""]),
         "[[pipelines]]",
         f'name = "{PIPELINE}"',
         f'topics = ["{in_topic}"]',
@@ -738,6 +805,42 @@ def scoring_limit(models: dict[str, list[BenchModel]], profile_name: str, versio
 
 
 # --- entry point --------------------------------------------------------------------------------
+def _run_pass(h: Harness, s: E2ESettings, models: dict[str, list[BenchModel]], report: dict,
+              affinity: str, say: Progress) -> None:
+    """Every selected variant once, with the harness's CPU affinity."""
+    def add(run: dict) -> None:
+        run["affinity"] = affinity
+        report["runs"].append(run)
+
+    if "raw" in s.variants:
+        add(h.run_raw())
+    for kind in s.models:
+        for k in s.versions:
+            ms = models[kind][:k]
+            for variant in ("plain", "edgeml", "edgeml-nosync"):
+                if variant == "edgeml-nosync":
+                    if not (s.sync_off and s.max_rate and "edgeml" in s.variants):
+                        continue
+                elif variant not in s.variants:
+                    continue
+                try:
+                    if variant == "plain":
+                        run = h.run_plain(kind, ms)
+                    elif variant == "edgeml":
+                        run = h.run_edgeml(kind, ms)
+                    else:
+                        run = h.run_edgeml(kind, ms, sync=False, only=("max",))
+                except BenchError as exc:
+                    say(f"  FAILED: {exc}")
+                    report["errors"].append({"variant": variant, "model": kind,
+                                             "versions": k, "affinity": affinity,
+                                             "error": str(exc)})
+                    continue
+                add(run)
+            if "edgeml" in s.variants and affinity == s.affinity[-1]:
+                report["bare"].append({"model": kind, "versions": k, **h.bare_rss(kind, ms)})
+
+
 def run_e2e(settings: E2ESettings, *, progress: Progress | None = None) -> dict:
     """Run every selected variant and phase; the JSON-ready report (see report.py)."""
     from edgeml.host.bench.report import add_derived, machine_info
@@ -775,29 +878,29 @@ def run_e2e(settings: E2ESettings, *, progress: Progress | None = None) -> dict:
                                  tuned=s.broker_config == "tuned").start()
         host, port = broker.host, broker.port
         say(f"started a private mosquitto ({s.broker_config} configuration) on {broker.url}")
-    h = Harness(settings=s, progress=say, host=host, port=port, run_dir=run_dir)
+    cpus = sorted(os.sched_getaffinity(0))
+    home = set(os.sched_getaffinity(0))
     try:
-        if "raw" in s.variants:
-            report["runs"].append(h.run_raw())
-        for kind in s.models:
-            for k in s.versions:
-                ms = models[kind][:k]
-                for variant in ("plain", "edgeml"):
-                    if variant not in s.variants:
-                        continue
-                    try:
-                        run = h.run_plain(kind, ms) if variant == "plain" else \
-                            h.run_edgeml(kind, ms)
-                    except BenchError as exc:
-                        say(f"  FAILED: {exc}")
-                        report["errors"].append({"variant": variant, "model": kind,
-                                                 "versions": k, "error": str(exc)})
-                        continue
-                    report["runs"].append(run)
-                if "edgeml" in s.variants:
-                    report["bare"].append({"model": kind, "versions": k,
-                                           **h.bare_rss(kind, ms)})
+        for affinity in s.affinity:
+            target_cpus = load_cpus = None
+            if affinity == "split":
+                if len(cpus) < 2:
+                    say("affinity split needs at least 2 CPUs; skipped")
+                    continue
+                target_cpus, load_cpus = {cpus[-1]}, set(cpus[:-1])
+            say(f"pass: {'target pinned to CPU ' + str(cpus[-1]) if target_cpus else 'unpinned'}")
+            if broker is not None and broker.process is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(broker.process.pid, load_cpus or home)
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, load_cpus or home)
+            h = Harness(settings=s, progress=say, host=host, port=port, run_dir=run_dir,
+                        target_cpus=target_cpus, load_cpus=load_cpus)
+            h._seq = len(report["runs"]) * 20  # distinct scratch names per pass
+            _run_pass(h, s, models, report, affinity, say)
     finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, home)
         if broker is not None:
             broker.stop()
     report["duration_s"] = time.monotonic() - t_run

@@ -164,17 +164,20 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 
 # --- e2e derived figures --------------------------------------------------------------------------
-def _run(report: dict, variant: str, model: str | None = None, versions: int | None = None) -> dict:
+def _run(report: dict, variant: str, model: str | None = None, versions: int | None = None,
+         affinity: str | None = None) -> dict:
+    """The run of ``variant`` (the first pass's when ``affinity`` is None)."""
     for r in report.get("runs", []):
         if r["variant"] == variant and (variant == "raw" or
-                                        (r["model"] == model and r["versions"] == versions)):
+                                        (r["model"] == model and r["versions"] == versions)) \
+                and (affinity is None or r.get("affinity", "none") == affinity):
             return r
     return {}
 
 
 def _phase(report: dict, variant: str, model: str | None, versions: int | None,
-           mode: str) -> dict:
-    return _run(report, variant, model, versions).get("phases", {}).get(mode, {})
+           mode: str, affinity: str | None = None) -> dict:
+    return _run(report, variant, model, versions, affinity).get("phases", {}).get(mode, {})
 
 
 def _limit(report: dict, model: str, versions: int, batch: int) -> dict:
@@ -195,30 +198,42 @@ def compute_ratios(report: dict) -> list[dict]:
     s = report["settings"]
     out = []
     batches = sorted({r["batch"] for r in report.get("scoring_limit", [])})
-    for model in s["models"]:
-        for k in s["versions"]:
-            for mode in ("max", "paced"):
-                e = _phase(report, "edgeml", model, k, mode)
-                p = _phase(report, "plain", model, k, mode)
-                raw = _phase(report, "raw", None, None, mode)
-                if not e and not p:
-                    continue
-                row = {
-                    "model": model, "versions": k, "mode": mode,
-                    "edgeml_vs_plain_msgs": _ratio(e.get("msgs_per_s"), p.get("msgs_per_s")),
-                    "edgeml_vs_raw_msgs": _ratio(e.get("msgs_per_s"), raw.get("msgs_per_s")),
-                    "plain_vs_raw_msgs": _ratio(p.get("msgs_per_s"), raw.get("msgs_per_s")),
-                    "edgeml_vs_plain_p50": _ratio(e.get("p50_ms"), p.get("p50_ms")),
-                    "edgeml_vs_plain_cpu_per_msg": _ratio(e.get("cpu_ms_per_msg"),
-                                                          p.get("cpu_ms_per_msg")),
-                }
-                if batches:
-                    row["edgeml_vs_onnx_big_batch"] = _ratio(
-                        e.get("msgs_per_s"), _limit(report, model, k, batches[-1])
-                        .get("msgs_per_s_limit"))
-                    row["plain_vs_onnx_batch1"] = _ratio(
-                        p.get("msgs_per_s"), _limit(report, model, k, 1).get("msgs_per_s_limit"))
-                out.append(row)
+    modes = ("paced", "max", "samples", "burst")
+    affinities = s.get("affinity") or [None]
+    combos = [(a, m, k, mo) for a in affinities for m in s["models"] for k in s["versions"]
+              for mo in modes]
+    for aff, model, k, mode in combos:
+        e = _phase(report, "edgeml", model, k, mode, aff)
+        p = _phase(report, "plain", model, k, mode, aff)
+        raw = _phase(report, "raw", None, None, mode, aff)
+        if not e and not p:
+            continue
+        nosync = _phase(report, "edgeml-nosync", model, k, mode, aff)
+        row = {
+            "affinity": aff or "none", "model": model, "versions": k, "mode": mode,
+            "edgeml_msgs": e.get("msgs_per_s"), "plain_msgs": p.get("msgs_per_s"),
+            "raw_msgs": raw.get("msgs_per_s"),
+            "edgeml_lost": e.get("lost"), "plain_lost": p.get("lost"),
+            "raw_lost": raw.get("lost"),
+            "edgeml_p50": e.get("p50_ms"), "plain_p50": p.get("p50_ms"),
+            "edgeml_p99": e.get("p99_ms"), "plain_p99": p.get("p99_ms"),
+            "edgeml_cpu_per_msg": e.get("cpu_ms_per_msg"),
+            "plain_cpu_per_msg": p.get("cpu_ms_per_msg"),
+            "sync_on_vs_off": _ratio(e.get("msgs_per_s"), nosync.get("msgs_per_s")),
+            "edgeml_vs_plain_msgs": _ratio(e.get("msgs_per_s"), p.get("msgs_per_s")),
+            "edgeml_vs_raw_msgs": _ratio(e.get("msgs_per_s"), raw.get("msgs_per_s")),
+            "plain_vs_raw_msgs": _ratio(p.get("msgs_per_s"), raw.get("msgs_per_s")),
+            "edgeml_vs_plain_p50": _ratio(e.get("p50_ms"), p.get("p50_ms")),
+            "edgeml_vs_plain_cpu_per_msg": _ratio(e.get("cpu_ms_per_msg"),
+                                                  p.get("cpu_ms_per_msg")),
+        }
+        if batches:
+            row["edgeml_vs_onnx_big_batch"] = _ratio(
+                e.get("msgs_per_s"), _limit(report, model, k, batches[-1])
+                .get("msgs_per_s_limit"))
+            row["plain_vs_onnx_batch1"] = _ratio(
+                p.get("msgs_per_s"), _limit(report, model, k, 1).get("msgs_per_s_limit"))
+        out.append(row)
     return out
 
 
@@ -330,8 +345,8 @@ def add_derived(report: dict) -> dict:
 
 
 # --- e2e rendering ------------------------------------------------------------------------------
-_E2E_HEADERS = ("variant", "model", "ver", "phase", "msgs/s", "pub msg/s", "p50 ms", "p99 ms",
-                "max ms", "lost", "CPU ms/msg", "RSS MB", "1st answer s")
+_E2E_HEADERS = ("cpus", "variant", "model", "ver", "phase", "msgs/s", "pub msg/s", "p50 ms",
+                "p99 ms", "max ms", "lost", "CPU ms/msg", "RSS MB", "1st answer s")
 
 
 def _e2e_rows(report: dict) -> list[list[Any]]:
@@ -339,6 +354,7 @@ def _e2e_rows(report: dict) -> list[list[Any]]:
     for r in report.get("runs", []):
         for mode, ph in r.get("phases", {}).items():
             rows.append([
+                {"split": "pinned"}.get(r.get("affinity"), "unpinned"),
                 r["variant"], r["model"] or "-", r["versions"] or "-", mode,
                 ph.get("msgs_per_s"), ph.get("publish_rate"), ph.get("p50_ms"),
                 ph.get("p99_ms"), ph.get("max_ms"), ph.get("lost"), ph.get("cpu_ms_per_msg"),
@@ -355,14 +371,23 @@ def _limit_rows(report: dict) -> list[list[Any]]:
 
 _LIMIT_HEADERS = ("model", "ver", "batch", "µs/row (all versions)", "msgs/s limit",
                   "p50 ms/call", "p99 ms/call")
-_RATIO_HEADERS = ("model", "ver", "phase", "edgeml/plain msgs", "edgeml/raw msgs",
-                  "plain/raw msgs", "edgeml/plain p50", "edgeml/plain CPU per msg")
+_RATIO_HEADERS = ("cpus", "model", "ver", "phase", "edgeml msg/s", "plain msg/s",
+                  "raw msg/s", "edgeml/plain msgs", "edgeml/raw msgs", "edgeml lost",
+                  "plain lost", "edgeml p50/p99 ms", "plain p50/p99 ms", "edgeml/plain p50",
+                  "edgeml/plain CPU per msg", "sync on/off")
+
+
+def _pair(a: Any, b: Any) -> str:
+    return "-" if a is None else f"{a:.2f} / {b:.2f}" if b is not None else f"{a:.2f} / -"
 
 
 def _ratio_rows(report: dict) -> list[list[Any]]:
-    return [[r["model"], r["versions"], r["mode"], _x(r["edgeml_vs_plain_msgs"]),
-             _x(r["edgeml_vs_raw_msgs"]), _x(r["plain_vs_raw_msgs"]),
-             _x(r["edgeml_vs_plain_p50"]), _x(r["edgeml_vs_plain_cpu_per_msg"])]
+    return [[{"split": "pinned"}.get(r.get("affinity"), "unpinned"), r["model"], r["versions"],
+             r["mode"], r.get("edgeml_msgs"), r.get("plain_msgs"), r.get("raw_msgs"),
+             _x(r["edgeml_vs_plain_msgs"]), _x(r["edgeml_vs_raw_msgs"]), r.get("edgeml_lost"),
+             r.get("plain_lost"), _pair(r.get("edgeml_p50"), r.get("edgeml_p99")),
+             _pair(r.get("plain_p50"), r.get("plain_p99")), _x(r["edgeml_vs_plain_p50"]),
+             _x(r["edgeml_vs_plain_cpu_per_msg"]), _x(r.get("sync_on_vs_off"))]
             for r in report.get("ratios", [])]
 
 

@@ -91,6 +91,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="QoS of the published samples (default: 0)")
     e.add_argument("--phase-timeout", type=float, default=20.0, metavar="S",
                    help="cap on one max phase in seconds (default: 20)")
+    e.add_argument("--phases", default="burst,samples",
+                   help="phases after paced and max: burst (a QoS 1 burst through "
+                   "mosquitto_pub -l), samples (the flood with --samples samples per "
+                   "message); empty for none (default: burst,samples)")
+    e.add_argument("--burst-messages", type=int, default=20000, metavar="N",
+                   help="messages in the QoS 1 burst (default: 20000)")
+    e.add_argument("--samples", type=int, default=10, metavar="K",
+                   help="samples per message in the samples phase (default: 10)")
+    e.add_argument("--no-sync-off", action="store_true",
+                   help="skip the daemon's second max phase with outbox and uplink off")
+    e.add_argument("--affinity", default="split,none",
+                   help="CPU placement passes: split (the target alone on the last core, "
+                   "broker, load generator and receivers on the others), none (unpinned); "
+                   "each is a full pass (default: split,none)")
     e.add_argument("--out", type=Path, metavar="DIR",
                    help="report directory (default: benchmarks/results/<timestamp>)")
     e.add_argument("--no-latest", action="store_true",
@@ -158,6 +172,11 @@ def _run_e2e(args: argparse.Namespace) -> int:
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         profile=args.profile, format=args.format, qos=args.qos,
         phase_timeout_s=args.phase_timeout,
+        extra_phases=() if args.rate is not None or args.max else
+        tuple(p.strip() for p in args.phases.split(",") if p.strip()),
+        burst_messages=args.burst_messages, samples_per_message=args.samples,
+        sync_off=not args.no_sync_off,
+        affinity=tuple(a.strip() for a in args.affinity.split(",") if a.strip()),
     )
     report = run_e2e(settings, progress=_progress)
     latest = None if args.no_latest else out.parent
