@@ -144,6 +144,7 @@ class MqttTransport:
         self._closed = False
         # loop-owned
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self._awaiting = 0  # awaited publishes in progress (read by the network thread)
         self._requests: dict[int, tuple[str, asyncio.Future[list[int]]]] = {}
         self._drained: asyncio.Event | None = None
         self._stats = collections.Counter({
@@ -315,7 +316,11 @@ class MqttTransport:
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         self._quickack()
-        self._event("puback", mid, _code(reason_code))
+        code = _code(reason_code)
+        # only an awaited publish needs its PUBACK on the loop: the answers' PUBACKs would
+        # otherwise cost one loop wake-up each (a refusal is still passed on, to be counted)
+        if self._awaiting or code >= _FAILURE:
+            self._event("puback", mid, code)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
         self._event("ack", mid, [_code(rc) for rc in reason_codes])
@@ -343,9 +348,10 @@ class MqttTransport:
             if kind == "puback":
                 mid, code = args
                 fut = self._acks.pop(mid, None)
+                if code >= _FAILURE:
+                    self._stats["publish_errors"] += 1
                 if fut is not None and not fut.done():
                     if code >= _FAILURE:
-                        self._stats["publish_errors"] += 1
                         fut.set_exception(PublishError(f"broker refused the publish "
                                                        f"(reason code {code:#x})"))
                     else:
@@ -590,24 +596,29 @@ class MqttTransport:
         :class:`PublishTimeoutError` after ``timeout`` seconds (the message stays queued),
         :class:`NotConnectedError` for QoS 0 while offline, :class:`PublishError` when paho
         or the broker refuses it."""
-        info = self._send(topic, payload, qos, retain)
         if qos == 0:
+            info = self._send(topic, payload, qos, retain)
             if info.rc == paho.MQTT_ERR_NO_CONN:
                 raise NotConnectedError(f"not connected to {self.settings.url}")
             return
         assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        # the PUBACK is handled on this loop, so it cannot be processed before this line
-        self._acks[info.mid] = fut
+        self._awaiting += 1  # before the send: its PUBACK must reach the loop
         try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError as exc:
-            self._stats["publish_timeouts"] += 1
-            raise PublishTimeoutError(
-                f"no acknowledgement for {topic!r} within {timeout:g} s") from exc
+            info = self._send(topic, payload, qos, retain)
+            fut: asyncio.Future[None] = self._loop.create_future()
+            # the PUBACK is handled on this loop, so it cannot be processed before this line
+            self._acks[info.mid] = fut
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except TimeoutError as exc:
+                self._stats["publish_timeouts"] += 1
+                raise PublishTimeoutError(
+                    f"no acknowledgement for {topic!r} within {timeout:g} s") from exc
+            finally:
+                if self._acks.get(info.mid) is fut:
+                    del self._acks[info.mid]
         finally:
-            if self._acks.get(info.mid) is fut:
-                del self._acks[info.mid]
+            self._awaiting -= 1
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1 message received with ``manual_ack``. A message from an
