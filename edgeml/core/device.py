@@ -131,7 +131,8 @@ class Device:
         self._stop = asyncio.Event()
         self._rate = RateMeter()
         self._entered = False
-        self.transport: Transport | None = None
+        self.transport: Transport | None = None  # sensor input: subscriptions, acks
+        self.out_transport: Transport | None = None  # answers, dead letters, alerts, status
         self.outbox: Any = None
         self.uplink: Any = None
         self._uplink_transport: Transport | None = None
@@ -211,20 +212,31 @@ class Device:
         settings = dataclasses.replace(
             cfg.broker, max_packet_bytes=q.max_packet_kb * 1024,
             receive_maximum=min(65535, max(20, q.max_messages)))
-        transport = self._connector(settings, will=will, manual_ack=manual_ack)
-        self._refresh_birth(transport)
-        async with transport:
+        # Two connections: sensor input (subscriptions, acknowledgements) and everything the
+        # device publishes (answers, dead letters, alerts, status with the last will). A
+        # broker whose queue towards a client is full drops every packet for it, PUBACKs
+        # included (mosquitto: max_queued_messages, 1000 by default, since 2.0.16 and in
+        # distribution builds of 2.0.11): on one shared connection a QoS 0 flood then ate the
+        # PUBACKs of the answers, the client's in-flight window stayed full for good and no
+        # answer left the device again. The publishing connection carries no sensor traffic,
+        # so its PUBACKs never queue behind (or get dropped with) the input.
+        transport = self._connector(settings, manual_ack=manual_ack)
+        out = self._connector(dataclasses.replace(
+            cfg.broker, client_id=f"{cfg.broker.client_id}-out", clean_start=True), will=will)
+        self._refresh_birth(out)
+        async with transport, out:
             self.transport = transport
-            self.egress.transport = transport
+            self.out_transport = out
+            self.egress.transport = out
             try:
                 await self._start_uplink()
-                await self._serve(transport)
+                await self._serve(transport, out)
             finally:
                 if self._uplink_transport is not None:
                     await self._uplink_transport.close()
         log.info("stopped")
 
-    async def _serve(self, transport: Transport) -> None:
+    async def _serve(self, transport: Transport, out: Transport) -> None:
         cfg = self.config
         subs: list[tuple[str, int]] = []
         for p in self.pipelines:
@@ -236,7 +248,7 @@ class Device:
         async with asyncio.TaskGroup() as tg:
             scorers = [tg.create_task(p.runtime.run(), name=f"score:{p.config.name}")
                        for p in self.pipelines]
-            ingress = tg.create_task(self.ingress.run(transport), name="ingress")
+            ingress = tg.create_task(self.ingress.run(transport, out), name="ingress")
             status = tg.create_task(self._heartbeat(), name="status")
             fsync = tg.create_task(self._fsync_loop(), name="rawlog-fsync")
             writer = tg.create_task(self.egress.run_writer(), name="outbox-writer")
@@ -245,7 +257,7 @@ class Device:
             uplink = None
             if self.uplink is not None:
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
-            outbound = self._start_outbound(tg, transport)
+            outbound = self._start_outbound(tg, out)
             self._recover()
             for event in self.storage_events:
                 self.egress.alert(event.get("pipeline", "*"), event["kind"], event)
@@ -276,7 +288,7 @@ class Device:
             self.control.stop()
             self.state = "offline"
             with contextlib.suppress(EdgemlError):
-                await transport.publish(self.topic("status"), self._status_bytes(),
+                await out.publish(self.topic("status"), self._status_bytes(),
                                         qos=1, retain=True, timeout=2)
 
     def _start_outbound(self, tg: asyncio.TaskGroup, transport: Transport
@@ -565,7 +577,8 @@ class Device:
     def readiness(self) -> tuple[bool, dict]:
         """Ready: connected, and every pipeline has at least one loaded, self-tested version
         (a version is only ever active after its self-test)."""
-        connected = bool(self.transport is not None and self.transport.connected)
+        connected = all(t is not None and t.connected
+                        for t in (self.transport, self.out_transport))
         pipes = {p.config.name: len(p.runtime.members) for p in self.pipelines}
         ok = self.state == "online" and connected and all(pipes.values())
         return ok, {"ready": ok, "state": self.state, "connected": connected,
@@ -596,7 +609,7 @@ class Device:
     def publish_status_soon(self) -> None:
         """Publish the retained status now (after a deployment or command), not at the next
         heartbeat, so ``edgeml status`` shows the change at once."""
-        transport = self.transport
+        transport = self.out_transport
         if transport is None:
             return
         try:

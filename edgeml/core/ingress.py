@@ -92,6 +92,7 @@ class Ingress:
         self.held_dropped = 0
         self.pauses = 0
         self._transport: Transport | None = None
+        self._out: Transport | None = None  # where dead letters are published
         self._wake = asyncio.Event()
         # archived QoS 1 input whose acks wait for room in a full scoring queue, in order
         self._deferred: list[Message] = []
@@ -121,8 +122,11 @@ class Ingress:
             self._routes[topic] = hit
         return hit
 
-    async def run(self, transport: Transport) -> None:
+    async def run(self, transport: Transport, out: Transport | None = None) -> None:
+        """Take bursts from ``transport`` (and acknowledge them there); dead letters go out
+        on ``out`` (the device's publishing connection; ``transport`` when None)."""
         self._transport = transport
+        self._out = out
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._retry_archive(transport), name="archive-retry")
             tg.create_task(self._ack_deferred(transport), name="ack-deferred")
@@ -181,7 +185,7 @@ class Ingress:
         st.rejected += 1
         st.rejected_by_reason[reason] += 1
         try:
-            transport.publish_nowait(self.dlq_topic, dead_letter(
+            (self._out or transport).publish_nowait(self.dlq_topic, dead_letter(
                 self.device, inlet.config.name, m, reason, detail, seq), qos=1)
             self.dead_letters += 1
         except TransportError as exc:

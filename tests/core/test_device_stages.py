@@ -161,7 +161,8 @@ async def test_reconnect_announces_status_made_on_the_loop_and_will_says_offline
     async with Rig(tmp_path, [{"name": "activity", "version": "1",
                                "bundle": str(activity_bundle)}]) as rig:
         topic = f"edgeml/{DEVICE}/status"
-        client_id = rig.device.config.broker.client_id
+        # the status (last will, birth) belongs to the publishing connection
+        client_id = rig.device.config.broker.client_id + "-out"
         rig.send(window_messages(test_set, 0, "sensors/a/imu"))
         await _until(lambda: len(rig.answers()) == 1, "an answer")
         rig.device.publish_status_soon()
