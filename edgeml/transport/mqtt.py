@@ -90,7 +90,7 @@ _PUBACK = struct.Struct("!BBH").pack  # fixed header, remaining length 2, packet
 
 _FAILURE = 0x80  # SUBACK / UNSUBACK / PUBACK reason codes from here up are failures
 _UNSUPPORTED_PROTOCOL = 0x84  # CONNACK: a 3.1.1 broker's "unacceptable protocol version"
-_CONNACK_WAIT_S = 3.0  # "auto": no CONNACK to an MQTT 5 CONNECT this long -> try 3.1.1
+_CONNACK_WAIT_S = 1.5  # "auto": no CONNACK to an MQTT 5 CONNECT this long -> try 3.1.1
 
 
 def _code(rc: Any) -> int:
