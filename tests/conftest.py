@@ -316,3 +316,34 @@ def gait_messages(n: int, topic: str = "sensors/p1/gait", start: int = 0) -> lis
         body["id"] = f"g{i}"
         out.append((topic, json.dumps(body).encode()))
     return out
+
+
+# ---- NATS (JetStream + MQTT listener) -----------------------------------------------------
+@pytest.fixture
+def nats_server(tmp_path: Path):
+    """A private nats-server with JetStream and an MQTT listener on free loopback ports."""
+    from nats_servers import NatsServer, nats_server_path
+
+    if nats_server_path() is None:
+        pytest.skip("nats-server is not installed")
+    s = NatsServer(tmp_path / "nats")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path):
+    """Three routed nats-servers (JetStream, MQTT on each); ``nodes[i].kill()``/``.start()``."""
+    from nats_servers import NatsCluster, nats_server_path
+
+    if nats_server_path() is None:
+        pytest.skip("nats-server is not installed")
+    c = NatsCluster(tmp_path / "nats-cluster")
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
