@@ -240,3 +240,17 @@ class BenchError(EdgemlError):
     """A benchmark cannot run or its target failed."""
 
     kind = "bench"
+
+
+# --- the fleet side -------------------------------------------------------------------------
+class CollectError(EdgemlError):
+    """The collector or the fleet database cannot do what was asked."""
+
+    kind = "collect"
+
+
+class SinkUnavailableError(CollectError):
+    """The fleet database cannot be reached right now (restarting, network, locked): the
+    collector retries the same deliveries and acknowledges nothing meanwhile."""
+
+    kind = "sink_unavailable"
