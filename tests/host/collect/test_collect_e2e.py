@@ -132,14 +132,25 @@ def wait_db(db: str, want: set[str], timeout: float = 60.0) -> set[str]:
     return have
 
 
-def paced_publisher(broker, msgs, per_burst: int = 100, pause_s: float = 0.04):
+def paced_publisher(broker, msgs, per_burst: int = 100, pause_s: float = 0.03):
     """Feed the daemon at a steady rate in the background (so the stream lasts a while)."""
+    import paho.mqtt.client as paho
+
     done = threading.Event()
 
     def run() -> None:
-        for i in range(0, len(msgs), per_burst):
-            publish_all(broker, msgs[i:i + per_burst])
-            time.sleep(pause_s)  # pacing the load, not synchronising
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        try:
+            for i in range(0, len(msgs), per_burst):
+                infos = [client.publish(t, p, qos=1) for t, p in msgs[i:i + per_burst]]
+                for info in infos:
+                    info.wait_for_publish(30)
+                time.sleep(pause_s)  # pacing the load, not synchronising
+        finally:
+            client.disconnect()
+            client.loop_stop()
         done.set()
 
     threading.Thread(target=run, daemon=True).start()
@@ -173,6 +184,7 @@ def test_collector_killed_mid_stream_loses_nothing(broker, daemon_factory, tmp_p
     done = paced_publisher(broker, gait_messages(n))
     col.wait_status(lambda s: s["stored"] >= 400)
     col.kill()  # kill -9 mid-stream: no drain, no acks for what was in hand
+    at_kill = len(db_ids(db))
     # garbage and foreign batches while it is down: queued for it by the broker
     evil = {"schema": 1, "device": "gw-01", "stream": "results", "sent": 1.0,
             "records": [{"record_id": "other/p/1/m/1/results"}]}
@@ -186,6 +198,7 @@ def test_collector_killed_mid_stream_loses_nothing(broker, daemon_factory, tmp_p
     missing = want - have
     assert not missing, f"{len(missing)} synced records missing, e.g. {sorted(missing)[:5]}"
     assert have == want  # and nothing else made it in
+    assert 400 <= at_kill < len(want) / 2  # it was mid-stream
     assert col.proc.poll() is None  # the garbage did not stop it
     assert col.terminate() == 0
     conn = sqlite3.connect(db[len("sqlite:///"):])
@@ -211,12 +224,14 @@ def test_database_restarted_mid_stream_loses_nothing(broker, daemon_factory, tmp
     done = paced_publisher(broker, gait_messages(n))
     col.wait_status(lambda s: s["stored"] >= 400)
     postgres.restart()  # the database goes away under the collector and comes back
+    at_restart = len(db_ids(db))
     assert done.wait(60)
     want = wait_synced(d, witness, n)
     have = wait_db(db, want)
     missing = want - have
     assert not missing, f"{len(missing)} synced records missing, e.g. {sorted(missing)[:5]}"
     assert have == want
+    assert at_restart < len(want) / 2  # mid-stream
     last = col.wait_status(lambda s: s["db"] == "up" and s["db_errors"] > 0)
     assert last["db_errors"] > 0  # it did see the outage
     assert col.terminate() == 0
