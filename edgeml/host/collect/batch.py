@@ -186,6 +186,14 @@ def make_row(device: str, stream: str, rec: dict, raw_json: str) -> RecordRow:
 
 def parse_delivery(topic: str, payload: bytes, prefix: str = "edgeml") -> Parsed:
     """Rows and rejects of one batch message (never raises)."""
+    try:
+        return _parse(topic, payload, prefix)
+    except Exception as exc:  # whatever it is, it must not stop the collector
+        return Parsed(None, None, None, (), (Reject(
+            f"unexpected error reading the message: {type(exc).__name__}: {exc}", payload),))
+
+
+def _parse(topic: str, payload: bytes, prefix: str) -> Parsed:
     where = split_topic(topic, prefix)
     if where is None:
         return Parsed(None, None, None, (), (Reject(
@@ -224,15 +232,16 @@ def parse_delivery(topic: str, payload: bytes, prefix: str = "edgeml") -> Parsed
         elif not rec["record_id"].startswith(own):
             reason = f"record {i}: record_id {rec['record_id']!r} is not of device {device!r}"
         if reason is None:
-            raw_json = to_json(rec)
-            if len(raw_json) > MAX_RECORD_BYTES:
-                reason = f"record {i} is {len(raw_json)} bytes as JSON (limit {MAX_RECORD_BYTES})"
-            else:
-                try:
+            try:
+                raw_json = to_json(rec)
+                if len(raw_json) > MAX_RECORD_BYTES:
+                    reason = (f"record {i} is {len(raw_json)} bytes as JSON "
+                              f"(limit {MAX_RECORD_BYTES})")
+                else:
                     rows.append(make_row(device, stream, rec, raw_json))
                     continue
-                except Exception as exc:  # a malformed field must not take the batch down
-                    reason = f"record {i}: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # a malformed field must not take the batch down
+                reason = f"record {i}: {type(exc).__name__}: {exc}"
         try:
             blob = msgpack.packb(rec, use_bin_type=True, default=_json_default)
         except Exception:

@@ -210,7 +210,7 @@ class Sink:
         except self._unavailable as exc:
             self._rollback()
             raise SinkUnavailableError(f"{self.name}: {exc}") from exc
-        except self._errors as exc:
+        except Exception as exc:  # a value the database refused (or a bug): isolate it
             self._rollback()
             if len(deliveries) == 1:
                 return self._quarantine_refused(deliveries[0], parsed[0], now, exc)
@@ -230,7 +230,7 @@ class Sink:
         except self._unavailable as exc:
             self._rollback()
             raise SinkUnavailableError(f"{self.name}: {exc}") from exc
-        except self._errors as exc:
+        except Exception as exc:
             self._rollback()
             return self._quarantine_refused(d, p, now, exc)
 
