@@ -11,8 +11,8 @@ Rows, per database (SQLite file; PostgreSQL when a private cluster can be starte
     of the contract's columns, commit per message: the consumer docs/sync.md shows;
   * 1 collector: ``edgeml collect`` (a subprocess, MQTT source on a private mosquitto); the
     batches are queued in the broker for its persistent session while it is stopped, then it
-    is started and timed from its last status (printed every 50 ms) before it stored a row
-    to the moment the database holds every record;
+    is started and timed from its "ready" line (its writer starts then) to the moment the
+    database holds every record;
   * 2 collectors: the same with ``--group bench`` (``$share/bench/...``): the broker splits
     the queued batches between the two sessions; both write into the same database.
 
@@ -130,43 +130,39 @@ def plain_loop(db: str, msgs: list[tuple[str, bytes]]) -> float:
 
 # ---- collectors ---------------------------------------------------------------------------
 class Running:
-    """A collector subprocess; its JSON status lines with the wall time they arrived."""
+    """A collector subprocess; ``ready_at``: when it said it was subscribed (its writer starts
+    then: nothing is stored before)."""
 
     def __init__(self, broker: MosquittoBroker, db: str, cid: str, group: str | None):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), os.environ.get("PYTHONPATH", "")])}
         args = [sys.executable, "-m", "edgeml", "collect", "--source", broker.url, "--db", db,
-                "--client-id", cid, "--status-interval", "0.05", "--json-status"]
+                "--client-id", cid, "--status-interval", "3600"]
         if group:
             args += ["--group", group]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, env=env)
-        self.statuses: list[tuple[float, int]] = []
+        self.ready_at: float | None = None
+
+    def wait_ready(self) -> Running:
         line = self.proc.stdout.readline()
+        self.ready_at = time.perf_counter()
         if "ready" not in line:
             self.proc.kill()
             raise RuntimeError(f"collector did not start: {line!r}")
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.statuses.append((time.perf_counter(), json.loads(line)["stored"]))
-
-    def began(self) -> float | None:
-        """The last moment it had stored nothing (its last zero status before rows)."""
-        last_zero = None
-        for t, stored in self.statuses:
-            if stored:
-                return last_zero if last_zero is not None else t - 0.05
-            last_zero = t
-        return None
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
+        return self
 
     def send_signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)
+
+
+def start(broker: MosquittoBroker, db: str, cids: list[str], group: str | None):
+    procs = [Running(broker, db, c, group) for c in cids]  # all start at once
+    return [p.wait_ready() for p in procs]
 
 
 def stop(procs) -> None:
@@ -190,16 +186,16 @@ def publish(broker: MosquittoBroker, msgs) -> None:
 
 def collectors_run(broker: MosquittoBroker, db: str, msgs, n_collectors: int,
                    run: int) -> float:
-    """records/s of ``n_collectors`` draining a backlog queued in the broker: from the last
-    status (every 50 ms) before any of them stored a row to the moment the database holds
-    every record (sampled every 10 ms)."""
+    """records/s of ``n_collectors`` draining a backlog queued in the broker: from the first
+    "ready" line (a collector's writer starts then) to the moment the database holds every
+    record (sampled every 10 ms)."""
     group = "bench" if n_collectors > 1 else None
     cids = [f"bench-collect-{n_collectors}-{run}-{i}" for i in range(n_collectors)]
-    stop([Running(broker, db, c, group) for c in cids])  # the sessions exist, offline
+    stop(start(broker, db, cids, group))  # the sessions exist, offline
     base = count_of(db)
     want = base + sum(len(msgpack.unpackb(p)["records"]) for _, p in msgs)
     publish(broker, msgs)  # queued for the offline sessions (split by the share group)
-    procs = [Running(broker, db, c, group) for c in cids]
+    procs = start(broker, db, cids, group)
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline:
@@ -209,9 +205,7 @@ def collectors_run(broker: MosquittoBroker, db: str, msgs, n_collectors: int,
             time.sleep(0.01)  # sampling the database, not synchronising
         else:
             raise RuntimeError(f"collectors stored {count_of(db) - base} of {want - base}")
-        time.sleep(0.2)  # let each print its status after its last row
-        began = min(b for b in (p.began() for p in procs) if b is not None)
-        return (want - base) / (end - began)
+        return (want - base) / (end - min(p.ready_at for p in procs))
     finally:
         stop(procs)
 
