@@ -191,7 +191,7 @@ def forget_sessions(broker: MosquittoBroker, cids: list[str]) -> None:
     for cid in cids:
         connected = threading.Event()
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True)
-        c.on_connect = lambda *a: connected.set()
+        c.on_connect = lambda *a, ev=connected: ev.set()
         c.connect(broker.host, broker.port)
         c.loop_start()
         connected.wait(10)
