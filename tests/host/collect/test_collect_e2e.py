@@ -198,3 +198,28 @@ def test_two_collectors_share_the_work(broker, tmp_path):
     final = [c.statuses[-1] for c in cols]
     assert sum(s["deliveries"] for s in final) == 300  # each batch went to one member
     assert all(s["deliveries"] > 0 for s in stats)
+
+
+def test_a_dead_group_member_keeps_its_share_until_it_returns(broker, tmp_path):
+    """mosquitto queues a killed member's share of a $share group for its session: the live
+    member does not get it; a replacement with the same client id does."""
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    live = CollectProcess("--source", broker.url, "--db", db, "--group", "g",
+                          "--client-id", "member-live")
+    dead = CollectProcess("--source", broker.url, "--db", db, "--group", "g",
+                          "--client-id", "member-dead")
+    dead.kill()
+    msgs = [("edgeml/d1/sync/outputs", msgpack.packb(
+        {"schema": 1, "device": "d1", "stream": "outputs", "sent": 1.0,
+         "records": [{"record_id": f"d1/p/{k}/m/1/outputs", "ts": 1.0}]})) for k in range(100)]
+    publish_all(broker, msgs)
+    want = {f"d1/p/{k}/m/1/outputs" for k in range(100)}
+    first = live.wait_status(lambda s: s["deliveries"] > 0 and s["queued"] == 0)
+    n = len(live.statuses)
+    later = live.wait_status(lambda s: live.statuses.index(s) >= n + 2)  # 0.4 s on
+    assert later["deliveries"] == first["deliveries"] < 100  # its share only, no more
+    assert len(db_ids(db)) == first["deliveries"]
+    back = CollectProcess("--source", broker.url, "--db", db, "--group", "g",
+                          "--client-id", "member-dead")
+    assert wait_db(db, want, timeout=30) == want
+    assert live.terminate() == 0 and back.terminate() == 0
