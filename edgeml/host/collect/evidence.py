@@ -243,8 +243,8 @@ def _evidence(db: FleetDB, sel: Selection) -> list[VersionEvidence]:
             a["latency"].append(float(lat))
 
     where, params = sel.where("drift")
-    for rid, p, record in db.query(f"SELECT id, pipeline, record FROM records WHERE {where}",
-                                   params):
+    for rid, p, record in db.query(
+            f"SELECT id, pipeline, record FROM records WHERE {where} ORDER BY ts, id", params):
         doc = _doc(record)
         if doc.get("kind") != "output" or not isinstance(doc.get("version"), str):
             continue

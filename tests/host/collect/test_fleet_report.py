@@ -59,6 +59,7 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
     col = CollectProcess("--source", broker.url, "--db", db, "--client-id", "report-test")
     out = collector("edgeml/+/out/activity")
     sync = collector("edgeml/+/sync/results")
+    drift = collector("edgeml/+/sync/drift")
     for dev in DEVICES:
         cfg = write_config(
             tmp_path / f"{dev}.toml", broker=broker, data_dir=tmp_path / dev,
@@ -66,7 +67,8 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
                     {"name": "activity", "version": "2", "role": "challenger",
                      "bundle": activity_bundle_v2}],
             device_id=dev, pipeline={"topics": [f"sensors/{dev}/imu"]},
-            extra='\n[metrics]\nlisten = ""\n[sync]\nbatch_max_wait_s = 0.05\n')
+            extra='\n[metrics]\nlisten = ""\n[drift]\noutput_window = 10\n'
+                  '[sync]\nbatch_max_wait_s = 0.05\n')
         daemon_factory(cfg)
     test = load_basicmotions("TEST")
     publish_all(broker, labelled_windows("watch-01", range(0, 20), test)
@@ -82,9 +84,15 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
         return recs
     sync.wait_for(lambda m: len(all_results(m)) >= 80, timeout=60)
     results = all_results(sync.messages)
-    want = set(results) | {f"{a['device']}/activity/{a['input_seq']}/{a['model']}/"
-                           f"{a['version']}/outputs" for a in answers}
-    assert len(want) == 120
+    # drift windows: 20 rows per version and device in windows of 10 -> 2 each, and one
+    # input window (2,000 samples) per device
+    def drift_records(msgs):
+        return {r["record_id"]: r for m in msgs for r in msgpack.unpackb(m.payload)["records"]}
+    drifts = drift_records(drift.wait_for(lambda m: len(drift_records(m)) >= 10, timeout=60))
+    want = set(results) | set(drifts) | {
+        f"{a['device']}/activity/{a['input_seq']}/{a['model']}/{a['version']}/outputs"
+        for a in answers}
+    assert len(want) == 130
     assert want <= wait_db(db, want)
 
     # ---- the figures, computed here from what the devices published ----------------------
@@ -108,6 +116,20 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
             "latency_p99_ms": np.percentile(lat, 99) if lat else None,
             "error_rate": 0.0, "fallback_rate": 0.0 if ans else None, "devices": 2,
         }
+        windows = sorted((d for d in drifts.values()
+                          if d["kind"] == "output" and d["version"] == f"activity:{v}"),
+                         key=lambda d: d["ts"])
+        expect[v]["drift"] = {
+            "windows": 4, **{f"{f}_{agg}": fn([d[f] for d in windows])
+                             for f in ("label_psi", "score_psi", "score_ks")
+                             for agg, fn in (("mean", np.mean), ("max", max),
+                                             ("last", lambda x: x[-1]))}}
+        assert len(windows) == 4
+    inputs = [d for d in drifts.values() if d["kind"] == "input"]
+    worst = [max(d["psi"].values()) for d in inputs]
+    expect_input = {"windows": 2, "devices": 2, "worst_psi_mean": np.mean(worst),
+                    "worst_psi_max": max(worst),
+                    "out_of_range_max": max(max(d["out_of_range"].values()) for d in inputs)}
     assert expect["1"]["rows"] == expect["2"]["rows"] == 40
     assert expect["1"]["answer_share"] == 1.0  # the champion answers
     assert all(r["true_label"] in set(test.y) for r in results.values())  # labels carried
@@ -118,6 +140,7 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
     for v, e in expect.items():
         for k, want_v in e.items():
             assert got[v][k] == (pytest.approx(want_v) if want_v is not None else None), (v, k)
+    assert report["input_drift"] == {"activity": pytest.approx(expect_input)}
     assert got["1"]["roles"] == ["champion"] and got["2"]["roles"] == ["challenger"]
 
     # one device, and a time range with nothing in it
@@ -164,3 +187,18 @@ def test_evidence_api_selects_rows_after_a_mark(tmp_path):
     assert version_evidence(db, devices=["nobody"]) == []
     assert {e.version for e in version_evidence(db, since=15.0)} == {"1", "2"}
     assert version_evidence(db, since=15.0)[0].rows == 5
+
+
+def test_report_times():
+    from edgeml.errors import ConfigError
+    from edgeml.host.commands.fleet import parse_time
+
+    now = 1_800_000_000.0
+    assert parse_time("30m", now=now) == now - 1800
+    assert parse_time("7d", now=now) == now - 7 * 86400
+    assert parse_time("1764460800", now=now) == 1764460800.0
+    assert parse_time("2025-11-30T00:00", now=now) == 1764460800.0  # UTC when no offset
+    assert parse_time("2025-11-30T01:00+01:00", now=now) == 1764460800.0
+    assert parse_time(None) is None
+    with pytest.raises(ConfigError, match="not a time"):
+        parse_time("yesterday")
