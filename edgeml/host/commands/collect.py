@@ -116,13 +116,43 @@ def make_sources(args: argparse.Namespace) -> list:
     return sources
 
 
+def open_sink(args: argparse.Namespace):
+    """The database, waiting (with backoff, printing why) while it cannot be reached: a
+    service started before its database comes up. None if stopped meanwhile."""
+    import logging
+    import signal
+    import threading
+
+    from edgeml.errors import SinkUnavailableError
+    from edgeml.host.collect.sink import Sink
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    delay = 0.5
+    try:
+        while True:
+            try:
+                return Sink(args.db, prefix=args.topic_prefix,
+                            retention_days=args.retention_days)
+            except SinkUnavailableError as exc:
+                why = " ".join(str(exc).split())
+                print(f"collect: waiting for the database: {why}", flush=True)
+                logging.getLogger("edgeml.host.collect").info("database unavailable: %s", why)
+            if stop.wait(delay):
+                return None
+            delay = min(delay * 2, 10.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
     from edgeml.errors import ConfigError
     from edgeml.host.collect.service import Collector
-    from edgeml.host.collect.sink import Sink
 
     if args.batch_max < 1:
         raise ConfigError(f"must be at least 1, not {args.batch_max}", key="--batch-max")
@@ -133,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"must be positive, not {args.status_interval}",
                           key="--status-interval")
     sources = make_sources(args)
-    sink = Sink(args.db, prefix=args.topic_prefix, retention_days=args.retention_days)
+    sink = open_sink(args)
+    if sink is None:
+        return 0  # stopped while waiting for the database
 
     def on_status(snap: dict) -> None:
         line = json.dumps(snap, sort_keys=True) if args.json_status else status_line(snap)
