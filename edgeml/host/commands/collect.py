@@ -55,6 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file holding the broker password (kept out of the process list)")
     p.add_argument("--ca-file", metavar="FILE",
                    help="CA certificate that signed the broker's TLS certificate (mqtts://)")
+    p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1",
+                   help="MQTT protocol version of the MQTT sources (default: %(default)s)")
+    p.add_argument("--receive-maximum", type=int, default=100, metavar="N",
+                   help="MQTT 5 only: at most N unacknowledged batches in flight from the "
+                        "broker, which bounds the collector's memory (default: %(default)s; "
+                        "with 3.1.1 the broker's own limit applies, mosquitto's "
+                        "max_inflight_messages)")
     p.add_argument("--retention-days", type=float, metavar="DAYS",
                    help="delete records, alerts, deploy events and quarantine entries older "
                         "than this (checked hourly; default: keep everything)")
@@ -100,9 +107,12 @@ def make_sources(args: argparse.Namespace) -> list:
             cid = args.client_id or default_client_id(args.group)
             if len(args.source) > 1 and i:
                 cid = f"{cid}-{i}"
+            v5 = args.mqtt_version == "5"
             sources.append(MqttSource(url, prefix=args.topic_prefix, group=args.group,
                                       client_id=cid, username=args.username,
-                                      password=password, ca_file=args.ca_file))
+                                      password=password, ca_file=args.ca_file,
+                                      protocol=args.mqtt_version,
+                                      receive_maximum=args.receive_maximum if v5 else None))
         elif scheme == "nats":
             try:
                 from edgeml.host.collect.nats_source import NatsSource
