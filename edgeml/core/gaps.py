@@ -5,8 +5,9 @@ only evidence on the device that the broker, a bridge or the network lost input:
 device cannot count what it never received. :class:`SequenceGaps` follows the numbers per
 source topic and counts, without ever holding more than a fixed amount of memory:
 
-- **numbered**: messages whose id is a non-negative integer (``17``, ``17.0`` or ``"17"``).
-  Other ids (``"s0-17"``, none) are counted as ``unnumbered`` and left alone.
+- **numbered**: messages whose id is a non-negative integer (``17``, ``17.0`` or ``"17"``;
+  per sample in a batch, or once for a batch numbered as a whole). Other ids (``"s0-17"``,
+  none) are counted as ``unnumbered`` and left alone.
 - **gaps / missing**: a number above the next expected one opens a gap; the numbers skipped
   are *skipped*, and *missing* until they arrive. ``gaps`` counts such jumps, whatever their
   size; ``skipped = late + lost + open`` only ever grows.
@@ -99,9 +100,20 @@ class SequenceGaps:
 
     # ---- input -----------------------------------------------------------------------------
     def observe(self, source: str, ids: Iterable[Any]) -> None:
-        """The ids of one message (one per sample; a batch's samples in order)."""
+        """The ids of one message (one per sample; a batch's samples in order). A batch
+        numbered as a whole (``{"id": 7, "samples": [...]}``: sample ids ``"7:0"``,
+        ``"7:1"``, ...) counts once, as message 7."""
+        whole = None
         for v in ids:
             n = sequence_number(v)
+            if n is None and type(v) is str:
+                base, sep, sub = v.rpartition(":")
+                if sep and sub.isdigit():
+                    n = sequence_number(base)
+                    if n is not None:
+                        if n == whole:
+                            continue  # another sample of the same numbered batch
+                        whole = n
             if n is None:
                 self.unnumbered += 1
             else:

@@ -96,6 +96,16 @@ def test_batch_ids_in_order_and_unnumbered_ids():
     assert g.numbered == 5 and g.unnumbered == 2 and g.gaps == 1 and g.missing == 1
 
 
+def test_a_batch_numbered_as_a_whole_counts_once():
+    g = SequenceGaps()
+    g.observe("t", ("7:0", "7:1", "7:2"))  # {"id": 7, "samples": [3 samples]}
+    g.observe("t", ("8:0", "8:1"))
+    g.observe("t", ("10:0",))             # batch 9 never came
+    assert g.numbered == 3 and g.gaps == 1 and g.missing == 1 and g.duplicates == 0
+    g.observe("t", ("s:0", "x7:1"))       # not numbers
+    assert g.unnumbered == 2
+
+
 def test_holes_per_source_are_bounded():
     g = SequenceGaps(max_holes=4)
     feed(g, range(0, 40, 2))  # 19 holes of one number each
