@@ -4,6 +4,7 @@ reference profile from TRAIN), and the pure figures on Daphnet."""
 from __future__ import annotations
 
 import json
+import time
 
 import msgpack
 import numpy as np
@@ -12,6 +13,7 @@ from test_device_stages import DEVICE, Rig, _until, sync
 
 from edgeml.config import DriftConfig
 from edgeml.core.drift import DriftMonitor, make_reference
+from edgeml.host.commands.status import render, summarize
 from edgeml.host.datasets import (
     BASICMOTIONS_CHANNELS,
     DAPHNET_CHANNELS,
@@ -69,6 +71,17 @@ async def test_scaled_channel_raises_input_drift_then_clears(tmp_path, activity_
         assert raised[0]["window"] <= 6  # within two windows of the change
         assert raised[0]["channel"] == "ax" and raised[0]["psi"]["ax"] > 0.25
         assert raised[0]["reference"] == "activity:1"
+        # edgeml status shows the drift and the raised alert from the retained status
+        rig.device.publish_status_soon()
+        await _until(lambda: rig.status()["pipelines"]["activity"]["drift"]["windows"] == 8,
+                     "a status with the scaled windows")
+        row = summarize(DEVICE, rig.status(), time.time(), 60.0)
+        drift = row["pipelines"]["activity"]["drift"]
+        assert drift["level"] == "significant" and drift["channel"] == "ax"
+        assert drift["max_psi"] > 0.25 and drift["alerts"] == ["input_drift", "out_of_range"]
+        table = render([row])
+        assert "DRIFT" in table.splitlines()[0]
+        assert f"significant ax {drift['max_psi']:.2f} ALERT input_drift,out_of_range" in table
         rig.send(normal * 2)
         await _until(lambda: mon.windows == 12, "4 normal windows again", timeout=60)
         kinds = [(a["kind"], a["state"]) for a in alerts(rig)]
@@ -80,6 +93,9 @@ async def test_scaled_channel_raises_input_drift_then_clears(tmp_path, activity_
         assert drift["windows"] == 12 and drift["reference"] == "activity:1"
         assert drift["level"] == "stable" and drift["alerts"] == []
         assert set(drift["psi"]) == set(BASICMOTIONS_CHANNELS)
+        row = summarize(DEVICE, rig.status(), time.time(), 60.0)
+        assert row["pipelines"]["activity"]["drift"]["alerts"] == []
+        assert "stable " in render([row]) and "ALERT" not in render([row])
 
 
 @sync
