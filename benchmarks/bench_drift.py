@@ -123,7 +123,8 @@ def daphnet_split() -> list[dict]:
                "whole_max_psi": round(fig["max_input_psi"], 3),
                "whole_mean_psi": round(float(np.mean([v["psi"] for v in
                                                       fig["inputs"].values()])), 3),
-               "output_score_psi": fig["outputs"].get("score_psi")}
+               "output_score_psi": (round(fig["outputs"]["score_psi"], 3)
+                                    if "score_psi" in fig["outputs"] else None)}
         out.append(row)
         return ref
 
