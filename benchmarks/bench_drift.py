@@ -246,7 +246,7 @@ def paced(rate: float, seconds: float, repeats: int = 1) -> list[dict]:
     return results
 
 
-def inproc(n: int, repeats: int) -> list[dict]:
+def inproc(n: int, repeats: int, profile: bool = False) -> list[dict]:
     """The device on the in-memory broker in this process (no broker, no other process):
     process CPU per message for ``n`` Daphnet JSON samples on 4 topics, drift on vs off,
     alternating. Includes this loop's own publishing."""
@@ -265,7 +265,7 @@ def inproc(n: int, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         bundle = build_gait_anomaly_bundle(Path(d))
 
-        async def run(on: bool, k: int) -> float:
+        async def run(on: bool, k: int, prof=None) -> float:
             fb = FakeBroker()
             cfg = parse_config({
                 "device_id": "x", "data_dir": str(Path(d) / f"data{k}"),
@@ -283,18 +283,24 @@ def inproc(n: int, repeats: int) -> list[dict]:
                 await dev.ready.wait()
                 st = dev.pipelines["gait"].stats
                 c0 = time.process_time()
+                if prof is not None:
+                    prof.enable()
                 for i in range(n):
                     sensor.publish_nowait(f"s/p{i % 4}/g", payloads[i % len(payloads)], qos=0)
                     if i % 4 == 3:
                         await asyncio.sleep(0.001)
                 while st.scored < n:
                     await asyncio.sleep(0.01)
+                if prof is not None:
+                    prof.disable()
                 cpu = time.process_time() - c0
                 dev.request_stop()
                 await task
             await sensor.close()
             return cpu / n * 1e6
 
+        if profile:
+            return [_profiled(lambda prof: asyncio.run(run(True, 0, prof)), n)]
         k = 0
         for _ in range(repeats):
             for on in (False, True):
@@ -302,6 +308,36 @@ def inproc(n: int, repeats: int) -> list[dict]:
                 out.append({"variant": "drift on" if on else "drift off", "messages": n,
                             "cpu_us_per_msg": round(asyncio.run(run(on, k)), 1)})
     return out
+
+
+#: the drift watch's entry points on the device (DriftMonitor) and the /metrics latency
+#: histogram's per-value update (LatencyRing.add, also on when [metrics] is off)
+_HOOKS = {("drift.py", "on_batch"): "drift inputs", ("drift.py", "on_outcomes"): "drift outputs",
+          ("drift.py", "tick"): "drift rate ticks", ("stats.py", "add"): "latency histogram"}
+
+
+def _profiled(run, n: int) -> dict:
+    """One in-process run, drift on, under cProfile: the share of the profiled time spent
+    inside the drift watch's entry points (their callees included) and the latency
+    histogram. cProfile slows every Python call, so the shares are approximate, but they
+    come from one run: no run-to-run noise in the on/off difference."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    run(prof)
+    st = pstats.Stats(prof)
+    total = st.total_tt
+    parts: dict[str, float] = {}
+    for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
+        label = _HOOKS.get((Path(file).name, func))
+        if label and ("edgeml" in file):
+            parts[label] = parts.get(label, 0.0) + ct
+    return {"variant": "drift on, profiled", "messages": n,
+            "profiled_s": round(total, 3),
+            "shares": {k: round(v / total, 4) for k, v in sorted(parts.items())},
+            "us_per_msg_profiled": {k: round(v / n * 1e6, 2) for k, v in sorted(parts.items())},
+            "total_us_per_msg_profiled": round(total / n * 1e6, 1)}
 
 
 def _cpu_s(pid: int) -> float:
@@ -418,8 +454,22 @@ def on_off_summary(runs: list[dict]) -> dict:
         return {"n": len(vals), "median": round(float(np.median(vals)), 1),
                 "min": round(min(vals), 1), "max": round(max(vals), 1)} if vals else {"n": 0}
 
-    return {"off": stats(off), "on": stats(on), "paired_diff": stats(diffs),
-            "paired_diffs": diffs}
+    out = {"off": stats(off), "on": stats(on), "paired_diff": stats(diffs),
+           "paired_diffs": diffs}
+    batch = [r.get("mean_batch") for r in runs]
+    if len(runs) >= 4 and all(batch) and len(set(batch)) > 1:
+        # CPU per message falls as batches grow (the per-wake-up cost is shared), and a run
+        # with the watch on batches a little more: fit cpu = a + d * on + c / rows_per_batch
+        # over all runs; d is the on/off difference at equal batching
+        y = np.asarray([v for _, v in seq])
+        a = np.c_[np.ones(len(y)), [1.0 if o else 0.0 for o, _ in seq], 1.0 / np.asarray(batch)]
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        resid = y - a @ coef
+        cov = (resid @ resid) / (len(y) - 3) * np.linalg.inv(a.T @ a)
+        out["batch_adjusted_diff"] = {"us_per_msg": round(float(coef[1]), 1),
+                                      "stderr": round(float(np.sqrt(cov[1, 1])), 1),
+                                      "per_batch_us": round(float(coef[2]), 1)}
+    return out
 
 
 def _print_summary(s: dict) -> None:
@@ -430,6 +480,10 @@ def _print_summary(s: dict) -> None:
     d = s["paired_diff"]
     print(f"  on - off (paired): median {d['median']:+.1f} us/msg, range {d['min']:+.1f}.."
           f"{d['max']:+.1f} over {d['n']} pairs")
+    adj = s.get("batch_adjusted_diff")
+    if adj:
+        print(f"  on - off at equal rows per batch (least squares): {adj['us_per_msg']:+.1f} "
+              f"+- {adj['stderr']:.1f} us/msg (standard error)")
 
 
 def main() -> None:
@@ -443,6 +497,9 @@ def main() -> None:
                     help="also the Daphnet time-split drift figures (no timing)")
     ap.add_argument("--inproc", action="store_true",
                     help="also the device on the in-memory broker, drift on vs off")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one in-process run under cProfile: the share of the device's "
+                         "time in the drift watch and the latency histogram")
     args = ap.parse_args()
     rows, lat = micro(args.seconds)
     print(f"{'case':34} {'batch':>5} {'inputs us/row':>14} {'outputs us/row':>15}")
@@ -474,6 +531,13 @@ def main() -> None:
         doc["inproc"] = runs
         doc["inproc_summary"] = on_off_summary(runs)
         _print_summary(doc["inproc_summary"])
+    if args.profile:
+        prof = inproc(20_000, 1, profile=True)[0]
+        print(f"\nin-process device under cProfile, drift on, {prof['messages']} messages: "
+              f"{prof['total_us_per_msg_profiled']} us/msg profiled")
+        for k, v in prof["shares"].items():
+            print(f"  {k:20} {v * 100:6.2f} %  {prof['us_per_msg_profiled'][k]:7.2f} us/msg")
+        doc["profile"] = prof
     if args.paced:
         runs = paced(args.rate, args.paced_seconds, args.repeats)
         print(f"\n{'paced daemon':28} {'msgs':>6} {'CPU s':>7} {'us/msg':>8} {'CPU share':>9} "
@@ -484,14 +548,24 @@ def main() -> None:
                   f"{r['mean_batch'] if r['mean_batch'] is not None else '-':>10}")
         doc["paced"] = runs
         doc["paced_summary"] = on_off_summary(runs)
+        try:  # earlier paced summaries: the run-to-run picture across sessions
+            prev = json.loads(RESULTS.read_text())
+            doc["paced_history"] = [*prev.get("paced_history", []),
+                                    *([{"ts": prev.get("section_ts", {}).get("paced",
+                                                                             prev.get("ts")),
+                                        **prev["paced_summary"]}]
+                                      if "paced_summary" in prev else [])]
+        except (OSError, ValueError):
+            pass
         _print_summary(doc["paced_summary"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     try:  # sections not run this time stay as they were, with the time they were measured
         old = json.loads(RESULTS.read_text())
     except (OSError, ValueError):
         old = {}
-    ts = {**old.get("section_ts", {}), **dict.fromkeys(
-        [k for k in doc if k in ("micro", "daphnet_split", "inproc", "paced")], doc["ts"])}
+    sections = ("micro", "daphnet_split", "inproc", "paced", "profile")
+    ts = {**old.get("section_ts", {}),
+          **dict.fromkeys([k for k in doc if k in sections], doc["ts"])}
     doc = {**{k: v for k, v in old.items() if k not in doc}, **doc, "section_ts": ts}
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
