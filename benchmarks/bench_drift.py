@@ -15,6 +15,10 @@ with both off; the daemon's CPU seconds per message from /proc.
 In-process (``--inproc``): the device on the in-memory broker in this process, 20,000 Daphnet
 samples, drift on vs off, alternating; process CPU per message (no broker or other process).
 
+Profiled (``--profile``): one in-process run, drift on, under cProfile; the share of the
+device's time inside the drift watch's entry points and the latency ring (one run: no
+run-to-run noise in the shares).
+
 Daphnet (``--daphnet``): drift figures, no timing. Time splits of the recording (the
 reference from a first half, the second half streamed): the whole recording, the walking part
 from several start points, shifted copies, a random split; per-window max PSI, alerts at the
@@ -22,7 +26,7 @@ defaults, the whole stream at once, the model's score PSI.
 
 Prints a table and writes benchmarks/results/drift.json.
 
-    python benchmarks/bench_drift.py [--seconds 1] [--daphnet] [--inproc] [--paced]
+    python benchmarks/bench_drift.py [--seconds 1] [--daphnet] [--profile] [--inproc] [--paced]
         [--rate 1000] [--paced-seconds 10] [--repeats N]
 """
 
@@ -321,7 +325,7 @@ def inproc(n: int, repeats: int, profile: bool = False) -> list[dict]:
 #: the drift watch's entry points on the device (DriftMonitor) and the /metrics latency
 #: histogram's per-value update (LatencyRing.add, also on when [metrics] is off)
 _HOOKS = {("drift.py", "on_batch"): "drift inputs", ("drift.py", "on_outcomes"): "drift outputs",
-          ("drift.py", "tick"): "drift rate ticks", ("stats.py", "add"): "latency histogram"}
+          ("drift.py", "tick"): "drift rate ticks", ("stats.py", "add"): "latency ring + histogram"}
 
 
 def _profiled(run, n: int) -> dict:
