@@ -14,7 +14,7 @@ def test_a_device_without_a_drift_watch_shows_a_dash():
     row = summarize("old", _doc(activity={"versions": []}), 100.0, 60.0)
     assert row["pipelines"]["activity"]["drift"] is None
     line = render([row]).splitlines()[1]
-    assert line.split()[6] == "-"  # DRIFT, before MODELS
+    assert line.split()[7] == "-"  # DRIFT, before MODELS ("LAST SEEN" is 2 words)
 
 
 def test_levels_worst_channel_output_psi_and_alerts():
@@ -38,3 +38,11 @@ def test_before_the_first_window_and_without_a_reference():
     row = summarize("d", _doc(a={"drift": waiting}, b={"drift": bare}), 100.0, 60.0)
     text = render([row])
     assert "a: no window yet; b: no reference ALERT sensor_stuck:s/a|gx" in text
+
+
+def test_a_drift_watch_turned_off_shows_off():
+    off = {"enabled": False, "reference": "gait:1", "windows": 0, "level": None, "psi": {},
+           "alerts": []}
+    row = summarize("d", _doc(gait={"drift": off}), 100.0, 60.0)
+    assert row["pipelines"]["gait"]["drift"]["enabled"] is False
+    assert render([row]).splitlines()[1].split()[7] == "off"

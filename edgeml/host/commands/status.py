@@ -71,8 +71,9 @@ def summarize(device: str, doc: dict, now: float, stale_after: float) -> dict:
 
 def drift_summary(d: object) -> dict | None:
     """A pipeline's drift in the status: the last input window's level and largest channel
-    PSI, the largest output PSI per version and the alerts raised now. None when the device
-    reports no drift watch (turned off, or an edgeml without one)."""
+    PSI, the largest output PSI per version and the alerts raised now; ``enabled`` false
+    when ``[drift]`` is off. None when the device reports no drift section (an edgeml
+    without one)."""
     if not isinstance(d, dict):
         return None
     psi = {k: v for k, v in (d.get("psi") or {}).items() if isinstance(v, (int, float))}
@@ -84,7 +85,8 @@ def drift_summary(d: object) -> dict | None:
         if vals:
             outputs[key] = max(vals)
     alerts = [str(a) for a in d.get("alerts") or []]
-    return {"level": d.get("level"), "max_psi": psi.get(channel) if channel else None,
+    return {"enabled": d.get("enabled", True), "level": d.get("level"),
+            "max_psi": psi.get(channel) if channel else None,
             "channel": channel, "output_psi": outputs, "alerts": alerts,
             "windows": d.get("windows"), "reference": d.get("reference")}
 
@@ -95,7 +97,9 @@ def _drift(row: dict) -> str:
         d = p.get("drift")
         if d is None:
             continue
-        if d["max_psi"] is not None:
+        if not d["enabled"]:
+            text = "off"
+        elif d["max_psi"] is not None:
             text = f"{d['level']} {d['channel']} {d['max_psi']:.2f}"
         else:
             text = "no reference" if d["reference"] is None else "no window yet"
