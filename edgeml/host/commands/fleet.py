@@ -123,8 +123,9 @@ def render_table(report: dict) -> str:
     if not rows:
         return "no records in the selection"
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
     for p, d in report["input_drift"].items():
         lines.append(f"input drift {p}: {d['windows']} windows from {d['devices']} device(s), "
                      f"worst-channel PSI mean {_num(d['worst_psi_mean'], '.3f')} "
@@ -146,25 +147,29 @@ def write_charts(report: dict, out_dir: Path) -> list[Path]:
     vs = report["versions"]
     written = []
     names = [f"{v['pipeline']}\n{v['model']}:{v['version']}" for v in vs]
-    panels: list[tuple[str, list[Any], str]] = [
-        ("answer share", [v["answer_share"] for v in vs], "share"),
-        ("agreement with champion", [v["agreement"] for v in vs], "share"),
-        ("accuracy", [v["accuracy"] for v in vs], "share"),
-        ("macro-F1", [v["macro_f1"] for v in vs], "share"),
-        ("answer latency p50 / p99 (ms)", [(v["latency_p50_ms"], v["latency_p99_ms"])
-                                           for v in vs], "pair"),
-        ("error / fallback rate", [(v["error_rate"], v["fallback_rate"]) for v in vs], "pair"),
+    panels: list[tuple[str, list[Any], tuple[str, ...]]] = [
+        ("answer share", [v["answer_share"] for v in vs], ()),
+        ("agreement with champion", [v["agreement"] for v in vs], ()),
+        ("accuracy", [v["accuracy"] for v in vs], ()),
+        ("macro-F1", [v["macro_f1"] for v in vs], ()),
+        ("answer latency (ms)", [(v["latency_p50_ms"], v["latency_p99_ms"]) for v in vs],
+         ("p50", "p99")),
+        ("error and fallback rates", [(v["error_rate"], v["fallback_rate"]) for v in vs],
+         ("errors", "fallbacks")),
     ]
     fig = Figure(figsize=(12, 7), layout="constrained")
     FigureCanvasAgg(fig)
-    for i, (title, values, kind) in enumerate(panels):
+    for i, (title, values, pair) in enumerate(panels):
         ax = fig.add_subplot(2, 3, i + 1)
         xs = range(len(vs))
-        if kind == "pair":
+        if pair:
             a = [x[0] or 0.0 for x in values]
             b = [x[1] or 0.0 for x in values]
-            ax.bar([x - 0.2 for x in xs], a, width=0.4)
-            ax.bar([x + 0.2 for x in xs], b, width=0.4)
+            ax.bar([x - 0.2 for x in xs], a, width=0.4, label=pair[0])
+            ax.bar([x + 0.2 for x in xs], b, width=0.4, label=pair[1])
+            ax.legend(fontsize=8)
+            if "rates" in title:
+                ax.set_ylim(0, max(1e-3, *a, *b) * 1.1)
         else:
             ax.bar(list(xs), [x or 0.0 for x in values])
             ax.set_ylim(0, 1.05)
