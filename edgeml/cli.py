@@ -32,6 +32,7 @@ VERBS: tuple[tuple[str, str], ...] = (
     ("rollback", "edgeml.host.commands.rollback"),
     ("retire", "edgeml.host.commands.retire"),
     ("status", "edgeml.host.commands.status"),
+    ("rollout", "edgeml.host.commands.rollout"),
     ("log", "edgeml.commands.log"),
     ("replay", "edgeml.host.commands.replay"),
     ("bench", "edgeml.host.commands.bench"),

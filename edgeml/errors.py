@@ -240,3 +240,10 @@ class BenchError(EdgemlError):
     """A benchmark cannot run or its target failed."""
 
     kind = "bench"
+
+
+class RolloutError(EdgemlError):
+    """A staged rollout cannot start or go on: bad waves, hold or thresholds, a database it
+    cannot use, or no device to roll out to."""
+
+    kind = "rollout"

@@ -1,0 +1,230 @@
+"""The pure parts of a staged rollout: waves, holds, thresholds, judgement, evidence from
+records, and the state tables (SQLite file: the state must survive a new connection)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeml.errors import RolloutError
+from edgeml.host.rollout.db import Database
+from edgeml.host.rollout.evidence import evidence, figures_from_records
+from edgeml.host.rollout.plan import (
+    Evidence,
+    Figures,
+    Hold,
+    Thresholds,
+    WaveSpec,
+    judge,
+    next_wave,
+    parse_hold,
+    parse_share,
+    parse_waves,
+    percentile,
+    wave_order,
+)
+from edgeml.host.rollout.runner import would_replace
+from edgeml.host.rollout.store import DeviceState, RolloutStore, Wave
+
+
+# ---- waves ----------------------------------------------------------------------------------
+def test_parse_waves_counts_and_shares_and_a_final_100_percent():
+    assert parse_waves("1,10%,50%,100%") == (WaveSpec(count=1), WaveSpec(percent=10.0),
+                                             WaveSpec(percent=50.0), WaveSpec(percent=100.0))
+    assert parse_waves("2, 25%") == (WaveSpec(count=2), WaveSpec(percent=25.0),
+                                     WaveSpec(percent=100.0))
+    for bad in ("", "0", "0%", "150%", "ten", "5x"):
+        with pytest.raises(RolloutError, match="--waves"):
+            parse_waves(bad)
+
+
+def test_wave_targets_are_cumulative_and_capped():
+    assert WaveSpec(count=1).target(3) == 1
+    assert WaveSpec(count=5).target(3) == 3
+    assert WaveSpec(percent=10.0).target(3) == 1    # ceil: never zero devices
+    assert WaveSpec(percent=50.0).target(3) == 2
+    assert WaveSpec(percent=100.0).target(3) == 3
+    assert WaveSpec(percent=10.0).target(100) == 10
+
+
+def test_next_wave_adds_up_to_the_target_from_the_stable_order():
+    online = ["d1", "d2", "d3", "d4"]
+    order = wave_order("r1", online)
+    assert sorted(order) == online and wave_order("r1", reversed(online)) == order
+    assert wave_order("r2", online) != order or wave_order("r3", online) != order
+    first = next_wave("r1", WaveSpec(count=1), online, [])
+    assert first == order[:1]
+    assert next_wave("r1", WaveSpec(percent=10.0), online, first) == []  # 10% of 4 is 1
+    half = next_wave("r1", WaveSpec(percent=50.0), online, first)
+    assert half == order[1:2]
+    rest = next_wave("r1", WaveSpec(percent=100.0), online, first + half)
+    assert rest == order[2:]
+    # a device of an earlier wave that went offline still counts as taken
+    assert next_wave("r1", WaveSpec(percent=100.0), order[1:], order[:1]) == order[1:]
+
+
+# ---- hold and shares ------------------------------------------------------------------------
+def test_parse_hold():
+    assert parse_hold("500rows") == Hold(rows=500)
+    assert parse_hold("1 row") == Hold(rows=1)
+    assert parse_hold("60s") == Hold(seconds=60.0)
+    assert parse_hold("5m") == Hold(seconds=300.0)
+    assert parse_hold("1h") == Hold(seconds=3600.0)
+    for bad in ("0rows", "0s", "soon", "5 days"):
+        with pytest.raises(RolloutError, match="--hold"):
+            parse_hold(bad)
+
+
+def test_parse_share():
+    assert parse_share("5%", "--x") == pytest.approx(0.05)
+    assert parse_share("0.2", "--x") == pytest.approx(0.2)
+    for bad in ("2", "-1%", "lots"):
+        with pytest.raises(RolloutError, match="--x"):
+            parse_share(bad, "--x")
+
+
+def test_percentile_is_a_seen_value():
+    assert percentile([], 99) is None
+    assert percentile([5.0], 99) == 5.0
+    vals = [float(i) for i in range(1, 101)]
+    assert percentile(vals, 99) == 99.0 and percentile(vals, 50) == 50.0
+
+
+# ---- judgement ------------------------------------------------------------------------------
+def _ev(**per: Figures) -> Evidence:
+    total = Figures(rows=sum(f.rows for f in per.values()),
+                    errors=sum(f.errors for f in per.values()),
+                    compared=sum(f.compared for f in per.values()),
+                    disagreed=sum(f.disagreed for f in per.values()),
+                    p99_ms=max((f.p99_ms for f in per.values() if f.p99_ms is not None),
+                               default=None),
+                    latency_rows=sum(f.latency_rows for f in per.values()))
+    return Evidence(total, per)
+
+
+def test_judge_passes_when_every_threshold_holds():
+    ev = _ev(a=Figures(rows=100, errors=0, compared=100, disagreed=5, p99_ms=2.0,
+                       latency_rows=100))
+    v = judge(ev, Thresholds(max_disagreement=0.1, max_error_rate=0.01, max_p99_ms=5.0), ["a"])
+    assert v.passed and v.breaches == () and v.reason == "all held"
+
+
+def test_judge_names_the_figure_and_the_devices_over_the_limit():
+    ev = _ev(good=Figures(rows=100, compared=100, disagreed=2),
+             bad=Figures(rows=100, compared=100, disagreed=80))
+    v = judge(ev, Thresholds(max_disagreement=0.2), ["bad"])
+    assert not v.passed
+    (b,) = v.breaches
+    assert b.figure == "disagreement" and b.devices == ("bad",)
+    assert b.value == pytest.approx(82 / 200)
+    assert "41.0%" in v.reason and "82 of 200" in v.reason and "bad" in v.reason
+
+
+def test_judge_errors_latency_and_missing_evidence_fail_closed():
+    ev = _ev(a=Figures(rows=10, errors=3, compared=0, p99_ms=None))
+    v = judge(ev, Thresholds(max_disagreement=0.5, max_error_rate=0.1, max_p99_ms=10.0), ["a"])
+    assert {b.figure for b in v.breaches} == {"error_rate", "disagreement", "p99_ms"}
+    # a device of the wave with no rows at all is a breach of its own
+    v = judge(_ev(a=Figures(rows=10)), Thresholds(), ["a", "b"])
+    assert not v.passed and v.breaches[0].figure == "rows" and v.breaches[0].devices == ("b",)
+    # unset thresholds are not judged
+    assert judge(_ev(a=Figures(rows=1, errors=1)), Thresholds(), ["a"]).passed
+
+
+# ---- evidence from records ------------------------------------------------------------------
+def _res(dev, seq, model, version, role, label, ts, **extra):
+    return dev, {"pipeline": "p", "model": model, "version": version, "role": role,
+                 "input_seq": seq, "ts": ts, "output": {"label": label}, **extra}
+
+
+def test_figures_pair_the_new_version_with_the_champion_on_the_same_input():
+    recs = [
+        _res("a", 1, "m", "1", "champion", "x", 10.0),
+        _res("a", 1, "m", "2", "canary", "x", 10.0, latency_ms=1.0),
+        _res("a", 2, "m", "1", "champion", "x", 11.0),
+        _res("a", 2, "m", "2", "canary", "y", 11.0, latency_ms=3.0),
+        _res("a", 2, "m", "2", "canary", "y", 11.0, latency_ms=3.0),  # a duplicate delivery
+        _res("a", 3, "m", "2", "canary", None, 12.0, error="boom"),
+        _res("a", 0, "m", "2", "canary", "y", 5.0),       # before it was active: not counted
+        _res("b", 1, "m", "2", "canary", "x", 10.0),      # b's seq 1 is not a's seq 1
+        _res("c", 1, "m", "2", "canary", "x", 10.0),      # c is not in the rollout
+    ]
+    ev = figures_from_records(recs, model="m", version="2", since={"a": 9.0, "b": 9.0})
+    a = ev.per_device["a"]
+    assert (a.rows, a.errors, a.compared, a.disagreed) == (3, 1, 2, 1)
+    assert a.p99_ms == 3.0 and a.latency_rows == 2
+    assert (a.first_ts, a.last_ts) == (10.0, 12.0)
+    b = ev.per_device["b"]
+    assert (b.rows, b.compared) == (1, 0)
+    assert ev.total.rows == 4 and ev.total.disagreement == 0.5
+    assert set(ev.per_device) == {"a", "b"}
+
+
+def test_evidence_reads_the_records_table(tmp_path):
+    import json
+
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    db.execute("CREATE TABLE records (record_id TEXT UNIQUE, device TEXT, stream TEXT, "
+               "pipeline TEXT, model TEXT, version TEXT, ts REAL, record TEXT)")
+    for i, (dev, rec) in enumerate([
+            _res("a", 1, "m", "1", "champion", "x", 10.0),
+            _res("a", 1, "m", "2", "canary", "z", 10.0),
+            _res("a", 2, "m", "2", "canary", "z", 1.0)]):
+        db.execute("INSERT INTO records VALUES (?,?,?,?,?,?,?,?)",
+                   (f"r{i}", dev, "results", "p", rec["model"], rec["version"], rec["ts"],
+                    json.dumps(rec)))
+    db.execute("INSERT INTO records VALUES ('o1','a','outputs','p','m','1',10.0,'{}')")
+    db.commit()
+    ev = evidence(db, pipeline="p", model="m", version="2", since={"a": 5.0})
+    assert ev.total.rows == 1 and ev.total.disagreed == 1 and ev.total.compared == 1
+
+
+# ---- would an install push out another version? ---------------------------------------------
+def test_would_replace_refuses_to_push_out_a_version_of_the_same_role():
+    status = {"deploy": {"pipelines": {"activity": {"active": [
+        {"model": "activity", "version": "1", "role": "champion"},
+        {"model": "activity", "version": "2", "role": "canary"}]}}}}
+    why = would_replace(status, None, "activity", "3", "canary")
+    assert why and "activity 2 as canary" in why and "nothing was changed" in why
+    assert would_replace(status, None, "activity", "3", "challenger") is None
+    assert would_replace(status, "activity", "activity", "2", "canary") is None  # itself
+
+
+# ---- state tables ---------------------------------------------------------------------------
+def test_state_survives_a_new_connection(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with Database(url) as db:
+        store = RolloutStore(db)
+        r = store.create(bundle_sha256="ab" * 32, bundle_path="b.edgeml", model="m",
+                         version="2", group="g", role="canary", pipeline=None,
+                         waves=["1", "100%"], hold="500rows",
+                         thresholds=Thresholds(max_disagreement=0.1).as_dict())
+        store.add_wave(Wave(r.id, 0, "1", "installing", ["d1"], 100.0))
+        store.set_device(r.id, DeviceState("d1", 0, "active", active_at=101.5, pipeline="p"))
+        w = store.waves(r.id)[0]
+        w.state, w.active_at, w.verdict = "holding", 102.0, {"passed": None}
+        store.save_wave(w)
+        r.current_wave, r.pipeline = 0, "p"
+        store.save(r)
+    with Database(url) as db:
+        store = RolloutStore(db)  # migrating again changes nothing
+        (again,) = store.find_running(bundle_sha256="ab" * 32, group="g")
+        assert again.id == r.id and again.pipeline == "p" and again.waves == ["1", "100%"]
+        assert Thresholds.from_dict(again.thresholds).max_disagreement == 0.1
+        (w,) = store.waves(r.id)
+        assert (w.state, w.devices, w.active_at, w.verdict) == (
+            "holding", ["d1"], 102.0, {"passed": None})
+        d = store.devices(r.id)["d1"]
+        assert (d.state, d.active_at, d.pipeline) == ("active", 101.5, "p")
+        again.state = "halted"
+        store.save(again)
+        assert store.find_running(group="g") == []
+        assert db.query("SELECT version FROM rollout_schema") == [(1,)]
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    with Database(f"sqlite:///{tmp_path / 'fleet.db'}") as db:
+        RolloutStore(db)
+        db.execute("UPDATE rollout_schema SET version = 99")
+        db.commit()
+        with pytest.raises(RolloutError, match="newer"):
+            RolloutStore(db)
