@@ -36,6 +36,8 @@ VERBS: tuple[tuple[str, str], ...] = (
     ("log", "edgeml.commands.log"),
     ("replay", "edgeml.host.commands.replay"),
     ("bench", "edgeml.host.commands.bench"),
+    ("collect", "edgeml.host.commands.collect"),
+    ("fleet", "edgeml.host.commands.fleet"),
 )
 
 

@@ -361,6 +361,8 @@ class PipelineRuntime:
             }
             if row.sub:
                 rec["row"] = row.sub
+            if row.label is not None:  # the input's label_field: upstream scores accuracy
+                rec["true_label"] = row.label
             if a.error:
                 rec["error"] = a.error
                 st.unanswered += 1
@@ -394,6 +396,8 @@ class PipelineRuntime:
                 }
                 if row.sub:
                     rec["row"] = row.sub
+                if row.label is not None:
+                    rec["true_label"] = row.label
                 if o.error:
                     rec["error"] = o.error
                 records.append(rec)
