@@ -87,7 +87,6 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             stream TEXT NOT NULL,
             batches {BIGINT} NOT NULL DEFAULT 0,
             records {BIGINT} NOT NULL DEFAULT 0,
-            duplicates {BIGINT} NOT NULL DEFAULT 0,
             lag_sum_s {FLOAT} NOT NULL DEFAULT 0,
             lag_max_s {FLOAT} NOT NULL DEFAULT 0,
             last_lag_s {FLOAT},

@@ -276,7 +276,7 @@ class Sink:
                 dev[1] = p.sent if dev[1] is None else max(dev[1], p.sent)
             records += len(p.rows)
             key = (p.device, p.stream or "")
-            entry = lag.setdefault(key, [0, 0, 0.0, 0.0, None, []])
+            entry = lag.setdefault(key, [0, 0, 0.0, 0.0, None])
             entry[0] += 1
             entry[1] += len(p.rows)
             if p.sent is not None:
@@ -284,7 +284,6 @@ class Sink:
                 entry[2] += delay
                 entry[3] = max(entry[3], delay)
                 entry[4] = delay
-            entry[5].extend(r.record_id for r in p.rows)
             for r in p.rows:
                 rec_rows.append((r.record_id, r.device, r.stream, r.pipeline, r.model,
                                  r.version, r.ts, now, r.input_key, r.input_id, r.role,
@@ -332,20 +331,15 @@ class Sink:
             f"first_seen = {least}(versions.first_seen, excluded.first_seen), "
             f"last_seen = {greatest}(versions.last_seen, excluded.last_seen)",
             [(*k, lo, hi) for k, (lo, hi) in sorted(versions.items())])
-        dup_total = len(rec_rows) - stored
-        lag_rows = []
-        for (dev, stream), (batches, n, lag_sum, lag_max, last, _ids) in sorted(lag.items()):
-            # duplicates are counted per batch total; per stream they are apportioned exactly
-            # only when a commit holds one stream, which is the common case
-            dups = dup_total if len(lag) == 1 else 0
-            lag_rows.append((dev, stream, batches, n, dups, lag_sum, lag_max, last, now))
+        lag_rows = [(dev, stream, batches, n, lag_sum, lag_max, last, now)
+                    for (dev, stream), (batches, n, lag_sum, lag_max, last)
+                    in sorted(lag.items())]
         self._executemany(
-            "INSERT INTO ingest_lag (device, stream, batches, records, duplicates, lag_sum_s, "
-            "lag_max_s, last_lag_s, last_received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO ingest_lag (device, stream, batches, records, lag_sum_s, "
+            "lag_max_s, last_lag_s, last_received) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (device, stream) DO UPDATE SET "
             "batches = ingest_lag.batches + excluded.batches, "
             "records = ingest_lag.records + excluded.records, "
-            "duplicates = ingest_lag.duplicates + excluded.duplicates, "
             "lag_sum_s = ingest_lag.lag_sum_s + excluded.lag_sum_s, "
             f"lag_max_s = {greatest}(ingest_lag.lag_max_s, excluded.lag_max_s), "
             "last_lag_s = COALESCE(excluded.last_lag_s, ingest_lag.last_lag_s), "
