@@ -115,7 +115,7 @@ def fleet(tmp_path, broker, daemon_factory, signed):
             models=[{"name": MODEL, "version": "1", "role": "champion",
                      "bundle": str(signed["v1"])}],
             extra=(f'groups = ["{GROUP}"]\ntrusted_keys = ["{signed["pub"]}"]\n'
-                   "[sync]\nbatch_max_wait_s = 0.1\n"))
+                   "[sync]\nbatch_max_wait_s = 0.1\n[metrics]\nlisten = \"\"\n"))
         daemons[dev] = daemon_factory(cfg)
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

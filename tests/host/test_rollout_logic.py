@@ -7,7 +7,7 @@ import pytest
 
 from edgeml.errors import RolloutError
 from edgeml.host.rollout.db import Database
-from edgeml.host.rollout.evidence import evidence, figures_from_records
+from edgeml.host.rollout.evidence import evidence
 from edgeml.host.rollout.plan import (
     Evidence,
     Figures,
@@ -19,7 +19,6 @@ from edgeml.host.rollout.plan import (
     parse_hold,
     parse_share,
     parse_waves,
-    percentile,
     wave_order,
 )
 from edgeml.host.rollout.runner import would_replace
@@ -82,13 +81,6 @@ def test_parse_share():
             parse_share(bad, "--x")
 
 
-def test_percentile_is_a_seen_value():
-    assert percentile([], 99) is None
-    assert percentile([5.0], 99) == 5.0
-    vals = [float(i) for i in range(1, 101)]
-    assert percentile(vals, 99) == 99.0 and percentile(vals, 50) == 50.0
-
-
 # ---- judgement ------------------------------------------------------------------------------
 def _ev(**per: Figures) -> Evidence:
     total = Figures(rows=sum(f.rows for f in per.values()),
@@ -130,52 +122,52 @@ def test_judge_errors_latency_and_missing_evidence_fail_closed():
     assert judge(_ev(a=Figures(rows=1, errors=1)), Thresholds(), ["a"]).passed
 
 
-# ---- evidence from records ------------------------------------------------------------------
-def _res(dev, seq, model, version, role, label, ts, **extra):
-    return dev, {"pipeline": "p", "model": model, "version": version, "role": role,
-                 "input_seq": seq, "ts": ts, "output": {"label": label}, **extra}
+# ---- evidence from the collector's database ------------------------------------------------
+def _res(dev, seq, version, role, label, ts, **extra):
+    rid = f"{dev}/p/{seq}/m/{version}/results"
+    return {"record_id": rid, "id": seq, "pipeline": "p", "model": "m", "version": version,
+            "role": role, "input_seq": seq, "ts": ts, "late": False,
+            "output": None if label is None else {"label": label}, **extra}
 
 
-def test_figures_pair_the_new_version_with_the_champion_on_the_same_input():
-    recs = [
-        _res("a", 1, "m", "1", "champion", "x", 10.0),
-        _res("a", 1, "m", "2", "canary", "x", 10.0, latency_ms=1.0),
-        _res("a", 2, "m", "1", "champion", "x", 11.0),
-        _res("a", 2, "m", "2", "canary", "y", 11.0, latency_ms=3.0),
-        _res("a", 2, "m", "2", "canary", "y", 11.0, latency_ms=3.0),  # a duplicate delivery
-        _res("a", 3, "m", "2", "canary", None, 12.0, error="boom"),
-        _res("a", 0, "m", "2", "canary", "y", 5.0),       # before it was active: not counted
-        _res("b", 1, "m", "2", "canary", "x", 10.0),      # b's seq 1 is not a's seq 1
-        _res("c", 1, "m", "2", "canary", "x", 10.0),      # c is not in the rollout
-    ]
-    ev = figures_from_records(recs, model="m", version="2", since={"a": 9.0, "b": 9.0})
+def _store(url, dev, records):
+    """Records into the fleet database the way the collector stores a synced batch."""
+    import msgpack
+
+    from edgeml.host.collect.sink import Incoming, Sink
+
+    env = {"schema": 1, "device": dev, "stream": "results", "batch_seq": 1, "sent": 100.0,
+           "records": records}
+    with Sink(url) as sink:
+        sink.store([Incoming(f"edgeml/{dev}/sync/results", msgpack.packb(env))])
+
+
+def test_evidence_pairs_the_new_version_with_the_champion_per_device(tmp_path):
+    from edgeml.host.collect.evidence import FleetDB
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    _store(url, "a", [
+        _res("a", 1, "1", "champion", "x", 10.0),
+        _res("a", 1, "2", "canary", "x", 10.0, latency_ms=1.0),
+        _res("a", 2, "1", "champion", "x", 11.0),
+        _res("a", 2, "2", "canary", "y", 11.0, latency_ms=3.0),
+        _res("a", 3, "2", "canary", None, 12.0, error="boom"),
+        _res("a", 0, "2", "canary", "y", 5.0),   # before it was active there: not counted
+    ])
+    _store(url, "b", [_res("b", 1, "2", "canary", "x", 10.0, latency_ms=2.0)])
+    _store(url, "c", [_res("c", 1, "2", "canary", "x", 10.0)])  # not in the rollout
+    with FleetDB(url) as db:
+        ev = evidence(db, pipeline="p", model="m", version="2", since={"a": 9.0, "b": 9.0})
     a = ev.per_device["a"]
     assert (a.rows, a.errors, a.compared, a.disagreed) == (3, 1, 2, 1)
-    assert a.p99_ms == 3.0 and a.latency_rows == 2
+    assert a.latency_rows == 2 and a.p99_ms == pytest.approx(2.98)
     assert (a.first_ts, a.last_ts) == (10.0, 12.0)
     b = ev.per_device["b"]
-    assert (b.rows, b.compared) == (1, 0)
-    assert ev.total.rows == 4 and ev.total.disagreement == 0.5
+    assert (b.rows, b.compared, b.disagreed) == (1, 0, 0)  # b's input 1 is not a's input 1
     assert set(ev.per_device) == {"a", "b"}
-
-
-def test_evidence_reads_the_records_table(tmp_path):
-    import json
-
-    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
-    db.execute("CREATE TABLE records (record_id TEXT UNIQUE, device TEXT, stream TEXT, "
-               "pipeline TEXT, model TEXT, version TEXT, ts REAL, record TEXT)")
-    for i, (dev, rec) in enumerate([
-            _res("a", 1, "m", "1", "champion", "x", 10.0),
-            _res("a", 1, "m", "2", "canary", "z", 10.0),
-            _res("a", 2, "m", "2", "canary", "z", 1.0)]):
-        db.execute("INSERT INTO records VALUES (?,?,?,?,?,?,?,?)",
-                   (f"r{i}", dev, "results", "p", rec["model"], rec["version"], rec["ts"],
-                    json.dumps(rec)))
-    db.execute("INSERT INTO records VALUES ('o1','a','outputs','p','m','1',10.0,'{}')")
-    db.commit()
-    ev = evidence(db, pipeline="p", model="m", version="2", since={"a": 5.0})
-    assert ev.total.rows == 1 and ev.total.disagreed == 1 and ev.total.compared == 1
+    t = ev.total
+    assert (t.rows, t.errors, t.compared, t.disagreed) == (4, 1, 2, 1)
+    assert t.disagreement == 0.5 and t.latency_rows == 3 and t.first_ts == 10.0
 
 
 # ---- would an install push out another version? ---------------------------------------------

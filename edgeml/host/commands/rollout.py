@@ -33,9 +33,9 @@ Exit status: 0 the version reached every wave, 1 halted (and rolled back) or an 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from edgeml.host.collect.sink import DEFAULT_DB
     from edgeml.host.commands.promote import add_sign_key_argument
     from edgeml.host.commands.push import add_connection_arguments
-    from edgeml.host.rollout.db import DEFAULT_DB
     from edgeml.host.rollout.plan import DEFAULT_WAVES
 
     p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE",

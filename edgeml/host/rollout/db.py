@@ -15,37 +15,31 @@ from typing import Any
 
 from edgeml.errors import RolloutError
 
-DEFAULT_DB = "sqlite:///edgeml-fleet.db"
-
 
 class Database:
     """A connection with ``query``/``execute`` and explicit commits."""
 
     def __init__(self, url: str) -> None:
+        from edgeml.host.collect.sink import parse_db_url
+
         self.url = url
-        self.kind = "sqlite" if url.startswith("sqlite:") else "postgresql"
+        self.kind, target = parse_db_url(url)
         try:
             if self.kind == "sqlite":
-                path = sqlite_path(url)
-                if path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._conn: Any = sqlite3.connect(path, timeout=30.0)
+                if target != ":memory:":
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                self._conn: Any = sqlite3.connect(target, timeout=30.0)
                 self._conn.execute("PRAGMA busy_timeout = 30000")
-            elif url.startswith(("postgresql:", "postgres:")):
+            else:
                 try:
                     import psycopg
                 except ImportError as exc:
                     raise RolloutError("--db postgresql://... needs psycopg 3 "
                                        "(pip install 'psycopg[binary]')") from exc
-                self._conn = psycopg.connect(url)
-            else:
-                raise RolloutError(f"--db: {url!r} is neither sqlite:///PATH nor "
-                                   "postgresql://...")
-        except (sqlite3.Error, OSError) as exc:
-            raise RolloutError(f"cannot open the database {url}: {exc}") from exc
+                self._conn = psycopg.connect(target, connect_timeout=10)
+        except RolloutError:
+            raise
         except Exception as exc:
-            if isinstance(exc, RolloutError):
-                raise
             raise RolloutError(f"cannot open the database {redact(url)}: {exc}") from exc
 
     def _sql(self, sql: str) -> str:
@@ -97,16 +91,6 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def sqlite_path(url: str) -> str:
-    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
-    rest = url[len("sqlite:"):]
-    if rest.startswith("///"):
-        return rest[3:] or ":memory:"
-    if rest.startswith("//"):
-        return rest[2:]
-    return rest or ":memory:"
 
 
 def redact(url: str) -> str:

@@ -276,12 +276,3 @@ def judge(evidence: Evidence, thresholds: Thresholds, wave_devices: Sequence[str
                 f"{what} over the limit {th.max_p99_ms:g} ms"
                 + (f" on {', '.join(devs)}" if devs else "")))
     return Verdict(not breaches, tuple(breaches), evidence)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100): a value that was actually seen."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))
-    return float(s[k])

@@ -86,6 +86,7 @@ class RolloutRunner:
         self.digest = hashlib.sha256(self.data).hexdigest()
         self.specs: tuple[WaveSpec, ...] = parse_waves(settings.waves)
         self.hold: Hold = parse_hold(settings.hold)
+        self._reader: Any = None  # the collector's read connection, opened when first needed
 
     # ---- start or resume ------------------------------------------------------------------
     def open(self) -> tuple[Rollout, bool]:
@@ -109,6 +110,18 @@ class RolloutRunner:
         return r, False
 
     async def run(self) -> Rollout:
+        if not self.db.has_table("records"):
+            raise RolloutError(f"{self.db.url} has no records table yet: start `edgeml collect "
+                               f"--db {self.db.url} ...` first (the rollout judges what it "
+                               "stores)")
+        try:
+            return await self._run()
+        finally:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    async def _run(self) -> Rollout:
         r, resumed = self.open()
         label = f"{r.model} {r.version}"
         if resumed:
@@ -279,7 +292,11 @@ class RolloutRunner:
     def _evidence(self, r: Rollout) -> Evidence:
         since = {d: s.active_at for d, s in self.store.devices(r.id).items()
                  if s.state == "active" and s.active_at is not None}
-        return gather_evidence(self.db, pipeline=r.pipeline, model=r.model,
+        if self._reader is None:
+            from edgeml.host.collect.evidence import FleetDB
+
+            self._reader = FleetDB(self.db.url)
+        return gather_evidence(self._reader, pipeline=r.pipeline, model=r.model,
                                version=r.version, since=since)
 
     # ---- halting --------------------------------------------------------------------------
