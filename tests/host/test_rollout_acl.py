@@ -22,7 +22,7 @@ from edgeml.host.fleet import Fleet
 from edgeml.transport.settings import BrokerSettings
 
 REPO = Path(__file__).resolve().parents[2]
-USERS = ("dev-a", "dev-b", "collector", "operator", "feeder")
+USERS = ("dev-a", "dev-b", "collector", "ops", "sensors")
 
 
 def _client(broker, user: str) -> paho.Client:
@@ -56,9 +56,7 @@ def test_one_device_cannot_write_another_devices_topics(tmp_path, broker_factory
     for i, u in enumerate(USERS):
         subprocess.run(["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) +
                        [str(pw), u, f"pw-{u}"], check=True)
-    acl = tmp_path / "edgeml.acl"
-    acl.write_text((REPO / "deploy/mosquitto/edgeml.acl").read_text()
-                   + "\nuser feeder\ntopic write sensors/#\n")
+    acl = REPO / "deploy/mosquitto/edgeml.acl"  # the shipped file, as it is
     broker = broker_factory("acl", listener_config=(
         f"allow_anonymous false\npassword_file {pw}\nacl_file {acl}")).start()
     for u in USERS:
@@ -86,7 +84,7 @@ def test_one_device_cannot_write_another_devices_topics(tmp_path, broker_factory
         for line in collector.stdout:
             if "collect: ready" in line:
                 break
-        feeder = _client(broker, "feeder")
+        feeder = _client(broker, "sensors")
         for t, p in gait_messages(20, topic="sensors/dev-a/gait"):
             feeder.publish(t, p, qos=1).wait_for_publish(10)
         # dev-b's credentials: a forged batch and a forged status in dev-a's name, then one
@@ -114,9 +112,8 @@ def test_one_device_cannot_write_another_devices_topics(tmp_path, broker_factory
         assert {r[0] for r in rows} == {"dev-a", "dev-b"}
 
         async def operator():
-            settings = BrokerSettings(url=broker.url, client_id="test-operator",
-                                      clean_start=True, username="operator",
-                                      password="pw-operator")
+            settings = BrokerSettings(url=broker.url, client_id="test-ops",
+                                      clean_start=True, username="ops", password="pw-ops")
             async with Fleet(settings) as fleet:
                 statuses = await fleet.statuses()
                 reply = await fleet.command("dev-a", "set_policy", policy="first")
