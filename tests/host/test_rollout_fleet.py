@@ -104,9 +104,11 @@ class Streamer:
 
 
 @pytest.fixture
-def fleet(tmp_path, broker, daemon_factory, signed):
+def fleet(request, tmp_path, broker, daemon_factory, signed):
     """Three daemons (group "fleet", v1 champion, trusting the release key), a collector
-    process, a stream of samples; yields the db URL."""
+    process, a stream of samples; yields the db URL. An indirect parameter adds config text
+    to every daemon."""
+    more = getattr(request, "param", "")
     daemons = {}
     for dev in DEVICES:
         cfg = write_config(
@@ -115,7 +117,7 @@ def fleet(tmp_path, broker, daemon_factory, signed):
             models=[{"name": MODEL, "version": "1", "role": "champion",
                      "bundle": str(signed["v1"])}],
             extra=(f'groups = ["{GROUP}"]\ntrusted_keys = ["{signed["pub"]}"]\n'
-                   "[sync]\nbatch_max_wait_s = 0.1\n[metrics]\nlisten = \"\"\n"))
+                   "[sync]\nbatch_max_wait_s = 0.1\n[metrics]\nlisten = \"\"\n" + more))
         daemons[dev] = daemon_factory(cfg)
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -230,3 +232,29 @@ def test_a_good_version_reaches_every_device_and_a_killed_rollout_resumes(fleet,
         [sys.executable, "-m", "edgeml", "status", "--once", "--broker", fleet["broker"].url,
          "--db", fleet["db"]], capture_output=True, text=True, timeout=60, env=fleet["env"])
     assert status.returncode == 0 and "no running rollout" in status.stdout, status.stdout
+
+
+@pytest.mark.parametrize("fleet", ["[profile_overrides]\nmodels = { max_active_versions = 1 }\n"],
+                         indirect=True)
+def test_a_full_pipeline_refuses_the_install_and_nothing_is_evicted(fleet, signed):
+    said: list[str] = []
+    settings = RolloutSettings(bundle=signed["v2"], group=GROUP, waves="1,100%",
+                               hold="100rows", role="canary", poll_s=0.2, push_timeout_s=30.0)
+
+    async def go():
+        async with Fleet(fleet["broker"].url) as fl:
+            with Database(fleet["db"]) as db:
+                return await RolloutRunner(settings, fl, db, say=said.append).run()
+
+    r = asyncio.run(go())
+    assert r.state == "halted", said
+    assert "refused the install (failed: capacity: pipeline motion would have 2 active " \
+           "versions, over the firmware profile's models.max_active_versions = 1" in r.reason
+    with Database(fleet["db"]) as db:
+        store = RolloutStore(db)
+        (wave,) = store.waves(r.id)
+        (first,) = wave.devices
+        assert store.devices(r.id)[first].state == "failed"
+        assert "nothing was evicted" in store.devices(r.id)[first].detail
+    for dev, d in fleet["daemons"].items():
+        assert active_versions(d) == {"1": "champion"}, dev
