@@ -209,6 +209,11 @@ def test_a_good_version_reaches_every_device_and_a_killed_rollout_resumes(fleet,
         (r,) = store.find_running(group=GROUP)
         before = {w.wave: (w.devices, w.started, w.state) for w in store.waves(r.id)}
     assert r.current_wave == 1 and before[0][2] == "passed" and before[1][2] == "holding"
+    shown = subprocess.run(  # edgeml status shows the interrupted rollout as running
+        [sys.executable, "-m", "edgeml", "status", "--once", "--broker", fleet["broker"].url,
+         "--db", fleet["db"]], capture_output=True, text=True, timeout=60, env=fleet["env"])
+    line = next(x for x in shown.stdout.splitlines() if x.startswith(r.id))
+    assert line.split()[1:7] == ["running", f"{MODEL}:2", GROUP, "canary", "2/3", "holding"]
 
     again = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120,
                            env=fleet["env"])

@@ -220,3 +220,30 @@ def test_a_newer_schema_is_refused(tmp_path):
         db.commit()
         with pytest.raises(RolloutError, match="newer"):
             RolloutStore(db)
+
+
+def test_state_and_evidence_on_postgresql(postgres):
+    """The same tables and queries on a private PostgreSQL (the collector's schema beside)."""
+    from edgeml.host.collect.evidence import FleetDB
+
+    url = postgres.create_database("rollout_state")
+    _store(url, "a", [_res("a", 1, "1", "champion", "x", 10.0),
+                      _res("a", 1, "2", "canary", "y", 10.0, latency_ms=4.0)])
+    with FleetDB(url) as fdb:
+        ev = evidence(fdb, pipeline="p", model="m", version="2", since={"a": 9.0})
+    assert (ev.total.rows, ev.total.compared, ev.total.disagreed) == (1, 1, 1)
+    assert ev.total.p99_ms == 4.0 and ev.total.first_ts == 10.0
+    with Database(url) as db:
+        assert db.has_table("records") and not db.has_table("nothing_here")
+        store = RolloutStore(db)
+        r = store.create(bundle_sha256="cd" * 32, bundle_path=None, model="m", version="2",
+                         group="g", role="canary", pipeline="p", waves=["100%"],
+                         hold="10s", thresholds={})
+        store.add_wave(Wave(r.id, 0, "100%", "holding", ["a"], 1.5, active_at=2.5))
+        store.set_device(r.id, DeviceState("a", 0, "active", active_at=9.0, pipeline="p"))
+        store.set_device(r.id, DeviceState("a", 0, "rolled_back", active_at=9.0, pipeline="p"))
+    with Database(url) as db:
+        store = RolloutStore(db)
+        (again,) = store.find_running(group="g")
+        assert again.id == r.id and store.waves(r.id)[0].active_at == 2.5
+        assert store.devices(r.id)["a"].state == "rolled_back"
