@@ -263,3 +263,45 @@ def test_a_full_pipeline_refuses_the_install_and_nothing_is_evicted(fleet, signe
         assert "nothing was evicted" in store.devices(r.id)[first].detail
     for dev, d in fleet["daemons"].items():
         assert active_versions(d) == {"1": "champion"}, dev
+
+
+def test_abort_from_another_shell_stops_the_running_rollout_and_rolls_back(fleet, signed):
+    from edgeml.keys import load_private_key
+
+    said: list[str] = []
+    settings = RolloutSettings(bundle=signed["v2"], group=GROUP, waves="1,100%", hold="120s",
+                               role="challenger", poll_s=0.2, push_timeout_s=30.0,
+                               sign_key=load_private_key(signed["priv"]))
+
+    async def go():
+        holding = asyncio.Event()
+
+        def say(text: str) -> None:
+            said.append(text)
+            if "holding" in text:
+                holding.set()
+
+        async with Fleet(fleet["broker"].url) as fl:
+            with Database(fleet["db"]) as db:
+                task = asyncio.create_task(RolloutRunner(settings, fl, db, say=say).run())
+                await asyncio.wait_for(holding.wait(), 30)
+                (running,) = RolloutStore(db).find_running(group=GROUP)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "edgeml", "rollout", "--abort", running.id, "--db",
+                    fleet["db"], "--broker", fleet["broker"].url, "--sign-key",
+                    str(signed["priv"]), env=fleet["env"], stderr=asyncio.subprocess.PIPE)
+                _, err = await proc.communicate()
+                assert proc.returncode == 0, err.decode()
+                return await asyncio.wait_for(task, 30), err.decode()
+
+    r, aborted = asyncio.run(go())
+    assert r.state == "aborted" and r.reason == "aborted by the operator"
+    assert f"rollout {r.id} was aborted elsewhere" in "\n".join(said)
+    with Database(fleet["db"]) as db:
+        store = RolloutStore(db)
+        (wave,) = store.waves(r.id)  # the second wave never started
+        (first,) = wave.devices
+        assert store.devices(r.id)[first].state == "rolled_back"
+    assert f"{first}: rolled back" in aborted
+    for dev, d in fleet["daemons"].items():
+        assert active_versions(d) == {"1": "champion"}, dev

@@ -67,6 +67,14 @@ class RolloutSettings:
                 raise RolloutError(f"{name} must be above 0")
 
 
+class _Stopped(Exception):
+    """The rollout was stopped elsewhere (``--abort`` from another shell)."""
+
+    def __init__(self, rollout: Rollout) -> None:
+        super().__init__(rollout.state)
+        self.rollout = rollout
+
+
 class RolloutRunner:
     def __init__(self, settings: RolloutSettings, fleet: Any, db: Database, *,
                  say: Callable[[str], None] = lambda s: None) -> None:
@@ -134,7 +142,24 @@ class RolloutRunner:
         hold_timeout = float(r.thresholds.get("hold_timeout_s") or self.s.hold_timeout_s)
         specs = [_spec(w) for w in r.waves]
         hold = parse_hold(r.hold)
+        try:
+            return await self._waves(r, specs, hold, thresholds, hold_timeout)
+        except _Stopped as stop:
+            self.say(f"rollout {r.id} was {stop.rollout.state} elsewhere "
+                     f"({stop.rollout.reason}); stopping here")
+            return stop.rollout
+
+    def _check(self, r: Rollout) -> None:
+        """Raise :class:`_Stopped` when the stored rollout is no longer running."""
+        stored = self.store.get(r.id)
+        if stored is not None and stored.state != "running":
+            raise _Stopped(stored)
+
+    async def _waves(self, r: Rollout, specs: list[WaveSpec], hold: Hold,
+                     thresholds: Thresholds, hold_timeout: float) -> Rollout:
+        label = f"{r.model} {r.version}"
         while r.current_wave < len(specs):
+            self._check(r)
             i = r.current_wave
             waves = {w.wave: w for w in self.store.waves(r.id)}
             wave = waves.get(i)
@@ -146,6 +171,7 @@ class RolloutRunner:
                     continue
             if wave.state == "installing":
                 problem = await self._install(r, wave)
+                self._check(r)
                 if problem is not None:
                     wave.state = "failed"
                     wave.verdict = {"passed": False, "install": problem}
@@ -158,6 +184,7 @@ class RolloutRunner:
             if wave.state == "holding":
                 verdict, hold_doc = await self._hold_and_judge(r, wave, hold, thresholds,
                                                                hold_timeout)
+                self._check(r)
                 wave.verdict = {**verdict.as_dict(), "hold": hold_doc}
                 wave.judged = time.time()
                 wave.state = "passed" if verdict.passed else "failed"
@@ -258,8 +285,9 @@ class RolloutRunner:
         if hold.seconds is not None:
             left = started + hold.seconds - time.time()
             self.say(f"wave {wave.wave + 1}: holding {hold} ({max(left, 0):.0f} s left)")
-            if left > 0:
-                await asyncio.sleep(left)
+            while (left := started + hold.seconds - time.time()) > 0:
+                await asyncio.sleep(min(left, self.s.poll_s))
+                self._check(r)
             ev = self._evidence(r)
             return judge(ev, thresholds, wave.devices), {
                 "kind": "time", "seconds": hold.seconds, "from": started, "to": time.time()}
@@ -285,6 +313,7 @@ class RolloutRunner:
                 last_shown = rows // max(hold.rows // 4, 1)
                 self.say(f"  {rows} of {hold.rows} rows")
             await asyncio.sleep(self.s.poll_s)
+            self._check(r)
         return judge(ev, thresholds, wave.devices), {
             "kind": "rows", "rows": rows, "wanted": hold.rows, "from": started,
             "to": time.time()}
