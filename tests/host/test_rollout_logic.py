@@ -89,7 +89,9 @@ def _ev(**per: Figures) -> Evidence:
                     disagreed=sum(f.disagreed for f in per.values()),
                     p99_ms=max((f.p99_ms for f in per.values() if f.p99_ms is not None),
                                default=None),
-                    latency_rows=sum(f.latency_rows for f in per.values()))
+                    latency_rows=sum(f.latency_rows for f in per.values()),
+                    first_ts=min((f.first_ts for f in per.values() if f.first_ts), default=None),
+                    last_ts=max((f.last_ts for f in per.values() if f.last_ts), default=None))
     return Evidence(total, per)
 
 
@@ -247,3 +249,31 @@ def test_state_and_evidence_on_postgresql(postgres):
         (again,) = store.find_running(group="g")
         assert again.id == r.id and store.waves(r.id)[0].active_at == 2.5
         assert store.devices(r.id)["a"].state == "rolled_back"
+
+
+def test_explain_names_breaching_devices_first_and_caps_the_list():
+    from edgeml.host.rollout.runner import MAX_DEVICE_LINES, explain
+
+    per = {f"d{i:02d}": Figures(rows=10, compared=10, disagreed=0, first_ts=1.0, last_ts=2.0)
+           for i in range(30)}
+    per["d29"] = Figures(rows=10, compared=10, disagreed=9, first_ts=1.0, last_ts=2.0)
+    v = judge(_ev(**per), Thresholds(max_disagreement=0.02), ["d28"])
+    lines = explain(v, ["d28"])
+    assert lines[0].startswith("HALT: disagreement with the champion") and "on d29" in lines[0]
+    assert "300 result rows" in lines[1] and "1970-01-01 00:00:01.000Z" in lines[1]
+    assert lines[2].startswith("  d28 (this wave): 10 rows") and lines[3].startswith("  d29: ")
+    assert len(lines) == 2 + MAX_DEVICE_LINES + 1 and "10 more device(s)" in lines[-1]
+
+
+def test_cli_refuses_a_missing_database_and_bad_flags(tmp_path, capsys):
+    from edgeml.cli import main
+
+    assert main(["rollout", "--list", "--db", f"sqlite:///{tmp_path / 'none.db'}"]) == 1
+    assert "no fleet database at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    assert main(["rollout", "--db", db]) == 1
+    assert "give BUNDLE and --group" in capsys.readouterr().err
+    assert main(["rollout", "x.edgeml", "--group", "g", "--db", db,
+                 "--max-disagreement", "150%"]) == 1
+    assert "--max-disagreement" in capsys.readouterr().err

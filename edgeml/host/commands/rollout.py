@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     key = sign_key_of(args)
-    with Database(args.db) as db:
+    with Database(args.db, must_exist=bool(args.list or args.abort)) as db:
         store = RolloutStore(db)
         if args.list:
             print(rollouts_table(store, running_only=False))

@@ -42,7 +42,7 @@ def rollouts_section(db_url: str | None) -> str | None:
     from edgeml.host.rollout.store import RolloutStore
     from edgeml.host.rollout.view import rollouts_table
 
-    with Database(db_url) as db:
+    with Database(db_url, must_exist=True) as db:
         return rollouts_table(RolloutStore(db))
 
 

@@ -19,11 +19,14 @@ from edgeml.errors import RolloutError
 class Database:
     """A connection with ``query``/``execute`` and explicit commits."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, must_exist: bool = False) -> None:
         from edgeml.host.collect.sink import parse_db_url
 
         self.url = url
         self.kind, target = parse_db_url(url)
+        if must_exist and self.kind == "sqlite" and target != ":memory:" and \
+                not Path(target).exists():
+            raise RolloutError(f"no fleet database at {target}")
         try:
             if self.kind == "sqlite":
                 if target != ":memory:":

@@ -37,6 +37,9 @@ from edgeml.host.rollout.store import DeviceState, Rollout, RolloutStore, Wave
 
 ROLES = ("canary", "challenger", "shadow")
 DEFAULT_THRESHOLDS = Thresholds(max_error_rate=0.01)
+#: per-device lines in a judgement's explanation (devices named by a breach and the wave's
+#: own come first); the stored verdict has them all
+MAX_DEVICE_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -422,11 +425,18 @@ def explain(verdict: Verdict, wave_devices: list[str] | None = None) -> list[str
              f"{len(verdict.evidence.per_device)} device(s), inputs received "
              f"{_when(t.first_ts)} .. {_when(t.last_ts)}; {t.compared} also scored by the "
              f"champion"]
-    for d, f in sorted(verdict.evidence.per_device.items()):
+    per = verdict.evidence.per_device
+    named = {d for b in verdict.breaches for d in b.devices} | set(wave_devices or ())
+    order = sorted(per, key=lambda d: (d not in named, d))
+    for d in order[:MAX_DEVICE_LINES]:
+        f = per[d]
         mark = " (this wave)" if wave_devices and d in wave_devices else ""
         dis = "n/a" if f.disagreement is None else f"{f.disagreement:.1%}"
         err = "n/a" if f.error_rate is None else f"{f.error_rate:.1%}"
         p99 = "n/a" if f.p99_ms is None else f"{f.p99_ms:.2f} ms"
         lines.append(f"  {d}{mark}: {f.rows} rows, disagreement {dis}, errors {err}, "
                      f"p99 {p99}, {_when(f.first_ts)} .. {_when(f.last_ts)}")
+    if len(order) > MAX_DEVICE_LINES:
+        lines.append(f"  ... and {len(order) - MAX_DEVICE_LINES} more device(s) (all of them "
+                     "in the wave's verdict: edgeml rollout --list, or --json)")
     return lines
