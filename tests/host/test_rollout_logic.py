@@ -7,7 +7,7 @@ import pytest
 
 from edgeml.errors import RolloutError
 from edgeml.host.rollout.db import Database
-from edgeml.host.rollout.evidence import evidence
+from edgeml.host.rollout.evidence import evidence, row_counts
 from edgeml.host.rollout.plan import (
     Evidence,
     Figures,
@@ -160,6 +160,8 @@ def test_evidence_pairs_the_new_version_with_the_champion_per_device(tmp_path):
     _store(url, "c", [_res("c", 1, "2", "canary", "x", 10.0)])  # not in the rollout
     with FleetDB(url) as db:
         ev = evidence(db, pipeline="p", model="m", version="2", since={"a": 9.0, "b": 9.0})
+        assert row_counts(db, pipeline="p", model="m", version="2",
+                          since={"a": 9.0, "b": 9.0}) == {"a": 3, "b": 1}
     a = ev.per_device["a"]
     assert (a.rows, a.errors, a.compared, a.disagreed) == (3, 1, 2, 1)
     assert a.latency_rows == 2 and a.p99_ms == pytest.approx(2.98)

@@ -68,3 +68,19 @@ def evidence(db: FleetDB, *, pipeline: str | None, model: str, version: str,
                     p99_ms=percentile(pooled, 99), latency_rows=len(pooled),
                     first_ts=min(firsts, default=None), last_ts=max(lasts, default=None))
     return Evidence(total, per)
+
+
+def row_counts(db: FleetDB, *, pipeline: str | None, model: str, version: str,
+               since: Mapping[str, float]) -> dict[str, int]:
+    """Result rows of ``model version`` per device since it became active there: the cheap
+    count a rows hold polls (the full figures are computed once, when the wave is judged)."""
+    out = {}
+    for device, start in since.items():
+        sql = ("SELECT COUNT(*) FROM records WHERE stream = ? AND device = ? AND model = ? "
+               "AND version = ? AND ts >= ?")
+        params: list = [RESULTS_STREAM, device, model, version, start]
+        if pipeline is not None:
+            sql += " AND pipeline = ?"
+            params.append(pipeline)
+        out[device] = int(db.query(sql, params)[0][0])
+    return out

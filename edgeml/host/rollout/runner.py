@@ -21,6 +21,7 @@ from typing import Any
 from edgeml.errors import FleetTimeout, RolloutError
 from edgeml.host.rollout.db import Database
 from edgeml.host.rollout.evidence import evidence as gather_evidence
+from edgeml.host.rollout.evidence import row_counts
 from edgeml.host.rollout.plan import (
     Breach,
     Evidence,
@@ -299,12 +300,13 @@ class RolloutRunner:
                  f"rows of {r.model} {r.version}")
         last_shown = -1
         while True:
-            ev = self._evidence(r)
-            rows = sum(ev.per_device[d].rows for d in wave.devices if d in ev.per_device)
+            counts = self._row_counts(r, wave.devices)
+            rows = sum(counts.values())
             if rows >= hold.rows:
                 break
             waited = time.time() - started
             if waited > hold_timeout:
+                ev = self._evidence(r)
                 verdict = judge(ev, thresholds, wave.devices)
                 short = Breach("hold", rows, hold.rows, tuple(wave.devices),
                                f"not enough evidence: the wave's devices sent {rows} of "
@@ -317,19 +319,31 @@ class RolloutRunner:
                 self.say(f"  {rows} of {hold.rows} rows")
             await asyncio.sleep(self.s.poll_s)
             self._check(r)
+        ev = self._evidence(r)
         return judge(ev, thresholds, wave.devices), {
             "kind": "rows", "rows": rows, "wanted": hold.rows, "from": started,
             "to": time.time()}
 
-    def _evidence(self, r: Rollout) -> Evidence:
-        since = {d: s.active_at for d, s in self.store.devices(r.id).items()
-                 if s.state == "active" and s.active_at is not None}
+    def _since(self, r: Rollout, devices: list[str] | None = None) -> dict[str, float]:
+        """Device -> when the version became active there (the start of its evidence)."""
+        return {d: s.active_at for d, s in self.store.devices(r.id).items()
+                if s.state == "active" and s.active_at is not None
+                and (devices is None or d in devices)}
+
+    def _reader_db(self) -> Any:
         if self._reader is None:
             from edgeml.host.collect.evidence import FleetDB
 
             self._reader = FleetDB(self.db.url)
-        return gather_evidence(self._reader, pipeline=r.pipeline, model=r.model,
-                               version=r.version, since=since)
+        return self._reader
+
+    def _evidence(self, r: Rollout) -> Evidence:
+        return gather_evidence(self._reader_db(), pipeline=r.pipeline, model=r.model,
+                               version=r.version, since=self._since(r))
+
+    def _row_counts(self, r: Rollout, devices: list[str]) -> dict[str, int]:
+        return row_counts(self._reader_db(), pipeline=r.pipeline, model=r.model,
+                          version=r.version, since=self._since(r, devices))
 
     # ---- halting --------------------------------------------------------------------------
     async def _halt(self, r: Rollout, reason: str) -> Rollout:
