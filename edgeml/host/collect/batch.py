@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import msgpack
@@ -25,9 +25,10 @@ SCHEMAS = (1,)
 MAX_RECORD_BYTES = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class RecordRow:
-    """One record as the ``records`` table stores it (the extracted columns + the JSON)."""
+class RecordRow(NamedTuple):
+    """One record as the ``records`` table stores it (the extracted columns + the JSON), in
+    the table's column order (``received`` is added by the sink). A tuple: the collector
+    builds one per record, so construction cost matters."""
 
     record_id: str
     device: str
@@ -47,7 +48,7 @@ class RecordRow:
     record: str  # JSON
     kind: str | None = None  # alerts and drift windows
     stage: str | None = None  # deploy events
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
+    raw: dict | None = None  # the decoded record
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,21 +117,25 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=False)
+
+
 def to_json(rec: dict) -> str:
+    """The record as JSON that SQLite and PostgreSQL's jsonb both accept."""
     try:
-        text = json.dumps(rec, separators=(",", ":"), default=_json_default, allow_nan=False)
-    except ValueError:
-        text = json.dumps(_finite(rec), separators=(",", ":"), default=_json_default)
+        text = _ENCODER.encode(rec)
+    except ValueError:  # NaN or infinity somewhere
+        text = _ENCODER.encode(_finite(rec))
     if "\\u0000" in text:
-        text = json.dumps(_finite(json.loads(text)), separators=(",", ":"))
+        text = _ENCODER.encode(_finite(json.loads(text)))
     return text
 
 
 def _text(v: Any) -> str | None:
     if v is None:
         return None
-    if isinstance(v, str):
-        return v.replace("\x00", "\ufffd")
+    if type(v) is str:
+        return v if "\x00" not in v else v.replace("\x00", "\ufffd")
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float) and v.is_integer():
@@ -163,29 +168,32 @@ def _part(value: str) -> str:
 
 def make_row(device: str, stream: str, rec: dict, raw_json: str) -> RecordRow:
     rid = rec["record_id"]
-    pipeline, model, version = rec.get("pipeline"), rec.get("model"), rec.get("version")
-    input_key = None
-    if stream in ("outputs", "results"):
-        # <device>/<pipeline>/<input_seq>/<model>/<version>/<stream>: the input's part
-        input_key = rid.rsplit("/", 3)[0]
-    kind = rec.get("kind")
-    if stream == "deploy":
-        model = model if model is not None else rec.get("name")
-    fallback = rec.get("fallback")
+    get = rec.get
+    # <device>/<pipeline>/<input_seq>/<model>/<version>/<stream>: the input's part
+    input_key = rid.rsplit("/", 3)[0] if stream in ("outputs", "results") else None
+    model = get("model")
+    if model is None and stream == "deploy":
+        model = get("name")
+    fallback = get("fallback")
+    output = get("output")
     return RecordRow(
-        record_id=rid, device=device, stream=stream,
-        pipeline=_text(pipeline), model=_text(model), version=_text(version),
-        ts=_num(rec.get("ts")), input_key=input_key, input_id=_text(rec.get("id")),
-        role=_text(rec.get("role")), label=_label(rec.get("output")),
-        true_label=_text(rec.get("true_label")), latency_ms=_num(rec.get("latency_ms")),
-        fallback=None if fallback is None else int(bool(fallback)),
-        error=_text(rec.get("error")), record=raw_json,
-        kind=_text(kind), stage=_text(rec.get("stage")), raw=rec,
-    )
+        rid, device, stream, _text(get("pipeline")), _text(model), _text(get("version")),
+        _num(get("ts")), input_key, _text(get("id")), _text(get("role")), _label(output),
+        _text(get("true_label")), _num(get("latency_ms")),
+        None if fallback is None else int(bool(fallback)), _text(get("error")), raw_json,
+        _text(get("kind")), _text(get("stage")), rec)
 
 
 def parse_delivery(topic: str, payload: bytes, prefix: str = "edgeml") -> Parsed:
     """Rows and rejects of one batch message (never raises)."""
+    try:
+        return _parse(topic, payload, prefix)
+    except Exception as exc:  # whatever it is, it must not stop the collector
+        return Parsed(None, None, None, (), (Reject(
+            f"unexpected error reading the message: {type(exc).__name__}: {exc}", payload),))
+
+
+def _parse(topic: str, payload: bytes, prefix: str) -> Parsed:
     where = split_topic(topic, prefix)
     if where is None:
         return Parsed(None, None, None, (), (Reject(
@@ -224,15 +232,16 @@ def parse_delivery(topic: str, payload: bytes, prefix: str = "edgeml") -> Parsed
         elif not rec["record_id"].startswith(own):
             reason = f"record {i}: record_id {rec['record_id']!r} is not of device {device!r}"
         if reason is None:
-            raw_json = to_json(rec)
-            if len(raw_json) > MAX_RECORD_BYTES:
-                reason = f"record {i} is {len(raw_json)} bytes as JSON (limit {MAX_RECORD_BYTES})"
-            else:
-                try:
+            try:
+                raw_json = to_json(rec)
+                if len(raw_json) > MAX_RECORD_BYTES:
+                    reason = (f"record {i} is {len(raw_json)} bytes as JSON "
+                              f"(limit {MAX_RECORD_BYTES})")
+                else:
                     rows.append(make_row(device, stream, rec, raw_json))
                     continue
-                except Exception as exc:  # a malformed field must not take the batch down
-                    reason = f"record {i}: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # a malformed field must not take the batch down
+                reason = f"record {i}: {type(exc).__name__}: {exc}"
         try:
             blob = msgpack.packb(rec, use_bin_type=True, default=_json_default)
         except Exception:

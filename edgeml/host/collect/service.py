@@ -29,7 +29,9 @@ log = logging.getLogger("edgeml.host.collect")
 class Collector:
     """``await Collector(sources, sink).run()`` until :meth:`stop`.
 
-    - ``batch_max_deliveries``: deliveries per transaction, at most.
+    - ``batch_max_deliveries``, ``batch_max_bytes``: per transaction at most this many
+      deliveries, and deliveries are added only while their payloads total less than this
+      (a transaction's rows are held in memory until the commit).
     - ``batch_wait_s``: once one delivery is waiting, how long to wait for more.
     - ``status_interval_s`` / ``on_status``: a progress snapshot (:meth:`status`) every so
       often, logged and handed to ``on_status`` (the CLI prints it as a status line).
@@ -39,7 +41,8 @@ class Collector:
       before giving up on the deliveries in hand (unacknowledged, so redelivered later)."""
 
     def __init__(self, sources: Sequence[Source], sink: Sink, *,
-                 batch_max_deliveries: int = 500, batch_wait_s: float = 0.02,
+                 batch_max_deliveries: int = 500, batch_max_bytes: int = 8 << 20,
+                 batch_wait_s: float = 0.02,
                  status_interval_s: float = 10.0,
                  on_status: Callable[[dict], None] | None = None,
                  retry_min_s: float = 0.2, retry_max_s: float = 5.0,
@@ -49,6 +52,7 @@ class Collector:
         self.sources = list(sources)
         self.sink = sink
         self.batch_max_deliveries = batch_max_deliveries
+        self.batch_max_bytes = batch_max_bytes
         self.batch_wait_s = batch_wait_s
         self.status_interval_s = status_interval_s
         self.on_status = on_status
@@ -108,11 +112,16 @@ class Collector:
                 break
         # a source that ends (closed) just stops feeding; the others go on
 
-    def _take_all(self, limit: int | None = None) -> list[Delivery]:
+    def _take_all(self, limit: int | None = None, size: int = 0) -> list[Delivery]:
+        """What is waiting, up to ``limit`` deliveries and ``batch_max_bytes`` of payload
+        (``size``: bytes already taken)."""
         out = []
         q = self._queue
-        while not q.empty() and (limit is None or len(out) < limit):
-            out.append(q.get_nowait())
+        while not q.empty() and (limit is None or len(out) < limit) and \
+                size < self.batch_max_bytes:
+            d = q.get_nowait()
+            size += len(d.payload)
+            out.append(d)
         return out
 
     async def _write_loop(self, feeders: list[asyncio.Task]) -> None:
@@ -140,7 +149,8 @@ class Collector:
                         await asyncio.sleep(self.batch_wait_s)  # let a burst gather
                 else:
                     batch = []
-                batch += self._take_all(self.batch_max_deliveries - len(batch))
+                batch += self._take_all(self.batch_max_deliveries - len(batch),
+                                        sum(len(d.payload) for d in batch))
                 await self._store_until_done(batch)
         finally:
             stop_wait.cancel()

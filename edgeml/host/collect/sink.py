@@ -210,7 +210,7 @@ class Sink:
         except self._unavailable as exc:
             self._rollback()
             raise SinkUnavailableError(f"{self.name}: {exc}") from exc
-        except self._errors as exc:
+        except Exception as exc:  # a value the database refused (or a bug): isolate it
             self._rollback()
             if len(deliveries) == 1:
                 return self._quarantine_refused(deliveries[0], parsed[0], now, exc)
@@ -230,7 +230,7 @@ class Sink:
         except self._unavailable as exc:
             self._rollback()
             raise SinkUnavailableError(f"{self.name}: {exc}") from exc
-        except self._errors as exc:
+        except Exception as exc:
             self._rollback()
             return self._quarantine_refused(d, p, now, exc)
 
@@ -285,10 +285,7 @@ class Sink:
                 entry[3] = max(entry[3], delay)
                 entry[4] = delay
             for r in p.rows:
-                rec_rows.append((r.record_id, r.device, r.stream, r.pipeline, r.model,
-                                 r.version, r.ts, now, r.input_key, r.input_id, r.role,
-                                 r.label, r.true_label, r.latency_ms, r.fallback, r.error,
-                                 r.record))
+                rec_rows.append((*r[:7], now, *r[7:16]))
                 if r.pipeline and r.model and r.version and r.stream in ("outputs", "results"):
                     vk = (r.pipeline, r.model, r.version)
                     t = r.ts if r.ts is not None else now
@@ -298,7 +295,7 @@ class Sink:
                     alerts.append((r.record_id, r.device, r.pipeline, r.kind, r.ts, now,
                                    r.record))
                 elif r.stream == "deploy":
-                    raw = r.raw
+                    raw = r.raw or {}
                     deploys.append((r.record_id, r.device, r.pipeline,
                                     _s(raw.get("name")), r.version, r.stage, r.role,
                                     _s(raw.get("reason")), r.ts, now))

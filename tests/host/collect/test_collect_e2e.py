@@ -167,3 +167,27 @@ def test_sigterm_drains_and_exits_zero(broker, tmp_path):
     have = wait_db(db, {f"d9/p/{i}/m/1/outputs" for i in range(2000)}, timeout=30)
     assert len(have) == 2000
     assert col.terminate() == 0
+
+
+def test_two_collectors_share_the_work(broker, tmp_path):
+    """--group: $share/<group>/...; the broker splits the batches, both write one database,
+    every record lands once."""
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    cols = [CollectProcess("--source", broker.url, "--db", db, "--group", "g",
+                           "--client-id", f"collect-share-{i}") for i in range(2)]
+    msgs = []
+    for k in range(300):
+        recs = [{"record_id": f"d{k % 3}/p/{k * 10 + i}/m/1/outputs", "pipeline": "p",
+                 "model": "m", "version": "1", "ts": 1.0} for i in range(10)]
+        msgs.append((f"edgeml/d{k % 3}/sync/outputs", msgpack.packb(
+            {"schema": 1, "device": f"d{k % 3}", "stream": "outputs", "sent": 1.0,
+             "records": recs})))
+    publish_all(broker, msgs)
+    want = {f"d{k % 3}/p/{k * 10 + i}/m/1/outputs" for k in range(300) for i in range(10)}
+    assert wait_db(db, want, timeout=30) == want
+    stats = [c.wait_status(lambda s: s["deliveries"] > 0) for c in cols]
+    for c in cols:
+        assert c.terminate() == 0
+    final = [c.statuses[-1] for c in cols]
+    assert sum(s["deliveries"] for s in final) == 300  # each batch went to one member
+    assert all(s["deliveries"] > 0 for s in stats)

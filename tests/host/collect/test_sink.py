@@ -53,6 +53,11 @@ def test_topic_and_envelope_checks():
         assert not parsed.rows and len(parsed.rejects) == 1
         assert why in parsed.rejects[0].reason
 
+    # whatever the payload, parsing never raises (nesting deeper than Python recurses)
+    deep = b'{"schema": 1, "records": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    p = parse_delivery("edgeml/d1/sync/results", deep)
+    assert not p.rows and len(p.rejects) == 1 and p.rejects[0].payload == deep
+
     # inside a good batch, one bad record is quarantined alone
     doc = msgpack.unpackb(batch(n=3))
     doc["records"][1] = {"no": "id"}
