@@ -279,3 +279,108 @@ def test_cli_refuses_a_missing_database_and_bad_flags(tmp_path, capsys):
     assert main(["rollout", "x.edgeml", "--group", "g", "--db", db,
                  "--max-disagreement", "150%"]) == 1
     assert "--max-disagreement" in capsys.readouterr().err
+
+
+# ---- the runner's install step against a scripted fleet (no broker) -------------------------
+class ScriptedFleet:
+    """Answers statuses and pushes from a script: ``reports[device]`` is the final deploy
+    report a push gets; records what was pushed and commanded."""
+
+    def __init__(self, devices, reports):
+        self.docs = {d: {"state": "online", "deploy": {"groups": ["g"], "pipelines": {
+            "p": {"active": [{"model": "m", "version": "1", "role": "champion"}]}}}}
+            for d in devices}
+        self.reports = reports
+        self.pushed: list[str] = []
+        self.commands: list[tuple] = []
+
+    async def statuses(self):
+        return self.docs
+
+    async def push(self, data, *, device, **kw):
+        from types import SimpleNamespace
+
+        self.pushed.append(device)
+        return SimpleNamespace(final={device: self.reports[device]})
+
+    async def command(self, device, cmd, **kw):
+        self.commands.append((device, cmd, kw["model"], kw["version"]))
+        return {"ok": True, "message": f"retired {kw['model']}:{kw['version']}"}
+
+
+def _runner(tmp_path, fleet, bundle):
+    from edgeml.host.collect.sink import Sink
+    from edgeml.host.rollout.runner import RolloutRunner, RolloutSettings
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    Sink(url).close()  # the collector's schema, no records
+    db = Database(url)
+    settings = RolloutSettings(bundle=bundle, group="g", waves="1,100%", hold="1rows",
+                               hold_timeout_s=0.2, poll_s=0.05)
+    return RolloutRunner(settings, fleet, db), db
+
+
+def test_an_install_interrupted_by_a_restart_counts_already_active_as_installed(
+        tmp_path, activity_bundle):
+    import asyncio
+
+    from edgeml.host.rollout.store import RolloutStore
+
+    fleet = ScriptedFleet(["a", "b"], {})
+    runner, db = _runner(tmp_path, fleet, activity_bundle)
+    r, resumed = runner.open()
+    assert not resumed
+    store = RolloutStore(db)
+    order = wave_order(r.id, ["a", "b"])
+    store.add_wave(Wave(r.id, 0, "1", "installing", order[:1], 1.0))
+    store.set_device(r.id, DeviceState(order[0], 0, "installing"))
+    fleet.reports[order[0]] = {"stage": "noop", "pipeline": "p",
+                               "reason": "activity 1 is already active in pipeline p as canary"}
+    fleet.reports[order[1]] = {"stage": "noop", "reason": "activity 1 was deployed to "
+                               "pipeline p before (not active now: ... push with --force)"}
+    # the wave was installing when the tool stopped: a new run installs it again
+    r = asyncio.run(runner.run())
+    devices = store.devices(r.id)
+    assert devices[order[0]].state == "rolled_back"  # installed, then judged (no evidence)
+    assert r.state == "halted" and "no evidence" in r.reason
+    assert fleet.pushed == [order[0]]
+    assert fleet.commands == [(order[0], "retire", "activity", "1")]
+    db.close()
+
+
+def test_a_device_refusal_halts_with_its_reason(tmp_path, activity_bundle):
+    import asyncio
+
+    fleet = ScriptedFleet(["a"], {"a": {
+        "stage": "failed", "reason": "capacity: pipeline p would have 3 active versions, over "
+                                     "the firmware profile's models.max_active_versions = 2; "
+                                     "retire one first (nothing was evicted)"}})
+    runner, db = _runner(tmp_path, fleet, activity_bundle)
+    r = asyncio.run(runner.run())
+    assert r.state == "halted"
+    assert r.reason == ("wave 1 (1): a refused the install (failed: capacity: pipeline p "
+                        "would have 3 active versions, over the firmware profile's "
+                        "models.max_active_versions = 2; retire one first (nothing was "
+                        "evicted))")
+    assert fleet.commands == []  # nothing was installed, nothing to roll back
+    db.close()
+
+
+def test_an_unreadable_evidence_table_stops_the_run_but_keeps_the_rollout(tmp_path,
+                                                                         activity_bundle):
+    import asyncio
+
+    from edgeml.host.rollout.runner import RolloutRunner, RolloutSettings
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with Database(url) as db:  # a records table without the collector's columns
+        db.execute("CREATE TABLE records (record_id TEXT, device TEXT, stream TEXT, "
+                   "pipeline TEXT, model TEXT, version TEXT, ts REAL, record TEXT)")
+        db.commit()
+        fleet = ScriptedFleet(["a"], {"a": {"stage": "active", "ts": 1.0, "pipeline": "p"}})
+        settings = RolloutSettings(bundle=activity_bundle, group="g", waves="100%",
+                                   hold="5rows", poll_s=0.05, hold_timeout_s=0.3)
+        with pytest.raises(RolloutError, match=r"cannot read the evidence .* stays running"):
+            asyncio.run(RolloutRunner(settings, fleet, db).run())
+        (r,) = RolloutStore(db).find_running(group="g")
+        assert RolloutStore(db).devices(r.id)["a"].state == "active"

@@ -10,6 +10,7 @@ active), a wave that was holding holds on from when its installs were active.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import time
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeml.errors import FleetTimeout, RolloutError
-from edgeml.host.rollout.db import Database
+from edgeml.errors import EdgemlError, FleetTimeout, RolloutError
+from edgeml.host.rollout.db import Database, redact
 from edgeml.host.rollout.evidence import evidence as gather_evidence
 from edgeml.host.rollout.evidence import row_counts
 from edgeml.host.rollout.plan import (
@@ -338,12 +339,27 @@ class RolloutRunner:
         return self._reader
 
     def _evidence(self, r: Rollout) -> Evidence:
-        return gather_evidence(self._reader_db(), pipeline=r.pipeline, model=r.model,
-                               version=r.version, since=self._since(r))
+        return self._read(gather_evidence, r, self._since(r))
 
     def _row_counts(self, r: Rollout, devices: list[str]) -> dict[str, int]:
-        return row_counts(self._reader_db(), pipeline=r.pipeline, model=r.model,
-                          version=r.version, since=self._since(r, devices))
+        return self._read(row_counts, r, self._since(r, devices))
+
+    def _read(self, query: Callable, r: Rollout, since: dict[str, float]) -> Any:
+        """A query of the collector's tables; a database error stops this run (the rollout
+        stays running in the database, to be resumed)."""
+        try:
+            return query(self._reader_db(), pipeline=r.pipeline, model=r.model,
+                         version=r.version, since=since)
+        except Exception as exc:
+            if self._reader is not None:
+                with contextlib.suppress(Exception):
+                    self._reader.close()
+                self._reader = None
+            if isinstance(exc, EdgemlError):
+                raise
+            raise RolloutError(f"cannot read the evidence in {redact(self.db.url)} "
+                               f"({type(exc).__name__}: {exc}); rollout {r.id} stays "
+                               "running: run the same command again to resume") from exc
 
     # ---- halting --------------------------------------------------------------------------
     async def _halt(self, r: Rollout, reason: str) -> Rollout:
