@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,11 +151,13 @@ def test_a_bad_version_halts_at_the_first_wave_and_is_rolled_back(fleet, signed)
     from edgeml.keys import load_private_key
 
     said: list[str] = []
+    # a long time hold: the breach is caught early, once 300 rows are in
     settings = RolloutSettings(
-        bundle=signed["v3"], group=GROUP, waves="1,50%,100%", hold="300rows",
+        bundle=signed["v3"], group=GROUP, waves="1,50%,100%", hold="10m",
         thresholds=Thresholds(max_disagreement=0.25, max_error_rate=0.01, max_p99_ms=200.0),
-        role="canary", hold_timeout_s=60.0, poll_s=0.2, push_timeout_s=30.0,
-        sign_key=load_private_key(signed["priv"]))
+        role="canary", poll_s=0.2, push_timeout_s=30.0, early_halt_rows=300,
+        early_every_s=0.5, sign_key=load_private_key(signed["priv"]))
+    t0 = time.monotonic()
 
     async def go():
         async with Fleet(fleet["broker"].url) as fl:
@@ -164,6 +167,7 @@ def test_a_bad_version_halts_at_the_first_wave_and_is_rolled_back(fleet, signed)
     r = asyncio.run(go())
     text = "\n".join(said)
     assert r.state == "halted", text
+    assert time.monotonic() - t0 < 60 and "halting early, during the hold" in text
     assert r.reason.startswith("wave 1 (1): disagreement with the champion"), r.reason
     with Database(fleet["db"]) as db:
         store = RolloutStore(db)
@@ -177,7 +181,9 @@ def test_a_bad_version_halts_at_the_first_wave_and_is_rolled_back(fleet, signed)
     assert breach["value"] > 0.5  # shuffled labels: most answers differ from the champion
     ev = verdict["evidence"]["devices"][first]
     assert ev["rows"] >= 300 and ev["compared"] >= 300 and ev["errors"] == 0
-    assert ev["first_ts"] <= ev["last_ts"] and verdict["hold"]["rows"] >= 300
+    assert ev["first_ts"] <= ev["last_ts"]
+    assert verdict["hold"]["early"] and verdict["hold"]["kind"] == "time"
+    assert verdict["hold"]["rows"] == verdict["evidence"]["total"]["rows"] >= 300
     assert f"{first} (this wave): " in text and "rows, disagreement" in text
     # the device no longer runs v3 (signed retire); nobody else ever got it
     for dev, d in fleet["daemons"].items():

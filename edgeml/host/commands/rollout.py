@@ -74,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-rows-per-device", type=int, default=1, metavar="N",
                    help="every device of a wave must bring at least this many result rows "
                         "(default: %(default)s)")
+    p.add_argument("--early-halt-rows", type=int, default=200, metavar="N",
+                   help="while a wave holds, judge it every few seconds once its evidence has "
+                        "N rows, and halt at once on a breach (default: %(default)s; 0: judge "
+                        "only at the end of the hold)")
     p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
                    help="how often to read the database during a rows hold "
                         "(default: %(default)s)")
@@ -143,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
             bundle=args.bundle, group=args.group, waves=args.waves, hold=args.hold,
             thresholds=thresholds, role=args.role, pipeline=args.pipeline,
             hold_timeout_s=args.hold_timeout, poll_s=args.poll, push_timeout_s=args.timeout,
-            command_timeout_s=min(args.timeout, 30.0), force=args.force, sign_key=key)
+            command_timeout_s=min(args.timeout, 30.0), force=args.force, sign_key=key,
+            early_halt_rows=args.early_halt_rows, early_every_s=max(5.0, 5 * args.poll))
 
         async def go():
             async with Fleet(fleet_settings(args), topic_prefix=args.topic_prefix) as fleet:

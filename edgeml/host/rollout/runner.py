@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import time
@@ -59,6 +60,8 @@ class RolloutSettings:
     command_timeout_s: float = 10.0
     force: bool = False
     sign_key: Any = None
+    early_halt_rows: int = 200
+    early_every_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -67,7 +70,10 @@ class RolloutSettings:
                                "when the rollout is done)")
         parse_waves(self.waves)
         parse_hold(self.hold)
-        for name in ("hold_timeout_s", "poll_s", "push_timeout_s", "command_timeout_s"):
+        if self.early_halt_rows < 0:
+            raise RolloutError("--early-halt-rows must be 0 (off) or more")
+        for name in ("hold_timeout_s", "poll_s", "push_timeout_s", "command_timeout_s",
+                     "early_every_s"):
             if getattr(self, name) <= 0:
                 raise RolloutError(f"{name} must be above 0")
 
@@ -119,7 +125,8 @@ class RolloutRunner:
             model=self.manifest.name, version=self.manifest.version, group=self.s.group,
             role=self.s.role, pipeline=self.s.pipeline, waves=[str(w) for w in self.specs],
             hold=str(self.hold), thresholds={**self.s.thresholds.as_dict(),
-                                             "hold_timeout_s": self.s.hold_timeout_s})
+                                             "hold_timeout_s": self.s.hold_timeout_s,
+                                             "early_halt_rows": self.s.early_halt_rows})
         return r, False
 
     async def run(self) -> Rollout:
@@ -287,12 +294,19 @@ class RolloutRunner:
                               thresholds: Thresholds, hold_timeout: float
                               ) -> tuple[Verdict, dict]:
         started = wave.active_at or time.time()
+        early_rows = int(r.thresholds.get("early_halt_rows") or 0)
+        next_early = time.monotonic() + self.s.early_every_s
         if hold.seconds is not None:
             left = started + hold.seconds - time.time()
             self.say(f"wave {wave.wave + 1}: holding {hold} ({max(left, 0):.0f} s left)")
             while (left := started + hold.seconds - time.time()) > 0:
                 await asyncio.sleep(min(left, self.s.poll_s))
                 self._check(r)
+                if early_rows and time.monotonic() >= next_early:
+                    next_early = time.monotonic() + self.s.early_every_s
+                    early = self._early(r, wave, thresholds, early_rows, started, "time")
+                    if early is not None:
+                        return early
             ev = self._evidence(r)
             return judge(ev, thresholds, wave.devices), {
                 "kind": "time", "seconds": hold.seconds, "from": started, "to": time.time()}
@@ -320,10 +334,30 @@ class RolloutRunner:
                 self.say(f"  {rows} of {hold.rows} rows")
             await asyncio.sleep(self.s.poll_s)
             self._check(r)
+            if early_rows and time.monotonic() >= next_early:
+                next_early = time.monotonic() + self.s.early_every_s
+                early = self._early(r, wave, thresholds, early_rows, started, "rows")
+                if early is not None:
+                    return early
         ev = self._evidence(r)
         return judge(ev, thresholds, wave.devices), {
             "kind": "rows", "rows": rows, "wanted": hold.rows, "from": started,
             "to": time.time()}
+
+    def _early(self, r: Rollout, wave: Wave, thresholds: Thresholds, min_rows: int,
+               started: float, kind: str) -> tuple[Verdict, dict] | None:
+        """During a hold: a breach on at least ``min_rows`` pooled rows halts at once (a
+        version that fails everything does not run for the whole hold)."""
+        ev = self._evidence(r)
+        if ev.total.rows < min_rows:
+            return None
+        partial = dataclasses.replace(thresholds, min_rows_per_device=0)
+        verdict = judge(ev, partial, wave.devices)
+        if verdict.passed:
+            return None
+        self.say(f"  halting early, during the hold: {verdict.reason}")
+        return verdict, {"kind": kind, "early": True, "rows": ev.total.rows,
+                         "from": started, "to": time.time()}
 
     def _since(self, r: Rollout, devices: list[str] | None = None) -> dict[str, float]:
         """Device -> when the version became active there (the start of its evidence)."""
