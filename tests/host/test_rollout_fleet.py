@@ -109,7 +109,8 @@ def fleet(request, tmp_path, broker, daemon_factory, signed):
     """Three daemons (group "fleet", v1 champion, trusting the release key), a collector
     process, a stream of samples; yields the db URL. An indirect parameter adds config text
     to every daemon."""
-    more = getattr(request, "param", "")
+    param = getattr(request, "param", "")
+    more = param if isinstance(param, str) else ""
     daemons = {}
     for dev in DEVICES:
         cfg = write_config(
@@ -120,7 +121,10 @@ def fleet(request, tmp_path, broker, daemon_factory, signed):
             extra=(f'groups = ["{GROUP}"]\ntrusted_keys = ["{signed["pub"]}"]\n'
                    "[sync]\nbatch_max_wait_s = 0.1\n[metrics]\nlisten = \"\"\n" + more))
         daemons[dev] = daemon_factory(cfg)
-    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    if param == {"db": "postgresql"}:  # the collector and the rollout on a private PostgreSQL
+        db = request.getfixturevalue("postgres").create_database("rollout_fleet")
+    else:
+        db = f"sqlite:///{tmp_path / 'fleet.db'}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     collector = subprocess.Popen(
         [sys.executable, "-m", "edgeml", "collect", "--source", broker.url, "--db", db,
@@ -147,6 +151,8 @@ def active_versions(daemon) -> dict[str, str]:
                                 daemon.daemon.pipelines.members(MODEL)})
 
 
+@pytest.mark.parametrize("fleet", ["", {"db": "postgresql"}], indirect=True,
+                         ids=["sqlite", "postgresql"])
 def test_a_bad_version_halts_at_the_first_wave_and_is_rolled_back(fleet, signed):
     from edgeml.keys import load_private_key
 
