@@ -334,3 +334,38 @@ def last_record_id(db: str | FleetDB) -> int:
     finally:
         if own:
             fdb.close()
+
+
+def deploy_events(db: str | FleetDB, *, devices: Iterable[str] | None = None,
+                  pipeline: str | None = None, name: str | None = None,
+                  version: str | None = None, since: float | None = None) -> list[dict]:
+    """Deployment outcomes the devices synced (stream ``deploy``: ``active``, ``failed``,
+    ``noop``, ``rolled_back``, ``watch_passed``), oldest first, as dicts with ``record_id``,
+    ``device``, ``pipeline``, ``name``, ``version``, ``stage``, ``role``, ``reason``, ``ts``,
+    ``received``."""
+    sql = ["1 = 1"]
+    params: list[Any] = []
+    devs = tuple(devices) if devices is not None else None
+    if devs is not None:
+        if not devs:
+            return []
+        sql.append("device IN (" + ", ".join("?" * len(devs)) + ")")
+        params += list(devs)
+    for col, val in (("pipeline", pipeline), ("name", name), ("version", version)):
+        if val is not None:
+            sql.append(f"{col} = ?")
+            params.append(val)
+    if since is not None:
+        sql.append("ts >= ?")
+        params.append(since)
+    cols = ("record_id", "device", "pipeline", "name", "version", "stage", "role", "reason",
+            "ts", "received")
+    own = isinstance(db, str)
+    fdb = FleetDB(db) if isinstance(db, str) else db
+    try:
+        rows = fdb.query(f"SELECT {', '.join(cols)} FROM deploy_events WHERE "
+                         f"{' AND '.join(sql)} ORDER BY ts", params)
+    finally:
+        if own:
+            fdb.close()
+    return [dict(zip(cols, r, strict=True)) for r in rows]

@@ -60,7 +60,6 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             record {JSON} NOT NULL)""",
         "CREATE INDEX records_pipeline_ts ON records (pipeline, stream, ts)",
         "CREATE INDEX records_input ON records (input_key)",
-        "CREATE INDEX records_received ON records (received)",
         """CREATE TABLE alerts (
             record_id TEXT PRIMARY KEY,
             device TEXT NOT NULL,

@@ -29,6 +29,11 @@ from edgeml.host.collect.schema import migrate
 log = logging.getLogger("edgeml.host.collect.sink")
 
 DEFAULT_DB = "sqlite:///edgeml-fleet.db"
+#: PostgreSQL: batches of at least this many records go through COPY
+COPY_MIN_ROWS = 50
+_RECORD_COLUMNS = ("record_id, device, stream, pipeline, model, version, ts, received, "
+                   "input_key, input_id, role, label, true_label, latency_ms, fallback, error, "
+                   "record")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,7 @@ class Sink:
         self.prefix = prefix
         self.retention_days = retention_days
         self._conn: Any = None
+        self._staging = False  # PostgreSQL: the COPY staging table exists on this connection
         self._errors: tuple[type[BaseException], ...] = ()
         self._unavailable: tuple[type[BaseException], ...] = ()
         self.schema: tuple[int, int] | None = None
@@ -160,6 +166,7 @@ class Sink:
         self.connect()
 
     def close(self) -> None:
+        self._staging = False
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -300,11 +307,7 @@ class Sink:
                                     _s(raw.get("name")), r.version, r.stage, r.role,
                                     _s(raw.get("reason")), r.ts, now))
         self._begin()
-        stored = self._executemany(
-            "INSERT INTO records (record_id, device, stream, pipeline, model, version, ts, "
-            "received, input_key, input_id, role, label, true_label, latency_ms, fallback, "
-            "error, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, JSONVAL(?)) "
-            "ON CONFLICT (record_id) DO NOTHING", rec_rows)
+        stored = self._insert_records(rec_rows)
         self._executemany(
             "INSERT INTO alerts (record_id, device, pipeline, kind, ts, received, record) "
             "VALUES (?, ?, ?, ?, ?, ?, JSONVAL(?)) ON CONFLICT (record_id) DO NOTHING", alerts)
@@ -344,6 +347,35 @@ class Sink:
         q = self._quarantine(now, quarantine)
         self._conn.commit()
         return StoreResult(len(deliveries), records, stored, len(rec_rows) - stored, q)
+
+    def _insert_records(self, rows: list[tuple]) -> int:
+        """The new rows of ``records``; duplicates (by record_id) are skipped.
+
+        PostgreSQL: rows are streamed with ``COPY`` into a temporary table (emptied at each
+        commit) and moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, several
+        times faster than a pipelined ``executemany`` for batches of hundreds of rows."""
+        if not rows:
+            return 0
+        if self.dialect == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+            with self._conn.cursor() as cur:
+                if not self._staging:
+                    cur.execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS incoming_records "
+                        "(LIKE records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                    cur.execute("ALTER TABLE incoming_records DROP COLUMN IF EXISTS id")
+                    self._staging = True
+                with cur.copy(f"COPY incoming_records ({_RECORD_COLUMNS}) FROM STDIN") as cp:
+                    for row in rows:
+                        cp.write_row(row)
+                cur.execute(f"INSERT INTO records ({_RECORD_COLUMNS}) SELECT "
+                            f"{_RECORD_COLUMNS} FROM incoming_records "
+                            "ON CONFLICT (record_id) DO NOTHING")
+                stored = max(cur.rowcount, 0)
+                cur.execute("DELETE FROM incoming_records")  # several per transaction
+                return stored
+        return self._executemany(
+            f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?, ?, ?, JSONVAL(?)) ON CONFLICT (record_id) DO NOTHING", rows)
 
     # ---- retention ----------------------------------------------------------------------
     def expire(self, now: float | None = None) -> int:

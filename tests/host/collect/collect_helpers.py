@@ -11,12 +11,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 class CollectProcess:
-    """``edgeml collect`` as a subprocess; its JSON status lines are kept in ``statuses``."""
+    """``edgeml collect`` as a subprocess; its JSON status lines are kept in ``statuses``.
+    ``kill_leftovers()`` kills those still running (the tests call it after each test)."""
+
+    started: ClassVar[list[CollectProcess]] = []
 
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -25,6 +29,7 @@ class CollectProcess:
             [sys.executable, "-m", "edgeml", "collect", "--status-interval", "0.2",
              "--json-status", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        CollectProcess.started.append(self)
         self.statuses: list[dict] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
@@ -101,3 +106,12 @@ def wait_db(db: str, want: set[str], timeout: float = 60.0) -> set[str]:
     return have
 
 
+
+
+def kill_leftovers() -> None:
+    """Kill the collectors a failed test left running (by their pid)."""
+    for c in CollectProcess.started:
+        if c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait(10)
+    CollectProcess.started.clear()

@@ -9,8 +9,15 @@ import threading
 import time
 
 import msgpack
-from collect_helpers import CollectProcess, db_ids, wait_db
+import pytest
+from collect_helpers import CollectProcess, db_ids, kill_leftovers, wait_db
 from conftest import Collector, gait_messages, gait_pipeline, publish_all, write_config
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_collectors():
+    yield
+    kill_leftovers()
 
 
 def _ids_of(m) -> set[str]:

@@ -16,13 +16,19 @@ import sys
 import msgpack
 import numpy as np
 import pytest
-from collect_helpers import ROOT, CollectProcess, wait_db
+from collect_helpers import ROOT, CollectProcess, kill_leftovers, wait_db
 from conftest import publish_all, write_config
 
 from edgeml.host.collect.batch import decode_payload
 from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 
 DEVICES = ("watch-01", "watch-02")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_collectors():
+    yield
+    kill_leftovers()
 
 
 def labelled_windows(device: str, series_idx, test) -> list[tuple[str, bytes]]:

@@ -112,6 +112,17 @@ def _check_sink(sink: Sink) -> None:
     assert sink._execute("SELECT kind FROM alerts").fetchall() == [("canary_agreement_low",)]
     assert sink._execute("SELECT name, version, stage FROM deploy_events").fetchall() == [
         ("m", "2", "active")]
+    # the readers a rollout uses, on either database
+    from edgeml.host.collect.evidence import deploy_events, version_evidence
+
+    ev = deploy_events(sink.url, devices=["d1"], version="2")
+    assert [(e["device"], e["name"], e["stage"], e["ts"]) for e in ev] == [
+        ("d1", "m", "active", 6.0)]
+    assert deploy_events(sink.url, devices=["d2"]) == []
+    (fig,) = version_evidence(sink.url, pipeline="p")
+    assert (fig.key, fig.rows, fig.answers, fig.answer_share, fig.latency_p50_ms) == (
+        "m:1", 5, 3, 1.0, 2.5)
+    assert fig.devices == 2 and fig.agreement == 1.0 and fig.fallback_rate == 0.0
     # retention: records older than the setting go
     sink.retention_days = 1.0
     # ts 1000-1002 of d1 and d2, the alert (5) and the deploy event (6)
