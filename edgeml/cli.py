@@ -38,6 +38,7 @@ VERBS: tuple[tuple[str, str], ...] = (
     ("bench", "edgeml.host.commands.bench"),
     ("collect", "edgeml.host.commands.collect"),
     ("fleet", "edgeml.host.commands.fleet"),
+    ("rollout", "edgeml.host.commands.rollout"),
 )
 
 

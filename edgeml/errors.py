@@ -254,3 +254,10 @@ class SinkUnavailableError(CollectError):
     collector retries the same deliveries and acknowledges nothing meanwhile."""
 
     kind = "sink_unavailable"
+
+
+class RolloutError(EdgemlError):
+    """A staged rollout cannot start or go on: bad waves, hold or thresholds, a database it
+    cannot use, or no device to roll out to."""
+
+    kind = "rollout"

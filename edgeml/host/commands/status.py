@@ -31,7 +31,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stale-after", type=float, default=60.0, metavar="SECONDS",
                    help="show a device as stale when its last report is older than this "
                         "(default: %(default)s)")
+    p.add_argument("--db", metavar="URL",
+                   help="also list the running rollouts kept in this fleet database "
+                        "(sqlite:///PATH or postgresql://...)")
     add_connection_arguments(p, timeout=10.0)
+
+
+def rollouts_section(db_url: str | None) -> str | None:
+    """The running rollouts in ``db_url`` as a table (None without --db)."""
+    if not db_url:
+        return None
+    from edgeml.host.rollout.db import Database
+    from edgeml.host.rollout.store import RolloutStore
+    from edgeml.host.rollout.view import rollouts_table
+
+    with Database(db_url, must_exist=True) as db:
+        return rollouts_table(RolloutStore(db))
 
 
 def summarize(device: str, doc: dict, now: float, stale_after: float) -> dict:
@@ -157,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         async with Fleet(_settings(args), topic_prefix=args.topic_prefix) as fleet:
             return await fleet.statuses(timeout=args.timeout)
 
+    rollouts = rollouts_section(getattr(args, "db", None))
     if args.once:
         docs = asyncio.run(once())
         now = time.time()
@@ -168,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("no device has reported on "
                   f"{args.topic_prefix}/+/status at {args.broker}")
+        if rollouts is not None and not args.json:
+            print(f"\n{rollouts}")
         return 0
 
     async def follow() -> None:
@@ -188,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
                 printed = now
                 rows = [summarize(d, latest[d], now, args.stale_after) for d in sorted(latest)]
                 print(f"\n{time.strftime('%H:%M:%S')}\n{render(rows)}", flush=True)
+                if args.db:
+                    print(f"\n{rollouts_section(args.db)}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(follow())
