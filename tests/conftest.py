@@ -109,6 +109,25 @@ def collector(broker: MosquittoBroker) -> Iterator:
             c.close()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator:
+    """A private PostgreSQL cluster on a free loopback port for the whole session (run as the
+    ``postgres`` user when we are root); ``postgres.create_database(name)`` gives a fresh
+    database's URL, ``postgres.restart()`` restarts the server on the same port."""
+    from edgeml.errors import CollectError
+    from edgeml.host.collect.postgres import PostgresCluster
+
+    pytest.importorskip("psycopg")
+    try:
+        pg = PostgresCluster().start()
+    except CollectError as exc:
+        pytest.skip(f"no private PostgreSQL: {exc}")
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
 def publish_all(broker: MosquittoBroker, items, qos: int = 1) -> None:
     """Publish ``(topic, payload)`` pairs and wait until every QoS 1 publish is acknowledged."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2)

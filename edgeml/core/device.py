@@ -640,6 +640,7 @@ class Device:
             d["published"] = self.egress.published.get(p.config.name, 0)
             d["rawlog"] = status_doc.safe(lambda p=p: p.inlet.rawlog.stats)
             d["windows_pending"] = p.inlet.assembler.pending_topics
+            d["sequence"] = p.runtime.stats.sequence.status()
             fmt = p.inlet.assembler.status()
             if fmt is not None:
                 d["format"] = {"name": p.config.format, **fmt}
