@@ -1,7 +1,8 @@
 """A real daemon syncing through a 3-node NATS cluster's MQTT listeners: the node it is
 connected to is killed mid-stream, the uplink fails over to the next URL, and every record
-lands in JetStream, read by the collector's NATS source (none missing; duplicates allowed).
-Twice: the killed node leads nothing, or it leads the MQTT layer's message stream."""
+lands: in JetStream, read by the NATS source in this process, and in the ``records`` table
+of an ``edgeml collect --source nats://...`` subprocess (none missing; duplicates allowed on
+the wire). Twice: the killed node leads nothing, or it leads the MQTT layer's message stream."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import msgpack
 import paho.mqtt.client as paho
 import pytest
+from collect_helpers import CollectProcess, kill_leftovers, wait_db
 from conftest import gait_messages, gait_pipeline, publish_all, write_config
 
 nats = pytest.importorskip("nats")
@@ -19,6 +21,12 @@ nats = pytest.importorskip("nats")
 from edgeml.host.collect.nats_source import NatsSource  # noqa: E402
 
 MQTT_STREAMS = ("$MQTT_msgs", "$MQTT_sess", "$MQTT_rmsgs")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_collectors():
+    yield
+    kill_leftovers()
 
 
 class JetStreamSink:
@@ -134,7 +142,10 @@ def test_node_killed_mid_stream_uplink_fails_over_nothing_missing(
     first = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="hello")
     first.connect(rest[0].host, rest[0].mqtt_port)
     first.disconnect()
-    sink = JetStreamSink("nats://" + ",".join(n.url.removeprefix("nats://") for n in rest))
+    survivors = "nats://" + ",".join(n.url.removeprefix("nats://") for n in rest)
+    sink = JetStreamSink(survivors)
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collect = CollectProcess("--source", survivors, "--db", db)  # before the devices sync
     try:
         urls = ", ".join(f'"{n.mqtt_url}"' for n in c.nodes)  # the victim first
         up = (f"[upstream]\nurls = [{urls}]\nprotocol = \"3.1.1\"\nfailover_after_s = 1.0\n"
@@ -159,8 +170,13 @@ def test_node_killed_mid_stream_uplink_fails_over_nothing_missing(
             sink.wait_for(stream, want, 90)
         took = time.monotonic() - t0
         status = d.status()["uplink"]
+        want = {f"gw-01/gait/{i}/gait/1/{s}" for i in range(600) for s in ("outputs", "results")}
+        have = wait_db(db, want, 60)
+        assert collect.terminate() == 0
     finally:
         sink.close()
+    missing = want - have
+    assert not missing, f"{len(missing)} record(s) missing in records, e.g. {sorted(missing)[:3]}"
     assert sink.error is None
     assert before < 600  # the kill came before the first half was all upstream
     assert status["failovers"] >= 1 and status["upstream"] != victim.mqtt_url
