@@ -22,7 +22,7 @@ another collector of the same durable (``group``). The collector drops duplicate
 ``record_id``.
 
 URL: ``nats://HOST:PORT[,HOST:PORT...][?from=mqtt|stream&stream=NAME]``; a user and password
-in the URL are passed to the server.
+in the URL (or ``username``/``password``) are passed to the server.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ class NatsSource:
     def __init__(self, url: str, *, prefix: str = "edgeml", group: str | None = None,
                  from_: str | None = None, stream: str | None = None,
                  replicas: int | None = None, max_batch: int = 256, ack_wait_s: float = 30.0,
-                 max_ack_pending: int = 10_000) -> None:
+                 max_ack_pending: int = 10_000, username: str | None = None,
+                 password: str | None = None) -> None:
         servers, opts = parse_nats_url(url)
         self.url = url
         self.name = url
@@ -128,6 +129,7 @@ class NatsSource:
             self.filter = subjects
         self.subjects = subjects
         self.replicas = replicas
+        self._auth = {"user": username, "password": password} if username else {}
         self.max_batch = max_batch
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending
@@ -146,7 +148,7 @@ class NatsSource:
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 connect_timeout=5, allow_reconnect=True,
                 disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
-                error_cb=self._error_cb)
+                error_cb=self._error_cb, **self._auth)
         except Exception as exc:  # nats-py raises several kinds; one clear error here
             raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
         try:

@@ -19,7 +19,9 @@ Sources (--source, repeatable):
                                          id, clean session off), QoS 1; with --group NAME the
                                          subscription is $share/NAME/{p}/+/sync/# so several
                                          collectors split the work
-  nats://HOST:PORT                       a NATS JetStream durable consumer
+  nats://HOST:PORT[,HOST:PORT...]        a NATS JetStream durable consumer on what NATS's
+                                         MQTT listener stored ($MQTT_msgs; add ?from=stream
+                                         for a stream of our own on {p}.*.sync.>)
 
 Databases (--db):
   sqlite:///PATH                         an embedded SQLite file (default ./edgeml-fleet.db)
@@ -119,7 +121,8 @@ def make_sources(args: argparse.Namespace) -> list:
             except ImportError as exc:
                 raise ConfigError(f"NATS sources are not available: {exc}",
                                   key="--source") from exc
-            sources.append(NatsSource(url, prefix=args.topic_prefix, group=args.group))
+            sources.append(NatsSource(url, prefix=args.topic_prefix, group=args.group,
+                                      username=args.username, password=password))
         else:
             raise ConfigError(f"must be mqtt://, mqtts:// or nats://, not {url!r}",
                               key="--source")
