@@ -37,7 +37,14 @@ from urllib.parse import parse_qs, urlsplit
 import nats
 import nats.errors
 import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 from edgeml.errors import ConfigError, TransportError
 from edgeml.host.collect.source import Delivery
@@ -182,24 +189,16 @@ class NatsSource:
         log.warning("%s: %s", self.url, message)
 
     async def _ensure(self, timeout: float = 60.0) -> None:
-        """The stream (made if ours and missing, awaited if the MQTT layer's) and the
-        durable consumer, then the pull subscription bound to it."""
+        """The stream (made if missing), the durable consumer, then the pull subscription
+        bound to it."""
         assert self._nc is not None
         js = self._nc.jetstream()
         deadline = asyncio.get_running_loop().time() + timeout
         waited = False
         while True:
             try:
-                if self.mode == "stream":
-                    await self._make_stream(js)
-                else:
-                    await js.stream_info(MQTT_STREAM)
+                await self._make_stream(js)
                 break
-            except nats.js.errors.NotFoundError:
-                if not waited:
-                    log.warning("waiting for NATS's MQTT layer to create %s (it does when the "
-                                "first MQTT client connects)", MQTT_STREAM)
-                    waited = True
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
                     nats.errors.NoRespondersError) as exc:  # no JetStream leader yet
                 if not waited:
@@ -223,23 +222,32 @@ class NatsSource:
                      self.stream, exc.description)
         self._sub = await js.pull_subscribe_bind(self.durable, self.stream)
 
+    def _stream_config(self, replicas: int) -> StreamConfig:
+        if self.mode == "mqtt":
+            # exactly what NATS's MQTT layer makes when its first client connects (it then
+            # uses this one): made first, no acknowledged publish can find it missing
+            return StreamConfig(name=MQTT_STREAM, subjects=[MQTT_SUBJECT_PREFIX + ">"],
+                                retention=RetentionPolicy.INTEREST, storage=StorageType.FILE,
+                                num_replicas=replicas)
+        return StreamConfig(name=self.stream, subjects=[self.subjects], num_replicas=replicas)
+
     async def _make_stream(self, js) -> None:
         try:
             info = await js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
             pass
         else:
-            if self.subjects not in (info.config.subjects or []):
+            if self.mode == "stream" and self.subjects not in (info.config.subjects or []):
                 raise ConfigError(f"stream {self.stream} exists without subject "
                                   f"{self.subjects} (has {info.config.subjects})",
                                   key="--source")
             return
         for replicas in ([self.replicas] if self.replicas else [3, 1]):
             try:
-                await js.add_stream(StreamConfig(name=self.stream, subjects=[self.subjects],
-                                                 num_replicas=replicas))
+                config = self._stream_config(replicas)
+                await js.add_stream(config)
                 log.info("created stream %s on %s with %d replica(s)", self.stream,
-                         self.subjects, replicas)
+                         config.subjects[0], replicas)
                 return
             except nats.js.errors.APIError as exc:
                 if exc.err_code in _NOT_CLUSTERED and replicas > 1 and not self.replicas:

@@ -11,7 +11,6 @@ import threading
 import time
 
 import msgpack
-import paho.mqtt.client as paho
 import pytest
 from collect_helpers import CollectProcess, kill_leftovers, wait_db
 from conftest import gait_messages, gait_pipeline, publish_all, write_config
@@ -138,17 +137,13 @@ def test_node_killed_mid_stream_uplink_fails_over_nothing_missing(
         broker, nats_cluster, daemon_factory, tmp_path, gait_bundle, victim_leads):
     c = nats_cluster
     victim, rest = c.nodes[0], c.nodes[1:]
-    # the MQTT layer creates its streams on the first MQTT connection
-    first = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="hello")
-    first.connect(rest[0].host, rest[0].mqtt_port)
-    first.disconnect()
     survivors = "nats://" + ",".join(n.url.removeprefix("nats://") for n in rest)
     sink = JetStreamSink(survivors)
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     collect = CollectProcess("--source", survivors, "--db", db)  # before the devices sync
     try:
         urls = ", ".join(f'"{n.mqtt_url}"' for n in c.nodes)  # the victim first
-        up = (f"[upstream]\nurls = [{urls}]\nprotocol = \"3.1.1\"\nfailover_after_s = 1.0\n"
+        up = (f"[upstream]\nurls = [{urls}]\nprotocol = \"3.1.1\"\nfailover_after_s = 3.0\n"
               "[sync]\nbatch_max_wait_s = 0.05\nbatch_max_records = 40\n")
         cfg = write_config(tmp_path / "edgeml.toml", broker=broker, data_dir=tmp_path / "data",
                            models=[{"name": "gait", "version": "1", "bundle": gait_bundle}],

@@ -72,12 +72,10 @@ def test_bad_urls_name_the_option() -> None:
 
 
 def test_mqtt_layer_stream_delivers_every_acknowledged_publish(nats_server) -> None:
-    """from=mqtt: the durable consumer on $MQTT_msgs gets what devices published after it
-    existed, topics in MQTT form; what is acknowledged is not delivered again, and what is
-    not is redelivered."""
-    s = nats_server
-    # the MQTT layer makes its stream on the first MQTT connection
-    mqtt_publish(s.host, s.mqtt_port, [("other/x", b"before")])
+    """from=mqtt: the source creates the MQTT layer's stream before any device connected; its
+    durable consumer gets what devices published, topics in MQTT form; what is acknowledged
+    is not delivered again, and what is not is redelivered."""
+    s = nats_server  # no MQTT client yet: the source makes $MQTT_msgs, the MQTT layer uses it
 
     async def main() -> None:
         src = NatsSource(s.url, ack_wait_s=1.0)
