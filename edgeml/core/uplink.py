@@ -451,6 +451,14 @@ class Uplink:
         await self._call(self.outbox.ack_drop_report, report)
 
     # ---- status -----------------------------------------------------------------------------
+    def _upstream_url(self, client: Transport | None) -> str | None:
+        """The broker in use as ``scheme://host:port`` (never a user or password in status)."""
+        settings = (self._upstreams[self._current] if self._upstreams
+                    else getattr(client, "settings", None))
+        if not isinstance(settings, BrokerSettings):
+            return None
+        return f"{'mqtts' if settings.tls else 'mqtt'}://{settings.host}:{settings.port}"
+
     @property
     def stats(self) -> dict[str, Any]:
         """For the status topic: what was sent, when the last PUBACK came, errors, link state."""
@@ -466,7 +474,6 @@ class Uplink:
                                if self._last_ack is not None else None),
             "errors": self.errors,
             "last_error": self.last_error,
-            "upstream": (self._upstreams[self._current].url if self._upstreams
-                         else getattr(getattr(client, "settings", None), "url", None)),
+            "upstream": self._upstream_url(client),
             "failovers": self.failovers,
         }
