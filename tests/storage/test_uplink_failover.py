@@ -12,6 +12,7 @@ from test_uplink import DEVICE, SYNC, ids_of, inputs, put, settings, until
 from edgeml.core.uplink import Uplink
 from edgeml.host.broker import free_port
 from edgeml.storage.outbox import Outbox
+from edgeml.transport.mqtt import MqttTransport
 
 
 @contextlib.asynccontextmanager
@@ -59,17 +60,32 @@ def test_broker_lost_mid_stream_fails_over_and_loses_nothing(tmp_path: Path, bro
 
 
 def test_first_upstream_away_at_start_goes_to_the_next(tmp_path: Path, broker, collector):
+    """Each connection speaks its own MQTT version: the second is MQTT 5."""
     sub = collector(SYNC, client_id="cloud", clean=False)
     dead = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
     stream = inputs(0, 50)
+    used: list[tuple[str, str]] = []
+
+    def connector(s, **kwargs):
+        used.append((s.url, s.protocol))
+        return MqttTransport(s, **kwargs)
 
     async def main():
         with Outbox(tmp_path / "outbox") as ob:
-            async with failover_uplink(ob, [dead, broker.url], failover_after_s=0.3) as up:
+            up = Uplink(ob, [settings(dead), settings(broker.url, protocol="5")],
+                        connector=connector, failover_after_s=0.3, topic_prefix="edgeml",
+                        device_id=DEVICE, retry_min_s=0.05, batch_max_wait_s=0.05)
+            task = asyncio.create_task(up.run())
+            try:
                 await put(ob, up, stream)
                 await asyncio.to_thread(sub.wait_for,
                                         lambda m: ids_of(m) >= {r[1] for r in stream}, 20)
                 return up.stats
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     stats = asyncio.run(main())
     assert stats["upstream"] == broker.url and stats["failovers"] == 1
+    assert used[:2] == [(dead, "3.1.1"), (broker.url, "5")]
