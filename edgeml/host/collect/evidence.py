@@ -15,6 +15,8 @@ Definitions (docs/fleet.md):
 - ``fallbacks`` / ``fallback_rate``: its answers flagged ``fallback`` / its answers.
 - ``latency_p50_ms`` / ``latency_p99_ms``: of its answers (input arrival to answer, on the
   device), numpy's linear-interpolation percentiles.
+- ``scoring_p50_ms`` / ``scoring_p99_ms``: of its results' own scoring time (every version,
+  also one that never answers, such as a canary or a shadow).
 - ``agreement``: share of inputs, among those both this version and the champion scored
   without error, where their labels are equal (``compared`` such inputs). The champion is the
   version whose result had role ``champion`` for that same input.
@@ -52,6 +54,8 @@ class VersionEvidence:
     fallback_rate: float | None = None
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    scoring_p50_ms: float | None = None
+    scoring_p99_ms: float | None = None
     compared: int = 0
     agreement: float | None = None
     labelled: int = 0
@@ -196,24 +200,26 @@ def _evidence(db: FleetDB, sel: Selection) -> list[VersionEvidence]:
     Key = tuple[str, str, str]
     acc: dict[Key, dict[str, Any]] = defaultdict(lambda: {
         "roles": set(), "devices": set(), "rows": 0, "errors": 0, "answers": 0,
-        "fallbacks": 0, "latency": [], "compared": 0, "agree": 0, "truth": [], "pred": [],
+        "fallbacks": 0, "latency": [], "scoring": [], "compared": 0, "agree": 0, "truth": [], "pred": [],
         "drift": [], "last_id": 0})
 
     where, params = sel.where("results")
     results = db.query(
         "SELECT id, device, pipeline, model, version, role, input_key, label, true_label, "
-        f"error FROM records WHERE {where}", params)
+        f"error, latency_ms FROM records WHERE {where}", params)
     champion: dict[str, str | None] = {}
-    for _id, _dev, _p, _m, _v, role, ikey, label, _t, error in results:
+    for _id, _dev, _p, _m, _v, role, ikey, label, _t, error, _lat in results:
         if role == "champion" and ikey is not None:
             champion[ikey] = None if error is not None else label
-    for rid, dev, p, m, v, role, ikey, label, truth, error in results:
+    for rid, dev, p, m, v, role, ikey, label, truth, error, lat in results:
         a = acc[(p or "", m or "", v or "")]
         a["last_id"] = max(a["last_id"], rid)
         a["devices"].add(dev)
         if role:
             a["roles"].add(role)
         a["rows"] += 1
+        if lat is not None:
+            a["scoring"].append(float(lat))
         if error is not None:
             a["errors"] += 1
             continue
@@ -275,6 +281,8 @@ def _evidence(db: FleetDB, sel: Selection) -> list[VersionEvidence]:
             fallbacks=a["fallbacks"], fallback_rate=_ratio(a["fallbacks"], a["answers"]),
             latency_p50_ms=percentile(a["latency"], 50),
             latency_p99_ms=percentile(a["latency"], 99),
+            scoring_p50_ms=percentile(a["scoring"], 50),
+            scoring_p99_ms=percentile(a["scoring"], 99),
             compared=a["compared"], agreement=_ratio(a["agree"], a["compared"]),
             labelled=labelled,
             accuracy=_ratio(sum(t == q for t, q in zip(a["truth"], a["pred"], strict=True)),

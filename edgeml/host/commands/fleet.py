@@ -109,7 +109,7 @@ def _num(v: float | None, fmt: str = ".2f") -> str:
 
 def render_table(report: dict) -> str:
     head = ("pipeline", "version", "role", "devices", "rows", "answers", "agree", "p50 ms",
-            "p99 ms", "errors", "fallback", "labelled", "accuracy", "macro-F1", "out PSI")
+            "p99 ms", "score p99", "errors", "fallback", "labelled", "accuracy", "macro-F1", "out PSI")
     rows: list[tuple[str, ...]] = []
     for v in report["versions"]:
         drift = v["drift"]
@@ -118,7 +118,7 @@ def render_table(report: dict) -> str:
                      ",".join(v["roles"]) or "-", str(v["devices"]), f"{v['rows']:,}",
                      _pct(v["answer_share"]), _pct(v["agreement"]),
                      _num(v["latency_p50_ms"]), _num(v["latency_p99_ms"]),
-                     _pct(v["error_rate"]), _pct(v["fallback_rate"]), f"{v['labelled']:,}",
+                     _num(v.get("scoring_p99_ms")), _pct(v["error_rate"]), _pct(v["fallback_rate"]), f"{v['labelled']:,}",
                      _pct(v["accuracy"]), _num(v["macro_f1"], ".3f"), _num(psi, ".3f")))
     if not rows:
         return "no records in the selection"

@@ -114,6 +114,8 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
             "macro_f1": f1_score(truth, pred, average="macro"),
             "latency_p50_ms": np.percentile(lat, 50) if lat else None,
             "latency_p99_ms": np.percentile(lat, 99) if lat else None,
+            "scoring_p50_ms": np.percentile([r["latency_ms"] for r in mine], 50),
+            "scoring_p99_ms": np.percentile([r["latency_ms"] for r in mine], 99),
             "error_rate": 0.0, "fallback_rate": 0.0 if ans else None, "devices": 2,
         }
         windows = sorted((d for d in drifts.values()
