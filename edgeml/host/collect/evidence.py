@@ -200,8 +200,8 @@ def _evidence(db: FleetDB, sel: Selection) -> list[VersionEvidence]:
     Key = tuple[str, str, str]
     acc: dict[Key, dict[str, Any]] = defaultdict(lambda: {
         "roles": set(), "devices": set(), "rows": 0, "errors": 0, "answers": 0,
-        "fallbacks": 0, "latency": [], "scoring": [], "compared": 0, "agree": 0, "truth": [], "pred": [],
-        "drift": [], "last_id": 0})
+        "fallbacks": 0, "latency": [], "scoring": [], "compared": 0, "agree": 0,
+        "truth": [], "pred": [], "drift": [], "last_id": 0})
 
     where, params = sel.where("results")
     results = db.query(

@@ -109,7 +109,8 @@ def _num(v: float | None, fmt: str = ".2f") -> str:
 
 def render_table(report: dict) -> str:
     head = ("pipeline", "version", "role", "devices", "rows", "answers", "agree", "p50 ms",
-            "p99 ms", "score p99", "errors", "fallback", "labelled", "accuracy", "macro-F1", "out PSI")
+            "p99 ms", "score p99", "errors", "fallback", "labelled", "accuracy", "macro-F1",
+            "out PSI")
     rows: list[tuple[str, ...]] = []
     for v in report["versions"]:
         drift = v["drift"]
