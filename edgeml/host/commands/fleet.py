@@ -119,7 +119,8 @@ def render_table(report: dict) -> str:
                      ",".join(v["roles"]) or "-", str(v["devices"]), f"{v['rows']:,}",
                      _pct(v["answer_share"]), _pct(v["agreement"]),
                      _num(v["latency_p50_ms"]), _num(v["latency_p99_ms"]),
-                     _num(v.get("scoring_p99_ms")), _pct(v["error_rate"]), _pct(v["fallback_rate"]), f"{v['labelled']:,}",
+                     _num(v.get("scoring_p99_ms")), _pct(v["error_rate"]),
+                     _pct(v["fallback_rate"]), f"{v['labelled']:,}",
                      _pct(v["accuracy"]), _num(v["macro_f1"], ".3f"), _num(psi, ".3f")))
     if not rows:
         return "no records in the selection"
