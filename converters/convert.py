@@ -221,6 +221,7 @@ def convert_estimator(
     description: str = "",
     target_opset: Mapping[str, int] | None = None,
     converter: str = DEFAULT_CONVERTER,
+    portable: bool = False,
 ) -> ConversionReport:
     """Convert ``estimator``, prove parity on ``sample``, write the bundle to ``out``.
 
@@ -231,6 +232,8 @@ def convert_estimator(
     few elementwise nodes (:mod:`converters.trees`), everything else goes through skl2onnx;
     ``"skl2onnx"`` uses skl2onnx's own converters for every step. Parity is checked on the
     graph that is written either way.
+    ``portable``: write ``release`` and ``reference`` inside ``provenance.extensions``, so
+    devices from before those keys load the bundle too (docs/bundle-format.md).
     Raises UnsupportedEstimatorError, ParityError (nothing written) or ConversionError.
     """
     check_converter(converter)
@@ -361,6 +364,7 @@ def convert_estimator(
         self_test=_self_test(rows, expected, self_test_rows, tolerance, regression=regression),
         description=description,
         reference=reference,
+        portable=portable,
     )
     path = write_bundle(Path(out), manifest, model_bytes, sign_key=sign_key)
     return ConversionReport(path=path, manifest=manifest, parity=parity,

@@ -220,8 +220,10 @@ def label_depth_threshold(denominator: float, offset: float) -> float:
     non-negative doubles, with numpy's own float64 arithmetic (the operations scikit-learn
     runs). ``inf`` if no depth reaches 0 (every row is an anomaly)."""
     def ok(bits: int) -> bool:
-        d = np.array([bits], dtype=np.int64).view(np.float64)[0]
-        return bool(_decision_from_depth(d, denominator, offset) >= 0)
+        # an array, never a numpy scalar: scikit-learn scores arrays, and numpy's array
+        # ``power`` (SIMD) and its scalar one (libm) can differ by an ulp
+        d = np.array([bits], dtype=np.int64).view(np.float64)
+        return bool(_decision_from_depth(d, denominator, offset)[0] >= 0)
 
     lo = 0
     hi = int(np.array([np.finfo(np.float64).max], dtype=np.float64).view(np.int64)[0])

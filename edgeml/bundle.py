@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -41,7 +42,16 @@ if TYPE_CHECKING:
         Ed25519PublicKey,
     )
 
+log = logging.getLogger("edgeml.bundle")
+
 MANIFEST_VERSION = 1
+#: Optional top-level keys added to manifest_version 1 after its first release. A portable
+#: manifest (``Manifest.portable``) writes them inside ``provenance.extensions`` instead: a
+#: reader from before them refuses them at the top level but takes ``provenance`` as free
+#: metadata, so it loads the bundle (and does without them); this reader takes them from
+#: either place (docs/bundle-format.md, "Compatibility").
+EXTENSION_KEYS = ("release", "reference")
+EXTENSIONS = "extensions"
 MODEL_MEMBER = "model.onnx"
 MANIFEST_MEMBER = "manifest.json"
 SIGNATURE_MEMBER = "signature.json"
@@ -169,6 +179,11 @@ class Manifest:
         return self.release if self.release is not None else release_of_version(self.version)
     # drift: the training data's profile (docs/bundle-format.md, "reference"); optional
     reference: dict | None = None
+    # write release and reference inside provenance.extensions, where readers from before
+    # those keys do not look (docs/bundle-format.md, "Compatibility")
+    portable: bool = False
+    # unknown top-level keys the reader ignored (with a warning): a newer writer's additions
+    ignored: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """The JSON shape of ``manifest.json`` (plain lists, str keys; numpy values unwrapped)."""
@@ -205,10 +220,15 @@ class Manifest:
                 "rtol": st.rtol,
             },
         }
+        ext: dict[str, Any] = {}
         if self.release is not None:  # absent from bundles made before it
-            d["release"] = self.release
+            ext["release"] = self.release
         if self.reference is not None:  # drift reference: absent from older manifests
-            d["reference"] = self.reference
+            ext["reference"] = self.reference
+        if self.portable and ext:
+            d["provenance"] = {**self.provenance, EXTENSIONS: ext}
+        else:
+            d.update(ext)
         return _jsonable(d, "")
 
     def to_json_bytes(self) -> bytes:
@@ -386,17 +406,37 @@ def _parse_manifest(d: Any) -> Manifest:
         raise model.error("sha256", f"expected 64 lowercase hex digits, got {short_repr(sha)}")
     size = model.int("size", min=1)
     model.finish()
-    provenance = t.mapping("provenance", {})
+    provenance = dict(t.mapping("provenance", {}))
     metrics = t.mapping("metrics", {})
     self_test = _parse_self_test(t.table("self_test", None), model_input)
-    release = t.int("release", None, min=0, max=MAX_RELEASE)  # anti-downgrade order
-    reference = _parse_reference(t, model_input)  # drift reference (optional)
-    t.finish()
+    ext = None
+    if EXTENSIONS in provenance:  # a portable manifest (docs/bundle-format.md)
+        ext = Table(provenance.pop(EXTENSIONS), f"provenance.{EXTENSIONS}",
+                    error=_manifest_error, mapping="object")
+        for key in EXTENSION_KEYS:
+            if key in ext and key in t:
+                raise t.error(key, f"given twice: at the top level and in provenance."
+                                   f"{EXTENSIONS}")
+
+    def where(key: str) -> Table:
+        return ext if ext is not None and key in ext else t
+
+    release = where("release").int("release", None, min=0, max=MAX_RELEASE)  # anti-downgrade
+    reference = _parse_reference(where("reference"), model_input)  # drift reference
+    # Unknown top-level keys are a newer writer's optional additions: ignored with a warning
+    # (a change an older reader must not ignore comes with a new manifest_version). Unknown
+    # keys inside input, outputs, model and self_test stay refused: they say how the model is
+    # fed, run and checked.
+    ignored = t.unknown() + ([f"provenance.{EXTENSIONS}.{k}" for k in ext.unknown()]
+                             if ext is not None else [])
+    for key in ignored:
+        log.warning("manifest key %r: unknown to this edgeml, ignored (a bundle from a newer "
+                    "edgeml?)", key)
     return Manifest(
         name=name, version=version, created=created, input=model_input, outputs=outputs,
         sha256=sha, size=size, provenance=provenance, metrics=metrics, self_test=self_test,
         description=description, manifest_version=mv, release=release,
-        reference=reference,
+        reference=reference, portable=ext is not None, ignored=tuple(ignored),
     )
 
 

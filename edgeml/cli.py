@@ -32,9 +32,13 @@ VERBS: tuple[tuple[str, str], ...] = (
     ("rollback", "edgeml.host.commands.rollback"),
     ("retire", "edgeml.host.commands.retire"),
     ("status", "edgeml.host.commands.status"),
+    ("feed", "edgeml.host.commands.feed"),
     ("log", "edgeml.commands.log"),
     ("replay", "edgeml.host.commands.replay"),
     ("bench", "edgeml.host.commands.bench"),
+    ("collect", "edgeml.host.commands.collect"),
+    ("fleet", "edgeml.host.commands.fleet"),
+    ("rollout", "edgeml.host.commands.rollout"),
 )
 
 

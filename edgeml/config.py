@@ -6,6 +6,7 @@ it from the one line ``edgeml run --check`` prints.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from collections.abc import Mapping
@@ -149,6 +150,9 @@ class Config:
     status_interval_s: float = 10.0
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     upstream: BrokerSettings | None = None
+    #: every upstream broker, tried in order (``[upstream] urls``); ``upstream`` is the first
+    upstreams: tuple[BrokerSettings, ...] = ()
+    upstream_failover_after_s: float = 10.0
     pipelines: tuple[PipelineConfig, ...] = ()
     deploy: DeployConfig = field(default_factory=DeployConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -178,9 +182,11 @@ def _resolve(base: Path | None, value: str) -> Path:
 
 
 def _broker(r: Table, base: Path | None, default_client_id: str,
-            url_override: str | None = None) -> BrokerSettings:
+            url_override: str | None = None, *, upstream: bool = False) -> BrokerSettings:
     r.known = ("url", "client_id", "username", "password", "password_file", "ca_file",
                "cert_file", "key_file", "tls_insecure", "keepalive", "protocol", "max_inflight")
+    if upstream:
+        r.known = (*r.known, "urls", "failover_after_s")
     if url_override is not None:  # --broker replaces the file's url, whatever it holds
         r.value("url", None)
         url = url_override
@@ -377,6 +383,40 @@ def _format_options(r: Table, fmt: str, topics: tuple[str, ...],
     return topics, None, None, None
 
 
+def _upstreams(up: Table, base: Path | None,
+               default_client_id: str) -> tuple[tuple[BrokerSettings, ...], float]:
+    """``[upstream]``: one broker (``url``) or several tried in order (``urls``: strings, or
+    tables ``{ url = ..., protocol = ... }`` when one connection needs another MQTT version).
+    Every other key applies to all of them."""
+    failover = up.number("failover_after_s", 10.0, min=0, min_open=True)
+    urls = up.seq("urls", None)
+    if urls is None:
+        return (_broker(up, base, default_client_id, upstream=True),), failover
+    if "url" in up:
+        raise up.error("urls", "give url or urls, not both")
+    if not len(urls):
+        raise up.error("urls", "must list at least one broker URL")
+    entries: list[tuple[str, str, str | None]] = []  # (key, url, protocol)
+    for i, item in enumerate(urls.data):
+        if isinstance(item, str):
+            entries.append((urls.key(i), item, None))
+            continue
+        if not isinstance(item, Mapping):
+            raise urls.error(i, f"expected a URL string or a table, got {item!r}")
+        t = urls.table(i)
+        t.known = ("url", "protocol")
+        entries.append((t.key("url"), t.str("url"), t.choice("protocol", ("3.1.1", "5"), None)))
+        t.finish()
+    first = _broker(up, base, default_client_id, entries[0][1], upstream=True)
+    out = []
+    for key, url, protocol in entries:
+        try:
+            out.append(dataclasses.replace(first, url=url, protocol=protocol or first.protocol))
+        except ConfigError as exc:
+            raise ConfigError(str(exc).split(": ", 1)[-1], key=key, file=up.file) from None
+    return tuple(out), failover
+
+
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
                  broker_url: str | None = None, data_dir: str | Path | None = None) -> Config:
     file = _src(source)
@@ -408,7 +448,9 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
     status_interval = r.number("status_interval_s", 10.0, min=0, min_open=True)
     broker = _broker(r.table("broker", {}), source, f"edgeml-{device_id}", broker_url)
     up = r.table("upstream", None)
-    upstream = _broker(up, source, f"edgeml-{device_id}-uplink") if up is not None else None
+    upstreams, failover_after_s = (_upstreams(up, source, f"edgeml-{device_id}-uplink")
+                                   if up is not None else ((), 10.0))
+    upstream = upstreams[0] if upstreams else None
     dep = r.table("deploy", {})
     dep.known = ("max_bundle_bytes", "keep_versions", "watch_window_s", "max_error_rate",
                  "max_p99_ms", "min_canary_agreement")
@@ -445,7 +487,8 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None,
         source=source, device_id=device_id, profile=profile,
         profile_overrides=profile_overrides, data_dir=data_path,
         topic_prefix=prefix, trusted_keys=keys, groups=groups, status_interval_s=status_interval,
-        broker=broker, upstream=upstream, pipelines=pipelines, deploy=deploy, sync=sync,
+        broker=broker, upstream=upstream, upstreams=upstreams,
+        upstream_failover_after_s=failover_after_s, pipelines=pipelines, deploy=deploy, sync=sync,
         metrics=metrics, drift=drift,
     )
 

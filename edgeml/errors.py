@@ -240,3 +240,24 @@ class BenchError(EdgemlError):
     """A benchmark cannot run or its target failed."""
 
     kind = "bench"
+
+
+# --- the fleet side -------------------------------------------------------------------------
+class CollectError(EdgemlError):
+    """The collector or the fleet database cannot do what was asked."""
+
+    kind = "collect"
+
+
+class SinkUnavailableError(CollectError):
+    """The fleet database cannot be reached right now (restarting, network, locked): the
+    collector retries the same deliveries and acknowledges nothing meanwhile."""
+
+    kind = "sink_unavailable"
+
+
+class RolloutError(EdgemlError):
+    """A staged rollout cannot start or go on: bad waves, hold or thresholds, a database it
+    cannot use, or no device to roll out to."""
+
+    kind = "rollout"

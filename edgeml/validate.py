@@ -304,6 +304,11 @@ class Table(_Node):
                         self.key(name), reason)
         return present
 
+    def unknown(self) -> list[_str]:
+        """The keys no getter asked for, sorted (for a reader that ignores unknown keys with
+        a warning instead of refusing them with :meth:`finish`)."""
+        return sorted(_str(k) for k in self.data if k not in self._asked)
+
     def finish(self) -> None:
         """Refuse any key no getter asked for, suggesting the closest one that is known."""
         if self.known:

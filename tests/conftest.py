@@ -109,6 +109,25 @@ def collector(broker: MosquittoBroker) -> Iterator:
             c.close()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator:
+    """A private PostgreSQL cluster on a free loopback port for the whole session (run as the
+    ``postgres`` user when we are root); ``postgres.create_database(name)`` gives a fresh
+    database's URL, ``postgres.restart()`` restarts the server on the same port."""
+    from edgeml.errors import CollectError
+    from edgeml.host.collect.postgres import PostgresCluster
+
+    pytest.importorskip("psycopg")
+    try:
+        pg = PostgresCluster().start()
+    except CollectError as exc:
+        pytest.skip(f"no private PostgreSQL: {exc}")
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
 def publish_all(broker: MosquittoBroker, items, qos: int = 1) -> None:
     """Publish ``(topic, payload)`` pairs and wait until every QoS 1 publish is acknowledged."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2)
@@ -316,3 +335,34 @@ def gait_messages(n: int, topic: str = "sensors/p1/gait", start: int = 0) -> lis
         body["id"] = f"g{i}"
         out.append((topic, json.dumps(body).encode()))
     return out
+
+
+# ---- NATS (JetStream + MQTT listener) -----------------------------------------------------
+@pytest.fixture
+def nats_server(tmp_path: Path):
+    """A private nats-server with JetStream and an MQTT listener on free loopback ports."""
+    from nats_servers import NatsServer, nats_server_path
+
+    if nats_server_path() is None:
+        pytest.skip("nats-server is not installed")
+    s = NatsServer(tmp_path / "nats")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path):
+    """Three routed nats-servers (JetStream, MQTT on each); ``nodes[i].kill()``/``.start()``."""
+    from nats_servers import NatsCluster, nats_server_path
+
+    if nats_server_path() is None:
+        pytest.skip("nats-server is not installed")
+    c = NatsCluster(tmp_path / "nats-cluster")
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -389,8 +389,10 @@ def _set(path: str, value):
     (_set("created", "yesterday"), "'created': 'yesterday' is not an ISO-8601"),
     (_set("model.file", "../model.onnx"), "'model.file': must be 'model.onnx'"),
     (_set("model.sha256", "ABC"), "'model.sha256': expected 64 lowercase hex"),
-    (_set("surprise", 1), "'surprise': unknown key"),
     (_set("input.extra", 1), "'input.extra': unknown key"),
+    (_set("model.extra", 1), "'model.extra': unknown key"),
+    (_set("outputs.extra", 1), "'outputs.extra': unknown key"),
+    (_set("self_test.extra", 1), "'self_test.extra': unknown key"),
     (_set("self_test.inputs", [[1.0, 2.0]]), r"'self_test.inputs\[0\]': has 2 values"),
     (_set("self_test.expected_labels", ["a"]), "'self_test.expected_labels': has 1 entries"),
     (_set("outputs.classes", None), "'outputs.classes': a classifier needs"),
@@ -444,3 +446,58 @@ def test_check_self_test_regressor_labels_use_tolerance() -> None:
         c.self_test, expected_labels=(1,) * 5, expected_scores=None))
     with pytest.raises(SelfTestError, match="label '1', expected 1"):
         check_self_test(c, np.array(["1"] * 5), None)
+
+
+# --- manifest versioning: unknown optional keys, portable manifests ---------------------------
+_REF = {"v": 1, "bins": 2, "inputs": {"ax": {"edges": [0.5], "freq": [0.4, 0.6], "min": 0.0,
+                                             "max": 1.0}}, "outputs": {}}
+
+
+def test_an_unknown_top_level_key_is_ignored_with_a_warning(unsigned: bytes, caplog) -> None:
+    data = edit_manifest(unsigned, _set("expires", "2030-01-01T00:00:00Z"))
+    with caplog.at_level("WARNING", logger="edgeml.bundle"):
+        b = read_bundle(data)
+    assert b.manifest.ignored == ("expires",) and b.manifest.name == "activity"
+    assert "manifest key 'expires': unknown to this edgeml, ignored" in caplog.text
+    assert read_bundle(unsigned).manifest.ignored == ()
+
+
+def test_a_portable_manifest_carries_release_and_reference_in_provenance(tmp_path, keypair):
+    m = make_manifest(version="7", release=7, reference=_REF, portable=True)
+    doc = m.to_dict()
+    assert "release" not in doc and "reference" not in doc
+    assert doc["provenance"]["extensions"] == {"release": 7, "reference": _REF}
+    assert doc["provenance"]["framework"] == "scikit-learn"
+    b = read_bundle(write_bundle(tmp_path / "p.edgeml", m, tiny_classifier()[0],
+                                 sign_key=keypair[0]), trusted_keys=[keypair[1]])
+    got = b.manifest
+    assert got.portable and got.release == 7 and got.reference == _REF and got.ignored == ()
+    assert "extensions" not in got.provenance  # lifted out, not kept twice
+    assert got.to_json_bytes() == b.manifest_bytes  # a rewrite keeps the portable layout
+    plain = dataclasses.replace(m, portable=False).to_dict()
+    assert plain["release"] == 7 and "extensions" not in plain["provenance"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.update(release=7), r"'release': given twice: at the top level and in "
+                                    r"provenance\.extensions"),
+    (_set("provenance.extensions.reference.inputs.nope", {"edges": [], "freq": [1.0],
+                                                          "min": 0, "max": 0}),
+     r"'provenance\.extensions\.reference\.inputs\.nope': not a feature"),
+    (_set("provenance.extensions.release", -1),
+     r"'provenance\.extensions\.release': -1 is out of range"),
+    (_set("provenance.extensions", [1]), r"'provenance\.extensions': expected an object"),
+])
+def test_bad_portable_extensions_are_refused_by_name(tmp_path, edit, match) -> None:
+    m = make_manifest(version="7", release=7, reference=_REF, portable=True)
+    data = write_bundle(tmp_path / "p.edgeml", m, tiny_classifier()[0]).read_bytes()
+    with pytest.raises(BundleFormatError, match=match):
+        read_bundle(edit_manifest(data, edit))
+
+
+def test_an_unknown_extension_is_ignored_with_a_warning(tmp_path, caplog) -> None:
+    m = make_manifest(version="7", release=7, portable=True)
+    data = write_bundle(tmp_path / "p.edgeml", m, tiny_classifier()[0]).read_bytes()
+    with caplog.at_level("WARNING", logger="edgeml.bundle"):
+        got = read_bundle(edit_manifest(data, _set("provenance.extensions.later", 1))).manifest
+    assert got.ignored == ("provenance.extensions.later",) and got.release == 7

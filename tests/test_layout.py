@@ -12,7 +12,7 @@ import edgeml
 
 PACKAGE = Path(edgeml.__file__).resolve().parent
 HOST_ONLY = ("edgeml.host", "converters", "sklearn", "skl2onnx", "matplotlib", "onnx",
-             "joblib", "amqtt")
+             "joblib", "amqtt", "psycopg", "nats")
 HOST_COMMANDS = "edgeml.host.commands"
 
 

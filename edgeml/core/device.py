@@ -41,7 +41,8 @@ log = logging.getLogger("edgeml.core.device")
 
 #: config keys a SIGHUP applies per pipeline; everything else needs a restart
 LIVE_KEYS = ("policy", "deadline_ms", "top_n", "models", "canary_window", "canary_threshold")
-RESTART_KEYS = ("device_id", "data_dir", "topic_prefix", "broker", "upstream", "profile",
+RESTART_KEYS = ("device_id", "data_dir", "topic_prefix", "broker", "upstream", "upstreams",
+                "upstream_failover_after_s", "profile",
                 "profile_overrides", "trusted_keys", "groups", "sync", "deploy", "metrics",
                 "drift")
 
@@ -470,13 +471,23 @@ class Device:
         from edgeml.core.uplink import Uplink
 
         cfg = self.config
+        s = cfg.sync
+        if len(cfg.upstreams) > 1:  # failover: the uplink makes (and switches) its clients
+            self.uplink = Uplink(
+                self.outbox, cfg.upstreams, connector=self._connector,
+                failover_after_s=cfg.upstream_failover_after_s,
+                topic_prefix=cfg.topic_prefix, device_id=cfg.device_id,
+                batch_max_records=s.batch_max_records, batch_max_wait_s=s.batch_max_wait_s,
+                bandwidth_bytes_per_s=s.bandwidth_bytes_per_s,
+            )
+            self.egress.uplink = self.uplink
+            return
         settings = cfg.upstream or dataclasses.replace(
             cfg.broker, client_id=f"{cfg.broker.client_id}-uplink")
         # the upstream may be away at start: the outbox holds everything meanwhile
         transport = self._connector(settings, require_connection=False)
         await transport.__aenter__()
         self._uplink_transport = transport
-        s = cfg.sync
         self.uplink = Uplink(
             self.outbox, transport, topic_prefix=cfg.topic_prefix, device_id=cfg.device_id,
             batch_max_records=s.batch_max_records, batch_max_wait_s=s.batch_max_wait_s,
@@ -649,6 +660,7 @@ class Device:
             d["published"] = self.egress.published.get(p.config.name, 0)
             d["rawlog"] = status_doc.safe(lambda p=p: p.inlet.rawlog.stats)
             d["windows_pending"] = p.inlet.assembler.pending_topics
+            d["sequence"] = p.runtime.stats.sequence.status()
             fmt = p.inlet.assembler.status()
             if fmt is not None:
                 d["format"] = {"name": p.config.format, **fmt}

@@ -549,7 +549,8 @@ class DriftMonitor:
         worst = max(cur.get("psi", {}).values(), default=None)
         level = None if worst is None else ("significant" if worst >= self.s.psi_alert else
                                             "moderate" if worst >= self.s.psi_warn else "stable")
-        return {"reference": self.ref_version, "windows": self.windows, "level": level,
+        return {"enabled": self.enabled, "reference": self.ref_version,
+                "windows": self.windows, "level": level,
                 "window_fill": self._wn + self._buffered, "window": self.s.window,
                 "psi": cur.get("psi", {}), "ks": cur.get("ks", {}),
                 "out_of_range": cur.get("out_of_range", {}),

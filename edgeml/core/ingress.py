@@ -205,6 +205,7 @@ class Ingress:
             return False
         rows: list[Row] = []
         for (m, decoded), seq in zip(items, seqs, strict=True):
+            inlet.stats.sequence.observe(m.topic, decoded.ids)  # the sender's numbering
             try:
                 rows += inlet.assembler.feed_decoded(m.topic, decoded, seq, m.received)
             except Exception as exc:  # archived, but cannot become rows: this one alone

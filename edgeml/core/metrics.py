@@ -114,6 +114,21 @@ class DeviceCollector:
         perr = fam(C, "edgeml_pipeline_errors", "Batches that failed in the pipeline", P)
         gaps = fam(C, "edgeml_input_gaps", "Rate intervals in which a known source sent "
                                            "nothing", P)
+        sq_gaps = fam(C, "edgeml_sequence_gaps", "Jumps in a sender's own message numbers "
+                                                  "(id), per source topic", P)
+        sq_lost = fam(C, "edgeml_sequence_lost", "Numbered messages missing beyond the "
+                                                  "reorder window (lost)", P)
+        sq_open = fam(G, "edgeml_sequence_missing_open", "Numbered messages missing that may "
+                                                         "still arrive late", P)
+        sq_late = fam(C, "edgeml_sequence_late", "Numbered messages that arrived late and "
+                                                  "filled a gap", P)
+        sq_dup = fam(C, "edgeml_sequence_duplicates", "Numbered messages seen before "
+                                                      "(not gaps)", P)
+        sq_reset = fam(C, "edgeml_sequence_resets", "Senders that started numbering again", P)
+        sq_src = fam(G, "edgeml_sequence_sources", "Source topics whose numbering is "
+                                                   "followed", P)
+        sq_evict = fam(C, "edgeml_sequence_sources_evicted", "Sources forgotten (too many "
+                                                             "sources)", P)
         evicted = fam(C, "edgeml_windows_evicted", "Partial windows evicted (too many "
                                                    "sources)", P)
         batch = fam(H, "edgeml_batch_size_rows", "Rows per scored micro-batch", P)
@@ -166,6 +181,15 @@ class DeviceCollector:
             published.add_metric([name], dev.egress.published.get(name, 0))
             perr.add_metric([name], st.errors)
             evicted.add_metric([name], p.inlet.assembler.evicted_windows)
+            sq = st.sequence
+            sq_gaps.add_metric([name], sq.gaps)
+            sq_lost.add_metric([name], sq.lost)
+            sq_open.add_metric([name], sq.open)
+            sq_late.add_metric([name], sq.late)
+            sq_dup.add_metric([name], sq.duplicates)
+            sq_reset.add_metric([name], sq.resets)
+            sq_src.add_metric([name], sq.sources)
+            sq_evict.add_metric([name], sq.sources_evicted)
             ring = st.answer_latency
             ans_lat.add_metric([name], _hist_buckets(ring.hist, _LAT_S), ring.total_ms / 1e3)
             for m in p.runtime.members:
@@ -217,7 +241,8 @@ class DeviceCollector:
             for src, r in list(mon.rates.status()["rates"].items())[:MAX_SOURCE_SERIES]:
                 rate.add_metric([name, src], r)
         yield from (received, accepted, dlq, rows, qdrop, qdepth, answered, fallbacks,
-                    unanswered, published, perr, gaps, evicted, batch, ans_lat, scored, verr,
+                    unanswered, published, perr, gaps, sq_gaps, sq_lost, sq_open, sq_late,
+                    sq_dup, sq_reset, sq_src, sq_evict, evicted, batch, ans_lat, scored, verr,
                     late, skipped, won, vfall, vlat, a_bytes, a_segs, a_recs, a_werr, a_lost, a_rm,
                     d_psi, d_ks, d_oor, o_psi, d_win, d_alerts, d_raised, stuck, rate)
 

@@ -31,6 +31,7 @@ class Outcome:
     classes: tuple | None = None
     error: str | None = None
     done_at: float = 0.0  # monotonic completion time, for the ``first`` policy
+    elapsed_ms: float | None = None  # the model's own scoring time for the batch
 
     @property
     def ok(self) -> bool:

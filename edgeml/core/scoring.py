@@ -359,7 +359,7 @@ class PipelineRuntime:
         labels = [o.get("label") for o in outputs]
         return Outcome(member.name, member.version, member.role, member.priority, outputs=outputs,
                        labels=labels, scores=pred.scores, classes=member.classes,
-                       done_at=time.monotonic())
+                       done_at=time.monotonic(), elapsed_ms=pred.elapsed_ms)
 
     def _late(self, fut: asyncio.Future, member: Member, batch: list[Row]) -> None:
         self._inflight_results.discard(fut)
@@ -382,6 +382,8 @@ class PipelineRuntime:
             }
             if row.sub:
                 rec["row"] = row.sub
+            if row.label is not None:  # the input's label_field: upstream scores accuracy
+                rec["true_label"] = row.label
             if a.error:
                 rec["error"] = a.error
                 st.unanswered += 1
@@ -415,6 +417,10 @@ class PipelineRuntime:
                 }
                 if row.sub:
                     rec["row"] = row.sub
+                if row.label is not None:
+                    rec["true_label"] = row.label
+                if o.elapsed_ms is not None:  # per version, so upstream can compare
+                    rec["latency_ms"] = round(o.elapsed_ms, 3)
                 if o.error:
                     rec["error"] = o.error
                 records.append(rec)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeml.core.gaps import SequenceGaps
+
 #: upper bounds (ms) of the cumulative latency histogram exported on /metrics (in seconds)
 LATENCY_BUCKETS_MS = (0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
 
@@ -110,6 +112,8 @@ class PipelineStats:
     errors: int = 0
     answer_latency: LatencyRing = field(default_factory=LatencyRing)
     versions: dict[str, VersionStats] = field(default_factory=dict)
+    #: gaps in the senders' own numbering (edgeml.core.gaps), per source topic
+    sequence: SequenceGaps = field(default_factory=SequenceGaps)
 
     def version(self, name: str, version: str) -> VersionStats:
         key = f"{name}:{version}"

@@ -9,6 +9,12 @@ While the link is down paho reconnects on its own (with the ``BrokerSettings`` b
 resends the batch in flight; the uplink only checks the connection flag every ``retry_min_s``.
 Errors (a refused publish, the outbox failing) back off exponentially from ``retry_min_s`` to
 ``retry_max_s``. Streams are served strictly by priority; within a stream, in insertion order.
+
+Failover: given several :class:`BrokerSettings` (``[upstream] urls``), the uplink connects to
+the first; when the link has been down for ``failover_after_s`` (or never came up) it closes
+that client and tries the next, in order, wrapping around. The batch in flight is simply sent
+again on the new connection (its records stay in the outbox until a PUBACK), so a switch can
+duplicate a batch upstream but never lose one.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -60,14 +67,15 @@ class Uplink:
 
     ``client``: an entered :class:`Transport` the caller owns (enter it with
     ``require_connection=False`` so an upstream that is away at start does not stop the device),
-    or :class:`BrokerSettings`, in which case the uplink makes, enters and closes its own client.
+    or :class:`BrokerSettings` (or several, tried in order: failover), in which case the uplink
+    makes, enters and closes its own clients with ``connector`` (default: MQTT).
     Publishes to ``{topic_prefix}/{device_id}/sync/{stream}``.
     """
 
     def __init__(
         self,
         outbox: Outbox,
-        client: Transport | BrokerSettings,
+        client: Transport | BrokerSettings | Sequence[BrokerSettings],
         *,
         topic_prefix: str,
         device_id: str,
@@ -80,6 +88,8 @@ class Uplink:
         ack_timeout_s: float = 30.0,
         alert_interval_s: float = 10.0,
         format: str = "msgpack",
+        failover_after_s: float = 10.0,
+        connector: Callable[..., Transport] | None = None,
     ) -> None:
         # the same checks (and messages) as a config file's [sync] table gets
         args = Table({"batch_max_records": batch_max_records, "batch_max_bytes": batch_max_bytes,
@@ -87,10 +97,10 @@ class Uplink:
                       "bandwidth_bytes_per_s": bandwidth_bytes_per_s,
                       "retry_min_s": retry_min_s, "retry_max_s": retry_max_s,
                       "ack_timeout_s": ack_timeout_s, "alert_interval_s": alert_interval_s,
-                      "format": format}, "sync")
+                      "format": format, "failover_after_s": failover_after_s}, "sync")
         args.int("batch_max_records", min=1)
         for key in ("batch_max_bytes", "batch_max_wait_s", "retry_min_s", "ack_timeout_s",
-                    "alert_interval_s"):
+                    "alert_interval_s", "failover_after_s"):
             args.number(key, min=0, min_open=True)
         args.number("bandwidth_bytes_per_s", None, min=0, min_open=True)
         args.number("retry_max_s", min=retry_min_s)
@@ -100,8 +110,20 @@ class Uplink:
         Table({"topic_prefix": topic_prefix}).str("topic_prefix", pattern=_TOPIC_PREFIX,
                                                   what="a topic without wildcards")
         self.outbox = outbox
-        self._given: Transport | None = None if isinstance(client, BrokerSettings) else client
-        self._settings = client if isinstance(client, BrokerSettings) else None
+        if isinstance(client, BrokerSettings):
+            client = [client]
+        if isinstance(client, Sequence):
+            if not client:
+                raise ValueError("no upstream to connect to")
+            self._given: Transport | None = None
+            self._upstreams: tuple[BrokerSettings, ...] = tuple(client)
+        else:
+            self._given = client
+            self._upstreams = ()
+        self._connector = connector
+        self.failover_after_s = float(failover_after_s)
+        self._current = 0  # index into _upstreams
+        self.failovers = 0
         self.topic_prefix = topic_prefix
         self.device_id = device_id
         self.batch_max_records = batch_max_records
@@ -183,25 +205,68 @@ class Uplink:
             self._executor = None
             self._loop = None
 
+    def _connect(self, settings: BrokerSettings) -> Transport:
+        if self._connector is not None:
+            return self._connector(settings, require_connection=False)
+        from edgeml.transport.mqtt import MqttTransport
+
+        return MqttTransport(settings, require_connection=False)
+
     async def _run_owned(self) -> None:
-        assert self._settings is not None
         backoff = self.retry_min_s
         while True:
+            settings = self._upstreams[self._current]
             try:
                 # Enter at once even if the upstream is away: paho keeps trying with the
                 # settings' reconnect backoff, and the outbox holds the records meanwhile.
-                from edgeml.transport.mqtt import MqttTransport
-
-                async with MqttTransport(self._settings, require_connection=False) as client:
+                async with self._connect(settings) as client:
                     self._client = client
                     backoff = self.retry_min_s
-                    await self._serve(client)
+                    if len(self._upstreams) == 1:
+                        await self._serve(client)
+                    else:
+                        await self._serve_until_lost(client)
+                        self._fail_over(f"{settings.url} unreachable for "
+                                        f"{self.failover_after_s:g} s")
+                        continue
             except TransportError as exc:
-                self._error(f"upstream {self._settings.url}: {exc}")
+                self._error(f"upstream {settings.url}: {exc}")
+                if len(self._upstreams) > 1:
+                    self._fail_over(str(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
             finally:
                 self._client = None
+
+    async def _serve_until_lost(self, client: Transport) -> None:
+        """Serve until the link has been down ``failover_after_s`` (or never came up). A
+        batch in flight is abandoned with the client: it stays in the outbox and goes again
+        on the next connection."""
+        serving = asyncio.ensure_future(self._serve(client))
+        try:
+            down_since: float | None = time.monotonic()
+            while not serving.done():
+                now = time.monotonic()
+                if client.connected:
+                    down_since = None
+                elif down_since is None:
+                    down_since = now
+                elif now - down_since >= self.failover_after_s:
+                    return
+                await asyncio.wait({serving}, timeout=min(0.2, self.failover_after_s / 4))
+            serving.result()  # _serve never returns; an exception surfaces here
+        finally:
+            if not serving.done():
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+
+    def _fail_over(self, reason: str) -> None:
+        old = self._upstreams[self._current].url
+        self._current = (self._current + 1) % len(self._upstreams)
+        self.failovers += 1
+        log.warning("uplink: %s; switching from %s to %s", reason, old,
+                    self._upstreams[self._current].url)
 
     async def _serve(self, client: Transport) -> None:
         backoff = self.retry_min_s
@@ -386,6 +451,14 @@ class Uplink:
         await self._call(self.outbox.ack_drop_report, report)
 
     # ---- status -----------------------------------------------------------------------------
+    def _upstream_url(self, client: Transport | None) -> str | None:
+        """The broker in use as ``scheme://host:port`` (never a user or password in status)."""
+        settings = (self._upstreams[self._current] if self._upstreams
+                    else getattr(client, "settings", None))
+        if not isinstance(settings, BrokerSettings):
+            return None
+        return f"{'mqtts' if settings.tls else 'mqtt'}://{settings.host}:{settings.port}"
+
     @property
     def stats(self) -> dict[str, Any]:
         """For the status topic: what was sent, when the last PUBACK came, errors, link state."""
@@ -401,4 +474,6 @@ class Uplink:
                                if self._last_ack is not None else None),
             "errors": self.errors,
             "last_error": self.last_error,
+            "upstream": self._upstream_url(client),
+            "failovers": self.failovers,
         }

@@ -94,3 +94,18 @@ def load_daphnet(data_dir: Path | None = None) -> SampleSet:
     return SampleSet(
         X=np.asarray(rows, dtype=np.float32), y=np.asarray(labels), channels=DAPHNET_CHANNELS
     )
+
+
+DAPHNET_HZ = 64
+
+
+def daphnet_walking_start(X: np.ndarray, *, threshold: float = 100.0) -> int:
+    """The first sample of the first 2-second block in which the ankle sensor moves (the
+    mean standard deviation of its three axes over ``threshold`` milli-g). The Daphnet
+    recording opens with about 20 s of standing; drift figures on it compare like with like
+    from here on (docs/operations.md)."""
+    blk = 2 * DAPHNET_HZ
+    for s in range(0, len(X) - blk + 1, blk):
+        if float(np.asarray(X[s:s + blk, :3], dtype=np.float64).std(0).mean()) > threshold:
+            return s
+    raise ValueError("no block in which the ankle sensor moves")

@@ -191,7 +191,10 @@ def test_status_retained_and_last_will(broker, collector, tmp_path, activity_bun
             if "ready" in line:
                 break
         st = collector("edgeml/watch-01/status")
-        online = json.loads(st.wait_count(1)[0].payload)
+        # the retained status may still be the connect-time "starting" one: the "online" one
+        # goes out on the publishing connection as the daemon logs "ready"
+        online = json.loads(st.wait_for(
+            lambda m: json.loads(m[-1].payload)["state"] == "online", 30)[-1].payload)
         assert online["state"] == "online" and online["device"] == "watch-01"
         assert online["pipelines"]["activity"]["versions"][0]["version"] == "1"
         proc.kill()  # no clean goodbye: the broker publishes the last will

@@ -140,3 +140,12 @@ def test_without_a_reference_a_stuck_channel_still_raises_and_clears():
     m.observe_rows(["s"] * 1000, x)
     m.observe_rows(["s"] * 1000, rng.normal(size=(1000, 2)))
     assert alerts == [("sensor_stuck", "raised"), ("sensor_stuck", "cleared")]
+
+
+def test_status_says_whether_the_watch_is_on():
+    def mon(enabled: bool) -> DriftMonitor:
+        return DriftMonitor("p", DriftConfig(enabled=enabled), features=["x"], window=None,
+                            hop=None, alert=lambda k, d: None, record=lambda d: None,
+                            clock=lambda: 0.0)
+    assert mon(True).status()["enabled"] is True
+    assert mon(False).status()["enabled"] is False

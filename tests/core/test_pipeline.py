@@ -117,6 +117,9 @@ def test_slow_champion_falls_back_within_deadline(tmp_path, windows, activity_bu
     late = [r for r in sink.results_ if r["version"] == "1"]
     assert len(late) == 4 and all(r["late"] for r in late)
     assert [r["output"]["label"] for r in late] == champ.predict(windows[:4]).labels.tolist()
+    # every version's result carries its own scoring time (onnxruntime's run, not the wait)
+    assert all(r["latency_ms"] > 0 for r in sink.results_)
+    assert max(r["latency_ms"] for r in late) < SlowSlot.delay_s * 1000
 
 
 def test_failing_champion_never_blocks(tmp_path, windows, activity_bundle, activity_bundle_v2):

@@ -92,6 +92,29 @@ def test_csv_header_names_the_features(tmp_path, capsys):
     self_test_passes(out)
 
 
+def test_older_devices_flag_writes_release_and_reference_into_provenance(tmp_path, capsys):
+    """--older-devices: the portable layout (the previous release loading it is tested in
+    tests/test_bundle_compat.py)."""
+    import json
+
+    data = load_daphnet()
+    joblib.dump(train_gait_anomaly_model(), tmp_path / "gait.joblib")
+    np.save(tmp_path / "s.npy", data.X[::70])
+    np.save(tmp_path / "train.npy", data.X)
+    out = tmp_path / "gait.edgeml"
+    rc = main(["convert", str(tmp_path / "gait.joblib"), "--sample", str(tmp_path / "s.npy"),
+               "--features", ",".join(DAPHNET_CHANNELS), "--name", "gait", "--version", "4",
+               "--training-data", str(tmp_path / "train.npy"), "--older-devices",
+               "-o", str(out)])
+    assert rc == 0, capsys.readouterr()
+    b = read_bundle(out)
+    top = json.loads(b.manifest_bytes)
+    assert "release" not in top and "reference" not in top
+    assert top["provenance"]["extensions"]["release"] == 4
+    assert b.manifest.portable and b.manifest.release == 4
+    assert set(b.manifest.reference["inputs"]) == set(DAPHNET_CHANNELS)
+
+
 def test_converter_flag_picks_the_isolation_forest_graph(tmp_path, capsys):
     """The default lowers the forest to a handful of nodes; ``--converter skl2onnx`` keeps
     skl2onnx's graph. Both score what scikit-learn scores."""

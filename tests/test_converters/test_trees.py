@@ -111,8 +111,8 @@ def test_average_path_length_is_scikit_learns_bit_for_bit():
 def test_label_depth_threshold_is_the_exact_boundary(offset):
     den = 25 * float(_average_path_length([256])[0])
 
-    def decision(d: float) -> float:
-        return float(-(2 ** (-np.divide(np.float64(d), den))) - offset)
+    def decision(d: float) -> float:  # on an array, as scikit-learn scores
+        return float((-(2 ** (-np.divide(np.array([d]), den))) - offset)[0])
 
     d_star = label_depth_threshold(den, offset)
     assert decision(d_star) >= 0

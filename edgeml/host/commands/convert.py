@@ -64,7 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="true labels of the sample rows for accuracy figures (.npy, "
                         "or text with one label per line); default: y from a .npz sample")
     parser.add_argument("--training-data", type=Path, metavar="FILE",
-                        help="training rows (.npy/.npz/.csv) to fingerprint in the manifest")
+                        help="training rows (.npy/.npz/.csv) to fingerprint in the manifest "
+                        "and to profile as the drift reference")
+    parser.add_argument("--older-devices", action="store_true",
+                        help="write a manifest that devices from before the manifest's "
+                        "'release' and 'reference' keys also load: both go inside "
+                        "'provenance' (signed like the rest), which those devices do not "
+                        "interpret; current devices read them from there")
     parser.add_argument("--self-test-rows", type=int, default=8, metavar="N",
                         help="sample rows recorded as the device self-test (default 8)")
     parser.add_argument("--description", default="", help="free text for the manifest")
@@ -197,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
             labels=labels, quantize=args.quantize, sign_key=sign_key, out=args.output,
             tolerance=args.tolerance, self_test_rows=args.self_test_rows,
             description=args.description, converter=args.converter,
+            portable=args.older_devices,
         )
     except ParityMismatch as exc:
         print(exc.report.summary())

@@ -23,6 +23,12 @@ Progress and a live view go to stderr, the summary to stdout. Everything written
 one folder (default ./edgeml-demo-<timestamp>/, with summary.json); every process started is
 stopped at the end, unless --keep.
 
+With --fleet N it runs a fleet instead: N daemons in group demo-fleet (each streaming its own
+share of the TEST set, true labels included), one collector filling fleet.db (SQLite), the
+fleet report, and two staged rollouts judged from fleet.db: a version trained on shuffled
+labels (halts at the first wave, rolled back with a signed command) and a good version
+(reaches every device).
+
 Needs the host tools: pip install 'edgeml[host,broker]'
 """
 
@@ -41,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true",
                    help="leave the daemon (and the broker it started) running after the "
                    "summary, print the config path, and wait for Ctrl-C")
+    p.add_argument("--fleet", type=int, metavar="N",
+                   help="run a fleet of N daemons (2..20) with a collector, the fleet report "
+                   "and staged rollouts instead of the single-device story")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="folder for everything the demo writes (must be new or empty; "
                    "default ./edgeml-demo-<timestamp>/)")
@@ -50,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from edgeml.host.demo import DemoSettings, default_out_dir, format_summary, run_demo
+
+    if args.fleet is not None:
+        return _run_fleet(args)
 
     settings = DemoSettings(
         out_dir=args.out or default_out_dir(), broker_url=args.broker, embedded=args.embedded,
@@ -64,4 +76,21 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("edgeml demo: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
+    return 0
+
+
+def _run_fleet(args: argparse.Namespace) -> int:
+    import sys
+
+    from edgeml.host.demo import default_out_dir
+    from edgeml.host.fleet_demo import FleetDemoSettings, format_summary, run_fleet_demo
+
+    settings = FleetDemoSettings(out_dir=args.out or default_out_dir(), devices=args.fleet,
+                                 broker_url=args.broker, embedded=args.embedded)
+    try:
+        summary = run_fleet_demo(settings)
+    except KeyboardInterrupt:
+        print("edgeml demo: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    print(format_summary(summary), flush=True)
     return 0

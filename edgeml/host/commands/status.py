@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "show every device: online, pipelines, model versions and roles, rates, backlog"
+HELP = ("show every device: online, pipelines, model versions and roles, rates, backlog, "
+        "drift")
 DESCRIPTION = """\
 Subscribe to {p}/+/status (retained, refreshed by each daemon every status_interval_s; the
 broker publishes the last will "offline" when a device drops off) and print one row per
 device: state, when it last reported, each pipeline's active versions and roles, messages per
-second, backlog (input queue + outbox) and champion/canary agreement.
+second, backlog (input queue + outbox), champion/canary agreement and input drift (the
+level and largest channel PSI of the last drift window, and the drift and sensor-health
+alerts that are raised now).
 
 Without --once the table is printed again whenever a device reports (Ctrl-C ends it); with
 --json each report is one JSON line (--once --json: one JSON object keyed by device).
@@ -28,7 +31,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stale-after", type=float, default=60.0, metavar="SECONDS",
                    help="show a device as stale when its last report is older than this "
                         "(default: %(default)s)")
+    p.add_argument("--db", metavar="URL",
+                   help="also list the running rollouts kept in this fleet database "
+                        "(sqlite:///PATH or postgresql://...)")
     add_connection_arguments(p, timeout=10.0)
+
+
+def rollouts_section(db_url: str | None) -> str | None:
+    """The running rollouts in ``db_url`` as a table (None without --db)."""
+    if not db_url:
+        return None
+    from edgeml.host.rollout.db import Database
+    from edgeml.host.rollout.store import RolloutStore
+    from edgeml.host.rollout.view import rollouts_table
+
+    with Database(db_url, must_exist=True) as db:
+        return rollouts_table(RolloutStore(db))
 
 
 def summarize(device: str, doc: dict, now: float, stale_after: float) -> dict:
@@ -51,6 +69,7 @@ def summarize(device: str, doc: dict, now: float, stale_after: float) -> dict:
                         "errors": v.get("errors")}
                        for v in p.get("versions") or [] if isinstance(v, dict)],
             "canary_agreement": p.get("canary_agreement"),
+            "drift": drift_summary(p.get("drift")),
         }
     outbox = doc.get("outbox") or {}
     if isinstance(outbox, dict):
@@ -63,6 +82,46 @@ def summarize(device: str, doc: dict, now: float, stale_after: float) -> dict:
             "received_per_s": doc.get("received_per_s"), "backlog": backlog,
             "groups": deploy.get("groups") or [], "watch": watches,
             "profile": doc.get("profile"), "edgeml": doc.get("edgeml")}
+
+
+def drift_summary(d: object) -> dict | None:
+    """A pipeline's drift in the status: the last input window's level and largest channel
+    PSI, the largest output PSI per version and the alerts raised now; ``enabled`` false
+    when ``[drift]`` is off. None when the device reports no drift section (an edgeml
+    without one)."""
+    if not isinstance(d, dict):
+        return None
+    psi = {k: v for k, v in (d.get("psi") or {}).items() if isinstance(v, (int, float))}
+    channel = max(psi, key=psi.get) if psi else None
+    outputs = {}
+    for key, figs in (d.get("outputs") or {}).items():
+        vals = [v for k, v in (figs or {}).items()
+                if k.endswith("psi") and isinstance(v, (int, float))]
+        if vals:
+            outputs[key] = max(vals)
+    alerts = [str(a) for a in d.get("alerts") or []]
+    return {"enabled": d.get("enabled", True), "level": d.get("level"),
+            "max_psi": psi.get(channel) if channel else None,
+            "channel": channel, "output_psi": outputs, "alerts": alerts,
+            "windows": d.get("windows"), "reference": d.get("reference")}
+
+
+def _drift(row: dict) -> str:
+    parts = []
+    for name, p in row["pipelines"].items():
+        d = p.get("drift")
+        if d is None:
+            continue
+        if not d["enabled"]:
+            text = "off"
+        elif d["max_psi"] is not None:
+            text = f"{d['level']} {d['channel']} {d['max_psi']:.2f}"
+        else:
+            text = "no reference" if d["reference"] is None else "no window yet"
+        if d["alerts"]:
+            text += " ALERT " + ",".join(d["alerts"])
+        parts.append(f"{name}: {text}" if len(row["pipelines"]) > 1 else text)
+    return "; ".join(parts) or "-"
 
 
 def _models(row: dict) -> str:
@@ -80,7 +139,7 @@ def _canary(row: dict) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    header = ("DEVICE", "STATE", "LAST SEEN", "IN/S", "BACKLOG", "CANARY", "MODELS")
+    header = ("DEVICE", "STATE", "LAST SEEN", "IN/S", "BACKLOG", "CANARY", "DRIFT", "MODELS")
     table = [header]
     for r in rows:
         seen = "-" if r["last_seen_s"] is None else f"{r['last_seen_s']:g}s ago"
@@ -88,7 +147,7 @@ def render(rows: list[dict]) -> str:
         watch = " (watching " + ", ".join(w["champion"] for w in r["watch"].values()) + ")" \
             if r["watch"] else ""
         table.append((r["device"], r["state"], seen, rate, str(r["backlog"]), _canary(r),
-                      _models(r) + watch))
+                      _drift(r), _models(r) + watch))
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = []
     for row in table:
@@ -113,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         async with Fleet(_settings(args), topic_prefix=args.topic_prefix) as fleet:
             return await fleet.statuses(timeout=args.timeout)
 
+    rollouts = rollouts_section(getattr(args, "db", None))
     if args.once:
         docs = asyncio.run(once())
         now = time.time()
@@ -124,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("no device has reported on "
                   f"{args.topic_prefix}/+/status at {args.broker}")
+        if rollouts is not None and not args.json:
+            print(f"\n{rollouts}")
         return 0
 
     async def follow() -> None:
@@ -144,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
                 printed = now
                 rows = [summarize(d, latest[d], now, args.stale_after) for d in sorted(latest)]
                 print(f"\n{time.strftime('%H:%M:%S')}\n{render(rows)}", flush=True)
+                if args.db:
+                    print(f"\n{rollouts_section(args.db)}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(follow())
