@@ -194,7 +194,7 @@ def test_status_retained_and_last_will(broker, collector, tmp_path, activity_bun
         # the retained status may still be the connect-time "starting" one: the "online" one
         # goes out on the publishing connection as the daemon logs "ready"
         online = json.loads(st.wait_for(
-            lambda m: json.loads(m[-1].payload)["state"] == "online", 30)[-1].payload)
+            lambda m: bool(m) and json.loads(m[-1].payload)["state"] == "online", 30)[-1].payload)
         assert online["state"] == "online" and online["device"] == "watch-01"
         assert online["pipelines"]["activity"]["versions"][0]["version"] == "1"
         proc.kill()  # no clean goodbye: the broker publishes the last will
