@@ -224,8 +224,12 @@ def start_broker(settings: DemoSettings, workdir: Path, say: Console) -> BrokerH
 
 
 # ---- the daemon -------------------------------------------------------------------------------
-def write_config(path: Path, broker_url: str, client_id: str) -> Path:
-    """The device config the demo runs (paths relative to it, so the folder can move)."""
+def write_config(path: Path, broker_url: str, client_id: str, *,
+                 protocol: str | None = None) -> Path:
+    """The device config the demo runs (paths relative to it, so the folder can move).
+
+    ``protocol`` pins the MQTT version where the broker is known to speak only one (the
+    embedded amqtt broker: 3.1.1), so the device does not first try MQTT 5 and wait."""
     models = []
     for v in VERSIONS:
         if v.pushed:
@@ -237,6 +241,7 @@ version = "{v.version}"
 role = "{v.role}"
 bundle = "bundles/{MODEL}-{v.version}.edgeml"
 """)
+    protocol_line = f'\nprotocol = "{protocol}"' if protocol else ""
     text = f"""# Written by `edgeml demo` (edgeml {__version__}). Run it again with:
 #   edgeml run --config {path.name}
 # (the demo's broker must be running: see summary.json for its URL)
@@ -249,7 +254,7 @@ status_interval_s = 0.5
 
 [broker]
 url = "{broker_url}"
-client_id = "{client_id}"
+client_id = "{client_id}"{protocol_line}
 
 [sync]
 batch_max_wait_s = 0.2
@@ -548,8 +553,10 @@ class Demo:
         run_id = f"{os.getpid()}-{int(t_wall)}"
         client_id = f"edgeml-{DEVICE}"
         stack.enter_context(daemon_log(self.out / "daemon.log"))
-        await _forget_sessions(broker.url, [client_id, f"{client_id}-uplink"])
-        config_path = write_config(self.out / "edgeml.toml", broker.url, client_id)
+        await _forget_sessions(broker.url, [client_id, f"{client_id}-out",
+                                            f"{client_id}-uplink"])
+        config_path = write_config(self.out / "edgeml.toml", broker.url, client_id,
+                                   protocol="3.1.1" if broker.kind == "embedded" else None)
         test = load_basicmotions("TEST")
         truth = [str(y) for y in test.y]
 
