@@ -8,6 +8,7 @@ percentiles), and compares with the report the collector's database gives.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -84,56 +85,70 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
         return recs
     sync.wait_for(lambda m: len(all_results(m)) >= 80, timeout=60)
     results = all_results(sync.messages)
-    # drift windows: 20 rows per version and device in windows of 10 -> 2 each, and one
-    # input window (2,000 samples) per device
+    # drift windows: every result scored without error feeds its version's output windows of
+    # 10 rows (a busy machine may skip a version for a batch: "skipped: version busy"), plus
+    # one input window (2,000 samples) per device
+    ok = collections.Counter((r["record_id"].split("/")[0], r["version"])
+                             for r in results.values() if "error" not in r)
+    n_drift = sum(n // 10 for n in ok.values()) + len(DEVICES)
+
     def drift_records(msgs):
         return {r["record_id"]: r for m in msgs for r in msgpack.unpackb(m.payload)["records"]}
-    drifts = drift_records(drift.wait_for(lambda m: len(drift_records(m)) >= 10, timeout=60))
+    drifts = drift_records(drift.wait_for(lambda m: len(drift_records(m)) >= n_drift,
+                                          timeout=60))
+    assert len(drifts) == n_drift
     want = set(results) | set(drifts) | {
         f"{a['device']}/activity/{a['input_seq']}/{a['model']}/{a['version']}/outputs"
         for a in answers}
-    assert len(want) == 130
+    assert len(want) == 40 + 80 + n_drift
     assert want <= wait_db(db, want)
 
     # ---- the figures, computed here from what the devices published ----------------------
     expect = {}
     champ = {(r["record_id"].rsplit("/", 3)[0]): r["output"]["label"]
-             for r in results.values() if r["role"] == "champion"}
+             for r in results.values() if r["role"] == "champion" and "error" not in r}
     for v in ("1", "2"):
         mine = [r for r in results.values() if r["version"] == v]
+        good = [r for r in mine if "error" not in r]
+        both = [r for r in good if r["record_id"].rsplit("/", 3)[0] in champ]
         ans = [a for a in answers if a["version"] == v]
-        truth = [r["true_label"] for r in mine]
-        pred = [r["output"]["label"] for r in mine]
+        truth = [r["true_label"] for r in good]
+        pred = [r["output"]["label"] for r in good]
         lat = [a["latency_ms"] for a in ans]
+        scoring = [r["latency_ms"] for r in mine if r.get("latency_ms") is not None]
         expect[v] = {
             "rows": len(mine), "answers": len(ans), "answer_share": len(ans) / len(answers),
             "agreement": np.mean([r["output"]["label"] == champ[r["record_id"].rsplit("/", 3)[0]]
-                                  for r in mine]),
+                                  for r in both]),
             "labelled": len(truth),
             "accuracy": np.mean([t == p for t, p in zip(truth, pred, strict=True)]),
             "macro_f1": f1_score(truth, pred, average="macro"),
             "latency_p50_ms": np.percentile(lat, 50) if lat else None,
             "latency_p99_ms": np.percentile(lat, 99) if lat else None,
-            "scoring_p50_ms": np.percentile([r["latency_ms"] for r in mine], 50),
-            "scoring_p99_ms": np.percentile([r["latency_ms"] for r in mine], 99),
-            "error_rate": 0.0, "fallback_rate": 0.0 if ans else None, "devices": 2,
+            "scoring_p50_ms": np.percentile(scoring, 50),
+            "scoring_p99_ms": np.percentile(scoring, 99),
+            "error_rate": (len(mine) - len(good)) / len(mine),
+            "fallback_rate": np.mean([bool(a.get("fallback")) for a in ans]) if ans else None,
+            "devices": 2,
         }
         windows = sorted((d for d in drifts.values()
                           if d["kind"] == "output" and d["version"] == f"activity:{v}"),
                          key=lambda d: d["ts"])
         expect[v]["drift"] = {
-            "windows": 4, **{f"{f}_{agg}": fn([d[f] for d in windows])
+            "windows": len(windows), **{f"{f}_{agg}": fn([d[f] for d in windows])
                              for f in ("label_psi", "score_psi", "score_ks")
                              for agg, fn in (("mean", np.mean), ("max", max),
                                              ("last", lambda x: x[-1]))}}
-        assert len(windows) == 4
+        assert len(windows) == sum(ok[(d, v)] // 10 for d in DEVICES)
     inputs = [d for d in drifts.values() if d["kind"] == "input"]
     worst = [max(d["psi"].values()) for d in inputs]
     expect_input = {"windows": 2, "devices": 2, "worst_psi_mean": np.mean(worst),
                     "worst_psi_max": max(worst),
                     "out_of_range_max": max(max(d["out_of_range"].values()) for d in inputs)}
     assert expect["1"]["rows"] == expect["2"]["rows"] == 40
-    assert expect["1"]["answer_share"] == 1.0  # the champion answers
+    # the champion answers (a challenger only where the champion was skipped as busy)
+    assert expect["1"]["answer_share"] + expect["2"]["answer_share"] == pytest.approx(1.0)
+    assert expect["1"]["answer_share"] >= 0.9
     assert all(r["true_label"] in set(test.y) for r in results.values())  # labels carried
 
     report = json.loads(fleet_report(db, "--json").stdout)
