@@ -79,6 +79,13 @@ def daemon_config(tmp_path, broker, gait_bundle):
                               'batch_max_records = 200\n')
 
 
+def only_what_was_synced(witness, have: set[str]) -> None:
+    """Nothing in the database that the devices did not sync. A record synced late (a drift
+    window closing at the end) may reach the collector before the witness: wait for it."""
+    synced = SyncedIds()
+    witness.wait_for(lambda m: have <= synced(m), timeout=30)
+
+
 def wait_synced(daemon, witness, n_inputs: int) -> set[str]:
     want_out = {f"gw-01/gait/{i}/gait/1/outputs" for i in range(n_inputs)}
     want_res = {f"gw-01/gait/{i}/gait/1/results" for i in range(n_inputs)}
@@ -112,7 +119,7 @@ def test_collector_killed_mid_stream_loses_nothing(broker, daemon_factory, tmp_p
     have = wait_db(db, want)
     missing = want - have
     assert not missing, f"{len(missing)} synced records missing, e.g. {sorted(missing)[:5]}"
-    assert have == want  # and nothing else made it in
+    only_what_was_synced(witness, have)  # and nothing else made it in
     assert 400 <= at_kill < len(want) / 2  # it was mid-stream
     assert col.proc.poll() is None  # the garbage did not stop it
     assert col.terminate() == 0
@@ -145,7 +152,7 @@ def test_database_restarted_mid_stream_loses_nothing(broker, daemon_factory, tmp
     have = wait_db(db, want)
     missing = want - have
     assert not missing, f"{len(missing)} synced records missing, e.g. {sorted(missing)[:5]}"
-    assert have == want
+    only_what_was_synced(witness, have)
     assert at_restart < len(want) / 2  # mid-stream
     last = col.wait_status(lambda s: s["db"] == "up" and s["db_errors"] > 0)
     assert last["db_errors"] > 0  # it did see the outage
