@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from typing import Any
@@ -120,8 +119,13 @@ class Control:
         while not self._stopping:
             if not self._inbox:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                # asyncio.wait, not wait_for: before Python 3.12 wait_for can swallow a
+                # cancellation that lands as the event fires
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({waiter}, timeout=0.5)
+                finally:
+                    waiter.cancel()
             while self._inbox and not self._stopping:
                 msg = self._inbox.popleft()
                 try:

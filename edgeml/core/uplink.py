@@ -183,8 +183,13 @@ class Uplink:
     async def _wait_for_work(self, timeout: float) -> None:
         assert self._wake is not None
         if timeout > 0:
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            # asyncio.wait, not wait_for: before Python 3.12 wait_for swallows a cancellation
+            # that lands as the event fires, and the uplink then never stopped
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=timeout)
+            finally:
+                waiter.cancel()
         self._wake.clear()
 
     # ---- running ----------------------------------------------------------------------------
