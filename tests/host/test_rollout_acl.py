@@ -121,8 +121,9 @@ def test_one_device_cannot_write_another_devices_topics(tmp_path, broker_factory
         statuses, reply = asyncio.run(operator())
         assert statuses["dev-a"]["state"] == "online"  # the forged "offline" never landed
         assert reply["ok"], reply
-        evil.loop_stop()
-        feeder.loop_stop()
+        for c in (evil, feeder):  # disconnect first: loop_stop alone waits for unacked QoS 1
+            c.disconnect()
+            c.loop_stop()
     finally:
         collector.send_signal(signal.SIGTERM)
         collector.wait(30)
