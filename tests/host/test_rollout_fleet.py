@@ -100,6 +100,7 @@ class Streamer:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(5)
+        self.client.disconnect()  # loop_stop alone waits for unacknowledged QoS 1
         self.client.loop_stop()
         self.client.disconnect()
 

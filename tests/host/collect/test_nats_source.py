@@ -33,6 +33,7 @@ def mqtt_publish(host: str, port: int, items: list[tuple[str, bytes]],
             info.wait_for_publish(20)
             assert info.is_published()
     finally:
+        c.disconnect()  # loop_stop alone waits for unacknowledged QoS 1
         c.loop_stop()
         c.disconnect()
 
