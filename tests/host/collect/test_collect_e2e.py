@@ -131,7 +131,10 @@ def test_collector_killed_mid_stream_loses_nothing(broker, daemon_factory, tmp_p
     assert any("envelope says device 'x'" in r for r in reasons)
     total, distinct = conn.execute("SELECT COUNT(*), COUNT(DISTINCT record_id) FROM records"
                                    ).fetchone()
-    assert total == distinct == len(want)
+    assert total == distinct  # no duplicates
+    final = db_ids(db)  # a drift window synced at the end may have landed since
+    assert want <= final
+    only_what_was_synced(witness, final)
     assert conn.execute("SELECT batches FROM devices WHERE device = 'gw-01'").fetchone()[0] > 0
     witness.close()
 
