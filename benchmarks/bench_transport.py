@@ -1,11 +1,12 @@
 """Two ways to drive paho under asyncio, measured side by side in one run.
 
-(a) ``thread``: :class:`edgeml.transport.mqtt.MqttTransport` as shipped: paho's network thread
-    (``loop_start``), results crossing into the loop in coalesced bursts.
-(b) ``loop``: the same class with paho's socket driven by the event loop (``add_reader`` /
-    ``add_writer`` from paho's ``on_socket_*`` callbacks, ``loop_misc`` every second on a
-    timer, connect in an executor, own reconnect), as aiomqtt 2.x and paho's
-    ``examples/loop_asyncio.py`` do.
+(a) ``thread``: the previous design, paho's network thread (``loop_start``), results crossing
+    into the loop in coalesced bursts (a subclass here, :class:`ThreadDrivenTransport`).
+(b) ``loop``: :class:`edgeml.transport.mqtt.MqttTransport` as shipped: paho's socket driven by
+    the event loop (``add_reader``, ``add_writer`` only while the send buffer is full,
+    ``loop_misc`` every second, TCP connect in an executor, own reconnect), reads buffered
+    (one ``recv`` per burst), as aiomqtt 2.x and paho's ``examples/loop_asyncio.py`` drive
+    paho. Both use the same buffered socket.
 
 Per design, against a private mosquitto on loopback (the load generators are separate
 processes using plain paho, identical for both designs):
@@ -41,101 +42,47 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from edgeml.host.broker import MosquittoBroker
+from edgeml.transport.base import Message
 from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
 
 HERE = Path(__file__).resolve().parent
 
 
-class LoopDrivenTransport(MqttTransport):
-    """Design (b): paho's socket on the asyncio loop instead of paho's network thread."""
-
-    _tid: int | None = None
-
-    def _on_loop(self, fn, *args) -> None:
-        if threading.get_ident() == self._tid:
-            fn(*args)
-        else:
-            assert self._loop is not None
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(fn, *args)
+class ThreadDrivenTransport(MqttTransport):
+    """Design (a): the transport's previous design, paho's own network thread (``loop_start``):
+    paho reads, writes and reconnects there, and what it learns crosses into the loop through
+    ``call_soon_threadsafe``; publishes from the loop wake that thread through paho's socket
+    pair."""
 
     def _post(self, fn) -> None:
-        self._on_loop(fn)
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn)
 
     def _start_network(self, connect_kwargs: dict) -> None:
-        self._tid = threading.get_ident()
-        self._kw = connect_kwargs
-        self._sock_closed: asyncio.Event = asyncio.Event()
-        self._misc_task: asyncio.Task | None = None
-        c = self._client
-        c.on_socket_open = self._sock_open
-        c.on_socket_close = self._sock_close
-        c.on_socket_register_write = lambda cl, ud, sock: self._on_loop(
-            self._loop.add_writer, sock, self._write)
-        c.on_socket_unregister_write = lambda cl, ud, sock: self._on_loop(
-            self._loop.remove_writer, sock)
-        self._connector = self._loop.create_task(self._connect_loop(first=True))
-
-    def _write(self) -> None:
-        self._client.loop_write()
-
-    def _read(self) -> None:
-        self._client.loop_read()
-
-    def _sock_open(self, client, userdata, sock) -> None:
-        self._on_socket_open(client, userdata, sock)  # TCP_NODELAY
-        self._on_loop(self._attach, sock)
-
-    def _attach(self, sock) -> None:
-        self._sock_closed.clear()
-        self._loop.add_reader(sock, self._read)
-        self._misc_task = self._loop.create_task(self._misc())
-
-    def _sock_close(self, client, userdata, sock) -> None:
-        def detach() -> None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(sock)
-                self._loop.remove_writer(sock)
-            if self._misc_task is not None:
-                self._misc_task.cancel()
-            self._sock_closed.set()
-        self._on_loop(detach)
-
-    async def _misc(self) -> None:
-        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:
-            await asyncio.sleep(1)
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        super()._on_disconnect(client, userdata, flags, reason_code, properties)
-        if not self._closing:
-            self._on_loop(lambda: self._loop.create_task(self._connect_loop(first=False)))
-
-    async def _connect_loop(self, first: bool) -> None:
         s = self.settings
-        delay = s.reconnect_min_s
-        loop = asyncio.get_running_loop()
-        while not self._closing:
-            try:
-                if first:
-                    await loop.run_in_executor(None, lambda: self._client.connect(
-                        s.host, s.port, keepalive=s.keepalive, **self._kw))
-                else:
-                    await asyncio.sleep(delay)
-                    await loop.run_in_executor(None, self._client.reconnect)
-                return
-            except OSError:
-                first = False
-                delay = min(delay * 2, s.reconnect_max_s)
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive, **connect_kwargs)
+        self._client.loop_start()
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        pass  # paho's thread reconnects by itself
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._quickack()  # per message: no read bursts are visible from here
+        self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
+                                   time.time(), self._session))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._post(self._wake)
 
     async def _stop_network(self) -> None:
-        self._connector.cancel()
         self._client.disconnect()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._sock_closed.wait(), 2)
+        await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
 
 
-DESIGNS = {"thread": MqttTransport, "loop": LoopDrivenTransport}
+DESIGNS = {"thread": ThreadDrivenTransport, "loop": MqttTransport}
 
 
 # ---- load generators (separate processes, plain paho) ----------------------------------------

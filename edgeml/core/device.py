@@ -204,18 +204,17 @@ class Device:
             qos=1, retain=True)
         manual_ack = any(p.qos > 0 for p in cfg.pipelines)
         # MQTT 5: the broker never sends more than the profile allows in one packet, and may
-        # send as many QoS 1 messages as the input queue holds before our acknowledgements
-        # come back. Acks go out as soon as a burst is archived, and are held while the
-        # scoring queue is full, so memory stays within twice the queue and a burst beyond it
-        # waits in the broker instead of being shed here. mosquitto's in-flight window of 20
-        # (max_inflight_messages) applies to MQTT 3.1.1 clients instead. (A smaller window is
-        # not safer on a stock mosquitto: measured with a 20,000-message burst, 500 lost 13k
-        # of it in the broker's queue of 1000, the queue-sized window 3.2k: the socket
-        # buffers hold most of a large window, and only what overflows them is dropped.)
+        # have up to 65,535 QoS 1 messages in flight to the device (Receive Maximum) instead of
+        # queueing them where its own limits drop them (mosquitto: max_queued_messages 1000,
+        # and 20 in flight for MQTT 3.1.1 clients). That window is not our memory: the
+        # transport stops reading while the loop is behind (a bounded inbox), and ingress
+        # stops taking input while QoS 1 acks wait for room in a full scoring queue, so the
+        # rest waits in the broker and in TCP buffers. Acks go out as soon as a burst is
+        # archived. (Measured with a 20,000-message burst on a stock mosquitto: a window of
+        # 500 lost 13k of it in the broker's queue of 1000, one of 10,000 lost 1.6k.)
         q = self.profile.queue
         settings = dataclasses.replace(
-            cfg.broker, max_packet_bytes=q.max_packet_kb * 1024,
-            receive_maximum=min(65535, max(20, q.max_messages)))
+            cfg.broker, max_packet_bytes=q.max_packet_kb * 1024, receive_maximum=65535)
         # Two connections: sensor input (subscriptions, acknowledgements) and everything the
         # device publishes (answers, dead letters, alerts, status with the last will). A
         # broker whose queue towards a client is full drops every packet for it, PUBACKs
@@ -224,9 +223,14 @@ class Device:
         # PUBACKs of the answers, the client's in-flight window stayed full for good and no
         # answer left the device again. The publishing connection carries no sensor traffic,
         # so its PUBACKs never queue behind (or get dropped with) the input.
+        # It only ever receives PUBACKs: with protocol "auto" it speaks MQTT 3.1.1, whose
+        # PUBACK is four bytes paho decodes without building reason-code and property objects
+        # (a measurable share of the cost of a QoS 1 answer). Every broker speaks 3.1.1.
+        out_protocol = "3.1.1" if cfg.broker.protocol == "auto" else cfg.broker.protocol
         transport = self._connector(settings, manual_ack=manual_ack)
         out = self._connector(dataclasses.replace(
-            cfg.broker, client_id=f"{cfg.broker.client_id}-out", clean_start=True), will=will)
+            cfg.broker, client_id=f"{cfg.broker.client_id}-out", clean_start=True,
+            protocol=out_protocol), will=will)
         self._refresh_birth(out)
         async with transport, out:
             self.transport = transport

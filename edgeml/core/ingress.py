@@ -97,6 +97,8 @@ class Ingress:
         # archived QoS 1 input whose acks wait for room in a full scoring queue, in order
         self._deferred: list[Message] = []
         self._deferred_for: set[int] = set()  # id() of the inlets they wait for
+        self._none_deferred = asyncio.Event()
+        self._none_deferred.set()
         self._inlets_by_id: dict[int, Inlet] = {id(i): i for i in self.inlets}
         self._deferred_wake = asyncio.Event()
         self.ack_holds = 0
@@ -135,6 +137,11 @@ class Ingress:
                     self.handle(transport, msgs)
                 except Exception:  # a bug here: say so loudly, and ack nothing unarchived
                     log.exception("ingress failed for a burst of %d message(s)", len(msgs))
+                if self._deferred:
+                    # QoS 1 input waits for room in a full scoring queue: take nothing more
+                    # meanwhile, so the transport stops reading and the broker holds the rest
+                    # (memory stays bounded however large the broker's window is)
+                    await self._none_deferred.wait()
 
     # ---- one burst -------------------------------------------------------------------------
     def handle(self, transport: Transport, msgs: list[Message]) -> None:
@@ -174,6 +181,8 @@ class Ingress:
             if not self._deferred:
                 self.ack_holds += 1
             self._deferred += [m for m in ackable if m.qos > 0]
+            if self._deferred:
+                self._none_deferred.clear()
             self._deferred_for.update(id(i) for i in full)
             self._deferred_wake.set()
         else:
@@ -236,6 +245,7 @@ class Ingress:
                     continue  # a queue filled up again while waiting for another
                 batch, self._deferred = self._deferred, []
                 transport.ack_many(batch)
+            self._none_deferred.set()
 
     # ---- the archive cannot write ------------------------------------------------------------
     def _pause(self, inlet: Inlet, exc: Exception) -> None:

@@ -2,34 +2,24 @@
 
 Nothing else in edgeml imports paho (except test helpers and the plain-script baseline).
 
-Design: paho's own network thread (``loop_start``) does the socket I/O and reconnects with
-backoff by itself. Everything it learns crosses into the event loop in bursts: received
-messages through one deque, everything else (CONNACK, SUBACK, UNSUBACK, PUBACK, disconnects)
-through a second one, each drained by one coalesced ``call_soon_threadsafe`` wake-up, so a
-flood of small messages costs one loop wake-up per burst, not one per message. The network
-thread never reads loop-owned state: the birth messages are bytes the loop handed in with
-:meth:`MqttTransport.set_birth`, and the subscriptions to renew are an immutable snapshot
-the loop replaces when it changes them.
+Design: paho without its network thread. The socket is driven by the event loop
+(``add_reader``, plus ``add_writer`` only while the kernel's send buffer is full, and
+``loop_misc`` once a second for keep-alives), the way aiomqtt 2.x drives paho, so a message
+goes from the socket to scoring and its answer back to the socket on one thread: no wake-up of
+another thread, no GIL hand-off and no lock shared with a network thread per message. Publishes
+and acknowledgements are written at once by the caller (paho writes directly when it owns no
+thread). Only the TCP connect (and a TLS handshake) runs in an executor; paho's ``reconnect``
+then takes that ready socket on the loop, so nothing else ever touches the client concurrently.
 
-Why a thread and not the asyncio loop driving paho's socket (``add_reader``/``add_writer``
-plus ``loop_misc`` on a timer, as aiomqtt 2.x and paho's ``examples/loop_asyncio.py`` do):
-measured with ``benchmarks/bench_transport.py`` (2 cores, mosquitto 2.0.11 on loopback,
-paho 2.2, Python 3.11; both designs in one run; full table in benchmarks/results/transport.json)::
+Reading: paho reads a packet with several small ``recv`` calls (type, length, body). The socket
+is wrapped in :class:`_BufferedSocket`, which fills its buffer with one ``recv`` per burst and
+answers paho's small reads from it; a burst of hundreds of messages costs one system call,
+not three per message. Reading pauses while more than ``INBOX_MAX`` received messages wait for
+the loop (the broker then holds the rest: QoS 1 in its session, QoS 0 in its queue, where its
+own limits apply), so memory stays bounded however fast the broker sends.
 
-    design        QoS0 msg/s  us/msg  QoS1+ack msg/s  us/msg  RTT p50  RTT p99  us/msg
-    (a) thread         7,787   109.5           2,527   132.7  0.75 ms  10.4 ms     559
-    (b) loop           6,827    85.2           2,255   142.7  0.55 ms   6.7 ms     343
-
-    (median of 2 rounds, order alternated; 100k QoS 0 / 30k QoS 1 flood from a plain paho
-    publisher process; RTT: paced 1,000 msg/s for 5 s, answered with publish_nowait;
-    CPU = time.process_time of the process under test per message)
-
-(b) answers a paced stream faster and with ~40% less CPU (no thread wake-up and GIL hand-off
-per message), but floods are received 10-12% slower, because every socket read (paho reads a
-packet with several small ``recv`` calls) now runs on the loop that also decodes, archives and
-dispatches; and (b) needs its own reconnect loop, a blocking ``connect`` moved to an executor
-and thread hops for paho's socket callbacks. Not clearly better, so (a) stays; (b) is kept,
-runnable, in the benchmark (``LoopDrivenTransport``) for a Pi-class re-measurement.
+Measured with ``benchmarks/bench_e2e.py`` against paho's own network thread (the previous
+design, kept runnable in ``benchmarks/bench_transport.py``); see benchmarks/README.md.
 
 Error mapping (no paho return code or exception crosses this module):
 
@@ -91,6 +81,59 @@ _PUBACK = struct.Struct("!BBH").pack  # fixed header, remaining length 2, packet
 _FAILURE = 0x80  # SUBACK / UNSUBACK / PUBACK reason codes from here up are failures
 _UNSUPPORTED_PROTOCOL = 0x84  # CONNACK: a 3.1.1 broker's "unacceptable protocol version"
 _CONNACK_WAIT_S = 1.5  # "auto": no CONNACK to an MQTT 5 CONNECT this long -> try 3.1.1
+READ_SIZE = 256 * 1024  # bytes asked of the kernel per read
+READ_PACKETS_MAX = 2048  # packets handled per loop turn before other tasks get a go
+INBOX_MAX = 8192  # received messages waiting for the loop beyond which reading pauses
+INBOX_MAX_BYTES = 16 * 1024 * 1024  # ... or their payload bytes
+MISC_INTERVAL_S = 1.0  # keep-alive pings and timeouts
+
+
+class _BufferedSocket:
+    """The connected socket as paho sees it: reads come from a buffer filled by one large
+    ``recv`` per burst. ``pending()`` tells paho (and the reader) that buffered bytes are left,
+    as an SSL socket's does. Everything else goes to the socket itself."""
+
+    __slots__ = ("_buf", "_pos", "sock")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        pos = self._pos
+        if pos >= len(self._buf):
+            data = self.sock.recv(max(bufsize, READ_SIZE))  # BlockingIOError passes through
+            if len(data) <= bufsize:
+                self._buf, self._pos = b"", 0
+                return data
+            self._buf, pos = data, 0
+        out = self._buf[pos:pos + bufsize]
+        self._pos = pos + len(out)
+        return out
+
+    def pending(self) -> int:
+        ssl_pending = getattr(self.sock, "pending", None)
+        return len(self._buf) - self._pos + (ssl_pending() if ssl_pending else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+class _PahoClient(paho.Client):
+    """paho's client, handed a socket connected beforehand (off the loop), wrapped for
+    buffered reads. ``open_socket`` is paho's own connect (proxy, TLS handshake and all)."""
+
+    ready_socket: Any = None
+
+    def open_socket(self) -> Any:
+        return super()._create_socket()
+
+    def _create_socket(self) -> Any:
+        sock, self.ready_socket = self.ready_socket, None
+        if sock is None:  # not through the transport: paho's blocking connect
+            sock = super()._create_socket()
+        return _BufferedSocket(sock)
 
 
 def _code(rc: Any) -> int:
@@ -121,7 +164,13 @@ class MqttTransport:
         manual_ack: bool = False,
         require_connection: bool = True,
     ) -> None:
-        self._sock: Any = None  # the connected socket, for quick ACKs (paho's thread)
+        self._sock: Any = None  # the connected socket, for quick ACKs
+        # the loop's driving of paho's socket
+        self._attached: Any = None  # the socket registered with the loop's selector
+        self._writing = False  # a writer is registered (the kernel's send buffer was full)
+        self._read_paused = False  # too many received messages wait: the broker holds on
+        self._conn_task: asyncio.Task | None = None
+        self._misc_task: asyncio.Task | None = None
         self.settings = settings
         self._require_connection = require_connection
         self._manual_ack = manual_ack
@@ -132,6 +181,7 @@ class MqttTransport:
         self._loop: asyncio.AbstractEventLoop | None = None
         # network thread -> loop
         self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox_bytes = 0
         self._events: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake_pending = False
         self._events_pending = False
@@ -167,7 +217,7 @@ class MqttTransport:
         kwargs: dict = {"client_id": settings.client_id, "protocol": proto}
         if proto == paho.MQTTv311:
             kwargs["clean_session"] = settings.clean_start
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, **kwargs)
+        c = _PahoClient(paho.CallbackAPIVersion.VERSION2, **kwargs)
         paho_log = logging.getLogger("edgeml.transport.mqtt.paho")
         if not paho_log.filters:
             paho_log.addFilter(_QueuedWhileOffline())
@@ -207,6 +257,7 @@ class MqttTransport:
         c.on_subscribe = self._on_subscribe
         c.on_unsubscribe = self._on_unsubscribe
         c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
         return c
 
     def _connect_kwargs(self) -> dict:
@@ -225,13 +276,11 @@ class MqttTransport:
             props.ReceiveMaximum = s.receive_maximum
         return {"clean_start": s.clean_start, "properties": props}
 
-    # ---- driver hooks (the benchmark's loop-driven variant overrides these) ----------------
+    # ---- driving paho's socket from the loop ------------------------------------------------
     def _post(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the event loop, from the network thread."""
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(fn)
+        """Run ``fn`` on the event loop. paho's callbacks already run there (they come from
+        ``loop_read``/``loop_write``/``reconnect`` called by the loop), so this is a call."""
+        fn()
 
     def _start_network(self, connect_kwargs: dict) -> None:
         s = self.settings
@@ -239,13 +288,156 @@ class MqttTransport:
             self._client.connect_async(s.host, s.port, keepalive=s.keepalive, **connect_kwargs)
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot connect to {s.url}: {exc}") from exc
-        self._client.loop_start()
+        assert self._loop is not None
+        self._conn_task = self._loop.create_task(self._connect(delay=0.0), name="mqtt-connect")
+
+    async def _connect(self, delay: float) -> None:
+        """Connect (after ``delay``), retrying with the settings' backoff until it works or
+        the transport closes. The TCP connect and TLS handshake run in an executor; paho then
+        takes the ready socket on the loop and sends CONNECT."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        client = self._client
+        while not self._closing:
+            if delay:
+                await asyncio.sleep(delay)
+            delay = min(max(delay * 2, s.reconnect_min_s), s.reconnect_max_s)
+            try:
+                sock = await loop.run_in_executor(None, client.open_socket)
+            except (OSError, ValueError) as exc:  # refused, unreachable, TLS failure
+                log.debug("connect to %s failed (%s); retrying with backoff", s.url, exc)
+                self._on_connect_fail(client, None)
+                continue
+            if self._closing or client is not self._client:
+                sock.close()
+                return
+            client.ready_socket = sock
+            try:
+                rc = client.reconnect()  # takes the socket, sends CONNECT (on this thread)
+            except (OSError, ValueError) as exc:
+                client.ready_socket = None
+                log.debug("connect to %s failed (%s); retrying with backoff", s.url, exc)
+                self._on_connect_fail(client, None)
+                continue
+            if rc != paho.MQTT_ERR_SUCCESS or client.socket() is None:
+                self._on_connect_fail(client, None)
+                continue
+            self._attach(client.socket())
+            return
+
+    def _attach(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._attached = sock
+        self._writing = False
+        self._read_paused = False
+        self._loop.add_reader(sock, self._read)
+        if self._misc_task is None or self._misc_task.done():
+            self._misc_task = self._loop.create_task(self._misc(), name="mqtt-keepalive")
+        self._check_write()
+        if sock.pending():
+            self._loop.call_soon(self._read)
+
+    def _detach(self) -> None:
+        sock, self._attached = self._attached, None
+        if sock is not None and self._loop is not None:
+            with contextlib.suppress(Exception):  # the loop may be closing
+                self._loop.remove_reader(sock)
+                self._loop.remove_writer(sock)
+        self._writing = False
+        self._sock = None
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        if client is not self._client:
+            return
+        self._detach()
+        if not self._closing and self._loop is not None and (
+                self._conn_task is None or self._conn_task.done()):
+            self._conn_task = self._loop.create_task(
+                self._connect(delay=self.settings.reconnect_min_s), name="mqtt-reconnect")
+
+    def _read(self) -> None:
+        """The socket is readable: handle what has arrived, up to ``READ_PACKETS_MAX``
+        packets per loop turn (buffered bytes left over are read on the next turn)."""
+        sock = self._attached
+        if sock is None or self._read_paused:
+            return
+        self._quickack()
+        client = self._client
+        for _ in range(READ_PACKETS_MAX):
+            rc = client.loop_read()
+            if rc != paho.MQTT_ERR_SUCCESS or self._attached is not sock:
+                return  # the connection went (paho closed the socket and said so)
+            if self._read_paused or not sock.pending():
+                break  # all read: the selector says when more comes
+        else:
+            if sock.pending() and self._loop is not None:
+                self._loop.call_soon(self._read)  # buffered: the selector will not say so
+        self._check_write()
+
+    def _check_write(self) -> None:
+        """Register a writer only while paho holds bytes the socket did not take."""
+        if not self._writing and self._attached is not None and self._client.want_write():
+            self._writing = True
+            assert self._loop is not None
+            self._loop.add_writer(self._attached, self._write)
+
+    def _write(self) -> None:
+        sock = self._attached
+        self._client.loop_write()
+        if self._writing and self._attached is sock and not self._client.want_write():
+            self._writing = False
+            assert self._loop is not None
+            self._loop.remove_writer(sock)
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self._attached is not None:
+            self._read_paused = True
+            assert self._loop is not None
+            self._loop.remove_reader(self._attached)
+
+    def _maybe_resume(self) -> None:
+        if len(self._inbox) < INBOX_MAX // 2 and self._inbox_bytes < INBOX_MAX_BYTES // 2:
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            sock = self._attached
+            if sock is not None and self._loop is not None:
+                self._loop.add_reader(sock, self._read)
+                if sock.pending():
+                    self._loop.call_soon(self._read)
+
+    async def _misc(self) -> None:
+        """Keep-alive pings and their timeout (a broker gone silent is noticed here)."""
+        while True:
+            await asyncio.sleep(MISC_INTERVAL_S)
+            if self._client.loop_misc() != paho.MQTT_ERR_SUCCESS:
+                return
+            self._check_write()
 
     async def _stop_network(self) -> None:
-        self._client.disconnect()
-        await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
+        if self._conn_task is not None:
+            self._conn_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._conn_task
+            self._conn_task = None
+        client = self._client
+        sock = self._attached
+        client.disconnect()  # DISCONNECT written at once when the socket takes it
+        if self._attached is sock and sock is not None:
+            # still open: no DISCONNECT could be written (no CONNACK yet, or a full buffer)
+            self._write()
+            if self._attached is sock:
+                self._detach()
+                with contextlib.suppress(OSError):
+                    sock.close()
+        self._detach()
 
-    # ---- network thread side ----------------------------------------------------------------
+    # ---- paho's callbacks (on the loop, from loop_read / loop_write / reconnect) ------------
     def _on_socket_open(self, client, userdata, sock) -> None:
         # paho does not set TCP_NODELAY; without it small publishes wait for delayed ACKs.
         with contextlib.suppress(OSError, AttributeError):
@@ -298,7 +490,7 @@ class MqttTransport:
         A broker without TCP_NODELAY (mosquitto's default) holds a small packet (the next
         sensor message) while an earlier small one (the PUBACK of our QoS 1 answer) is not yet
         ACKed; with delayed ACKs that costs up to ~40 ms per message. Linux turns quick-ACK
-        mode off again by itself, so it is re-armed after every read, on paho's thread."""
+        mode off again by itself, so it is re-armed on every read burst."""
         sock = self._sock
         if sock is not None:
             try:
@@ -307,15 +499,17 @@ class MqttTransport:
                 self._sock = None  # not supported here (or the socket went): stop trying
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
-        self._quickack()
-        self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
+        inbox = self._inbox
+        inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
                                    time.time(), self._session))
+        self._inbox_bytes += len(msg.payload)
+        if len(inbox) >= INBOX_MAX or self._inbox_bytes >= INBOX_MAX_BYTES:
+            self._pause_reading()  # until the loop has taken them: the broker holds the rest
         if not self._wake_pending:
             self._wake_pending = True
             self._post(self._wake)
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
-        self._quickack()
         code = _code(reason_code)
         # only an awaited publish needs its PUBACK on the loop: the answers' PUBACKs would
         # otherwise cost one loop wake-up each (a refusal is still passed on, to be counted)
@@ -481,9 +675,11 @@ class MqttTransport:
 
     def stats(self) -> dict[str, int]:
         """Counters: connects, disconnects, received, publish_errors, publish_timeouts,
-        dropped_qos0_offline, subscribe_errors, acks_skipped; and gauges: inbox
-        (received, not yet taken), awaiting_puback (publishes awaited by ``publish``)."""
-        return {**self._stats, "inbox": len(self._inbox), "awaiting_puback": len(self._acks)}
+        dropped_qos0_offline, subscribe_errors, acks_skipped; and gauges: inbox and
+        inbox_bytes (received, not yet taken), reading_paused (1 while the loop is behind and
+        the broker holds on to the rest), awaiting_puback (publishes awaited by ``publish``)."""
+        return {**self._stats, "inbox": len(self._inbox), "inbox_bytes": self._inbox_bytes,
+                "reading_paused": int(self._read_paused), "awaiting_puback": len(self._acks)}
 
     def set_birth(self, publications: Sequence[Publication]) -> None:
         """The messages sent first on every (re)connect, replacing the previous ones. Make
@@ -570,6 +766,8 @@ class MqttTransport:
         except (ValueError, TypeError) as exc:  # bad topic, QoS, payload type or size
             self._stats["publish_errors"] += 1
             raise PublishError(f"publish to {topic!r} refused: {exc}") from exc
+        if self._writing is False and self._client.want_write():
+            self._check_write()  # the socket took only part: write the rest when it can
         rc = info.rc
         # NO_CONN: QoS > 0 is queued by paho until the connection is back; QoS 0 is not,
         # and the caller decides (drop and count, or NotConnectedError)
@@ -629,16 +827,16 @@ class MqttTransport:
         if message.session != self._session or \
                 self._client.ack(message.mid, message.qos) != paho.MQTT_ERR_SUCCESS:
             self._stats["acks_skipped"] += 1  # connection gone: the broker redelivers it
+        self._check_write()
 
     def ack_many(self, messages: Sequence[Message]) -> None:
         """Acknowledge a burst of QoS 1 messages received with ``manual_ack`` in one write.
 
-        paho's own ``ack`` queues one packet per message and wakes the network thread for
-        each (a socket-pair write, then a thread switch under the GIL): at a few thousand
+        paho's own ``ack`` writes one packet (one ``send``) per message: at a few thousand
         messages per second that costs more than archiving them. Here the PUBACKs of the
-        burst go to the network thread as one buffer: one wake-up, one ``send``. A PUBACK
-        with reason code 0 is the same four bytes in MQTT 3.1.1 and 5. Messages from an
-        earlier connection are skipped and counted, as in :meth:`ack`."""
+        burst go to paho as one buffer: one ``send``. A PUBACK with reason code 0 is the same
+        four bytes in MQTT 3.1.1 and 5. Messages from an earlier connection are skipped and
+        counted, as in :meth:`ack`."""
         if not self._manual_ack:
             return
         session = self._session
@@ -661,6 +859,7 @@ class MqttTransport:
         packet = b"".join([_PUBACK(0x40, 2, mid) for mid in mids])
         if queue(paho.PUBACK, packet, 0, 0) != paho.MQTT_ERR_SUCCESS:
             self._stats["acks_skipped"] += len(mids)
+        self._check_write()
 
     # ---- receiving --------------------------------------------------------------------------
     async def messages(self) -> AsyncIterator[Message]:
@@ -668,7 +867,11 @@ class MqttTransport:
         while not self._closing:
             while self._inbox:
                 self._stats["received"] += 1
-                yield self._inbox.popleft()
+                m = self._inbox.popleft()
+                self._inbox_bytes -= len(m.payload)
+                if self._read_paused:
+                    self._maybe_resume()
+                yield m
             await self._wait_inbox()
 
     async def batches(self, max_items: int = 1024) -> AsyncIterator[list[Message]]:
@@ -680,6 +883,9 @@ class MqttTransport:
                 n = min(len(inbox), max_items)
                 out = [inbox.popleft() for _ in range(n)]
                 self._stats["received"] += n
+                self._inbox_bytes -= sum([len(m.payload) for m in out])
+                if self._read_paused:
+                    self._maybe_resume()
                 yield out
             else:
                 await self._wait_inbox()

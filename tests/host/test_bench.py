@@ -102,8 +102,12 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     plain_max = next(r for r in report["runs"] if r["variant"] == "plain")["phases"]["max"]
     assert ratio["edgeml_vs_plain_msgs"] == pytest.approx(
         edgeml["phases"]["max"]["msgs_per_s"] / plain_max["msgs_per_s"])
-    ids = {t["id"] for t in report["targets"]}
-    assert {"p99", "rss", "first_answer", "no_sklearn", "p50_vs_plain"} <= ids
+    targets = {t["id"]: t for t in report["targets"]}
+    assert {"p99", "rss", "first_answer", "no_sklearn", "p50_vs_plain", "cpu_vs_plain",
+            "max_vs_plain", "sync_on_vs_off", "samples_vs_plain", "burst_vs_plain"} <= set(targets)
+    assert targets["max_vs_plain"]["value"] == pytest.approx(ratio["edgeml_vs_plain_msgs"])
+    assert targets["sync_on_vs_off"]["value"] == pytest.approx(ratio["sync_on_vs_off"])
+    assert targets["sync_on_vs_off"]["met"] == (ratio["sync_on_vs_off"] >= 0.9)
     assert all(t["met"] in (True, False, None) for t in report["targets"])
     written = write_report(report, tmp_path / "run", latest_dir=tmp_path, charts=True)
     reread = json.loads(written["latest_json"].read_text())

@@ -1,0 +1,102 @@
+"""MqttTransport drives paho's socket from the event loop: buffered reads, paused reading,
+large writes, no network thread. Against a private mosquitto over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from conftest import publish_all
+
+from edgeml.transport import mqtt
+from edgeml.transport.mqtt import MqttTransport
+from edgeml.transport.settings import BrokerSettings
+
+
+def settings(broker, cid: str, **kw) -> BrokerSettings:
+    kw.setdefault("reconnect_min_s", 0.05)
+    kw.setdefault("reconnect_max_s", 0.2)
+    return BrokerSettings(url=broker.url, client_id=cid, **kw)
+
+
+async def until(pred, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.01)
+
+
+async def take(t: MqttTransport, n: int, *, ack: bool = False, timeout: float = 30.0) -> list:
+    got: list = []
+    batches = t.batches(1024)
+
+    async def collect() -> None:
+        while len(got) < n:
+            burst = await anext(batches)
+            if ack:
+                t.ack_many(burst)
+            got.extend(burst)
+    await asyncio.wait_for(collect(), timeout)
+    return got
+
+
+def test_no_network_thread_and_a_burst_split_across_reads_arrives_whole(broker):
+    """Small messages around ones larger than one read of the socket: every packet that
+    straddles a buffer boundary is put together again, in order."""
+    big = bytes(range(256)) * (3 * mqtt.READ_SIZE // 256 + 7)
+    items = []
+    for i in range(3000):
+        items.append(("burst/t", f"{i:05d}".encode() * (1 + i % 37)))
+        if i % 1000 == 500:
+            items.append(("burst/t", big))
+
+    async def main():
+        async with MqttTransport(settings(broker, "burst", protocol="5")) as t:
+            assert not [th for th in threading.enumerate()
+                        if th.name.startswith("paho-mqtt-client")]
+            await t.subscribe([("burst/#", 1)])
+            await asyncio.get_running_loop().run_in_executor(None, publish_all, broker, items)
+            got = await take(t, len(items))
+            assert [m.payload for m in got] == [p for _, p in items]
+    asyncio.run(main())
+
+
+def test_reading_pauses_while_the_loop_is_behind_and_nothing_is_lost(broker, monkeypatch):
+    """With more than INBOX_MAX messages waiting for the loop the transport stops reading
+    (the broker holds the QoS 1 rest in its session); taking them resumes reading."""
+    monkeypatch.setattr(mqtt, "INBOX_MAX", 50)
+    items = [("paused/t", f"{i}".encode()) for i in range(2000)]
+
+    async def main():
+        async with MqttTransport(settings(broker, "paused", protocol="5"),
+                                 manual_ack=True) as t:
+            await t.subscribe([("paused/#", 1)])
+            await asyncio.get_running_loop().run_in_executor(None, publish_all, broker, items)
+            await until(lambda: t.stats()["inbox"] >= 50)
+            # the broker has all 2,000 and keeps sending; the transport does not read on
+            await asyncio.sleep(0.3)
+            assert 50 <= t.stats()["inbox"] <= 55
+            assert t._read_paused
+            got = await take(t, len(items), ack=True)
+            assert [m.payload for m in got] == [p for _, p in items]
+            assert not t._read_paused
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_publish_larger_than_the_socket_buffer_is_written_in_full(broker, collector,
+                                                                    protocol):
+    payload = bytes(range(256)) * (24 * 1024 * 1024 // 256)  # 24 MB: many send buffers
+    coll = collector("large/#", qos=1)
+
+    async def main():
+        async with MqttTransport(settings(broker, f"large-{protocol}", protocol=protocol)) as t:
+            await t.publish("large/one", payload, qos=1, timeout=60)
+            t.publish_nowait("large/two", b"after", qos=1)
+            await t.publish("large/three", b"end", qos=1, timeout=30)
+    asyncio.run(main())
+    msgs = coll.wait_count(3, timeout=60)
+    assert [m.topic for m in msgs] == ["large/one", "large/two", "large/three"]
+    assert msgs[0].payload == payload
