@@ -121,9 +121,11 @@ class CommandVerifier:
 
     def __init__(self, trusted_keys: list, device_id: str, counters: CounterFile, *,
                  clock=time.time) -> None:
-        from edgeml.keys import key_id
+        self.keys: dict = {}
+        if trusted_keys:  # none: do not map cryptography's OpenSSL (~6 MB RSS) for nothing
+            from edgeml.keys import key_id
 
-        self.keys = {key_id(k): k for k in trusted_keys}
+            self.keys = {key_id(k): k for k in trusted_keys}
         self.device_id = device_id
         self.counters = counters
         self._clock = clock
