@@ -34,6 +34,20 @@ def json_bytes(rec: dict) -> bytes:
     return json.dumps(rec, separators=(",", ":"), default=str).encode()
 
 
+def by_message(records: list[dict]) -> list[list[dict]]:
+    """Answers grouped by input message (consecutive records with one ``input_seq``)."""
+    groups: list[list[dict]] = []
+    seq = None
+    for rec in records:
+        s = rec["input_seq"]
+        if groups and s == seq:
+            groups[-1].append(rec)
+        else:
+            groups.append([rec])
+            seq = s
+    return groups
+
+
 def row_record_id(device: str, rec: dict, stream: str) -> str:
     """The outbox's stable id; ``input_seq.row`` when one message made several rows."""
     row = rec.get("row")
@@ -75,15 +89,18 @@ class Egress:
         transport = self.transport
         if transport is not None:
             topic, qos, encode = self._out[pipeline]
-            for rec in records:
+            for group in by_message(records):
                 try:
-                    transport.publish_nowait(topic, encode(rec), qos)
+                    # one answer message per input message: its rows' answers as an array
+                    # when it made several rows (a batch, or several windows)
+                    transport.publish_nowait(
+                        topic, encode(group[0] if len(group) == 1 else group), qos)
                 except (TransportError, TypeError, ValueError, OverflowError) as exc:
                     # this answer alone is not published; the outbox still gets it below
                     self.publish_errors += 1
-                    log.warning("answer for %s not published: %s", rec.get("id"), exc)
+                    log.warning("answer for %s not published: %s", group[0].get("id"), exc)
                     continue
-                self.published[pipeline] += 1
+                self.published[pipeline] += len(group)
         if self.outbox is not None:
             dev = self.device
             self._queue([("outputs", row_record_id(dev, rec, "outputs"), rec)

@@ -233,8 +233,10 @@ class PipelineRuntime:
                 # worth letting this one fill up; below that rows are scored as they come and
                 # batches form by themselves while the previous one is being scored.
                 await asyncio.sleep(self.batching.max_wait_ms / 1000.0)
-            batch = [self._queue.popleft()
-                     for _ in range(min(self.batching.max_batch, len(self._queue)))]
+            q = self._queue
+            batch = [q.popleft() for _ in range(min(self.batching.max_batch, len(q)))]
+            while q and q[0].seq == batch[-1].seq:
+                batch.append(q.popleft())  # a message's rows stay together: one answer message
             if not self.full:
                 self._room.set()
             self._last_batch = len(batch)

@@ -329,6 +329,8 @@ def count(spec: dict) -> None:
     for i, p in enumerate(payloads[:n]):
         try:
             rec = _decode(p)
+            if isinstance(rec, list) and rec:  # a batch message's answer: its rows' answers
+                rec = rec[0]
             # a batch message's rows are answered as "<id>:<row>": counted for the message
             ids[i] = int(str(rec["id"]).split(":")[0]) if isinstance(rec, dict) else -1
         except (ValueError, KeyError, TypeError):

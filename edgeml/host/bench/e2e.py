@@ -427,7 +427,7 @@ class Harness:
 
     # -- one measured phase ---------------------------------------------------------------------
     def phase(self, *, label: str, in_topic: str, answer_topic: str | None, target: Child | None,
-              mode: str, first_id: int, answers_per_message: int = 1) -> dict:
+              mode: str, first_id: int) -> dict:
         """Publish one stream and time its answers. ``answer_topic`` None: the raw subscriber
         on ``in_topic`` is itself the receiver. Modes: ``paced``, ``max`` (QoS 0 flood),
         ``samples`` (the flood with ``samples_per_message`` samples per message), ``burst``
@@ -446,7 +446,7 @@ class Harness:
         name = self._name(f"{label}-{mode}")
         out = str(self.run_dir / name)
         recv_spec = dict(self._base(), topic=answer_topic or in_topic,
-                         expect=n * (answers_per_message if mode == "samples" else 1),
+                         expect=n,
                          timeout_s=budget + 5, idle_s=5.0, out=out + ".recv", qos=qos,
                          client_id=f"bench-recv-{name}")
         receiver = _role("collect" if answer_topic else "count", recv_spec, self.run_dir,
@@ -514,17 +514,14 @@ class Harness:
         return result
 
     def _phases(self, label: str, in_topic: str, answer_topic: str | None,
-                target: Child | None, *, answers_per_sample: bool = False,
-                only: Sequence[str] | None = None) -> dict:
+                target: Child | None, *, only: Sequence[str] | None = None) -> dict:
         s = self.settings
         phases = {}
         kw = dict(label=label, in_topic=in_topic, answer_topic=answer_topic, target=target)
         wanted = [m for m in s.phase_list if only is None or m in only]
         first_ids = {"paced": 0, "max": 1_000_000, "samples": 2_000_000, "burst": 3_000_000}
         for mode in wanted:
-            phases[mode] = self.phase(**kw, mode=mode, first_id=first_ids[mode],
-                                      answers_per_message=s.samples_per_message
-                                      if answers_per_sample else 1)
+            phases[mode] = self.phase(**kw, mode=mode, first_id=first_ids[mode])
         return phases
 
     def _pin(self, pid: int, *, load: bool) -> None:
@@ -670,8 +667,7 @@ class Harness:
         start_info["status_online_s"] = ((t_online - target.started_ns) / 1e9
                                          if t_online else None)
         try:
-            phases = self._phases(tag, in_topic, out_topic, target, answers_per_sample=True,
-                                  only=only)
+            phases = self._phases(tag, in_topic, out_topic, target, only=only)
             mem = target.memory()
             device_libs = target.loaded_libraries("sklearn", "scipy", "skl2onnx")
         finally:
