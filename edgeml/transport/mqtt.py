@@ -364,7 +364,6 @@ class MqttTransport:
         sock = self._attached
         if sock is None or self._read_paused:
             return
-        self._quickack()
         client = self._client
         for _ in range(READ_PACKETS_MAX):
             rc = client.loop_read()
@@ -375,6 +374,7 @@ class MqttTransport:
         else:
             if sock.pending() and self._loop is not None:
                 self._loop.call_soon(self._read)  # buffered: the selector will not say so
+        self._quickack()  # after the read: the segments just taken are ACKed now
         self._check_write()
 
     def _check_write(self) -> None:
