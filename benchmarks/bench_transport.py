@@ -12,7 +12,8 @@ Per design, against a private mosquitto on loopback (the load generators are sep
 processes using plain paho, identical for both designs):
 
 - ``flood_qos0`` / ``flood_qos1``: a publisher process sends N small messages as fast as it
-  can; the transport under test only counts them (QoS 1 with ``manual_ack``, acknowledged a burst at a time with ``ack_many`` as the daemon does).
+  can; the transport under test only counts them (QoS 1 with ``manual_ack``, acknowledged
+  a burst at a time with ``ack_many``, as the daemon does).
   msgs/s = messages / (last - first arrival); CPU = this process's ``time.process_time`` per
   message (the paho thread included).
 - ``rtt``: a requester process publishes at a paced 1,000 msg/s and times each answer; the
