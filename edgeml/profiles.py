@@ -35,7 +35,7 @@ PROFILE_PACKAGE = "firmware_profiles"
 CPU_PROVIDER = "CPUExecutionProvider"
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
-QUEUE_POLICIES = ("drop_oldest", "drop_newest")
+QUEUE_POLICIES = ("wait", "drop_oldest", "drop_newest")
 _PROVIDER_NAME = re.compile(r"[A-Z][A-Za-z0-9]*ExecutionProvider")
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MB = 2**20
@@ -73,7 +73,9 @@ class QueueSettings:
     """The bounded input queue between MQTT and scoring."""
 
     max_messages: int = 10000
-    policy: str = "drop_oldest"
+    #: a full queue: "wait" takes no more input until it has room (the broker holds or drops
+    #: the rest by its own limits), "drop_oldest"/"drop_newest" keep reading and shed rows
+    policy: str = "wait"
     #: the largest MQTT packet the device accepts; with MQTT 5 it is declared to the broker
     #: (Maximum Packet Size), which then never sends a larger one
     max_packet_kb: int = 1024

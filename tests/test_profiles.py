@@ -141,7 +141,7 @@ def test_default_profile_matches_dataclass_defaults() -> None:
     ({"name": "t", "onnxruntime": {"graph_optimization": "max"}},
      "onnxruntime.graph_optimization", "'max' is not one of disable, basic"),
     ({"name": "t", "queue": {"policy": "drop_random"}}, "queue.policy",
-     "'drop_random' is not one of drop_oldest, drop_newest"),
+     "'drop_random' is not one of wait, drop_oldest, drop_newest"),
     ({"name": "t", "onnxruntime": {"execution_mode": "async"}}, "onnxruntime.execution_mode",
      "'async' is not one of sequential, parallel"),
     ({"name": "t", "onnxruntime": {"providers": ["cuda"]}}, "onnxruntime.providers[0]",

@@ -142,6 +142,13 @@ class Ingress:
                     # meanwhile, so the transport stops reading and the broker holds the rest
                     # (memory stays bounded however large the broker's window is)
                     await self._none_deferred.wait()
+                for inlet in self.inlets:
+                    backlog = inlet.backlog
+                    if backlog is not None and getattr(backlog, "waits", False) and backlog.full:
+                        # queue policy "wait": read no further than scoring can take; what
+                        # the device cannot score is never read, so never archived and shed
+                        inlet.stats.queue_waits += 1
+                        await backlog.wait_room()
 
     # ---- one burst -------------------------------------------------------------------------
     def handle(self, transport: Transport, msgs: list[Message]) -> None:

@@ -56,7 +56,7 @@ class ScoringSettings:
     max_batch: int = 64
     max_wait_ms: float = 0.0
     queue_limit: int = 10_000
-    queue_policy: str = "drop_oldest"
+    queue_policy: str = "wait"
 
 
 class _VersionRunner:
@@ -182,7 +182,9 @@ class PipelineRuntime:
         the queue may exceed its limit by at most what the broker has in flight."""
         q, limit = self._queue, self.batching.queue_limit
         dropped = 0
-        if hold:
+        if hold or self.batching.queue_policy == "wait":
+            # the caller takes no more input while the queue is full (TCP backpressure): the
+            # queue exceeds its limit by at most the burst at hand
             q.extend(rows)
         elif self.batching.queue_policy == "drop_newest":
             room = max(limit - len(q), 0)
@@ -203,6 +205,11 @@ class PipelineRuntime:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def waits(self) -> bool:
+        """Policy ``wait``: input of any QoS waits for room instead of being shed."""
+        return self.batching.queue_policy == "wait"
 
     @property
     def full(self) -> bool:
@@ -466,7 +473,7 @@ class PipelineRuntime:
             "policy": self.policy, "deadline_ms": self.config.deadline_ms,
             "received": st.received, "accepted": st.accepted, "rejected": st.rejected,
             "rejected_by_reason": dict(st.rejected_by_reason), "rows": st.rows,
-            "dropped": st.dropped, "scored": st.scored, "published": st.published,
+            "dropped": st.dropped, "queue_waits": st.queue_waits, "scored": st.scored, "published": st.published,
             "fallbacks": st.fallbacks, "unanswered": st.unanswered, "errors": st.errors,
             "queue_depth": len(self._queue), "answer_latency": st.answer_latency.summary(),
             "versions": versions,

@@ -104,6 +104,8 @@ class PipelineStats:
     rejected_by_reason: collections.Counter = field(default_factory=collections.Counter)
     rows: int = 0
     dropped: int = 0
+    #: times the device stopped taking input until the full queue had room (policy "wait")
+    queue_waits: int = 0
     scored: int = 0
     published: int = 0
     fallbacks: int = 0
