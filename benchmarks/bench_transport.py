@@ -43,7 +43,6 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from edgeml.host.broker import MosquittoBroker
-from edgeml.transport.base import Message
 from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
 
@@ -70,13 +69,9 @@ class ThreadDrivenTransport(MqttTransport):
     def _on_socket_close(self, client, userdata, sock) -> None:
         pass  # paho's thread reconnects by itself
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _deliver(self, topic, payload, qos, retain, mid) -> None:
         self._quickack()  # per message: no read bursts are visible from here
-        self._inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
-                                   time.time(), self._session))
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._post(self._wake)
+        super()._deliver(topic, payload, qos, retain, mid)
 
     async def _stop_network(self) -> None:
         self._client.disconnect()

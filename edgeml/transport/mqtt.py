@@ -122,9 +122,43 @@ class _BufferedSocket:
 
 class _PahoClient(paho.Client):
     """paho's client, handed a socket connected beforehand (off the loop), wrapped for
-    buffered reads. ``open_socket`` is paho's own connect (proxy, TLS handshake and all)."""
+    buffered reads. ``open_socket`` is paho's own connect (proxy, TLS handshake and all).
+
+    Received PUBLISH packets of QoS 0 and 1 without MQTT 5 properties (what a broker sends a
+    subscriber that asked for no topic aliases, unless the publisher set properties) go
+    straight to ``deliver(topic, payload, qos, retain, mid)``: paho would build a
+    ``Properties`` object, an ``MQTTMessage`` with its ``threading.Condition`` and a
+    topic-matcher walk for each, which at high rates costs more than the rest of
+    the message's way through the device. Everything else (QoS 2, properties, an invalid
+    topic) takes paho's own path, which also raises on malformed packets."""
 
     ready_socket: Any = None
+    deliver: Callable[[str, bytes, int, bool, int], None] | None = None
+
+    def _handle_publish(self) -> Any:
+        deliver = self.deliver
+        packet = self._in_packet["packet"]
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if deliver is None or qos == 2 or (qos == 1 and not self._manual_ack):
+            return super()._handle_publish()
+        try:
+            pos = 2 + ((packet[0] << 8) | packet[1])
+            topic = packet[2:pos].decode("utf-8")
+            mid = 0
+            if qos:
+                mid = (packet[pos] << 8) | packet[pos + 1]
+                pos += 2
+            if self._protocol == paho.MQTTv5:
+                if packet[pos]:  # properties present: paho's path knows them all
+                    return super()._handle_publish()
+                pos += 1
+        except (IndexError, UnicodeDecodeError):
+            return super()._handle_publish()  # paho says what is wrong with it
+        if not topic or pos > len(packet) or "+" in topic or "#" in topic:
+            return super()._handle_publish()
+        deliver(topic, bytes(packet[pos:]), qos, bool(header & 0x01), mid)
+        return paho.MQTT_ERR_SUCCESS
 
     def open_socket(self) -> Any:
         return super()._create_socket()
@@ -258,6 +292,7 @@ class MqttTransport:
         c.on_unsubscribe = self._on_unsubscribe
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
+        c.deliver = self._deliver
         return c
 
     def _connect_kwargs(self) -> dict:
@@ -499,10 +534,13 @@ class MqttTransport:
                 self._sock = None  # not supported here (or the socket went): stop trying
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        """paho's own path (QoS 2, MQTT 5 properties); the rest comes to :meth:`_deliver`."""
+        self._deliver(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid)
+
+    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
         inbox = self._inbox
-        inbox.append(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid,
-                                   time.time(), self._session))
-        self._inbox_bytes += len(msg.payload)
+        inbox.append(Message(topic, payload, qos, retain, mid, time.time(), self._session))
+        self._inbox_bytes += len(payload)
         if len(inbox) >= INBOX_MAX or self._inbox_bytes >= INBOX_MAX_BYTES:
             self._pause_reading()  # until the loop has taken them: the broker holds the rest
         if not self._wake_pending:

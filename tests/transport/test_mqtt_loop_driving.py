@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import paho.mqtt.client as paho
 import pytest
 from conftest import publish_all
 
@@ -100,3 +101,53 @@ def test_a_publish_larger_than_the_socket_buffer_is_written_in_full(broker, coll
     msgs = coll.wait_count(3, timeout=60)
     assert [m.topic for m in msgs] == ["large/one", "large/two", "large/three"]
     assert msgs[0].payload == payload
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_received_messages_are_what_was_published_on_either_path(broker, protocol):
+    """QoS 0 and 1, retained or not, empty and binary payloads, non-ASCII topics, and (MQTT 5)
+    messages with properties, which take paho's own decoding: every field arrives intact."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    sent = []
+    for i in range(40):
+        topic = f"parity/{'ä' if i % 3 == 0 else 'a'}/{i}"
+        payload = bytes([i % 256]) * (i * 7) if i % 5 else b""
+        sent.append((topic, payload, i % 2, i % 4 == 0, i % 6 == 0))
+
+    async def main():
+        async with MqttTransport(settings(broker, f"parity-{protocol}", protocol=protocol),
+                                 manual_ack=True) as t:
+            await t.subscribe([("parity/#", 1)])
+
+            def publish() -> None:
+                pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+                pub.connect(broker.host, broker.port)
+                pub.loop_start()
+                for topic, payload, qos, retain, with_props in sent:
+                    props = None
+                    if with_props:
+                        props = Properties(PacketTypes.PUBLISH)
+                        props.UserProperty = ("k", "v")
+                        props.ContentType = "application/x-test"
+                    pub.publish(topic, payload, qos, retain, properties=props)\
+                        .wait_for_publish(10)
+                pub.disconnect()
+                pub.loop_stop()
+            await asyncio.get_running_loop().run_in_executor(None, publish)
+            got = await take(t, len(sent), ack=True)
+            return got
+    got = asyncio.run(main())
+    assert [(m.topic, m.payload, m.qos) for m in got] == [(t, p, q) for t, p, q, _, _ in sent]
+    assert all(isinstance(m.payload, bytes) and not m.retain for m in got)  # live, not stored
+    assert all((m.mid > 0) == (m.qos == 1) for m in got)
+    kept = [(t, p) for t, p, _, retain, _ in sent if retain and p]  # empty: clears instead
+
+    async def late():
+        async with MqttTransport(settings(broker, f"late-{protocol}", protocol=protocol)) as t:
+            await t.subscribe([("parity/#", 1)])
+            return await take(t, len(kept))
+    stored = asyncio.run(late())
+    assert sorted((m.topic, m.payload) for m in stored) == sorted(kept)
+    assert all(m.retain for m in stored)
