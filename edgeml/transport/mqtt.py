@@ -56,6 +56,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeml.errors import (
     NotConnectedError,
@@ -120,6 +123,10 @@ class _BufferedSocket:
         return getattr(self.sock, name)
 
 
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)  # what paho passes for a plain PUBACK
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+
 class _PahoClient(paho.Client):
     """paho's client, handed a socket connected beforehand (off the loop), wrapped for
     buffered reads. ``open_socket`` is paho's own connect (proxy, TLS handshake and all).
@@ -158,6 +165,19 @@ class _PahoClient(paho.Client):
         if not topic or pos > len(packet) or "+" in topic or "#" in topic:
             return super()._handle_publish()
         deliver(topic, bytes(packet[pos:]), qos, bool(header & 0x01), mid)
+        return paho.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Any) -> Any:
+        """A plain PUBACK (two bytes: success, no reason code or properties; every PUBACK in
+        MQTT 3.1.1) is settled without paho decoding a reason code and a properties object
+        for it; anything longer takes paho's path."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
         return paho.MQTT_ERR_SUCCESS
 
     def open_socket(self) -> Any:
@@ -299,9 +319,6 @@ class MqttTransport:
         s = self.settings
         if self.protocol != "5":
             return {}
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         # MQTT 5 ends a session at disconnect unless an expiry is asked for
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0 if s.clean_start else 0xFFFFFFFF

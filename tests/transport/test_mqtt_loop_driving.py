@@ -151,3 +151,22 @@ def test_received_messages_are_what_was_published_on_either_path(broker, protoco
     stored = asyncio.run(late())
     assert sorted((m.topic, m.payload) for m in stored) == sorted(kept)
     assert all(m.retain for m in stored)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_many_qos1_publishes_beyond_the_in_flight_window_all_arrive_in_order(
+        broker, collector, protocol):
+    """PUBACKs settle the window (max_inflight 20) as they come, and each releases the next
+    queued publish: 2,000 answers arrive, in order, and the awaited last one resolves."""
+    coll = collector("window/#", qos=1)
+
+    async def main():
+        async with MqttTransport(settings(broker, f"window-{protocol}", protocol=protocol,
+                                          max_inflight=20)) as t:
+            for i in range(1999):
+                t.publish_nowait("window/t", str(i).encode(), qos=1)
+            await t.publish("window/t", b"1999", qos=1, timeout=30)
+            assert t.stats()["publish_errors"] == 0
+    asyncio.run(main())
+    msgs = coll.wait_count(2000, timeout=60)
+    assert [int(m.payload) for m in msgs] == list(range(2000))
