@@ -13,9 +13,9 @@ measures with onnxruntime on the CPU (intra_op_num_threads=1, inter_op_num_threa
 - load: InferenceSession creation from bytes;
 - µs per row at batch 1 and batch 64: every call is timed on its own, as users make it
   (``session.run(None, {input: rows})``), on C-contiguous float32 batches of consecutive
-  Daphnet rows, 256 of them spread over the data set and fed in turn (every call new rows,
-  as a stream brings them), after a warm-up; a round's figure is the median call of a
-  ~40 ms block;
+  Daphnet rows in the recording's order (as a device scoring the stream feeds them; each
+  session goes on where its previous block stopped), after a warm-up; a round's figure is
+  the median call of a ~40 ms block;
 - the converters of one model **take turns**: each round runs one block of each, back to
   back, in rotating order, for ``--repeats`` rounds (load times too). A figure is the median
   over the rounds, printed with its range; a ratio (skl2onnx / edgeml) is computed per round,
@@ -33,8 +33,8 @@ IsolationForest also gets "edgeml-f32", the 5-node float32 design of the first p
 (AVERAGE of depth + c(n) leaf weights in float32, then float32 arithmetic), for comparison
 only: it is not what edgeml ships (see docs/converters.md, "labels on the threshold").
 The lowered IsolationForest is then timed under session options and call styles (arena,
-memory pattern, graph optimisation, spinning, output names listed), interleaved against the
-default in one process.
+memory pattern, graph optimisation, spinning, output names listed), and with its rows in
+other orders (far apart, one repeated), each interleaved against the default in one process.
 
 Then session settings for small devices (the lowered IsolationForest and a RandomForest),
 each combination in a fresh process: CPU memory arena on/off, graph optimisation level,
@@ -177,17 +177,15 @@ def session(model_bytes: bytes, *, arena: bool = True, opt: str = "all", threads
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def distinct_feeds(X, batch: int, count: int = 256) -> list:
-    """Up to ``count`` C-contiguous float32 batches of ``batch`` consecutive rows, evenly
-    spaced over ``X`` and in its order: every call gets rows it has not seen for a while, as
-    a device scoring a stream does, not one row whose tree paths the branch predictor
-    learns (that flatters the lowered graph: 2.7 instead of 4.1 µs per row at batch 64)."""
+def stream_feeds(X, batch: int) -> list:
+    """``X`` cut into C-contiguous float32 batches of ``batch`` consecutive rows, in the
+    recording's order: what a device scoring the sensor stream feeds its model. (How far
+    apart successive rows are changes what the branch predictor can learn of the lowered
+    graph's tree walks; :func:`row_order` measures it.)"""
     import numpy as np
 
-    starts = np.arange(0, len(X) - batch + 1, batch)
-    if len(starts) > count:
-        starts = starts[np.linspace(0, len(starts) - 1, count).astype(np.int64)]
-    return [np.ascontiguousarray(X[i:i + batch], dtype=np.float32) for i in starts]
+    return [np.ascontiguousarray(X[i:i + batch], dtype=np.float32)
+            for i in range(0, len(X) - batch + 1, batch)]
 
 
 def _block_us(sess, feeds: list, start: int, seconds: float,
@@ -214,25 +212,27 @@ def _block_us(sess, feeds: list, start: int, seconds: float,
 
 
 def time_interleaved(sessions: dict, X, batch: int, rounds: int, *, block_s: float = 0.04,
-                     min_calls: int = 15, warmup_s: float = 0.2) -> dict[str, list[float]]:
+                     min_calls: int = 15, warmup_s: float = 0.2,
+                     feeds: dict[str, list] | None = None) -> dict[str, list[float]]:
     """µs per row of every session, ``rounds`` times, the sessions taking turns.
 
     After a warm-up of each session, every round runs one block per session back to back
     (the order rotates round by round, so no session always runs first): the figures of
     one round were taken within a fraction of a second of each other, and their ratio is
-    what that round says. Every session walks the same feeds (:func:`distinct_feeds`), each
-    block going on where its previous one stopped. Returns, per session, its per-round
-    medians."""
-    feeds = distinct_feeds(X, batch)
+    what that round says. Every session walks the same stream (:func:`stream_feeds`, unless
+    ``feeds`` gives a session its own), each block going on where its previous one stopped.
+    Returns, per session, its per-round medians."""
+    stream = stream_feeds(X, batch)
+    fed = {label: (feeds or {}).get(label, stream) for label in sessions}
     labels = list(sessions)
     cursor = {}
     for label in labels:
-        _, cursor[label] = _block_us(sessions[label], feeds, 0, warmup_s, 20)
+        _, cursor[label] = _block_us(sessions[label], fed[label], 0, warmup_s, 20)
     out: dict[str, list[float]] = {label: [] for label in labels}
     for r in range(rounds):
         k = r % len(labels)
         for label in labels[k:] + labels[:k]:
-            us, cursor[label] = _block_us(sessions[label], feeds, cursor[label], block_s,
+            us, cursor[label] = _block_us(sessions[label], fed[label], cursor[label], block_s,
                                           min_calls)
             out[label].append(us / batch)
     return out
@@ -449,6 +449,32 @@ def call_options(model_bytes: bytes, X, rounds: int) -> dict:
     return out
 
 
+def row_order(model_bytes: bytes, X, rounds: int) -> dict:
+    """Batch 1 and 64 of one graph fed the same batches in three orders, interleaved in this
+    process: the recording's order (the stream, what the tables use); the same batches
+    shuffled so that successive calls are 64 batches apart (no two calls alike); one batch
+    repeated (tree walks the branch predictor learns). Per round, each order's µs per row
+    over the recording order's."""
+    import numpy as np
+
+    sess = session(model_bytes)
+    out = {}
+    for batch in (1, 64):
+        stream = stream_feeds(X, batch)
+        apart = np.argsort(np.arange(len(stream)) % 64, kind="stable")
+        feeds = {"recording order": stream,
+                 "64 batches apart": [stream[i] for i in apart],
+                 "one batch repeated": stream[:1]}
+        t = time_interleaved({k: sess for k in feeds}, X, batch, rounds, feeds=feeds)
+        out[f"batch{batch}"] = {
+            k: {"us_per_row": statistics.median(t[k]),
+                "over_recording_order": spread([a / d for a, d in zip(
+                    t[k], t["recording order"], strict=True)]),
+                "rounds": t[k]}
+            for k in feeds}
+    return out
+
+
 # --- report ----------------------------------------------------------------------------------
 RATIO_FIGURES = (("batch1_speedup", "us_per_row_b1"), ("batch64_speedup", "us_per_row_b64"),
                  ("load_speedup", "load_ms"))
@@ -550,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--repeats: give at least 3 rounds (a spread needs them)")
     steal0, load0 = _steal_ticks(), os.getloadavg()
     rows = []
-    options = None
+    options = orders = None
     iforest = iforest_skl = rf = None
     for name, est, X in build_models():
         n_features = X.shape[1]
@@ -565,6 +591,7 @@ def run(args: argparse.Namespace) -> int:
         rows.extend(measure(name, est, X, models, args.repeats))
         if name == "IsolationForest":
             options = call_options(iforest.SerializeToString(), X, args.repeats)
+            orders = row_order(iforest.SerializeToString(), X, args.repeats)
     steal1 = _steal_ticks()
     result = {
         "benchmark": "trees",
@@ -579,14 +606,15 @@ def run(args: argparse.Namespace) -> int:
         "settings": {"trees": N_TREES, "session_rounds": args.rounds,
                      "data": "Daphnet (7040 samples; 9 channels, 8 for the regressors)",
                      "intra_op_threads": 1, "repeats": args.repeats,
-                     "timing": "per call (session.run(None, {input: rows}), 256 batches of "
-                               "consecutive rows spread over the data set, fed in turn); "
+                     "timing": "per call (session.run(None, {input: rows}), batches of "
+                               "consecutive rows in the recording's order); "
                                "a round's figure is the median call of a ~40 ms block; the "
                                "converters of one model take turns round by round; a figure "
                                "is the median over the rounds"},
         "results": rows,
         "ratios_skl2onnx_over_edgeml": ratios(rows),
         "lowered_call_options": options,
+        "lowered_row_order": orders,
     }
     print(table(rows))
     for line in ratio_lines(result["ratios_skl2onnx_over_edgeml"]):
@@ -597,6 +625,14 @@ def run(args: argparse.Namespace) -> int:
         for batch, variants in options.items():
             for v, r in variants.items():
                 o = r["over_default"]
+                print(f"  {batch:8s} {v:24s} {r['us_per_row']:8.2f}  x{o['median']:.3f} "
+                      f"({o['min']:.3f}-{o['max']:.3f})")
+    if orders:
+        print("\nlowered IsolationForest, one process, interleaved: us per row by the order "
+              "the rows come in (over the recording order, median and range over rounds)")
+        for batch, variants in orders.items():
+            for v, r in variants.items():
+                o = r["over_recording_order"]
                 print(f"  {batch:8s} {v:24s} {r['us_per_row']:8.2f}  x{o['median']:.3f} "
                       f"({o['min']:.3f}-{o['max']:.3f})")
     if not args.skip_sessions:
