@@ -17,6 +17,8 @@ from edgeml.host.bench.trees import (
     measure,
     ratio_lines,
     ratios,
+    reference_graphs,
+    session,
     spread,
     stream_feeds,
     table,
@@ -69,3 +71,15 @@ def test_spread_of_one_value_and_of_several() -> None:
                              "rounds": 1}
     s = spread([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (s["min"], s["q1"], s["median"], s["q3"], s["max"]) == (1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+def test_reference_graphs_copy_the_input_and_walk_the_same_trees(daphnet_x) -> None:
+    X = daphnet_x[::20]
+    forest = IsolationForest(n_estimators=5, random_state=0).fit(X)
+    refs = reference_graphs(convert(forest, 9, "edgeml").SerializeToString())
+    assert list(refs) == ["Identity graph", "TreeEnsemble node alone"]
+    (copied,) = session(refs["Identity graph"]).run(None, {"input": X[:3]})
+    assert np.array_equal(copied, X[:3])
+    (leaves,) = session(refs["TreeEnsemble node alone"]).run(None, {"input": X[:3]})
+    assert leaves.shape == (3, 5)  # one leaf number per tree
+    assert np.array_equal(leaves, np.round(leaves))

@@ -409,11 +409,37 @@ class _NamedOutputs:
         return self._sess.run(self._names, feed)
 
 
+def reference_graphs(model_bytes: bytes) -> dict[str, bytes]:
+    """Two graphs that bound what a call of ``model_bytes`` can cost: an ``Identity`` of its
+    input (onnxruntime's and Python's fixed cost per call) and its first ``TreeEnsemble*``
+    node alone (the tree walk, plus that fixed cost)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load_from_string(model_bytes)
+    inp = m.graph.input[0]
+
+    def graph(node, out_name: str, out_type: int, name: str) -> bytes:
+        g = helper.make_graph([node], name, [inp],
+                              [helper.make_tensor_value_info(out_name, out_type, None)])
+        return helper.make_model(g, opset_imports=list(m.opset_import),
+                                 ir_version=m.ir_version).SerializeToString()
+
+    out = {"Identity graph": graph(helper.make_node("Identity", [inp.name], ["copy"]), "copy",
+                                   inp.type.tensor_type.elem_type, "identity")}
+    trees = [n for n in m.graph.node if n.op_type.startswith("TreeEnsemble")]
+    if trees:
+        out["TreeEnsemble node alone"] = graph(trees[0], trees[0].output[0],
+                                               onnx.TensorProto.FLOAT, "tree_ensemble")
+    return out
+
+
 def call_options(model_bytes: bytes, X, rounds: int) -> dict:
     """Batch 1 and 64 of one graph with the firmware profiles' settings (arena on, graph
-    optimisation all, one thread) against one change at a time, interleaved in this process:
-    per round, each variant's µs per row over the default's, so the shared host's drift
-    cancels out. Differences under ~3% are within what rounds disagree on."""
+    optimisation all, one thread) against one change at a time, and the
+    :func:`reference_graphs`, interleaved in this process: per round, each variant's µs per
+    row over the default's, so the shared host's drift cancels out. Differences under ~3%
+    are within what rounds disagree on."""
     import onnxruntime as ort
 
     def opts(**kw) -> object:
@@ -438,6 +464,7 @@ def call_options(model_bytes: bytes, X, rounds: int) -> dict:
         "spinning off": opts(config=[("session.intra_op.allow_spinning", "0"),
                                      ("session.inter_op.allow_spinning", "0")]),
     }
+    variants.update({k: session(b) for k, b in reference_graphs(model_bytes).items()})
     out = {}
     for batch in (1, 64):
         t = time_interleaved(variants, X, batch, rounds)
