@@ -1,6 +1,6 @@
 """Tree models as ONNX graphs: skl2onnx's graph vs edgeml's lowering, and session settings.
 
-    edgeml bench trees                    # everything, ~5 min on 2 cores
+    edgeml bench trees                    # everything, ~4 min on 2 cores
     edgeml bench trees --skip-sessions    # only the converter table
     python benchmarks/bench_trees.py      # the same, results in benchmarks/results/trees.json
 
