@@ -32,6 +32,7 @@ from converters.trees import (
     emulate_isolation_forest,
     float32_down,
     label_depth_threshold,
+    score_base,
 )
 from edgeml.bundle import check_self_test, read_bundle, self_test_array
 from edgeml.errors import ConversionError
@@ -74,9 +75,9 @@ def assert_anomaly_bundle(path, model, X: np.ndarray, *, lowered: bool = True):
     assert m.provenance["opset"]["ai.onnx.ml"] == 3
     assert m.provenance["lowered"] == (["IsolationForest"] if lowered else [])
     check_self_test(m, *score_bundle(bundle, self_test_array(m)))
-    if lowered:  # one TreeEnsemble for the whole forest plus 10 small nodes
+    if lowered:  # one TreeEnsemble for the whole forest plus 9 small nodes
         nodes = onnx.load_from_string(bundle.model_bytes).graph.node
-        assert sum(n.name.startswith("EdgemlIForest") for n in nodes) == 11
+        assert sum(n.name.startswith("EdgemlIForest") for n in nodes) == 10
         assert [n.op_type for n in nodes].count("TreeEnsembleRegressor") == 1
         if m.input.window is None:
             assert len(nodes) < 16
@@ -123,7 +124,22 @@ def test_emulation_of_the_lowered_graph_matches_scikit_learn(daphnet):
     model = IsolationForest(n_estimators=10, max_features=0.7, random_state=3).fit(daphnet.X)
     labels, decision = emulate_isolation_forest(model, daphnet.X[::7])
     assert labels.tolist() == model.predict(daphnet.X[::7]).tolist()
-    assert np.array_equal(decision, model.decision_function(daphnet.X[::7]))
+    want = model.decision_function(daphnet.X[::7])
+    assert np.abs(decision - want).max() <= 1e-14
+    # cast to float32 as the graph's scores output is: the same values as scikit-learn's
+    assert np.array_equal(decision.astype(np.float32), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("n_trees,max_samples", [(1, 2), (10, 64), (100, 256), (1000, 4096)])
+def test_one_pow_of_the_score_base_is_scikit_learns_two_ops(n_trees, max_samples):
+    """The graph computes 2 ** (-depth / denominator) as score_base ** depth (one node less):
+    the rounding of the base grows with the exponent, (depth + 2) x 2.2e-16 relative at most
+    (2e-14 for 100 trees of 256 samples), far inside the float32 the scores are cast to."""
+    den = n_trees * float(_average_path_length([max_samples])[0])
+    depth = np.linspace(0.0, 3 * den, 100_001)
+    sklearn_way = 2 ** (-np.divide(depth, den))
+    graph_way = np.power(score_base(den), depth)
+    assert np.all(np.abs(graph_way / sklearn_way - 1) <= (depth + 2) * 2.2e-16)
 
 
 # --- IsolationForest parity on the real data ------------------------------------------------

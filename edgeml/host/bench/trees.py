@@ -1,6 +1,6 @@
 """Tree models as ONNX graphs: skl2onnx's graph vs edgeml's lowering, and session settings.
 
-    edgeml bench trees                    # everything, ~3-5 min on 2 cores
+    edgeml bench trees                    # everything, ~4 min on 2 cores
     edgeml bench trees --skip-sessions    # only the converter table
     python benchmarks/bench_trees.py      # the same, results in benchmarks/results/trees.json
 
@@ -10,20 +10,37 @@ and, where edgeml lowers the model itself (IsolationForest), with edgeml's lower
 measures with onnxruntime on the CPU (intra_op_num_threads=1, inter_op_num_threads=1):
 
 - nodes and ONNX bytes;
-- load: InferenceSession creation from bytes, median of several;
-- µs per row at batch 1 and batch 64: each repeat times a loop of calls (after a warm-up),
-  a round's figure is the median over the repeats;
-- load and latency are the best of 3 rounds (all rounds are in the JSON);
+- load: InferenceSession creation from bytes;
+- µs per row at batch 1 and batch 64: every call is timed on its own, as users make it
+  (``session.run(None, {input: rows})``), on C-contiguous float32 batches of consecutive
+  Daphnet rows in the recording's order (as a device scoring the stream feeds them; each
+  session goes on where its previous block stopped), after a warm-up; a round's figure is
+  the median call of a ~40 ms block;
+- the converters of one model **take turns**: each round runs one block of each, back to
+  back, in rotating order, for ``--repeats`` rounds (load times too). A figure is the median
+  over the rounds, printed with its range; a ratio (skl2onnx / edgeml) is computed per round,
+  from figures taken a fraction of a second apart, and reported as the median round with its
+  quartiles and range (all rounds are in the JSON);
 - parity on every Daphnet row: labels identical, max |score - scikit-learn|.
+
+Why: this host is shared. A neighbour that takes the CPU inflates a loop's mean for whichever
+side is running (per-call medians ignore it), and a neighbour that streams memory on the other
+core slows skl2onnx's 2,710-node graph several times over while the lowered graph barely
+moves: timing the sides minutes apart, or best-of-N of each side separately, pairs a quiet
+moment of one side with a busy moment of the other.
 
 IsolationForest also gets "edgeml-f32", the 5-node float32 design of the first prototype
 (AVERAGE of depth + c(n) leaf weights in float32, then float32 arithmetic), for comparison
 only: it is not what edgeml ships (see docs/converters.md, "labels on the threshold").
+The lowered IsolationForest is then timed under session options and call styles (arena,
+memory pattern, graph optimisation, spinning, output names listed), and with its rows in
+other orders (far apart, one repeated), each interleaved against the default in one process.
 
 Then session settings for small devices (the lowered IsolationForest and a RandomForest),
 each combination in a fresh process: CPU memory arena on/off, graph optimisation level,
 intra-op threads -> RSS after load, RSS after 500 batch-64 runs, peak RSS (all deltas from
-the process before the session), and latency at batch 1 and 64.
+the process before the session), and latency at batch 1 and 64 (separate processes run at
+different moments: compare converters with the interleaved table, not across these rows).
 
 Writes benchmarks/results/trees.json and prints tables. Needs the host extra.
 """
@@ -160,32 +177,89 @@ def session(model_bytes: bytes, *, arena: bool = True, opt: str = "all", threads
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def time_per_row(sess, X, batch: int, repeats: int, budget_s: float = 0.25) -> float:
-    """Median over ``repeats`` of the mean µs per row of a loop of calls."""
-    feed = {sess.get_inputs()[0].name: X[:batch]}
-    t = time.perf_counter()
-    calls = 0
-    while time.perf_counter() - t < 0.05 or calls < 3:  # warm-up, and calibrate the loop
+def stream_feeds(X, batch: int) -> list:
+    """``X`` cut into C-contiguous float32 batches of ``batch`` consecutive rows, in the
+    recording's order: what a device scoring the sensor stream feeds its model. (How far
+    apart successive rows are changes what the branch predictor can learn of the lowered
+    graph's tree walks; :func:`row_order` measures it.)"""
+    import numpy as np
+
+    return [np.ascontiguousarray(X[i:i + batch], dtype=np.float32)
+            for i in range(0, len(X) - batch + 1, batch)]
+
+
+def _block_us(sess, feeds: list, start: int, seconds: float,
+              min_calls: int) -> tuple[float, int]:
+    """Median µs of one call over a block of calls lasting about ``seconds``, feeding
+    ``feeds`` in turn from index ``start``; returns the median and where the next block goes
+    on.
+
+    Each call is timed on its own (``session.run(None, {input: rows})``, as users call it):
+    the median ignores the calls during which a neighbour took the CPU, which a mean over a
+    loop charges to whichever side happened to be running."""
+    name = sess.get_inputs()[0].name
+    perf = time.perf_counter_ns
+    times = []
+    end = perf() + int(seconds * 1e9)
+    i = start
+    while len(times) < min_calls or perf() < end:
+        feed = {name: feeds[i % len(feeds)]}
+        t = perf()
         sess.run(None, feed)
-        calls += 1
-    per_call = (time.perf_counter() - t) / calls
-    loop = max(3, int(budget_s / max(per_call, 1e-7) / repeats))
-    figures = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(loop):
-            sess.run(None, feed)
-        figures.append((time.perf_counter() - t) / loop / batch * 1e6)
-    return statistics.median(figures)
+        times.append(perf() - t)
+        i += 1
+    return statistics.median(times) / 1e3, i % len(feeds)
 
 
-def load_ms(model_bytes: bytes, repeats: int) -> float:
-    figures = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session(model_bytes)
-        figures.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(figures)
+def time_interleaved(sessions: dict, X, batch: int, rounds: int, *, block_s: float = 0.04,
+                     min_calls: int = 15, warmup_s: float = 0.2,
+                     feeds: dict[str, list] | None = None) -> dict[str, list[float]]:
+    """µs per row of every session, ``rounds`` times, the sessions taking turns.
+
+    After a warm-up of each session, every round runs one block per session back to back
+    (the order rotates round by round, so no session always runs first): the figures of
+    one round were taken within a fraction of a second of each other, and their ratio is
+    what that round says. Every session walks the same stream (:func:`stream_feeds`, unless
+    ``feeds`` gives a session its own), each block going on where its previous one stopped.
+    Returns, per session, its per-round medians."""
+    stream = stream_feeds(X, batch)
+    fed = {label: (feeds or {}).get(label, stream) for label in sessions}
+    labels = list(sessions)
+    cursor = {}
+    for label in labels:
+        _, cursor[label] = _block_us(sessions[label], fed[label], 0, warmup_s, 20)
+    out: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            us, cursor[label] = _block_us(sessions[label], fed[label], cursor[label], block_s,
+                                          min_calls)
+            out[label].append(us / batch)
+    return out
+
+
+def load_interleaved(models: dict[str, bytes], rounds: int) -> dict[str, list[float]]:
+    """InferenceSession creation from bytes in ms, ``rounds`` times, the models taking
+    turns in rotating order (as :func:`time_interleaved`)."""
+    labels = list(models)
+    out: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            t = time.perf_counter()
+            session(models[label])
+            out[label].append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    """Median, quartiles and range of per-round figures."""
+    if len(values) > 1:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {"median": statistics.median(values), "q1": q1, "q3": q3,
+            "min": min(values), "max": max(values), "rounds": len(values)}
 
 
 def parity(est, sess, X) -> dict:
@@ -209,25 +283,30 @@ def parity(est, sess, X) -> dict:
             "max_abs_score_diff": float(np.abs(sc - ref.scores).max())}
 
 
-def measure(name, est, X, converter, model, repeats, rounds: int = 3) -> dict:
-    """Timings are the best of ``rounds`` medians: the host is shared, and a busy neighbour
-    only ever makes a round slower."""
-    b = model.SerializeToString()
-    sess = session(b)
-    rnds = [(load_ms(b, max(3, repeats // 2)), time_per_row(sess, X, 1, repeats),
-             time_per_row(sess, X, 64, repeats)) for _ in range(rounds)]
-    row = {
-        "model": name, "converter": converter, "nodes": len(model.graph.node), "bytes": len(b),
-        "load_ms": min(r[0] for r in rnds),
-        "us_per_row_b1": min(r[1] for r in rnds),
-        "us_per_row_b64": min(r[2] for r in rnds),
-        "rounds": {"load_ms": [r[0] for r in rnds], "us_per_row_b1": [r[1] for r in rnds],
-                   "us_per_row_b64": [r[2] for r in rnds]},
-        "parity": parity(est, sess, X),
-    }
-    _say(f"{name:32s} {converter:9s} nodes {row['nodes']:5d}  load {row['load_ms']:7.1f} ms  "
-         f"b1 {row['us_per_row_b1']:8.1f} us  b64 {row['us_per_row_b64']:7.2f} us/row")
-    return row
+def measure(name, est, X, models: dict, rounds: int) -> list[dict]:
+    """One row per entry of ``models`` ({converter: ModelProto}), all timed together:
+    session creation, batch 1 and batch 64, each in ``rounds`` interleaved rounds. A figure
+    is the median over the rounds; every round is kept in the JSON."""
+    blobs = {conv: m.SerializeToString() for conv, m in models.items()}
+    sessions = {conv: session(b) for conv, b in blobs.items()}
+    loads = load_interleaved(blobs, rounds)
+    b1 = time_interleaved(sessions, X, 1, rounds)
+    b64 = time_interleaved(sessions, X, 64, rounds)
+    rows = []
+    for conv, model in models.items():
+        rnds = {"load_ms": loads[conv], "us_per_row_b1": b1[conv], "us_per_row_b64": b64[conv]}
+        row: dict = {"model": name, "converter": conv, "nodes": len(model.graph.node),
+                     "bytes": len(blobs[conv])}
+        row.update({k: statistics.median(v) for k, v in rnds.items()})
+        row["spread"] = {k: spread(v) for k, v in rnds.items()}
+        row["rounds"] = rnds
+        row["parity"] = parity(est, sessions[conv], X)
+        b1s = row["spread"]["us_per_row_b1"]
+        _say(f"{name:32s} {conv:10s} nodes {row['nodes']:5d}  load {row['load_ms']:7.1f} ms  "
+             f"b1 {row['us_per_row_b1']:8.1f} us [{b1s['min']:.1f}-{b1s['max']:.1f}]  "
+             f"b64 {row['us_per_row_b64']:7.2f} us/row")
+        rows.append(row)
+    return rows
 
 
 # --- session settings, one process per combination -----------------------------------------
@@ -266,20 +345,23 @@ def _probe(model_path: str, arena: bool, opt: str, threads: int, repeats: int) -
         sess.run(None, feed)
     after_runs = proc.memory_info().rss
     peak = _vm_hwm()
+    b1 = time_interleaved({"s": sess}, X, 1, repeats)["s"]
+    b64 = time_interleaved({"s": sess}, X, 64, repeats)["s"]
     return {
         "arena": arena, "graph_optimization": opt, "intra_op_threads": threads,
         "rss_load_mb": (after_load - base) / 2**20,
         "rss_after_runs_mb": (after_runs - base) / 2**20,
         "peak_rss_mb": (peak - base) / 2**20,
-        "us_per_row_b1": time_per_row(sess, X, 1, repeats),
-        "us_per_row_b64": time_per_row(sess, X, 64, repeats),
+        "us_per_row_b1": statistics.median(b1),
+        "us_per_row_b64": statistics.median(b64),
     }
 
 
 def session_settings(models: dict[str, object], repeats: int, rounds: int) -> list[dict]:
-    """Every model x setting in its own process, ``rounds`` times in interleaved order; the
-    latency reported is the best round's median (the host is shared: a busy neighbour only
-    ever makes a round slower), RSS figures the median over rounds."""
+    """Every model x setting in its own process, ``rounds`` times in interleaved order; every
+    figure is the median over the processes (each process's latency being itself a median
+    over ``repeats`` blocks). Separate processes measure at different moments: compare
+    converters with the interleaved table, not across the rows of this one."""
     runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
@@ -302,54 +384,199 @@ def session_settings(models: dict[str, object], repeats: int, rounds: int) -> li
     for (label, arena, opt, threads), rs in runs.items():
         row: dict = {"model": label, "arena": arena, "graph_optimization": opt,
                      "intra_op_threads": threads, "rounds": len(rs)}
-        for k in ("rss_load_mb", "rss_after_runs_mb", "peak_rss_mb"):
+        for k in ("rss_load_mb", "rss_after_runs_mb", "peak_rss_mb", "us_per_row_b1",
+                  "us_per_row_b64"):
             row[k] = statistics.median(r[k] for r in rs)
         for k in ("us_per_row_b1", "us_per_row_b64"):
-            row[k] = min(r[k] for r in rs)
             row[k + "_rounds"] = [r[k] for r in rs]
         rows.append(row)
     return rows
 
 
+# --- the lowered graph's call cost under session options, one process, interleaved ----------
+class _NamedOutputs:
+    """A session called with its output names listed once (``run(names, feed)``) instead of
+    ``run(None, feed)``, which rebuilds the list at every call."""
+
+    def __init__(self, sess) -> None:
+        self._sess = sess
+        self._names = [o.name for o in sess.get_outputs()]
+
+    def get_inputs(self):
+        return self._sess.get_inputs()
+
+    def run(self, _output_names, feed):
+        return self._sess.run(self._names, feed)
+
+
+def reference_graphs(model_bytes: bytes) -> dict[str, bytes]:
+    """Two graphs that bound what a call of ``model_bytes`` can cost: an ``Identity`` of its
+    input (onnxruntime's and Python's fixed cost per call) and its first ``TreeEnsemble*``
+    node alone (the tree walk, plus that fixed cost)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load_from_string(model_bytes)
+    inp = m.graph.input[0]
+
+    def graph(node, out_name: str, out_type: int, name: str) -> bytes:
+        g = helper.make_graph([node], name, [inp],
+                              [helper.make_tensor_value_info(out_name, out_type, None)])
+        return helper.make_model(g, opset_imports=list(m.opset_import),
+                                 ir_version=m.ir_version).SerializeToString()
+
+    out = {"Identity graph": graph(helper.make_node("Identity", [inp.name], ["copy"]), "copy",
+                                   inp.type.tensor_type.elem_type, "identity")}
+    trees = [n for n in m.graph.node if n.op_type.startswith("TreeEnsemble")]
+    if trees:
+        out["TreeEnsemble node alone"] = graph(trees[0], trees[0].output[0],
+                                               onnx.TensorProto.FLOAT, "tree_ensemble")
+    return out
+
+
+def call_options(model_bytes: bytes, X, rounds: int) -> dict:
+    """Batch 1 and 64 of one graph with the firmware profiles' settings (arena on, graph
+    optimisation all, one thread) against one change at a time, and the
+    :func:`reference_graphs`, interleaved in this process: per round, each variant's µs per
+    row over the default's, so the shared host's drift cancels out. Differences under ~3%
+    are within what rounds disagree on."""
+    import onnxruntime as ort
+
+    def opts(**kw) -> object:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        for k, v in kw.items():
+            if k == "config":
+                for ck, cv in v:
+                    so.add_session_config_entry(ck, cv)
+            else:
+                setattr(so, k, v)
+        return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+    variants = {
+        "default": opts(),
+        "output names listed": _NamedOutputs(opts()),
+        "arena off": opts(enable_cpu_mem_arena=False),
+        "memory pattern off": opts(enable_mem_pattern=False),
+        "graph optimisation off": opts(
+            graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+        "spinning off": opts(config=[("session.intra_op.allow_spinning", "0"),
+                                     ("session.inter_op.allow_spinning", "0")]),
+    }
+    variants.update({k: session(b) for k, b in reference_graphs(model_bytes).items()})
+    out = {}
+    for batch in (1, 64):
+        t = time_interleaved(variants, X, batch, rounds)
+        out[f"batch{batch}"] = {
+            v: {"us_per_row": statistics.median(t[v]),
+                "over_default": spread([a / d for a, d in zip(t[v], t["default"], strict=True)]),
+                "rounds": t[v]}
+            for v in variants}
+    return out
+
+
+def row_order(model_bytes: bytes, X, rounds: int) -> dict:
+    """Batch 1 and 64 of one graph fed the same batches in three orders, interleaved in this
+    process: the recording's order (the stream, what the tables use); the same batches
+    shuffled so that successive calls are 64 batches apart (no two calls alike); one batch
+    repeated (tree walks the branch predictor learns). Per round, each order's µs per row
+    over the recording order's."""
+    import numpy as np
+
+    sess = session(model_bytes)
+    out = {}
+    for batch in (1, 64):
+        stream = stream_feeds(X, batch)
+        apart = np.argsort(np.arange(len(stream)) % 64, kind="stable")
+        feeds = {"recording order": stream,
+                 "64 batches apart": [stream[i] for i in apart],
+                 "one batch repeated": stream[:1]}
+        t = time_interleaved({k: sess for k in feeds}, X, batch, rounds, feeds=feeds)
+        out[f"batch{batch}"] = {
+            k: {"us_per_row": statistics.median(t[k]),
+                "over_recording_order": spread([a / d for a, d in zip(
+                    t[k], t["recording order"], strict=True)]),
+                "rounds": t[k]}
+            for k in feeds}
+    return out
+
+
 # --- report ----------------------------------------------------------------------------------
+RATIO_FIGURES = (("batch1_speedup", "us_per_row_b1"), ("batch64_speedup", "us_per_row_b64"),
+                 ("load_speedup", "load_ms"))
+
+
 def ratios(rows: list[dict]) -> dict:
-    """skl2onnx / edgeml for every model with both."""
+    """skl2onnx / edgeml for every model with both: per interleaved round, the skl2onnx
+    figure over the edgeml figure of the same round; the median round and the spread."""
     out = {}
     by = {(r["model"], r["converter"]): r for r in rows}
     for (model, conv), r in by.items():
         if conv != "edgeml" or (model, "skl2onnx") not in by:
             continue
         s = by[(model, "skl2onnx")]
-        out[model] = {
-            "nodes": s["nodes"] / r["nodes"],
-            "batch1_speedup": s["us_per_row_b1"] / r["us_per_row_b1"],
-            "batch64_speedup": s["us_per_row_b64"] / r["us_per_row_b64"],
-            "load_speedup": s["load_ms"] / r["load_ms"],
-        }
+        out[model] = {"nodes": s["nodes"] / r["nodes"]}
+        for name, key in RATIO_FIGURES:
+            per_round = [a / b for a, b in zip(s["rounds"][key], r["rounds"][key], strict=True)]
+            out[model][name] = statistics.median(per_round)
+            out[model][name + "_spread"] = spread(per_round)
+            out[model][name + "_rounds"] = per_round
     return out
 
 
+def _with_range(values: dict, digits: int) -> str:
+    return (f"{values['median']:.{digits}f} ({values['min']:.{digits}f}-"
+            f"{values['max']:.{digits}f})")
+
+
 def table(rows: list[dict]) -> str:
-    lines = [f"{'model':31s} {'converter':9s} {'nodes':>6s} {'bytes':>9s} {'load ms':>8s} "
-             f"{'us/row b1':>10s} {'us/row b64':>10s}  parity"]
+    lines = [f"{'model':31s} {'converter':10s} {'nodes':>5s} {'bytes':>9s} "
+             f"{'load ms':>8s} {'us/row b1 (range)':>22s} {'us/row b64 (range)':>22s}  parity"]
     for r in rows:
         p = r["parity"]
+        sp = r["spread"]
         par = (f"labels differ {p['labels_differ']}, max |score diff| "
                f"{p['max_abs_score_diff']:.2g}" if "labels_differ" in p
                else f"max rel diff {p['max_rel_diff']:.2g}")
-        lines.append(f"{r['model']:31s} {r['converter']:9s} {r['nodes']:6d} {r['bytes']:9d} "
-                     f"{r['load_ms']:8.1f} {r['us_per_row_b1']:10.1f} "
-                     f"{r['us_per_row_b64']:10.2f}  {par}")
+        lines.append(f"{r['model']:31s} {r['converter']:10s} {r['nodes']:5d} {r['bytes']:9d} "
+                     f"{r['load_ms']:8.1f} {_with_range(sp['us_per_row_b1'], 1):>22s} "
+                     f"{_with_range(sp['us_per_row_b64'], 2):>22s}  {par}")
     return "\n".join(lines)
 
 
+def ratio_lines(ratios_: dict) -> list[str]:
+    lines = []
+    for model, r in ratios_.items():
+        parts = []
+        for name, label in (("batch1_speedup", "batch 1"), ("batch64_speedup", "batch 64"),
+                            ("load_speedup", "load")):
+            s = r[name + "_spread"]
+            parts.append(f"{label} x{s['median']:.1f} (quartiles {s['q1']:.1f}-{s['q3']:.1f}, "
+                         f"range {s['min']:.1f}-{s['max']:.1f})")
+        lines.append(f"{model}: skl2onnx / edgeml, median of {r['batch1_speedup_spread']['rounds']}"
+                     f" interleaved rounds: nodes x{r['nodes']:.0f}, " + ", ".join(parts))
+    return lines
+
+
+def _steal_ticks() -> int | None:
+    """CPU time the hypervisor gave to other guests (the 'steal' column of /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repeats", type=int, default=7, metavar="N",
-                   help="timing repeats per figure, the median is taken (default: 7)")
+    p.add_argument("--repeats", type=int, default=15, metavar="N",
+                   help="interleaved timing rounds per figure; the median is reported with "
+                        "its range (default: 15)")
     p.add_argument("--skip-sessions", action="store_true",
                    help="only the converter table, not the session-settings grid")
     p.add_argument("--rounds", type=int, default=2, metavar="N",
-                   help="session-settings rounds, the best is kept (default: 2)")
+                   help="session-settings processes per combination, the median is kept "
+                        "(default: 2)")
     p.add_argument("--out", type=Path, default=Path("trees.json"), metavar="FILE",
                    help="where the JSON report goes (default: ./trees.json)")
 
@@ -372,37 +599,69 @@ def run(args: argparse.Namespace) -> int:
     import skl2onnx
     import sklearn
 
+    if args.repeats < 3:
+        raise SystemExit("--repeats: give at least 3 rounds (a spread needs them)")
+    steal0, load0 = _steal_ticks(), os.getloadavg()
     rows = []
+    options = orders = None
     iforest = iforest_skl = rf = None
     for name, est, X in build_models():
         n_features = X.shape[1]
         skl = convert(est, n_features, "skl2onnx")
-        rows.append(measure(name, est, X, "skl2onnx", skl, args.repeats))
+        models = {"skl2onnx": skl}
         if name == "IsolationForest":
             iforest, iforest_skl = convert(est, n_features, "edgeml"), skl
-            rows.append(measure(name, est, X, "edgeml", iforest, args.repeats))
-            rows.append(measure(name, est, X, "edgeml-f32",
-                                prototype_f32_model(est, n_features), args.repeats))
+            models["edgeml"] = iforest
+            models["edgeml-f32"] = prototype_f32_model(est, n_features)
         if name == "RandomForestClassifier":
             rf = skl
+        rows.extend(measure(name, est, X, models, args.repeats))
+        if name == "IsolationForest":
+            options = call_options(iforest.SerializeToString(), X, args.repeats)
+            orders = row_order(iforest.SerializeToString(), X, args.repeats)
+    steal1 = _steal_ticks()
     result = {
         "benchmark": "trees",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+                    "cpus": os.cpu_count(), "load_average_at_start": load0,
+                    "load_average_after_tables": os.getloadavg(),
+                    "steal_ticks_during_tables": (None if steal0 is None or steal1 is None
+                                                  else steal1 - steal0)},
         "versions": {"onnxruntime": onnxruntime.__version__, "skl2onnx": skl2onnx.__version__,
                      "scikit-learn": sklearn.__version__},
         "settings": {"trees": N_TREES, "session_rounds": args.rounds,
                      "data": "Daphnet (7040 samples; 9 channels, 8 for the regressors)",
-                     "intra_op_threads": 1, "repeats": args.repeats},
+                     "intra_op_threads": 1, "repeats": args.repeats,
+                     "timing": "per call (session.run(None, {input: rows}), batches of "
+                               "consecutive rows in the recording's order); "
+                               "a round's figure is the median call of a ~40 ms block; the "
+                               "converters of one model take turns round by round; a figure "
+                               "is the median over the rounds"},
         "results": rows,
         "ratios_skl2onnx_over_edgeml": ratios(rows),
+        "lowered_call_options": options,
+        "lowered_row_order": orders,
     }
     print(table(rows))
-    for model, r in result["ratios_skl2onnx_over_edgeml"].items():
-        print(f"{model}: skl2onnx / edgeml = nodes x{r['nodes']:.0f}, batch 1 "
-              f"x{r['batch1_speedup']:.1f}, batch 64 x{r['batch64_speedup']:.1f}, load "
-              f"x{r['load_speedup']:.1f}")
+    for line in ratio_lines(result["ratios_skl2onnx_over_edgeml"]):
+        print(line)
+    if options:
+        print("\nlowered IsolationForest, one process, interleaved: us per row (variant / "
+              "default, median and range over rounds)")
+        for batch, variants in options.items():
+            for v, r in variants.items():
+                o = r["over_default"]
+                print(f"  {batch:8s} {v:24s} {r['us_per_row']:8.2f}  x{o['median']:.3f} "
+                      f"({o['min']:.3f}-{o['max']:.3f})")
+    if orders:
+        print("\nlowered IsolationForest, one process, interleaved: us per row by the order "
+              "the rows come in (over the recording order, median and range over rounds)")
+        for batch, variants in orders.items():
+            for v, r in variants.items():
+                o = r["over_recording_order"]
+                print(f"  {batch:8s} {v:24s} {r['us_per_row']:8.2f}  x{o['median']:.3f} "
+                      f"({o['min']:.3f}-{o['max']:.3f})")
     if not args.skip_sessions:
         result["session_settings"] = session_settings(
             {"IsolationForest-edgeml": (iforest, 9), "IsolationForest-skl2onnx": (iforest_skl, 9),
