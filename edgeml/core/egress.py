@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 
 from edgeml.errors import TransportError
 from edgeml.storage.outbox import record_id
+from edgeml.storage.outbox.records import id_part, pack_each
 from edgeml.transport.base import Transport
 
 log = logging.getLogger("edgeml.core.egress")
@@ -39,6 +39,67 @@ def row_record_id(device: str, rec: dict, stream: str) -> str:
     row = rec.get("row")
     pos = f"{rec['input_seq']}.{row}" if row else rec["input_seq"]
     return record_id(device, rec["pipeline"], pos, rec["model"], rec["version"], stream)
+
+
+def row_record_ids(device: str, records: Sequence[dict], stream: str) -> list[str]:
+    """:func:`row_record_id` of each record, for a scored batch at once: the parts around the
+    position (device and pipeline; model, version and stream) are encoded once per run of
+    one version, not once per record."""
+    ids: list[str] = []
+    append = ids.append
+    dev = id_part(device)
+    tail = "/" + id_part(stream)
+    pipeline = model = version = head = end = None
+    for rec in records:
+        p, m, v = rec["pipeline"], rec["model"], rec["version"]
+        if p != pipeline or m != model or v != version:
+            pipeline, model, version = p, m, v
+            head = f"{dev}/{id_part(p)}/"
+            end = f"/{id_part(m)}/{id_part(v)}{tail}"
+        seq = rec["input_seq"]
+        if type(seq) is int and not rec.get("row"):  # the usual case; no "/" or "%" in an int
+            append(f"{head}{seq}{end}")
+        else:
+            row = rec.get("row")
+            append(f"{head}{id_part(f'{seq}.{row}' if row else seq)}{end}")
+    return ids
+
+
+class _Run:
+    """Records of one stream waiting for the writer, with their ids; ``parts``: already
+    packed (a scored batch, packed as it is emitted), else ``records`` are."""
+
+    __slots__ = ("ids", "parts", "records", "stream")
+
+    def __init__(self, stream: str, ids: list[str], records: list[dict] | None,
+                 parts: list[bytes] | None = None) -> None:
+        self.stream, self.ids, self.records, self.parts = stream, ids, records, parts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tail(self, start: int) -> _Run:
+        return _Run(self.stream, self.ids[start:],
+                    self.records[start:] if self.records is not None else None,
+                    self.parts[start:] if self.parts is not None else None)
+
+    def group(self) -> tuple[str, list[str], list[dict] | None, list[bytes] | None]:
+        return (self.stream, self.ids, self.records, self.parts)
+
+
+def _packed_run(device: str, stream: str, records: list[dict]) -> _Run:
+    """A scored batch's records, with ids and packed now, while they are fresh in memory:
+    what waits for the writer thread is a few compact bytes per record, not dicts. A batch
+    that cannot be packed (a record that cannot be encoded, a reserved field) goes as records:
+    the outbox refuses the culprit alone."""
+    ids = row_record_ids(device, records, stream)
+    for rec in records:
+        if "record_id" in rec:  # reserved: the outbox refuses it (and says why)
+            return _Run(stream, ids, records)
+    try:
+        return _Run(stream, ids, None, pack_each(ids, records))
+    except (TypeError, ValueError, OverflowError):
+        return _Run(stream, ids, records)
 
 
 class Egress:
@@ -64,7 +125,8 @@ class Egress:
         self.write_errors = 0
         self.write_error: str | None = None
         self.retry_s = 1.0
-        self._pending: list[tuple[str, str, dict]] = []
+        self._pending: list[_Run] = []
+        self._pending_n = 0  # records in _pending
         self._marks: dict[str, int] = {}
         self._ready = asyncio.Event()
         self._closing = False
@@ -84,18 +146,20 @@ class Egress:
                     log.warning("answer for %s not published: %s", rec.get("id"), exc)
                     continue
                 self.published[pipeline] += 1
-        if self.outbox is not None:
-            dev = self.device
-            self._queue([("outputs", row_record_id(dev, rec, "outputs"), rec)
-                         for rec in records])
-            if records:  # answers go out in input order: all up to here are queued
-                self._marks[pipeline] = records[-1]["input_seq"]
+        if self.outbox is not None and records:
+            self._queue(_packed_run(self.device, "outputs", records))
+            # answers go out in input order: all up to here are queued
+            self._marks[pipeline] = records[-1]["input_seq"]
+
+    @property
+    def wants_results(self) -> bool:
+        """Whether :meth:`results` keeps anything: without an outbox (or with results not
+        recorded) the pipelines need not build per-version records at all."""
+        return self.outbox is not None and self.record_results
 
     def results(self, pipeline: str, records: list[dict]) -> None:
-        if self.outbox is not None and self.record_results:
-            dev = self.device
-            self._queue([("results", row_record_id(dev, rec, "results"), rec)
-                         for rec in records])
+        if self.outbox is not None and self.record_results and records:
+            self._queue(_packed_run(self.device, "results", records))
 
     def alert(self, pipeline: str, kind: str, detail: dict) -> None:
         rec = {"device": self.device, "pipeline": pipeline, "kind": kind, "ts": time.time(),
@@ -108,7 +172,7 @@ class Egress:
                 log.warning("alert %s not published: %s", kind, exc)
         if self.outbox is not None:
             rid = f"{self.device}/{pipeline}/alert/{kind}/{rec['ts']:.6f}"
-            self._queue([("alerts", rid, rec)])
+            self._queue(_Run("alerts", [rid], [rec]))
 
     # ---- control's event sink ---------------------------------------------------------------
     def publish(self, topic: str, doc: dict) -> None:
@@ -129,7 +193,7 @@ class Egress:
         rid = record_id(self.device, str(event.get("pipeline")),
                         f"{event.get('stage')}@{event.get('ts', 0):.6f}",
                         str(event.get("name")), str(event.get("version")), "deploy")
-        self._queue([("deploy", rid, rec)])
+        self._queue(_Run("deploy", [rid], [rec]))
 
     def status_changed(self) -> None:
         self._status_changed()
@@ -137,17 +201,34 @@ class Egress:
     def record(self, stream: str, rid: str, rec: dict) -> None:
         """Any other stream's record (drift windows) into the outbox, with its own id."""
         if self.outbox is not None:
-            self._queue([(stream, rid, {"device": self.device, **rec})])
+            self._queue(_Run(stream, [rid], [{"device": self.device, **rec}]))
 
     # ---- the outbox writer ---------------------------------------------------------------
-    def _queue(self, items: list[tuple[str, str, dict]]) -> None:
-        pending = self._pending
-        pending.extend(items)
-        if len(pending) > PENDING_MAX:  # the writer thread is far behind: bound memory
-            drop = len(pending) - PENDING_MAX
-            del pending[:drop]
-            self.overflow += drop
+    def _queue(self, run: _Run) -> None:
+        self._pending.append(run)
+        self._pending_n += len(run)
+        if self._pending_n > PENDING_MAX:  # the writer thread is far behind: bound memory
+            self._trim()
         self._ready.set()
+
+    def _trim(self) -> None:
+        """Drop the oldest waiting records beyond ``PENDING_MAX`` (counted)."""
+        pending = self._pending
+        drop = self._pending_n - PENDING_MAX
+        self.overflow += drop
+        self._pending_n = PENDING_MAX
+        while drop > 0:
+            run = pending[0]
+            if len(run) <= drop:
+                drop -= len(run)
+                del pending[0]
+            else:
+                pending[0] = run.tail(drop)
+                drop = 0
+
+    def _write(self, runs: list[_Run], marks: dict[str, int]) -> Any:
+        """On the writer thread: one ``put_groups`` transaction."""
+        return self.outbox.put_groups([r.group() for r in runs], marks=marks)
 
     async def run_writer(self) -> None:
         """Moves queued records into SQLite on one worker thread, a transaction per burst,
@@ -157,18 +238,17 @@ class Egress:
         loop = asyncio.get_running_loop()
         while True:
             await self._ready.wait()
-            if not self._closing and len(self._pending) < OUTBOX_WRITE_MAX:
+            if not self._closing and self._pending_n < OUTBOX_WRITE_MAX:
                 # one transaction per ~50 ms, not per scored batch: a commit costs far more
                 # than a row. Nothing is at risk meanwhile: after a crash the device re-scores
                 # from the raw-input log past the outbox's high-water mark.
                 await asyncio.sleep(OUTBOX_WRITE_INTERVAL_S)
             self._ready.clear()
             if self._pending or self._marks:
-                items, self._pending = self._pending, []
+                items, self._pending, self._pending_n = self._pending, [], 0
                 marks, self._marks = self._marks, {}
                 try:
-                    await loop.run_in_executor(self._pool, functools.partial(
-                        self.outbox.put_many, items, marks=marks))
+                    await loop.run_in_executor(self._pool, self._write, items, marks)
                 except Exception as exc:
                     # disk full, I/O error, a damaged file: keep the records (bounded) and
                     # try again; after a crash the raw log re-scores past the mark anyway
@@ -188,22 +268,22 @@ class Egress:
             if self._closing and not self._pending:
                 return
 
-    def _write_failed(self, items: list, marks: dict, exc: Exception) -> None:
+    def _write_failed(self, items: list[_Run], marks: dict, exc: Exception) -> None:
         self.write_errors += 1
         first = self.write_error is None
         self.write_error = str(exc)
         self._pending[:0] = items  # back in front, in order
+        n = sum(len(r) for r in items)
+        self._pending_n += n
         for k, v in marks.items():
             self._marks[k] = max(v, self._marks.get(k, v))
-        if len(self._pending) > PENDING_MAX:
-            drop = len(self._pending) - PENDING_MAX
-            del self._pending[:drop]
-            self.overflow += drop
+        if self._pending_n > PENDING_MAX:
+            self._trim()
         if first:
-            log.error("outbox write of %d record(s) failed, will retry: %s", len(items), exc)
+            log.error("outbox write of %d record(s) failed, will retry: %s", n, exc)
             problems = self._check_outbox()
-            self.alert("*", "outbox_write_failed", {"error": str(exc), "waiting": len(
-                self._pending), **({"damaged": problems} if problems else {})})
+            self.alert("*", "outbox_write_failed", {"error": str(exc), "waiting": (
+                self._pending_n), **({"damaged": problems} if problems else {})})
 
     def _check_outbox(self) -> list[str]:
         try:

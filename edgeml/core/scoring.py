@@ -406,23 +406,29 @@ class PipelineRuntime:
     def _results(self, batch: list[Row], outcomes: Sequence[Outcome], late: bool) -> None:
         if self.observer is not None:
             self.observer.on_outcomes(outcomes)
-        records = []
+        if not getattr(self.emitter, "wants_results", True):
+            return  # nothing keeps per-version results (sync off): do not build them
+        records: list[dict[str, Any]] = []
+        name = self.name
         for o in outcomes:
+            # what is the same for every row of this version, worked out once per batch
+            outputs = o.outputs if o.outputs is not None else [None] * len(batch)
+            latency = round(o.elapsed_ms, 3) if o.elapsed_ms is not None else None
+            model, version, role, error = o.name, o.version, o.role, o.error
             for i, row in enumerate(batch):
                 rec: dict[str, Any] = {
-                    "id": row.id, "topic": row.topic, "pipeline": self.name, "model": o.name,
-                    "version": o.version, "role": o.role, "ts": row.received,
-                    "input_seq": row.seq, "late": late,
-                    "output": o.outputs[i] if o.outputs is not None else None,
+                    "id": row.id, "topic": row.topic, "pipeline": name, "model": model,
+                    "version": version, "role": role, "ts": row.received,
+                    "input_seq": row.seq, "late": late, "output": outputs[i],
                 }
                 if row.sub:
                     rec["row"] = row.sub
                 if row.label is not None:
                     rec["true_label"] = row.label
-                if o.elapsed_ms is not None:  # per version, so upstream can compare
-                    rec["latency_ms"] = round(o.elapsed_ms, 3)
-                if o.error:
-                    rec["error"] = o.error
+                if latency is not None:  # per version, so upstream can compare
+                    rec["latency_ms"] = latency
+                if error:
+                    rec["error"] = error
                 records.append(rec)
         if records:
             self.emitter.results(self.name, records)
