@@ -136,6 +136,12 @@ def pack_records(ids: Sequence[str], records: Sequence[Mapping[str, Any]]) -> by
     return packed[3:] if h == 0xDC else packed[5:]
 
 
+def with_record_id(rid: str, packed_map: bytes) -> bytes | None:
+    """``packed_map`` (a record packed as a msgpack map, without its id) as :func:`pack_record`
+    would give it, without packing the record again; None if the bytes are not a map."""
+    return _prepend_id(_packer(), rid, packed_map)
+
+
 def _prepend_id(packer: msgpack.Packer, rid: str, packed_map: bytes) -> bytes | None:
     """``packed_map`` (a msgpack map) with ``record_id`` spliced in as its first key, without
     decoding it; None if the bytes are not a map."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import sqlite3
 import threading
@@ -50,6 +51,7 @@ from edgeml.storage.outbox.records import (
 )
 
 log = logging.getLogger("edgeml.storage.outbox")
+_STR = frozenset({str})
 
 DB_NAME = "outbox.db"
 LOCK_NAME = "outbox.lock"
@@ -293,9 +295,7 @@ class Outbox:
     def _remember(self, stream: str, seq: int, ids: list[str]) -> None:
         chunks = self._recent_chunks.setdefault(stream, {})
         chunks[seq] = ids
-        recent = self._recent
-        for rid in ids:
-            recent[rid] = seq
+        self._recent.update(dict.fromkeys(ids, seq))
         n = self._recent_n.get(stream, 0) + len(ids)
         while len(chunks) > 1:  # keep at least the newest DEDUP_WINDOW records
             oldest = next(iter(chunks))
@@ -315,7 +315,10 @@ class Outbox:
 
     def _drop_ids(self, ids: list[str], seq: int) -> None:
         recent = self._recent
-        for rid in ids:
+        if list(map(recent.get, ids)).count(seq) == len(ids):  # the usual case, in C
+            collections.deque(map(recent.pop, ids, itertools.repeat(None)), maxlen=0)
+            return
+        for rid in ids:  # some id was stored again by a later chunk: that one stays
             if recent.get(rid) == seq:
                 del recent[rid]
 
@@ -386,7 +389,7 @@ class Outbox:
                     records is not None and any("record_id" in r for r in records)):
                 for i, rid in enumerate(ids):  # the first culprit, as put_many names it
                     self._check_item(stream, rid, records[i] if records is not None else None)
-            if not all(type(r) is str for r in ids):
+            if not _STR.issuperset(map(type, ids)):
                 ids = [str(r) for r in ids]
             checked.append((stream, ids, records, parts))
         all_ids = [rid for g in checked for rid in g[1]]
