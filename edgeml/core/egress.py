@@ -14,9 +14,17 @@ from typing import Any
 
 import msgpack
 
+from edgeml.core.scoring import ResultRecords
 from edgeml.errors import TransportError
 from edgeml.storage.outbox import record_id
-from edgeml.storage.outbox.records import id_part, pack_each, pack_record, with_record_id
+from edgeml.storage.outbox.records import (
+    id_part,
+    pack_each,
+    pack_map_header,
+    pack_record,
+    result_packer,
+    with_record_id,
+)
 from edgeml.transport.base import Transport
 
 log = logging.getLogger("edgeml.core.egress")
@@ -108,6 +116,60 @@ def _packed_run(device: str, stream: str, records: list[dict],
         return _Run(stream, ids, records)
 
 
+def _packed_results(device: str, rr: ResultRecords) -> _Run:
+    """Every version's results for a scored batch, packed straight from the columns: what
+    rows share (id, topic, ts, input_seq, row, true_label) is packed once per row, what a
+    version shares once per version, and only the id and the output once per record. Byte
+    for byte ``pack_record(id, record)`` of each of ``rr.records()`` (the tests compare);
+    a value that cannot be packed sends the batch the usual way."""
+    try:
+        return _pack_results(device, rr)
+    except (TypeError, ValueError, OverflowError):
+        return _packed_run(device, "results", rr.records())
+
+
+def _pack_results(device: str, rr: ResultRecords) -> _Run:
+    pack = result_packer().pack
+    rows = rr.rows
+    head = f"{id_part(device)}/{id_part(rr.pipeline)}/"
+    pos, row_a, row_b, row_c, row_n = [], [], [], [], []
+    for row in rows:  # the parts every version's record of this row shares
+        seq, sub = row.seq, row.sub
+        pos.append(f"{seq}" if type(seq) is int and not sub
+                   else id_part(f"{seq}.{sub}" if sub else seq))
+        row_a.append(pack(["id", row.id, "topic", row.topic])[1:])
+        row_b.append(pack(["ts", row.received, "input_seq", seq])[1:])
+        extra = []
+        if sub:
+            extra += ("row", sub)
+        if row.label is not None:
+            extra += ("true_label", row.label)
+        row_c.append(pack(extra)[1:])
+        row_n.append(len(extra) // 2)
+    rid_key = pack("record_id")
+    late = pack(["late", rr.late, "output"])[1:]
+    ids: list[str] = []
+    parts: list[bytes] = []
+    for o in rr.outcomes:  # then version by version, row by row, as records() lists them
+        end = f"/{id_part(o.name)}/{id_part(o.version)}/results"
+        ver = pack(["pipeline", rr.pipeline, "model", o.name, "version", o.version,
+                    "role", o.role])[1:]
+        tail = []
+        if o.elapsed_ms is not None:
+            tail += ("latency_ms", round(o.elapsed_ms, 3))
+        if o.error:
+            tail += ("error", o.error)
+        tail_b = pack(tail)[1:]
+        n = 11 + len(tail) // 2  # record_id and the ten fields every record has
+        outputs = o.outputs if o.outputs is not None else [None] * len(rows)
+        for i in range(len(rows)):
+            rid = head + pos[i] + end
+            ids.append(rid)
+            parts.append(b"".join((pack_map_header(n + row_n[i]), rid_key, pack(rid), row_a[i],
+                                   ver, row_b[i], late, pack(outputs[i]), row_c[i], tail_b)))
+    return _Run("results", ids, None, parts)
+
+
 class Egress:
     """Where scored records go. Implements the pipelines' ``Emitter`` and control's event
     sink; never calls back into a stage before it."""
@@ -181,9 +243,11 @@ class Egress:
         recorded) the pipelines need not build per-version records at all."""
         return self.outbox is not None and self.record_results
 
-    def results(self, pipeline: str, records: list[dict]) -> None:
+    def results(self, pipeline: str, records: Sequence[dict]) -> None:
         if self.outbox is not None and self.record_results and records:
-            self._queue(_packed_run(self.device, "results", records))
+            self._queue(_packed_results(self.device, records)
+                        if isinstance(records, ResultRecords)
+                        else _packed_run(self.device, "results", list(records)))
 
     def alert(self, pipeline: str, kind: str, detail: dict) -> None:
         rec = {"device": self.device, "pipeline": pipeline, "kind": kind, "ts": time.time(),

@@ -94,6 +94,21 @@ def _packer() -> msgpack.Packer:
     return packer
 
 
+def result_packer() -> msgpack.Packer:
+    """This thread's Packer, as :func:`pack_record` packs with: for callers that assemble a
+    record's bytes from separately packed parts (a msgpack map is its header, then each key
+    and value packed in turn)."""
+    return _packer()
+
+
+_MAP_HEADERS = [bytes([0x80 | n]) for n in range(16)]
+
+
+def pack_map_header(n: int) -> bytes:
+    """The msgpack header of a map of ``n`` entries."""
+    return _MAP_HEADERS[n] if n < 16 else _packer().pack_map_header(n)
+
+
 def pack_record(rid: str, record: Mapping[str, Any]) -> bytes:
     """A record as stored and sent: its fields with ``record_id`` in front, byte for byte
     ``encode_record({"record_id": rid, **record})``, with a reused per-thread Packer (packb
