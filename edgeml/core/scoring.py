@@ -40,11 +40,12 @@ INLINE_HISTORY = 16
 
 class Emitter(Protocol):
     """Where a pipeline's records go: the egress stage publishes answers and fills the
-    outbox."""
+    outbox. ``results`` gets a :class:`ResultRecords` (a sequence of dicts built when read);
+    an emitter with ``wants_results = False`` gets none at all (nothing would keep them)."""
 
     def answers(self, pipeline: str, records: list[dict]) -> None: ...
 
-    def results(self, pipeline: str, records: list[dict]) -> None: ...
+    def results(self, pipeline: str, records: Sequence[dict]) -> None: ...
 
     def alert(self, pipeline: str, kind: str, detail: dict) -> None: ...
 
