@@ -199,6 +199,8 @@ class Egress:
         self._ready = asyncio.Event()
         self._closing = False
         self._answer_plain = True
+        # msgpack_bytes with a Packer made once, not per answer (packb makes one per call)
+        self._answer_packer = msgpack.Packer(use_bin_type=True, default=self._answer_default)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "outbox")
 
     # ---- the pipelines' Emitter -----------------------------------------------------------
@@ -207,9 +209,10 @@ class Egress:
         published: list[bytes | None] | None = None  # msgpack answers the outbox can reuse
         if transport is not None:
             topic, qos, encode = self._out[pipeline]
-            if encode is msgpack_bytes and self.outbox is not None:
+            if encode is msgpack_bytes:
                 encode = self._pack_answer
-                published = [None] * len(records)
+                if self.outbox is not None:
+                    published = [None] * len(records)
             for i, rec in enumerate(records):
                 try:
                     payload = encode(rec)
@@ -231,7 +234,7 @@ class Egress:
         """:func:`msgpack_bytes`, noting whether every value was plain msgpack (no ``str()``
         fallback): then the outbox stores these very bytes with the record id spliced in."""
         self._answer_plain = True
-        return msgpack.packb(rec, use_bin_type=True, default=self._answer_default)
+        return self._answer_packer.pack(rec)
 
     def _answer_default(self, obj: object) -> str:
         self._answer_plain = False
