@@ -132,13 +132,18 @@ def _pack_results(device: str, rr: ResultRecords) -> _Run:
     pack = result_packer().pack
     rows = rr.rows
     head = f"{id_part(device)}/{id_part(rr.pipeline)}/"
+    late = pack(["late", rr.late, "output"])[1:]
     pos, row_a, row_b, row_c, row_n = [], [], [], [], []
     for row in rows:  # the parts every version's record of this row shares
         seq, sub = row.seq, row.sub
         pos.append(f"{seq}" if type(seq) is int and not sub
                    else id_part(f"{seq}.{sub}" if sub else seq))
         row_a.append(pack(["id", row.id, "topic", row.topic])[1:])
-        row_b.append(pack(["ts", row.received, "input_seq", seq])[1:])
+        row_b.append(pack(["ts", row.received, "input_seq", seq])[1:] + late)
+        if not sub and row.label is None:
+            row_c.append(b"")
+            row_n.append(0)
+            continue
         extra = []
         if sub:
             extra += ("row", sub)
@@ -147,9 +152,9 @@ def _pack_results(device: str, rr: ResultRecords) -> _Run:
         row_c.append(pack(extra)[1:])
         row_n.append(len(extra) // 2)
     rid_key = pack("record_id")
-    late = pack(["late", rr.late, "output"])[1:]
     ids: list[str] = []
     parts: list[bytes] = []
+    add_id, add_part, join = ids.append, parts.append, b"".join
     for o in rr.outcomes:  # then version by version, row by row, as records() lists them
         end = f"/{id_part(o.name)}/{id_part(o.version)}/results"
         ver = pack(["pipeline", rr.pipeline, "model", o.name, "version", o.version,
@@ -160,13 +165,13 @@ def _pack_results(device: str, rr: ResultRecords) -> _Run:
         if o.error:
             tail += ("error", o.error)
         tail_b = pack(tail)[1:]
-        n = 11 + len(tail) // 2  # record_id and the ten fields every record has
+        # record_id, the ten fields every record has, this version's own; then the row's
+        headers = [pack_map_header(11 + len(tail) // 2 + k) for k in range(3)]
         outputs = o.outputs if o.outputs is not None else [None] * len(rows)
-        for i in range(len(rows)):
-            rid = head + pos[i] + end
-            ids.append(rid)
-            parts.append(b"".join((pack_map_header(n + row_n[i]), rid_key, pack(rid), row_a[i],
-                                   ver, row_b[i], late, pack(outputs[i]), row_c[i], tail_b)))
+        for p, a, b, c, k, out in zip(pos, row_a, row_b, row_c, row_n, outputs, strict=True):
+            rid = head + p + end
+            add_id(rid)
+            add_part(join((headers[k], rid_key, pack(rid), a, ver, b, pack(out), c, tail_b)))
     return _Run("results", ids, None, parts)
 
 
