@@ -13,7 +13,13 @@ Measures, on this machine's disk, with BasicMotions-like output records (the bri
   * enqueue while the uplink drains at full speed in the same process (lock and GIL contention);
   * drain: a prefilled backlog sent by the Uplink to a private loopback mosquitto, QoS 1,
     records/s and MB/s for two batch sizes, and the uplink's CPU time per record;
-  * the daemon's budget: (enqueue + drain CPU) per scored message as a share of 1 ms.
+  * the daemon's budget: (enqueue + drain CPU) per scored message as a share of 1 ms;
+  * egress: the daemon's whole sync path in one process, sync on against sync off: scored
+    batches of 64 rows (3 versions) through the pipeline's record building, the egress stage
+    (ids, packing, the writer thread's transactions) and the uplink draining to a loopback
+    upstream that acknowledges at once; CPU us per scored message per thread (event loop,
+    outbox writer, uplink), medians of --reps runs, pinned to one CPU like the daemon in
+    ``bench e2e --affinity split``. ``--only-egress`` runs just this.
 
 Prints a table and writes benchmarks/results/outbox.json.
 
@@ -193,6 +199,154 @@ def bench_put_while_draining(path: Path, backlog: list, items: list,
             "share_of_1ms_per_message": round(us * RECORDS_PER_MESSAGE / BUDGET_US, 4)}
 
 
+class LoopbackUpstream:
+    """An upstream that has every message at once (PUBACK without a network): what remains
+    is the uplink's own work."""
+
+    connected = True
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1,
+                      retain: bool = False) -> None:
+        return None
+
+
+class NoSubscribers:
+    """The answers' transport: publishing costs the same with sync on and off, so none."""
+
+    connected = True
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 0,
+                       retain: bool = False) -> None:
+        return None
+
+
+def egress_batches(n_batches: int, size: int = 64) -> list[tuple[list, list, list]]:
+    """Scored batches as the pipeline hands them on: rows from BasicMotions, the champion's
+    answers and 3 versions' outcomes with the real labels and class scores."""
+    from edgeml.core.assemble import Row
+    from edgeml.core.rendezvous import Answer, Outcome
+
+    ds = load_basicmotions("TEST")
+    classes = sorted(set(ds.y))
+    out, seq, t = [], 0, time.time()
+    for _ in range(n_batches):
+        rows = []
+        for _ in range(size):
+            seq += 1
+            rows.append(Row(features=ds.X[seq % len(ds.y)], id=f"in-{seq}",
+                            topic=f"sensors/{DEVICE}/imu", seq=seq, received=t))
+        outcomes = []
+        for v, role in (("1", "champion"), ("2", "challenger"), ("3", "shadow")):
+            outputs = [{"label": ds.y[r.seq % len(ds.y)],
+                        "scores": {c: (0.9 if c == ds.y[r.seq % len(ds.y)] else 0.05)
+                                   for c in classes}} for r in rows]
+            outcomes.append(Outcome("activity", v, role, int(v), outputs=outputs,
+                                    labels=[o["label"] for o in outputs], elapsed_ms=0.4))
+        answers = [Answer(o, "activity", "1", False) for o in outcomes[0].outputs]
+        out.append((rows, answers, outcomes))
+    return out
+
+
+def _thread_cpu() -> dict[str, float]:
+    cpu = {}
+    for th in threading.enumerate():
+        with contextlib.suppress(Exception):
+            cpu[th.name] = time.clock_gettime(time.pthread_getcpuclockid(th.ident))
+    return cpu
+
+
+async def egress_run(path: Path, batches: list, *, sync: bool) -> dict:
+    """One pass of ``batches`` through record building, egress, outbox and uplink."""
+    from edgeml.config import PipelineConfig
+    from edgeml.core.egress import Egress
+    from edgeml.core.scoring import PipelineRuntime, ScoringSettings
+    from edgeml.storage.outbox import DEFAULT_STREAMS, StreamPolicy
+
+    shutil.rmtree(path, ignore_errors=True)
+    ob = (Outbox(path, budget_bytes=256 * 2**20,
+                 streams={**DEFAULT_STREAMS, "drift": StreamPolicy("drift", 2, "drop_oldest")})
+          if sync else None)
+    eg = Egress(device=DEVICE, topic=lambda *parts: "edgeml/" + "/".join(parts), outbox=ob,
+                record_results=True, out_formats={"activity": "msgpack"},
+                out_qos={"activity": 1}, on_status_changed=lambda: None)
+    eg.transport = NoSubscribers()  # type: ignore[assignment]
+    rt = PipelineRuntime(PipelineConfig(name="activity", topics=("sensors/+/imu",)),
+                         emitter=eg, batching=ScoringSettings())
+    tasks = [asyncio.create_task(eg.run_writer())]
+    if sync:
+        up = Uplink(ob, LoopbackUpstream(), topic_prefix="edgeml",  # type: ignore[arg-type]
+                    device_id=DEVICE)
+        eg.uplink = up
+        tasks.append(asyncio.create_task(up.run()))
+    await asyncio.sleep(0.1)
+    before, c0 = _thread_cpu(), time.process_time()
+    for i, (rows, answers, outcomes) in enumerate(batches):
+        rt._emit_answers(rows, answers)  # what _score does after the rendezvous
+        rt._results(rows, outcomes, late=False)
+        if i % 2:  # the loop also serves the writer and the uplink between batches
+            await asyncio.sleep(0.0005)
+    eg.close_writer()
+    await tasks[0]
+    if ob is not None:
+        while ob.pending("outputs")[0] or ob.pending("results")[0]:
+            await asyncio.sleep(0.005)
+    after, c1 = _thread_cpu(), time.process_time()  # before the uplink's thread ends
+    if ob is not None:
+        tasks[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[1]
+    n = sum(len(b[0]) for b in batches)
+    per = {name: round((v - before.get(name, 0.0)) / n * 1e6, 2) for name, v in after.items()}
+    threads = {"event loop": per.get("MainThread", 0.0),
+               "outbox writer": sum(v for k, v in per.items() if k.startswith("outbox")),
+               "uplink": sum(v for k, v in per.items() if k.startswith("edgeml-uplink"))}
+    eg.shutdown()
+    if ob is not None:
+        ob.close()
+    return {"cpu_us_per_message": round((c1 - c0) / n * 1e6, 2), "threads": threads}
+
+
+def bench_egress(base: Path, *, n_batches: int = 300, reps: int = 5) -> dict:
+    """Sync on and off alternately, ``reps`` times each; medians."""
+    cpus = sorted(os.sched_getaffinity(0))
+    home = set(cpus)
+    if len(cpus) >= 2:  # the daemon's placement in bench e2e --affinity split
+        os.sched_setaffinity(0, {cpus[-1]})
+    try:
+        batches = egress_batches(n_batches)
+        runs: dict[str, list[dict]] = {"on": [], "off": []}
+        for _ in range(reps):
+            for key in ("off", "on"):
+                runs[key].append(asyncio.run(egress_run(base / f"egress-{key}", batches,
+                                                        sync=key == "on")))
+    finally:
+        os.sched_setaffinity(0, home)
+
+    def med(key: str) -> dict:
+        rs = runs[key]
+        return {"cpu_us_per_message": round(statistics.median(
+                    r["cpu_us_per_message"] for r in rs), 2),
+                "threads": {t: round(statistics.median(r["threads"][t] for r in rs), 2)
+                            for t in rs[0]["threads"]}}
+    on, off = med("on"), med("off")
+    return {"messages": n_batches * 64, "versions": 3, "reps": reps, "pinned": len(cpus) >= 2,
+            "sync_on": on, "sync_off": off,
+            "sync_cost_us_per_message": round(on["cpu_us_per_message"]
+                                              - off["cpu_us_per_message"], 2)}
+
+
+def print_egress(r: dict) -> None:
+    print(f"egress path, {r['messages']} messages x {r['versions']} versions, medians of "
+          f"{r['reps']} ({'pinned to one CPU' if r['pinned'] else 'unpinned'}):")
+    print(f"  {'CPU us per scored message':30} {'total':>7} {'loop':>7} {'writer':>7} "
+          f"{'uplink':>7}")
+    for key in ("sync_off", "sync_on"):
+        t = r[key]["threads"]
+        print(f"  {key.replace('_', ' '):30} {r[key]['cpu_us_per_message']:7.1f} "
+              f"{t['event loop']:7.1f} {t['outbox writer']:7.1f} {t['uplink']:7.1f}")
+    print(f"  syncing costs {r['sync_cost_us_per_message']:.1f} us CPU per scored message")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=60000,
@@ -201,11 +355,18 @@ def main() -> None:
                     help="where the outbox files go (default: a temp dir; use the target disk)")
     ap.add_argument("--only-flush", action="store_true",
                     help="only the flush phase (no broker; seconds)")
+    ap.add_argument("--only-egress", action="store_true",
+                    help="only the egress path, sync on against off (no broker; seconds)")
+    ap.add_argument("--reps", type=int, default=5, help="runs of the egress path per mode")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).resolve().parent / "results" / "outbox.json",
                     help="the JSON report")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-outbox-", dir=args.dir))
+    if args.only_egress:
+        print_egress(bench_egress(base, reps=args.reps))
+        shutil.rmtree(base, ignore_errors=True)
+        return
     n_inputs = max(64, args.records // RECORDS_PER_MESSAGE)
     items = make_items(n_inputs)
     more = make_items(n_inputs, start=n_inputs)
@@ -224,9 +385,12 @@ def main() -> None:
     if args.only_flush:
         shutil.rmtree(base, ignore_errors=True)
         return
+    egress = bench_egress(base, reps=args.reps)
+    print_egress(egress)
     broker = MosquittoBroker(base / "broker").start()
     try:
         res = {
+            "egress": egress,
             "flush_800": flush,
             "put_room": bench_put(base / "ob1", items, budget=1 << 30),
             "put_full": bench_put(base / "ob2", more, budget=8 << 20, prefill=items),

@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 
+from edgeml.core.scoring import ResultRecords
 from edgeml.errors import TransportError
 from edgeml.storage.outbox import record_id
+from edgeml.storage.outbox.records import (
+    id_part,
+    pack_each,
+    pack_map_header,
+    pack_record,
+    result_packer,
+    with_record_id,
+)
 from edgeml.transport.base import Transport
 
 log = logging.getLogger("edgeml.core.egress")
@@ -55,6 +63,132 @@ def row_record_id(device: str, rec: dict, stream: str) -> str:
     return record_id(device, rec["pipeline"], pos, rec["model"], rec["version"], stream)
 
 
+def row_record_ids(device: str, records: Sequence[dict], stream: str) -> list[str]:
+    """:func:`row_record_id` of each record, for a scored batch at once: the parts around the
+    position (device and pipeline; model, version and stream) are encoded once per run of
+    one version, not once per record."""
+    ids: list[str] = []
+    append = ids.append
+    dev = id_part(device)
+    tail = "/" + id_part(stream)
+    pipeline = model = version = head = end = None
+    for rec in records:
+        p, m, v = rec["pipeline"], rec["model"], rec["version"]
+        if p != pipeline or m != model or v != version:
+            pipeline, model, version = p, m, v
+            head = f"{dev}/{id_part(p)}/"
+            end = f"/{id_part(m)}/{id_part(v)}{tail}"
+        seq = rec["input_seq"]
+        if type(seq) is int and not rec.get("row"):  # the usual case; no "/" or "%" in an int
+            append(f"{head}{seq}{end}")
+        else:
+            row = rec.get("row")
+            append(f"{head}{id_part(f'{seq}.{row}' if row else seq)}{end}")
+    return ids
+
+
+class _Run:
+    """Records of one stream waiting for the writer, with their ids; ``parts``: already
+    packed (a scored batch, packed as it is emitted), else ``records`` are."""
+
+    __slots__ = ("ids", "parts", "records", "stream")
+
+    def __init__(self, stream: str, ids: list[str], records: list[dict] | None,
+                 parts: list[bytes] | None = None) -> None:
+        self.stream, self.ids, self.records, self.parts = stream, ids, records, parts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tail(self, start: int) -> _Run:
+        return _Run(self.stream, self.ids[start:],
+                    self.records[start:] if self.records is not None else None,
+                    self.parts[start:] if self.parts is not None else None)
+
+    def group(self) -> tuple[str, list[str], list[dict] | None, list[bytes] | None]:
+        return (self.stream, self.ids, self.records, self.parts)
+
+
+def _packed_run(device: str, stream: str, records: list[dict],
+                published: list[bytes | None] | None = None) -> _Run:
+    """A scored batch's records, with ids and packed now, while they are fresh in memory:
+    what waits for the writer thread is a few compact bytes per record, not dicts. An answer
+    published as msgpack is not packed again: ``published[i]`` (None where it cannot serve)
+    gets the record id spliced in. A batch that cannot be packed (a record that cannot be
+    encoded, a reserved field) goes as records: the outbox refuses the culprit alone."""
+    ids = row_record_ids(device, records, stream)
+    for rec in records:
+        if "record_id" in rec:  # reserved: the outbox refuses it (and says why)
+            return _Run(stream, ids, records)
+    try:
+        if published is None:
+            return _Run(stream, ids, None, pack_each(ids, records))
+        return _Run(stream, ids, None, [
+            (with_record_id(rid, p) if p is not None else None) or pack_record(rid, rec)
+            for rid, rec, p in zip(ids, records, published, strict=True)])
+    except (TypeError, ValueError, OverflowError):
+        return _Run(stream, ids, records)
+
+
+def _packed_results(device: str, rr: ResultRecords) -> _Run:
+    """Every version's results for a scored batch, packed straight from the columns: what
+    rows share (id, topic, ts, input_seq, row, true_label) is packed once per row, what a
+    version shares once per version, and only the id and the output once per record. Byte
+    for byte ``pack_record(id, record)`` of each of ``rr.records()`` (the tests compare);
+    a value that cannot be packed sends the batch the usual way."""
+    try:
+        return _pack_results(device, rr)
+    except (TypeError, ValueError, OverflowError):
+        return _packed_run(device, "results", rr.records())
+
+
+def _pack_results(device: str, rr: ResultRecords) -> _Run:
+    pack = result_packer().pack
+    rows = rr.rows
+    head = f"{id_part(device)}/{id_part(rr.pipeline)}/"
+    late = pack(["late", rr.late, "output"])[1:]
+    pos, row_a, row_b, row_c, row_n = [], [], [], [], []
+    for row in rows:  # the parts every version's record of this row shares
+        seq, sub = row.seq, row.sub
+        pos.append(f"{seq}" if type(seq) is int and not sub
+                   else id_part(f"{seq}.{sub}" if sub else seq))
+        row_a.append(pack(["id", row.id, "topic", row.topic])[1:])
+        row_b.append(pack(["ts", row.received, "input_seq", seq])[1:] + late)
+        if not sub and row.label is None:
+            row_c.append(b"")
+            row_n.append(0)
+            continue
+        extra = []
+        if sub:
+            extra += ("row", sub)
+        if row.label is not None:
+            extra += ("true_label", row.label)
+        row_c.append(pack(extra)[1:])
+        row_n.append(len(extra) // 2)
+    rid_key = pack("record_id")
+    ids: list[str] = []
+    parts: list[bytes] = []
+    add_id, add_part, join = ids.append, parts.append, b"".join
+    for o in rr.outcomes:  # then version by version, row by row, as records() lists them
+        end = f"/{id_part(o.name)}/{id_part(o.version)}/results"
+        ver = pack(["pipeline", rr.pipeline, "model", o.name, "version", o.version,
+                    "role", o.role])[1:]
+        tail = []
+        if o.elapsed_ms is not None:
+            tail += ("latency_ms", round(o.elapsed_ms, 3))
+        if o.error:
+            tail += ("error", o.error)
+        tail_b = pack(tail)[1:]
+        # record_id, the ten fields every record has, this version's own; then the row's
+        headers = [pack_map_header(11 + len(tail) // 2 + k) for k in range(3)]
+        outputs = o.outputs if o.outputs is not None else [None] * len(rows)
+        for p, a, b, c, k, out in zip(pos, row_a, row_b, row_c, row_n, outputs, strict=True):
+            rid = head + p + end
+            add_id(rid)
+            add_part(join((headers[k], rid_key, pack(rid), a, ver, b, pack(out), c, tail_b)))
+    return _Run("results", ids, None, parts)
+
+
 class Egress:
     """Where scored records go. Implements the pipelines' ``Emitter`` and control's event
     sink; never calls back into a stage before it."""
@@ -78,41 +212,71 @@ class Egress:
         self.write_errors = 0
         self.write_error: str | None = None
         self.retry_s = 1.0
-        self._pending: list[tuple[str, str, dict]] = []
+        self._pending: list[_Run] = []
+        self._pending_n = 0  # records in _pending
         self._marks: dict[str, int] = {}
         self._ready = asyncio.Event()
         self._closing = False
+        self._answer_plain = True
+        # msgpack_bytes with a Packer made once, not per answer (packb makes one per call)
+        self._answer_packer = msgpack.Packer(use_bin_type=True, default=self._answer_default)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "outbox")
 
     # ---- the pipelines' Emitter -----------------------------------------------------------
     def answers(self, pipeline: str, records: list[dict]) -> None:
         transport = self.transport
+        published: list[bytes | None] | None = None  # msgpack answers the outbox can reuse
         if transport is not None:
             topic, qos, encode = self._out[pipeline]
+            if encode is msgpack_bytes:
+                encode = self._pack_answer
+                if self.outbox is not None:
+                    published = [None] * len(records)
+            end = 0
             for group in by_message(records):
+                start, end = end, end + len(group)
                 try:
                     # one answer message per input message: its rows' answers as an array
                     # when it made several rows (a batch, or several windows)
-                    transport.publish_nowait(
-                        topic, encode(group[0] if len(group) == 1 else group), qos)
+                    if len(group) == 1:
+                        payload = encode(group[0])
+                        if published is not None and self._answer_plain:
+                            published[start] = payload  # the outbox reuses these bytes
+                    else:
+                        payload = encode(group)
+                    transport.publish_nowait(topic, payload, qos)
                 except (TransportError, TypeError, ValueError, OverflowError) as exc:
                     # this answer alone is not published; the outbox still gets it below
                     self.publish_errors += 1
                     log.warning("answer for %s not published: %s", group[0].get("id"), exc)
                     continue
                 self.published[pipeline] += len(group)
-        if self.outbox is not None:
-            dev = self.device
-            self._queue([("outputs", row_record_id(dev, rec, "outputs"), rec)
-                         for rec in records])
-            if records:  # answers go out in input order: all up to here are queued
-                self._marks[pipeline] = records[-1]["input_seq"]
+        if self.outbox is not None and records:
+            self._queue(_packed_run(self.device, "outputs", records, published))
+            # answers go out in input order: all up to here are queued
+            self._marks[pipeline] = records[-1]["input_seq"]
 
-    def results(self, pipeline: str, records: list[dict]) -> None:
-        if self.outbox is not None and self.record_results:
-            dev = self.device
-            self._queue([("results", row_record_id(dev, rec, "results"), rec)
-                         for rec in records])
+    def _pack_answer(self, rec: dict) -> bytes:
+        """:func:`msgpack_bytes`, noting whether every value was plain msgpack (no ``str()``
+        fallback): then the outbox stores these very bytes with the record id spliced in."""
+        self._answer_plain = True
+        return self._answer_packer.pack(rec)
+
+    def _answer_default(self, obj: object) -> str:
+        self._answer_plain = False
+        return str(obj)
+
+    @property
+    def wants_results(self) -> bool:
+        """Whether :meth:`results` keeps anything: without an outbox (or with results not
+        recorded) the pipelines need not build per-version records at all."""
+        return self.outbox is not None and self.record_results
+
+    def results(self, pipeline: str, records: Sequence[dict]) -> None:
+        if self.outbox is not None and self.record_results and records:
+            self._queue(_packed_results(self.device, records)
+                        if isinstance(records, ResultRecords)
+                        else _packed_run(self.device, "results", list(records)))
 
     def alert(self, pipeline: str, kind: str, detail: dict) -> None:
         rec = {"device": self.device, "pipeline": pipeline, "kind": kind, "ts": time.time(),
@@ -125,7 +289,7 @@ class Egress:
                 log.warning("alert %s not published: %s", kind, exc)
         if self.outbox is not None:
             rid = f"{self.device}/{pipeline}/alert/{kind}/{rec['ts']:.6f}"
-            self._queue([("alerts", rid, rec)])
+            self._queue(_Run("alerts", [rid], [rec]))
 
     # ---- control's event sink ---------------------------------------------------------------
     def publish(self, topic: str, doc: dict) -> None:
@@ -146,7 +310,7 @@ class Egress:
         rid = record_id(self.device, str(event.get("pipeline")),
                         f"{event.get('stage')}@{event.get('ts', 0):.6f}",
                         str(event.get("name")), str(event.get("version")), "deploy")
-        self._queue([("deploy", rid, rec)])
+        self._queue(_Run("deploy", [rid], [rec]))
 
     def status_changed(self) -> None:
         self._status_changed()
@@ -154,17 +318,34 @@ class Egress:
     def record(self, stream: str, rid: str, rec: dict) -> None:
         """Any other stream's record (drift windows) into the outbox, with its own id."""
         if self.outbox is not None:
-            self._queue([(stream, rid, {"device": self.device, **rec})])
+            self._queue(_Run(stream, [rid], [{"device": self.device, **rec}]))
 
     # ---- the outbox writer ---------------------------------------------------------------
-    def _queue(self, items: list[tuple[str, str, dict]]) -> None:
-        pending = self._pending
-        pending.extend(items)
-        if len(pending) > PENDING_MAX:  # the writer thread is far behind: bound memory
-            drop = len(pending) - PENDING_MAX
-            del pending[:drop]
-            self.overflow += drop
+    def _queue(self, run: _Run) -> None:
+        self._pending.append(run)
+        self._pending_n += len(run)
+        if self._pending_n > PENDING_MAX:  # the writer thread is far behind: bound memory
+            self._trim()
         self._ready.set()
+
+    def _trim(self) -> None:
+        """Drop the oldest waiting records beyond ``PENDING_MAX`` (counted)."""
+        pending = self._pending
+        drop = self._pending_n - PENDING_MAX
+        self.overflow += drop
+        self._pending_n = PENDING_MAX
+        while drop > 0:
+            run = pending[0]
+            if len(run) <= drop:
+                drop -= len(run)
+                del pending[0]
+            else:
+                pending[0] = run.tail(drop)
+                drop = 0
+
+    def _write(self, runs: list[_Run], marks: dict[str, int]) -> Any:
+        """On the writer thread: one ``put_groups`` transaction."""
+        return self.outbox.put_groups([r.group() for r in runs], marks=marks)
 
     async def run_writer(self) -> None:
         """Moves queued records into SQLite on one worker thread, a transaction per burst,
@@ -174,18 +355,18 @@ class Egress:
         loop = asyncio.get_running_loop()
         while True:
             await self._ready.wait()
-            if not self._closing and len(self._pending) < OUTBOX_WRITE_MAX:
+            if not self._closing and self._pending_n < OUTBOX_WRITE_MAX:
                 # one transaction per ~50 ms, not per scored batch: a commit costs far more
                 # than a row. Nothing is at risk meanwhile: after a crash the device re-scores
-                # from the raw-input log past the outbox's high-water mark.
+                # from the raw-input log past the outbox's high-water mark. (Longer intervals
+                # measured no cheaper: the larger batch falls out of the CPU caches.)
                 await asyncio.sleep(OUTBOX_WRITE_INTERVAL_S)
             self._ready.clear()
             if self._pending or self._marks:
-                items, self._pending = self._pending, []
+                items, self._pending, self._pending_n = self._pending, [], 0
                 marks, self._marks = self._marks, {}
                 try:
-                    await loop.run_in_executor(self._pool, functools.partial(
-                        self.outbox.put_many, items, marks=marks))
+                    await loop.run_in_executor(self._pool, self._write, items, marks)
                 except Exception as exc:
                     # disk full, I/O error, a damaged file: keep the records (bounded) and
                     # try again; after a crash the raw log re-scores past the mark anyway
@@ -205,22 +386,22 @@ class Egress:
             if self._closing and not self._pending:
                 return
 
-    def _write_failed(self, items: list, marks: dict, exc: Exception) -> None:
+    def _write_failed(self, items: list[_Run], marks: dict, exc: Exception) -> None:
         self.write_errors += 1
         first = self.write_error is None
         self.write_error = str(exc)
         self._pending[:0] = items  # back in front, in order
+        n = sum(len(r) for r in items)
+        self._pending_n += n
         for k, v in marks.items():
             self._marks[k] = max(v, self._marks.get(k, v))
-        if len(self._pending) > PENDING_MAX:
-            drop = len(self._pending) - PENDING_MAX
-            del self._pending[:drop]
-            self.overflow += drop
+        if self._pending_n > PENDING_MAX:
+            self._trim()
         if first:
-            log.error("outbox write of %d record(s) failed, will retry: %s", len(items), exc)
+            log.error("outbox write of %d record(s) failed, will retry: %s", n, exc)
             problems = self._check_outbox()
-            self.alert("*", "outbox_write_failed", {"error": str(exc), "waiting": len(
-                self._pending), **({"damaged": problems} if problems else {})})
+            self.alert("*", "outbox_write_failed", {"error": str(exc), "waiting": (
+                self._pending_n), **({"damaged": problems} if problems else {})})
 
     def _check_outbox(self) -> list[str]:
         try:

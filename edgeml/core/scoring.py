@@ -15,7 +15,7 @@ import collections
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,11 +40,12 @@ INLINE_HISTORY = 16
 
 class Emitter(Protocol):
     """Where a pipeline's records go: the egress stage publishes answers and fills the
-    outbox."""
+    outbox. ``results`` gets a :class:`ResultRecords` (a sequence of dicts built when read);
+    an emitter with ``wants_results = False`` gets none at all (nothing would keep them)."""
 
     def answers(self, pipeline: str, records: list[dict]) -> None: ...
 
-    def results(self, pipeline: str, records: list[dict]) -> None: ...
+    def results(self, pipeline: str, records: Sequence[dict]) -> None: ...
 
     def alert(self, pipeline: str, kind: str, detail: dict) -> None: ...
 
@@ -85,6 +86,57 @@ class _VersionRunner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=False)
+
+
+class ResultRecords(Sequence[dict]):
+    """Every version's result record for one scored batch, version by version, row by row.
+
+    A sequence of dicts built on first read (:meth:`records` defines the fields). The outbox
+    need not read them as dicts: it packs the same fields straight from these columns
+    (``rows``, ``outcomes``), which costs far less than a dict per record."""
+
+    __slots__ = ("_records", "late", "outcomes", "pipeline", "rows")
+
+    def __init__(self, pipeline: str, rows: Sequence[Row], outcomes: Sequence[Outcome],
+                 late: bool) -> None:
+        self.pipeline, self.rows, self.outcomes, self.late = pipeline, rows, outcomes, late
+        self._records: list[dict[str, Any]] | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        if self._records is not None:
+            return self._records
+        records: list[dict[str, Any]] = []
+        name, late, rows = self.pipeline, self.late, self.rows
+        for o in self.outcomes:
+            outputs = o.outputs
+            latency = round(o.elapsed_ms, 3) if o.elapsed_ms is not None else None
+            for i, row in enumerate(rows):
+                rec: dict[str, Any] = {
+                    "id": row.id, "topic": row.topic, "pipeline": name, "model": o.name,
+                    "version": o.version, "role": o.role, "ts": row.received,
+                    "input_seq": row.seq, "late": late,
+                    "output": outputs[i] if outputs is not None else None,
+                }
+                if row.sub:
+                    rec["row"] = row.sub
+                if row.label is not None:
+                    rec["true_label"] = row.label
+                if latency is not None:  # per version, so upstream can compare
+                    rec["latency_ms"] = latency
+                if o.error:
+                    rec["error"] = o.error
+                records.append(rec)
+        self._records = records
+        return records
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.outcomes)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.records()[i]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records())
 
 
 class PipelineRuntime:
@@ -415,26 +467,10 @@ class PipelineRuntime:
     def _results(self, batch: list[Row], outcomes: Sequence[Outcome], late: bool) -> None:
         if self.observer is not None:
             self.observer.on_outcomes(outcomes)
-        records = []
-        for o in outcomes:
-            for i, row in enumerate(batch):
-                rec: dict[str, Any] = {
-                    "id": row.id, "topic": row.topic, "pipeline": self.name, "model": o.name,
-                    "version": o.version, "role": o.role, "ts": row.received,
-                    "input_seq": row.seq, "late": late,
-                    "output": o.outputs[i] if o.outputs is not None else None,
-                }
-                if row.sub:
-                    rec["row"] = row.sub
-                if row.label is not None:
-                    rec["true_label"] = row.label
-                if o.elapsed_ms is not None:  # per version, so upstream can compare
-                    rec["latency_ms"] = round(o.elapsed_ms, 3)
-                if o.error:
-                    rec["error"] = o.error
-                records.append(rec)
-        if records:
-            self.emitter.results(self.name, records)
+        if not getattr(self.emitter, "wants_results", True):
+            return  # nothing keeps per-version results (sync off): do not build them
+        if batch and outcomes:
+            self.emitter.results(self.name, ResultRecords(self.name, batch, outcomes, late))
 
     def _track_canary(self, outcomes: Sequence[Outcome]) -> None:
         champ = next((o for o in outcomes if o.role == "champion" and o.ok), None)
@@ -473,7 +509,8 @@ class PipelineRuntime:
             "policy": self.policy, "deadline_ms": self.config.deadline_ms,
             "received": st.received, "accepted": st.accepted, "rejected": st.rejected,
             "rejected_by_reason": dict(st.rejected_by_reason), "rows": st.rows,
-            "dropped": st.dropped, "queue_waits": st.queue_waits, "scored": st.scored, "published": st.published,
+            "dropped": st.dropped, "queue_waits": st.queue_waits, "scored": st.scored,
+            "published": st.published,
             "fallbacks": st.fallbacks, "unanswered": st.unanswered, "errors": st.errors,
             "queue_depth": len(self._queue), "answer_latency": st.answer_latency.summary(),
             "versions": versions,

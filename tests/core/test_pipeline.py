@@ -204,3 +204,26 @@ def test_reconfigure_resizes_the_canary_window_keeping_the_newest_rows():
     assert rt.canary.size == 2 and rt.canary.count == 2
     assert rt.canary.value == 0.5  # the newest two rows: differ, agree
     assert rt.canary_status()["window"] == 2
+
+
+def test_results_are_built_only_for_an_emitter_that_keeps_them(tmp_path, windows,
+                                                               activity_bundle,
+                                                               activity_bundle_v2):
+    """Every version's result per row, as dicts when read; with sync off (``wants_results``
+    false) none are built, while the answers are the same."""
+    members = [slot(LoadedModel, activity_bundle, "champion", 0, tmp_path),
+               slot(LoadedModel, activity_bundle_v2, "shadow", 10, tmp_path)]
+    got = {}
+    for wants in (True, False):
+        rt, sink = runtime(deadline_ms=5000)
+        sink.wants_results = wants
+        rt.set_members(members)
+        asyncio.run(score(rt, rows(windows, 12)))
+        got[wants] = sink
+    kept, skipped = got[True], got[False]
+    assert skipped.results_ == [] and len(kept.results_) == 2 * 12
+    assert sorted((r["version"], r["input_seq"]) for r in kept.results_) == sorted(
+        (v, i) for v in ("1", "2") for i in range(12))
+    champion = {r["input_seq"]: r["output"] for r in kept.results_ if r["version"] == "1"}
+    assert all(champion[a["input_seq"]] == a["output"] for a in kept.answers_)
+    assert [a["output"] for a in skipped.answers_] == [a["output"] for a in kept.answers_]

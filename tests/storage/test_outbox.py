@@ -538,3 +538,80 @@ def test_a_write_larger_than_the_budget_keeps_its_newest_records(tmp_path: Path)
             assert kept[-1] == its[-1][1]
         else:
             assert kept[0] == its[0][1]
+
+
+def stored_rows(ob: Outbox) -> list[tuple]:
+    """Every stored row as it is on disk, minus its creation time."""
+    return ob._db.execute("SELECT seq, stream, chunk_id, count, size, payload FROM chunks "
+                          "ORDER BY seq").fetchall()
+
+
+def as_groups(its: list[tuple[str, str, dict]], *, packed: bool) -> list[tuple]:
+    """``put_many`` items as put_groups runs of one stream (records or their packed bytes)."""
+    groups: list[tuple] = []
+    for stream, rid, rec in its:
+        if not groups or groups[-1][0] != stream:
+            groups.append((stream, [], [], []))
+        groups[-1][1].append(rid)
+        groups[-1][2].append(rec)
+        groups[-1][3].append(pack_record(rid, rec))
+    return [(s, ids, None, parts) if packed else (s, ids, recs, None)
+            for s, ids, recs, parts in groups]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_put_groups_stores_exactly_what_put_many_stores(tmp_path: Path, packed: bool):
+    """Runs of records (or of their packed bytes) give the same rows, byte for byte, as the
+    same items through put_many: chunks per stream and cap, ids, sizes, counters, marks."""
+    writes = [
+        [item(i, v, s) for i in range(100000, 100150) for s, vs in
+         (("outputs", "1"), ("results", "123")) for v in vs],
+        [item(i, "1", "outputs") for i in range(100150, 100160)]
+        + [("alerts", "watch-01/*/alert/x/1.0", {"kind": "x", "ts": 1.0})]
+        + [item(i, "2") for i in range(100150, 100160)],
+    ]
+    for name, put in (("many", "many"), ("groups", "groups")):
+        with Outbox(tmp_path / name, chunk_max_records=40) as ob:
+            for its in writes:
+                if put == "many":
+                    ob.put_many(its, marks={"activity": its[-1][2].get("input_seq", 0)})
+                else:
+                    ob.put_groups(as_groups(its, packed=packed),
+                                  marks={"activity": its[-1][2].get("input_seq", 0)})
+            if put == "many":
+                expected = (stored_rows(ob), ob.stats(), ob.marks())
+            else:
+                got = (stored_rows(ob), ob.stats(), ob.marks())
+    assert got[0] == expected[0] and len(got[0]) > 10
+    assert (got[1]["backlog"], got[1]["bytes_used"]) == (expected[1]["backlog"],
+                                                         expected[1]["bytes_used"])
+    for s in expected[1]["streams"]:  # all but the age, which moves with the clock
+        del got[1]["streams"][s]["oldest_unsynced_age_s"]
+        del expected[1]["streams"][s]["oldest_unsynced_age_s"]
+    assert got[1]["streams"] == expected[1]["streams"]
+    assert got[2] == expected[2]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_put_groups_drops_replays_and_refuses_only_the_unencodable(tmp_path: Path,
+                                                                   packed: bool):
+    with Outbox(tmp_path / "outbox") as ob:
+        ob.put_groups(as_groups([item(i) for i in range(100000, 100010)], packed=packed))
+        # half replays, one repeated within the call: stored once each
+        res = ob.put_groups(as_groups([item(i) for i in (*range(100005, 100015), 100014)],
+                                      packed=packed))
+        assert (res.stored, res.duplicates) == (5, 6)
+        # an unencodable record among dict runs: it alone is refused, the rest stored
+        bad = ("results", [record_id(DEVICE, "activity", 7, "activity", "1", "results")],
+               [{"value": object()}], None)
+        res = ob.put_groups([*as_groups([item(100015)], packed=packed), bad,
+                             *as_groups([item(100016)], packed=False)])
+        assert (res.stored, res.refused) == (2, 0)
+        assert ob.stats()["unencodable"] == 1 and ob.stats()["backlog"] == 17
+        with pytest.raises(OutboxError, match="reserved"):
+            ob.put_groups([("results", ["z/1"], [{"record_id": "mine"}], None)])
+        with pytest.raises(OutboxError, match="unknown stream 'nope'"):
+            ob.put_groups([("nope", ["y/1"], None, [b"\x80"])])
+        assert ob.stats()["backlog"] == 17
+        assert drain(ob, "results") == [record_id(DEVICE, "activity", i, "activity", "1",
+                                                  "results") for i in range(100000, 100017)]

@@ -1,0 +1,109 @@
+"""The egress stage's batch encoding: record ids made per scored batch, results packed from
+the scoring columns and published answers reused must give exactly the bytes and ids that
+packing each record on its own gives (upstream collectors and the dedup window rely on them)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeml.core.assemble import Row
+from edgeml.core.egress import (
+    Egress,
+    _packed_results,
+    _packed_run,
+    msgpack_bytes,
+    row_record_id,
+    row_record_ids,
+)
+from edgeml.core.rendezvous import Outcome
+from edgeml.core.scoring import ResultRecords
+from edgeml.host.datasets import load_basicmotions
+from edgeml.storage.outbox import Outbox, pack_record
+
+DATA = load_basicmotions("TEST")
+
+
+def rows(n: int = 9, *, odd_id: object = None) -> list[Row]:
+    """Rows from the real data set: batch messages (sub rows), labels on some, odd ids."""
+    t = time.time()
+    out = []
+    for i in range(n):
+        out.append(Row(features=np.asarray(DATA.X[i], dtype=np.float32).ravel(),
+                       id=f"msg/{i}" if i % 2 else 5000 + i, topic="sensors/w%1/imu",
+                       seq=100000 + i // 3, received=t + i / 1000,
+                       label=str(DATA.y[i]) if i % 3 == 0 else None, sub=i % 3))
+    if odd_id is not None:
+        out[4] = Row(features=out[4].features, id=odd_id, topic=out[4].topic, seq=out[4].seq,
+                     received=out[4].received, label=None, sub=out[4].sub)
+    return out
+
+
+def outcomes(n: int) -> list[Outcome]:
+    classes = sorted(set(DATA.y))
+    ok = [{"label": str(DATA.y[i]),
+           "scores": {c: np.float32(0.5 if c == DATA.y[i] else 0.1) for c in classes}}
+          for i in range(n)]
+    return [Outcome("activity/x", "2%", "champion", 0, outputs=ok, elapsed_ms=0.41234),
+            Outcome("activity", "3", "shadow", 2, error="scoring failed: boom"),
+            Outcome("activity", "4", "canary", 1, outputs=[{"value": 1.5}] * n)]
+
+
+def test_batch_ids_are_the_per_record_ids():
+    recs = [{"pipeline": p, "model": m, "version": v, "input_seq": seq,
+             **({"row": row} if row is not None else {})}
+            for p in ("activity", "a/b") for m in ("m", "m%1") for v in ("1", "2/3")
+            for seq in (0, 7, 12345678901234, "7/8", True) for row in (None, 0, 2)]
+    for device in ("watch-01", "w/1"):
+        for stream in ("outputs", "results"):
+            assert row_record_ids(device, recs, stream) == [
+                row_record_id(device, r, stream) for r in recs]
+
+
+def test_results_packed_from_columns_are_byte_for_byte_the_records():
+    batch = rows()
+    for late in (False, True):
+        rr = ResultRecords("gait/1", batch, outcomes(len(batch)), late)
+        run = _packed_results("watch-01", rr)
+        records = list(rr)
+        assert len(records) == len(rr) == 3 * len(batch)
+        ids = row_record_ids("watch-01", records, "results")
+        assert run.ids == ids
+        assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, records,
+                                                                      strict=True)]
+        assert {r["late"] for r in records} == {late}
+        assert records[1]["row"] == 1 and records[0]["true_label"] == str(DATA.y[0])
+
+
+def test_a_result_that_cannot_be_packed_is_refused_alone(tmp_path: Path):
+    batch = rows(odd_id=object())  # one message id msgpack cannot encode
+    run = _packed_results("watch-01", ResultRecords("gait", batch, outcomes(len(batch)), False))
+    assert run.parts is None and len(run.records) == 3 * len(batch)
+    with Outbox(tmp_path / "outbox") as ob:
+        res = ob.put_groups([run.group()])
+        assert res.stored == 3 * (len(batch) - 1)  # every version's record of that row alone
+        assert ob.stats()["unencodable"] == 3
+
+
+def test_published_answers_are_stored_with_the_record_id_spliced_in():
+    eg = Egress(device="watch-01", topic=lambda *p: "/".join(p), outbox=object(),
+                record_results=True, out_formats={"gait": "msgpack"}, out_qos={"gait": 0},
+                on_status_changed=lambda: None)
+    answers = [{"id": r.id, "topic": r.topic, "pipeline": "gait", "model": "m", "version": "1",
+                "output": {"label": "Walking"}, "policy": "champion", "fallback": False,
+                "latency_ms": 1.5, "ts": r.received, "input_seq": r.seq, "row": r.sub}
+               for r in rows()]
+    answers[2]["output"] = {"score": np.float32(0.5)}  # published as str(): not reusable
+    published = []
+    for rec in answers:
+        payload = eg._pack_answer(rec)
+        assert payload == msgpack_bytes(rec)  # what subscribers get is unchanged
+        published.append(payload if eg._answer_plain else None)
+    assert published[2] is None and all(p is not None for i, p in enumerate(published)
+                                        if i != 2)
+    run = _packed_run("watch-01", "outputs", answers, published)
+    ids = row_record_ids("watch-01", answers, "outputs")
+    assert run.ids == ids
+    assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, answers, strict=True)]
