@@ -129,3 +129,13 @@ def test_e2e_names_the_missing_host_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "skl2onnx", None)  # import skl2onnx -> ImportError
     with pytest.raises(BenchError, match=r"host extra \(missing: skl2onnx\).*edgeml\[host\]"):
         require_host_extra()
+
+
+def test_a_target_of_zero_is_checked_without_a_ratio() -> None:
+    from edgeml.host.bench.report import _check
+
+    lost = _check("burst_lost", "nothing lost", 12, 0, higher=False, unit="msgs")
+    assert lost["met"] is False and lost["missed_by"] == "over by 12 msgs"
+    assert _check("burst_lost", "nothing lost", 0, 0, higher=False, unit="msgs")["met"] is True
+    assert "1.20x the limit" in _check("p99", "p99", 6.0, 5.0, higher=False,
+                                       unit="ms")["missed_by"]

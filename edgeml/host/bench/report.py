@@ -251,8 +251,8 @@ def _check(tid: str, text: str, value: float | None, threshold: float, *, higher
                             f"of the target)"
     else:
         met = bool(value <= threshold)
-        by = "" if met else f"over by {value - threshold:.3g} {unit} ({value / threshold:.2f}x " \
-                            f"the limit)"
+        share = f" ({value / threshold:.2f}x the limit)" if threshold else ""
+        by = "" if met else f"over by {value - threshold:.3g} {unit}{share}"
     return {"id": tid, "target": text, "model": model, "value": value, "threshold": threshold,
             "unit": unit, "higher_is_better": higher, "met": met, "missed_by": by, "note": note}
 
