@@ -86,8 +86,13 @@ _UNSUPPORTED_PROTOCOL = 0x84  # CONNACK: a 3.1.1 broker's "unacceptable protocol
 _CONNACK_WAIT_S = 1.5  # "auto": no CONNACK to an MQTT 5 CONNECT this long -> try 3.1.1
 READ_SIZE = 256 * 1024  # bytes asked of the kernel per read
 READ_PACKETS_MAX = 2048  # packets handled per loop turn before other tasks get a go
-INBOX_MAX = 8192  # received messages waiting for the loop beyond which reading pauses
-INBOX_MAX_BYTES = 16 * 1024 * 1024  # ... or their payload bytes
+# Received messages waiting for the loop beyond which reading pauses, or their payload bytes.
+# The count matches the MQTT 5 Receive Maximum: mosquitto drops any packet, in-flight QoS 1
+# messages included, for a client whose unsent-packet queue holds max_queued_messages (1000
+# by default), so a device that stops reading while a QoS 1 burst is in flight loses part of
+# it until it reconnects. The bytes bound the memory.
+INBOX_MAX = 65535
+INBOX_MAX_BYTES = 16 * 1024 * 1024
 MISC_INTERVAL_S = 1.0  # keep-alive pings and timeouts
 
 
