@@ -68,6 +68,23 @@ def _client(client_id: str) -> Any:
     return c
 
 
+def _receiver(client_id: str) -> tuple[Any, dict]:
+    """The harness's receivers (the raw subscriber, the answer collector): MQTT 5 with the
+    largest Receive Maximum, so that on a stock broker a burst of QoS 1 answers waits in
+    flight to the receiver instead of in the broker's queue, where mosquitto would drop part
+    of it: the receiver measures the target, it must not be what loses messages."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=paho.MQTTv5)
+    c.on_socket_open = _nodelay
+    props = Properties(PacketTypes.CONNECT)
+    props.ReceiveMaximum = 65535
+    return c, {"clean_start": True, "properties": props}
+
+
 def _encode(fmt: str):
     if fmt == "json":
         return lambda d: json.dumps(d, separators=(",", ":")).encode()
@@ -296,12 +313,12 @@ def count(spec: dict) -> None:
         if len(recv_ns) >= expect > 0:
             done.set()
 
-    client = _client(spec.get("client_id", f"bench-sub-{os.getpid()}"))
+    client, connect_kw = _receiver(spec.get("client_id", f"bench-sub-{os.getpid()}"))
     qos = int(spec.get("qos", 0))
     client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(spec["topic"], qos)
     client.on_subscribe = lambda *a: subscribed.set()
     client.on_message = on_message
-    client.connect(spec["host"], int(spec["port"]), keepalive=60)
+    client.connect(spec["host"], int(spec["port"]), keepalive=60, **connect_kw)
     client.loop_start()
     if not subscribed.wait(10):
         raise SystemExit("subscriber: no SUBACK within 10 s")
