@@ -194,3 +194,19 @@ def test_check_refuses_huge_integers_in_the_config(tmp_path, capsys, value, why)
     assert cli(["run", "--config", str(cfg), "--check"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and why in err[0], err
+
+
+def test_without_trusted_keys_the_command_check_does_not_load_cryptography(tmp_path) -> None:
+    """No keys, nothing to verify: the daemon must not map cryptography's OpenSSL (~6 MB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from edgeml.control.signing import CommandVerifier, CounterFile\n"
+        f"CommandVerifier([], 'dev', CounterFile(Path({str(tmp_path / 'c.json')!r})))\n"
+        "print('cryptography' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
