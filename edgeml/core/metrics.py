@@ -105,6 +105,8 @@ class DeviceCollector:
         dlq = fam(C, "edgeml_dead_letters", "Rejected messages by reason", (*P, "reason"))
         rows = fam(C, "edgeml_rows", "Rows assembled and queued for scoring", P)
         qdrop = fam(C, "edgeml_queue_dropped_rows", "Rows dropped by the bounded queue", P)
+        qwaits = fam(C, "edgeml_queue_waits", "Times input waited for room in the full queue "
+                                              "(policy wait: the broker held the rest)", P)
         qdepth = fam(G, "edgeml_queue_depth_rows", "Rows waiting to be scored", P)
         answered = fam(C, "edgeml_rows_answered", "Rows answered by the rendezvous", P)
         fallbacks = fam(C, "edgeml_fallbacks", "Answers not from the policy's first choice "
@@ -174,6 +176,7 @@ class DeviceCollector:
                 dlq.add_metric([name, str(reason)], n)
             rows.add_metric([name], st.rows)
             qdrop.add_metric([name], st.dropped)
+            qwaits.add_metric([name], st.queue_waits)
             qdepth.add_metric([name], p.runtime.queue_depth)
             answered.add_metric([name], st.scored)
             fallbacks.add_metric([name], st.fallbacks)
@@ -240,7 +243,7 @@ class DeviceCollector:
             stuck.add_metric([name], len(cur.get("stuck", [])))
             for src, r in list(mon.rates.status()["rates"].items())[:MAX_SOURCE_SERIES]:
                 rate.add_metric([name, src], r)
-        yield from (received, accepted, dlq, rows, qdrop, qdepth, answered, fallbacks,
+        yield from (received, accepted, dlq, rows, qdrop, qwaits, qdepth, answered, fallbacks,
                     unanswered, published, perr, gaps, sq_gaps, sq_lost, sq_open, sq_late,
                     sq_dup, sq_reset, sq_src, sq_evict, evicted, batch, ans_lat, scored, verr,
                     late, skipped, won, vfall, vlat, a_bytes, a_segs, a_recs, a_werr, a_lost, a_rm,

@@ -17,7 +17,8 @@ from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
 OUT = "edgeml/watch-01/out/activity"
 EXPECTED = {
     "edgeml_build_info", "edgeml_ready", "edgeml_messages_received", "edgeml_messages_accepted",
-    "edgeml_dead_letters", "edgeml_rows", "edgeml_queue_dropped_rows", "edgeml_queue_depth_rows",
+    "edgeml_dead_letters", "edgeml_rows", "edgeml_queue_dropped_rows", "edgeml_queue_waits",
+    "edgeml_queue_depth_rows",
     "edgeml_rows_answered", "edgeml_fallbacks", "edgeml_unanswered",
     "edgeml_answers_published", "edgeml_pipeline_errors", "edgeml_input_gaps",
     "edgeml_sequence_gaps", "edgeml_sequence_lost", "edgeml_sequence_missing_open",
