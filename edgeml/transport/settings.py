@@ -32,7 +32,7 @@ class BrokerSettings:
     clean_start: bool = False
     #: "auto": MQTT 5, and 3.1.1 on a connection whose broker refuses 5 (amqtt, NATS)
     protocol: str = "3.1.1"
-    max_inflight: int = 20
+    max_inflight: int = 100
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
     connect_timeout_s: float = 10.0

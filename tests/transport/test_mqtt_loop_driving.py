@@ -170,3 +170,65 @@ def test_many_qos1_publishes_beyond_the_in_flight_window_all_arrive_in_order(
     asyncio.run(main())
     msgs = coll.wait_count(2000, timeout=60)
     assert [int(m.payload) for m in msgs] == list(range(2000))
+
+
+def test_publishes_of_one_loop_turn_leave_together_in_order(broker, collector):
+    """What paho writes during one loop turn is gathered and handed to the kernel at the
+    turn's end in one go: nothing has left while the turn runs, everything has after it, each
+    QoS in order (QoS 1 beyond the in-flight window waits for acknowledgements)."""
+    coll = collector("gather/#", qos=1)
+
+    async def main():
+        async with MqttTransport(settings(broker, "gather")) as t:
+            sock = t._attached
+            for i in range(600):
+                t.publish_nowait("gather/t", str(i).encode(), qos=i % 2)
+            assert sock.out_pending > 600 * 10  # all 600 gathered, none sent yet
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert sock.out_pending == 0
+            await until(lambda: not t._client._out_messages)  # every QoS 1 one acknowledged
+            assert t.stats()["publish_errors"] == 0
+    asyncio.run(main())
+    got = [int(m.payload) for m in coll.wait_count(600, timeout=30)]
+    assert [i for i in got if i % 2 == 0] == list(range(0, 600, 2))
+    assert [i for i in got if i % 2] == list(range(1, 600, 2))
+
+
+def test_closing_sends_what_was_gathered_and_disconnects_cleanly(broker, collector):
+    """Publishes made right before close are gathered with the DISCONNECT; closing sends them
+    first, so they arrive and the broker sees a clean disconnect (no last will)."""
+    coll = collector("close/#", qos=1)
+    from edgeml.transport.base import Publication
+
+    async def main():
+        will = Publication("close/will", b"gone", qos=1, retain=False)
+        async with MqttTransport(settings(broker, "closing"), will=will) as t:
+            for i in range(50):
+                t.publish_nowait("close/t", str(i).encode(), qos=0)
+            assert t._attached.out_pending > 0
+    asyncio.run(main())
+    publish_all(broker, [("close/marker", b"m")])  # after anything the close caused
+    msgs = coll.wait_for(lambda ms: any(m.topic == "close/marker" for m in ms), timeout=20)
+    assert [int(m.payload) for m in msgs if m.topic == "close/t"] == list(range(50))
+    assert all(m.topic != "close/will" for m in msgs)
+
+
+def test_a_write_that_fails_is_a_lost_connection_and_qos1_is_sent_again(broker, collector):
+    """The connection breaks while gathered bytes wait: the failed send is handled as paho
+    handles a failed write (closed, reconnected) and the QoS 1 publishes among the lost
+    bytes are sent again after reconnecting."""
+    import socket as socket_mod
+
+    coll = collector("broken/#", qos=1)
+
+    async def main():
+        async with MqttTransport(settings(broker, "broken")) as t:
+            for i in range(100):
+                t.publish_nowait("broken/t", str(i).encode(), qos=1)
+            t._attached.sock.shutdown(socket_mod.SHUT_WR)  # the next send fails (EPIPE)
+            await until(lambda: t.stats()["disconnects"] >= 1 and t.connected)
+            await until(lambda: not t._client._out_messages)
+    asyncio.run(main())
+    msgs = coll.wait_count(100, timeout=30)
+    assert sorted({int(m.payload) for m in msgs}) == list(range(100))
