@@ -219,6 +219,9 @@ class NoSubscribers:
                        retain: bool = False) -> None:
         return None
 
+    def flush(self) -> None:
+        return None
+
 
 def egress_batches(n_batches: int, size: int = 64) -> list[tuple[list, list, list]]:
     """Scored batches as the pipeline hands them on: rows from BasicMotions, the champion's

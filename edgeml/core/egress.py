@@ -251,6 +251,7 @@ class Egress:
                     log.warning("answer for %s not published: %s", group[0].get("id"), exc)
                     continue
                 self.published[pipeline] += len(group)
+            transport.flush()  # the answers leave now, in one write
         if self.outbox is not None and records:
             self._queue(_packed_run(self.device, "outputs", records, published))
             # answers go out in input order: all up to here are queued

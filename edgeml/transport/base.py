@@ -75,6 +75,9 @@ class Transport(Protocol):
     def publish_nowait(self, topic: str, payload: bytes, qos: int = 0,
                        retain: bool = False) -> None: ...
 
+    def flush(self) -> None:
+        """Send what was published this loop turn now rather than at the turn's end."""
+
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                       timeout: float | None = None) -> None: ...
 

@@ -322,6 +322,9 @@ class FakeTransport:
             self._stats["publish_errors"] += 1
             raise PublishError(f"publish to {topic!r} refused: invalid topic or QoS")
 
+    def flush(self) -> None:
+        """Publishes are delivered as they are made: nothing waits."""
+
     def publish_nowait(self, topic: str, payload: bytes, qos: int = 0,
                        retain: bool = False) -> None:
         self._check(topic, qos)

@@ -135,6 +135,13 @@ class _BufferedSocket:
         ssl_pending = getattr(self.sock, "pending", None)
         return len(self._buf) - self._pos + (ssl_pending() if ssl_pending else 0)
 
+    def fill(self) -> int:
+        """One ``recv`` into the (used up) buffer; the bytes read, 0 at end of stream.
+        BlockingIOError (or SSLWantReadError) when nothing waits."""
+        data = self.sock.recv(READ_SIZE)
+        self._buf, self._pos = data, 0
+        return len(data)
+
     def send(self, data: bytes | bytearray | memoryview) -> int:
         on_buffered = self.on_buffered
         if on_buffered is None:
@@ -220,36 +227,104 @@ class _PahoClient(paho.Client):
     topic) takes paho's own path, which also raises on malformed packets."""
 
     ready_socket: Any = None
-    deliver: Callable[[str, bytes, int, bool, int], None] | None = None
+    deliver: Callable[[str, bytes, int, bool, int], bool] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._topics: dict[str, bytes] = {}  # publish topics already checked, encoded
 
     def _handle_publish(self) -> Any:
-        deliver = self.deliver
         packet = self._in_packet["packet"]
         header = self._in_packet["command"]
+        if self._publish_fast(header, packet, 0, len(packet)) is None:
+            return super()._handle_publish()
+        return paho.MQTT_ERR_SUCCESS
+
+    def _publish_fast(self, header: int, buf: Any, start: int, end: int) -> bool | None:
+        """Deliver the PUBLISH whose variable header starts at ``buf[start]``; None when it is
+        one for paho's own path (QoS 2, properties, an odd topic: paho also says what is
+        wrong with a malformed one). Otherwise whether ``deliver`` asked to stop reading."""
+        deliver = self.deliver
         qos = (header & 0x06) >> 1
         if deliver is None or qos == 2 or (qos == 1 and not self._manual_ack):
-            return super()._handle_publish()
+            return None
         try:
-            pos = 2 + ((packet[0] << 8) | packet[1])
-            topic = packet[2:pos].decode("utf-8")
+            pos = start + 2 + ((buf[start] << 8) | buf[start + 1])
+            topic = bytes(buf[start + 2:pos]).decode("utf-8")
             mid = 0
             if qos:
-                mid = (packet[pos] << 8) | packet[pos + 1]
+                mid = (buf[pos] << 8) | buf[pos + 1]
                 pos += 2
             if self._protocol == paho.MQTTv5:
-                if packet[pos]:  # properties present: paho's path knows them all
-                    return super()._handle_publish()
+                if buf[pos]:  # properties present: paho's path knows them all
+                    return None
                 pos += 1
         except (IndexError, UnicodeDecodeError):
-            return super()._handle_publish()  # paho says what is wrong with it
-        if not topic or pos > len(packet) or "+" in topic or "#" in topic:
-            return super()._handle_publish()
-        deliver(topic, bytes(packet[pos:]), qos, bool(header & 0x01), mid)
-        return paho.MQTT_ERR_SUCCESS
+            return None
+        if not topic or pos > end or "+" in topic or "#" in topic:
+            return None
+        return bool(deliver(topic, bytes(buf[pos:end]), qos, bool(header & 0x01), mid))
+
+    def read_buffered(self, sock: _BufferedSocket, limit: int) -> int:
+        """Handle up to ``limit`` whole packets waiting in the socket's buffer, stopping at
+        the first one paho must handle (anything but a QoS 0/1 PUBLISH without properties
+        or a plain PUBACK), at one not whole yet, or when ``deliver`` asks to stop. Returns
+        how many were handled: paho's per-packet reading (a ``recv`` call for the type, each
+        length byte and the body, and a dict of state) costs more than the packet's way
+        through the device."""
+        if self._in_packet["command"] != 0:
+            return 0  # paho is in the middle of a packet
+        buf, pos = sock._buf, sock._pos
+        end = len(buf)
+        n = 0
+        while n < limit and pos < end:
+            header = buf[pos]
+            i, length, shift = pos + 1, 0, 0
+            while True:  # the remaining length: up to four bytes of seven bits
+                if i >= end or shift > 21:
+                    break
+                b = buf[i]
+                i += 1
+                length |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    shift = -1
+                    break
+            if shift != -1 or i + length > end:
+                break  # not whole yet (or malformed): paho reads it
+            body_end = i + length
+            kind = header & 0xF0
+            if kind == 0x30:
+                stop = self._publish_fast(header, buf, i, body_end)
+                if stop is None:
+                    break
+            elif kind == 0x40 and length == 2:
+                stop = False
+                mid = (buf[i] << 8) | buf[i + 1]
+                with self._out_message_mutex:
+                    if mid in self._out_messages:
+                        self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+            else:
+                break
+            pos = body_end
+            n += 1
+            if stop:
+                break
+        if n:
+            sock._pos = pos
+            self._last_bytes_received = paho.time_func()  # for keep-alive
+        return n
+
+    def read_one(self) -> Any:
+        """One packet paho's own way, or as much of it as has arrived (``MQTT_ERR_AGAIN``:
+        the rest has not). A lost connection is handled (closed, reported) as in
+        ``loop_read``."""
+        if self._sock is None:
+            return paho.MQTT_ERR_NO_CONN
+        rc = self._packet_read()
+        if rc > 0:
+            return self._loop_rc_handle(rc)
+        return rc
 
     def _handle_pubackcomp(self, cmd: Any) -> Any:
         """A plain PUBACK (two bytes: success, no reason code or properties; every PUBACK in
@@ -570,17 +645,48 @@ class MqttTransport:
 
     def _read(self) -> None:
         """The socket is readable: handle what has arrived, up to ``READ_PACKETS_MAX``
-        packets per loop turn (buffered bytes left over are read on the next turn)."""
+        packets per loop turn (buffered bytes left over are read on the next turn). Whole
+        packets in the buffer are handled in one pass (``read_buffered``); paho reads the
+        rest, one packet at a time."""
         sock = self._attached
         if sock is None or self._read_paused:
             return
         client = self._client
-        for _ in range(READ_PACKETS_MAX):
-            rc = client.loop_read()
-            if rc != paho.MQTT_ERR_SUCCESS or self._attached is not sock:
-                return  # the connection went (paho closed the socket and said so)
-            if self._read_paused or not sock.pending():
-                break  # all read: the selector says when more comes
+        budget = READ_PACKETS_MAX
+        last_fill = READ_SIZE
+        while budget > 0:
+            if sock._pos < len(sock._buf):
+                n = client.read_buffered(sock, budget)
+                if n == 0:  # a packet for paho, or one not whole yet
+                    rc = client.read_one()
+                    if self._attached is not sock:
+                        return  # the connection went (paho closed the socket and said so)
+                    if rc == paho.MQTT_ERR_AGAIN:
+                        break
+                    n = 1
+                budget -= n
+            elif client._in_packet["command"] != 0:
+                rc = client.read_one()  # the rest of a packet paho has begun
+                if self._attached is not sock:
+                    return
+                if rc == paho.MQTT_ERR_AGAIN:
+                    break
+                budget -= 1
+            else:
+                if last_fill < READ_SIZE and not sock.pending():
+                    break  # the kernel had no more: the selector says when more comes
+                try:
+                    last_fill = sock.fill()
+                except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                        ssl.SSLWantWriteError):
+                    break
+                except OSError:
+                    last_fill = 0
+                if last_fill == 0:  # end of stream or an error: paho finds out and says so
+                    client.read_one()
+                    return
+            if self._read_paused:
+                break
         else:
             if sock.pending() and self._loop is not None:
                 self._loop.call_soon(self._read)  # buffered: the selector will not say so
@@ -735,15 +841,18 @@ class MqttTransport:
         """paho's own path (QoS 2, MQTT 5 properties); the rest comes to :meth:`_deliver`."""
         self._deliver(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid)
 
-    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> bool:
+        """Into the inbox; True when reading pauses (the inbox is full)."""
         inbox = self._inbox
         inbox.append(Message(topic, payload, qos, retain, mid, time.time(), self._session))
         self._inbox_bytes += len(payload)
-        if len(inbox) >= INBOX_MAX or self._inbox_bytes >= INBOX_MAX_BYTES:
-            self._pause_reading()  # until the loop has taken them: the broker holds the rest
         if not self._wake_pending:
             self._wake_pending = True
             self._post(self._wake)
+        if len(inbox) >= INBOX_MAX or self._inbox_bytes >= INBOX_MAX_BYTES:
+            self._pause_reading()  # until the loop has taken them: the broker holds the rest
+            return True
+        return False
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         code = _code(reason_code)
@@ -1020,6 +1129,12 @@ class MqttTransport:
         info = self._send(topic, payload, qos, retain)
         if info.rc == paho.MQTT_ERR_NO_CONN and qos == 0:
             self._stats["dropped_qos0_offline"] += 1
+
+    def flush(self) -> None:
+        """Send what this loop turn gathered now (the answers of a scored batch), not at the
+        turn's end: they then leave before the batch's results are packed for the outbox."""
+        if self._flush_scheduled and not self._writing:
+            self._write()
 
     async def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,

@@ -187,11 +187,15 @@ def test_publishes_of_one_loop_turn_leave_together_in_order(broker, collector):
             await asyncio.sleep(0)
             await asyncio.sleep(0)
             assert sock.out_pending == 0
+            t.publish_nowait("gather/t", b"600", qos=0)
+            assert sock.out_pending > 0
+            t.flush()  # now, not at the turn's end (the egress does so after a batch's answers)
+            assert sock.out_pending == 0
             await until(lambda: not t._client._out_messages)  # every QoS 1 one acknowledged
             assert t.stats()["publish_errors"] == 0
     asyncio.run(main())
-    got = [int(m.payload) for m in coll.wait_count(600, timeout=30)]
-    assert [i for i in got if i % 2 == 0] == list(range(0, 600, 2))
+    got = [int(m.payload) for m in coll.wait_count(601, timeout=30)]
+    assert [i for i in got if i % 2 == 0] == list(range(0, 601, 2))
     assert [i for i in got if i % 2] == list(range(1, 600, 2))
 
 
