@@ -242,6 +242,18 @@ class Egress:
                         payload = encode(group[0])
                         if published is not None and self._answer_plain:
                             published[start] = payload  # the outbox reuses these bytes
+                    elif published is not None:
+                        # each row's answer packed once: the array is their concatenation
+                        # behind its header, and the outbox reuses each row's bytes
+                        parts = []
+                        plain = True
+                        for rec in group:
+                            parts.append(encode(rec))
+                            plain = plain and self._answer_plain
+                        if plain:
+                            published[start:end] = parts
+                        payload = b"".join((self._answer_packer.pack_array_header(
+                            len(parts)), *parts))
                     else:
                         payload = encode(group)
                     transport.publish_nowait(topic, payload, qos)

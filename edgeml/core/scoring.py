@@ -454,7 +454,11 @@ class PipelineRuntime:
             records.append(rec)
         st.scored += len(batch)
         # per version; an ensemble answer (mean: "a+b") belongs to no single version
-        for key, n in collections.Counter((a.model, a.version) for a in answers).items():
+        answered: dict[tuple[str, str], int] = {}
+        for a in answers:
+            key = (a.model, a.version)
+            answered[key] = answered.get(key, 0) + 1
+        for key, n in answered.items():
             if key in self._runners:
                 self.stats.version(*key).answered += n
         if st.fallbacks != fallbacks0:  # per version too, for /metrics

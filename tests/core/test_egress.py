@@ -107,3 +107,42 @@ def test_published_answers_are_stored_with_the_record_id_spliced_in():
     ids = row_record_ids("watch-01", answers, "outputs")
     assert run.ids == ids
     assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, answers, strict=True)]
+
+
+def test_a_message_of_several_rows_is_one_array_answer_and_each_row_is_stored_once_packed():
+    """Rows of one message are answered as one array, built from each row's packed answer;
+    the outbox stores those very bytes with the record id spliced in (byte for byte what
+    packing each record gives), and a row whose answer needed ``str()`` falls back alone."""
+    import msgpack
+
+    runs: list = []
+    eg = Egress(device="watch-01", topic=lambda *p: "/".join(p), outbox=object(),
+                record_results=True, out_formats={"gait": "msgpack"}, out_qos={"gait": 0},
+                on_status_changed=lambda: None)
+    eg._queue = runs.append  # what would go to the writer thread
+
+    sent: list[bytes] = []
+
+    class Wire:
+        def publish_nowait(self, topic, payload, qos=0, retain=False):
+            sent.append(payload)
+
+        def flush(self):
+            pass
+
+    eg.transport = Wire()
+    answers = [{"id": r.id, "topic": r.topic, "pipeline": "gait", "model": "m",
+                "version": "1", "output": {"label": "Walking"}, "policy": "champion",
+                "fallback": False, "latency_ms": 1.5, "ts": r.received, "input_seq": r.seq,
+                **({"row": r.sub} if r.sub else {})} for r in rows()]
+    answers[4]["output"] = {"score": np.float32(0.5)}  # packed with str(): not reusable
+    eg.answers("gait", answers)
+    assert len(sent) == 3  # nine rows of three messages: three array answers
+    for k, payload in enumerate(sent):
+        assert payload == msgpack_bytes(answers[3 * k:3 * k + 3])
+        assert [r["input_seq"] for r in msgpack.unpackb(payload)] == [
+            answers[3 * k]["input_seq"]] * 3
+    (run,) = runs
+    ids = row_record_ids("watch-01", answers, "outputs")
+    assert run.ids == ids
+    assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, answers, strict=True)]
