@@ -236,3 +236,63 @@ def test_a_write_that_fails_is_a_lost_connection_and_qos1_is_sent_again(broker, 
     asyncio.run(main())
     msgs = coll.wait_count(100, timeout=30)
     assert sorted({int(m.payload) for m in msgs}) == list(range(100))
+
+
+@pytest.mark.parametrize("protocol", [paho.MQTTv311, paho.MQTTv5])
+def test_the_buffered_packet_reader_never_raises_and_stops_where_paho_must_take_over(protocol):
+    """Fuzz: random bytes, truncated and corrupted real packets. ``read_buffered`` takes only
+    whole QoS 0/1 PUBLISH packets without properties and plain PUBACKs, never raises, never
+    reads past the buffer, and leaves the buffer at the first packet it does not take."""
+    import random
+
+    rng = random.Random(7)
+    got: list = []
+    client = mqtt._PahoClient(paho.CallbackAPIVersion.VERSION2, client_id="fuzz",
+                              protocol=protocol)
+    client.manual_ack_set(True)
+    client.deliver = lambda *a: got.append(a) or False
+
+    def publish(topic: bytes, payload: bytes, qos: int, mid: int = 1) -> bytes:
+        body = len(topic).to_bytes(2, "big") + topic
+        if qos:
+            body += mid.to_bytes(2, "big")
+        if protocol == paho.MQTTv5:
+            body += b"\x00"
+        body += payload
+        n, rl = len(body), b""
+        while True:
+            b, n = n % 128, n // 128
+            rl += bytes([b | (0x80 if n else 0)])
+            if not n:
+                break
+        return bytes([0x30 | (qos << 1)]) + rl + body
+
+    good = [publish(b"s/%d" % i, bytes(rng.randrange(256) for _ in range(rng.randrange(300))),
+                    i % 2, i + 1) for i in range(50)]
+    stream = b"".join(good)
+    sock = mqtt._BufferedSocket(None)
+    sock._buf, sock._pos = stream, 0
+    assert client.read_buffered(sock, 10_000) == 50 and sock._pos == len(stream)
+    assert [g[0] for g in got] == [f"s/{i}" for i in range(50)]
+    ends = [0]
+    for g in good:
+        ends.append(ends[-1] + len(g))
+    for trial in range(3000):
+        got.clear()
+        cut = rng.randrange(len(stream))
+        data = bytearray(stream[:cut])
+        if trial % 2:  # corrupt a few bytes, or use pure noise
+            for _ in range(rng.randrange(1, 4)):
+                if data:
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+            if trial % 5 == 0:
+                data = bytearray(rng.randrange(256) for _ in range(rng.randrange(64)))
+        sock._buf, sock._pos = bytes(data), 0
+        n = client.read_buffered(sock, 10_000)
+        assert 0 <= sock._pos <= len(data) and n >= len(got)
+        if trial % 2 == 0:  # a clean cut: every whole packet taken, the partial one left
+            whole = max(k for k, e in enumerate(ends) if e <= cut)
+            assert n == len(got) == whole and sock._pos == ends[whole]
+        for topic, payload, qos, _retain, _mid in got:
+            assert isinstance(topic, str) and topic and "+" not in topic and "#" not in topic
+            assert isinstance(payload, bytes) and qos in (0, 1)
