@@ -74,7 +74,7 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     assert not report["errors"], report["errors"]
     assert any("first answer" in s for s in lines)  # progress is shown while it runs
     variants = {r["variant"] for r in report["runs"]}
-    assert variants == {"raw", "plain", "edgeml", "edgeml-nosync"}
+    assert variants == {"raw", "plain", "edgeml", "edgeml-nosync", "edgeml-qos0"}
     assert {r["affinity"] for r in report["runs"]} == {"split"}
     sent = {"paced": 200, "max": 300, "burst": 300, "samples": 30}
     for run in report["runs"]:
@@ -102,6 +102,11 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     plain_max = next(r for r in report["runs"] if r["variant"] == "plain")["phases"]["max"]
     assert ratio["edgeml_vs_plain_msgs"] == pytest.approx(
         edgeml["phases"]["max"]["msgs_per_s"] / plain_max["msgs_per_s"])
+    # the parity variant: the same daemon answering at QoS 0, as the plain script does
+    q0 = next(r for r in report["runs"] if r["variant"] == "edgeml-qos0")
+    assert "output_qos = 0" in q0["config"] and "output_qos" not in edgeml["config"]
+    assert ratio["qos0_vs_plain_msgs"] == pytest.approx(
+        q0["phases"]["max"]["msgs_per_s"] / plain_max["msgs_per_s"])
     targets = {t["id"]: t for t in report["targets"]}
     assert {"p99", "rss", "first_answer", "no_sklearn", "p50_vs_plain", "cpu_vs_plain",
             "max_vs_plain", "sync_on_vs_off", "samples_vs_plain", "burst_vs_plain"} <= set(targets)

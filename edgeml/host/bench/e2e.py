@@ -40,6 +40,9 @@ from edgeml.host.bench.models import time_session
 
 Progress = Callable[[str], None]
 
+#: the plain alternatives and the daemon; "edgeml-qos0": the daemon answering at QoS 0 like
+#: the plain script (output_qos = 0), at the largest version count, for parity
+VARIANTS = ("onnx", "raw", "plain", "edgeml", "edgeml-qos0")
 MODEL_KINDS: dict[str, str] = {
     "light": "StandardScaler + LogisticRegression on Daphnet single samples (9 features)",
     "heavy": "IsolationForest (100 trees) on Daphnet single samples (9 features)",
@@ -78,7 +81,7 @@ class E2ESettings:
     paced_seconds: float = 5.0            # length of each paced phase
     versions: tuple[int, ...] = (1, 3)
     models: tuple[str, ...] = ("light", "heavy")
-    variants: tuple[str, ...] = ("onnx", "raw", "plain", "edgeml")
+    variants: tuple[str, ...] = ("onnx", "raw", "plain", "edgeml", "edgeml-qos0")
     profile: str = "x86-gateway"
     format: str = "msgpack"
     qos: int = 0
@@ -115,9 +118,9 @@ class E2ESettings:
             if m not in MODEL_KINDS:
                 raise BenchError(f"--models: unknown model {m!r} (known: {', '.join(MODEL_KINDS)})")
         for v in self.variants:
-            if v not in ("onnx", "raw", "plain", "edgeml"):
+            if v not in VARIANTS:
                 raise BenchError(f"--variants: unknown variant {v!r} "
-                                 "(known: onnx, raw, plain, edgeml)")
+                                 f"(known: {', '.join(VARIANTS)})")
         if self.format not in ("msgpack", "json"):
             raise BenchError(f"--format: {self.format!r} must be msgpack or json")
         if self.qos not in (0, 1):
@@ -622,12 +625,14 @@ class Harness:
                 "start": start_info, **mem}
 
     def run_edgeml(self, kind: str, models: list[BenchModel], *, sync: bool = True,
-                   only: Sequence[str] | None = None) -> dict:
+                   only: Sequence[str] | None = None, output_qos: int = 1) -> dict:
         """The daemon with the config defaults; ``sync=False``: outbox and uplink off (the
-        sync-off comparison runs only ``only``'s phases)."""
+        sync-off comparison runs only ``only``'s phases); ``output_qos=0``: answers at QoS 0,
+        as the plain script publishes them."""
         s = self.settings
-        tag = f"edgeml-{kind}-{len(models)}" + ("" if sync else "-nosync")
-        device = f"bench-{kind}-{len(models)}" + ("" if sync else "-nosync")
+        suffix = ("" if sync else "-nosync") + ("" if output_qos else "-qos0")
+        tag = f"edgeml-{kind}-{len(models)}{suffix}"
+        device = f"bench-{kind}-{len(models)}{suffix}"
         self.say(f"edgeml daemon, {kind} model, {len(models)} version(s)")
         in_topic = f"{PREFIX}/{tag}/in"
         out_topic = f"{PREFIX}/{device}/out/{PIPELINE}"
@@ -639,7 +644,7 @@ class Harness:
         config.write_text(edgeml_config(device=device, profile=s.profile, data_dir=data_dir,
                                         broker_url=f"mqtt://{self.host}:{self.port}",
                                         in_topic=in_topic, models=models, fmt="auto",
-                                        sync=sync),
+                                        sync=sync, output_qos=output_qos),
                           encoding="utf-8")
         status = StatusWatch(self.host, self.port, f"{PREFIX}/{device}/status")
 
@@ -675,7 +680,8 @@ class Harness:
             status.close()
         from edgeml.host.bench.baselines import jsonable
 
-        return {"variant": "edgeml" if sync else "edgeml-nosync", "model": kind,
+        variant = "edgeml" if sync else "edgeml-nosync"
+        return {"variant": variant if output_qos else "edgeml-qos0", "model": kind,
                 "versions": len(models), "phases": phases,
                 "start": start_info, **mem, "host_libraries_loaded": device_libs,
                 "exit_code": code, "config": config.read_text(encoding="utf-8"),
@@ -696,7 +702,8 @@ class Harness:
 
 
 def edgeml_config(*, device: str, profile: str, data_dir: Path, broker_url: str, in_topic: str,
-                  models: Sequence[BenchModel], fmt: str, sync: bool = True) -> str:
+                  models: Sequence[BenchModel], fmt: str, sync: bool = True,
+                  output_qos: int = 1) -> str:
     """The daemon config the bench runs: one pipeline, the given versions, defaults elsewhere."""
     from edgeml.host.datasets import DAPHNET_CHANNELS
 
@@ -718,6 +725,7 @@ def edgeml_config(*, device: str, profile: str, data_dir: Path, broker_url: str,
         f"features = [{feats}]",
         'policy = "champion"',
         "deadline_ms = 50",
+        *([] if output_qos == 1 else [f"output_qos = {output_qos}"]),
     ]
     for m in models:
         lines += ["", "[[pipelines.models]]", f'name = "{m.name}"', f'version = "{m.version}"',
@@ -813,17 +821,21 @@ def _run_pass(h: Harness, s: E2ESettings, models: dict[str, list[BenchModel]], r
     for kind in s.models:
         for k in s.versions:
             ms = models[kind][:k]
-            for variant in ("plain", "edgeml", "edgeml-nosync"):
+            for variant in ("plain", "edgeml", "edgeml-nosync", "edgeml-qos0"):
                 if variant == "edgeml-nosync":
                     if not (s.sync_off and s.max_rate and "edgeml" in s.variants):
                         continue
                 elif variant not in s.variants:
                     continue
+                if variant == "edgeml-qos0" and k != max(s.versions):
+                    continue  # parity at the largest version count only (the targets' own)
                 try:
                     if variant == "plain":
                         run = h.run_plain(kind, ms)
                     elif variant == "edgeml":
                         run = h.run_edgeml(kind, ms)
+                    elif variant == "edgeml-qos0":
+                        run = h.run_edgeml(kind, ms, output_qos=0)
                     else:
                         run = h.run_edgeml(kind, ms, sync=False, only=("max",))
                 except BenchError as exc:

@@ -81,8 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="version counts to run, from 1..3 (default: 1,3)")
     e.add_argument("--models", default="light,heavy",
                    help="models to run: light (logistic regression), heavy (IsolationForest)")
-    e.add_argument("--variants", default="onnx,raw,plain,edgeml",
-                   help="which of onnx, raw, plain, edgeml to run (default: all)")
+    e.add_argument("--variants", default="onnx,raw,plain,edgeml,edgeml-qos0",
+                   help="which of onnx, raw, plain, edgeml, edgeml-qos0 (the daemon answering "
+                        "at QoS 0 like the plain script, largest version count only) to run "
+                        "(default: all)")
     e.add_argument("--profile", default="x86-gateway",
                    help="firmware profile for the daemon and the scoring limit")
     e.add_argument("--format", choices=("msgpack", "json"), default="msgpack",
