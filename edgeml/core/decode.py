@@ -156,8 +156,11 @@ class Decoder:
         if len(items) > self.max_batch_samples:
             raise DecodeError("too_large", f"{len(items)} samples > limit "
                                            f"{self.max_batch_samples}")
-        rows, ids, labels = [], [], []
         base = _check_id(doc.get(self.id_field)) if doc else None
+        fast = self._batch_of_maps(items, doc, base)
+        if fast is not None:
+            return fast
+        rows, ids, labels = [], [], []
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 if self.field is not None and isinstance(item, list):
@@ -173,6 +176,37 @@ class Decoder:
         has_labels = any(lab is not None for lab in labels)
         return Decoded(self._check(rows, "batch"), tuple(ids),
                        tuple(labels) if has_labels else None)
+
+    def _batch_of_maps(self, items: list, doc: dict | None, base: Any) -> Decoded | None:
+        """:meth:`_batch` for the usual batch (maps that have every named feature) a column at
+        a time; None for anything else, which the per-sample loop decodes and, if it is bad,
+        names the sample."""
+        feats = self.features
+        if feats is None:
+            return None
+        try:
+            rows = [[item[f] for f in feats] for item in items]
+        except (KeyError, TypeError, IndexError):
+            return None
+        if not all(type(item) is dict for item in items):
+            return None
+        idf = self.id_field
+        sids = [item.get(idf) for item in items]
+        if all(v is None for v in sids):
+            ids = (None,) * len(items) if base is None else \
+                tuple([f"{base}:{i}" for i in range(len(items))])
+        else:
+            ids = tuple([_check_id(v) if v is not None else _sub_id(base, i)
+                         for i, v in enumerate(sids)])
+        labels = None
+        lf = self.label_field
+        if lf:
+            labs = [item.get(lf) for item in items]
+            if doc and doc.get(lf) is not None:
+                labs = [doc[lf] if lab is None else lab for lab in labs]
+            if any(lab is not None for lab in labs):
+                labels = tuple(labs)
+        return Decoded(self._check(rows, "batch"), ids, labels)
 
     def _row(self, item: dict, where: str = "sample") -> list:
         if self.features is not None:

@@ -69,6 +69,26 @@ def sequence_number(v: Any) -> int | None:
     return None
 
 
+def _whole_batch(ids: tuple) -> int | None:
+    """The number of a batch whose every id is ``"<number>:<digits>"`` with one number (what
+    :meth:`SequenceGaps.observe` counts once), else None (then it looks at each id)."""
+    first = ids[0]
+    if type(first) is not str:
+        return None
+    base, sep, sub = first.rpartition(":")
+    if not sep or not sub.isdigit():
+        return None
+    n = sequence_number(base)
+    if n is None:
+        return None
+    prefix = base + ":"
+    k = len(prefix)
+    for v in ids:
+        if type(v) is not str or not v.startswith(prefix) or not v[k:].isdigit():
+            return None
+    return n
+
+
 @dataclass
 class _Source:
     next: int  # the number expected next: one above the highest seen
@@ -103,6 +123,11 @@ class SequenceGaps:
         """The ids of one message (one per sample; a batch's samples in order). A batch
         numbered as a whole (``{"id": 7, "samples": [...]}``: sample ids ``"7:0"``,
         ``"7:1"``, ...) counts once, as message 7."""
+        if type(ids) is tuple and len(ids) > 1:
+            n = _whole_batch(ids)
+            if n is not None:  # every id is "<n>:<digits>": the usual numbered batch
+                self.observe_number(source, n)
+                return
         whole = None
         for v in ids:
             n = sequence_number(v)

@@ -108,3 +108,38 @@ def test_windows_per_topic_sample_major(series):
         more += a.feed("sensors/w1/imu", json.dumps(sample(s)).encode(), 100 + i, 0.0)
     assert len(more) == 1  # hop 50: a new window after 50 more samples
     np.testing.assert_array_equal(more[0].features[:300], series[50:].reshape(-1))
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+def test_a_batch_of_maps_decodes_as_its_samples_do_one_by_one(series, fmt):
+    """The column-at-a-time batch path gives what decoding each sample alone gives: the same
+    floats, each sample's own id or ``<batch id>:<i>``, labels with the batch's label filling
+    the gaps; and a batch it cannot take (a sample without a feature, a bad id) is refused with
+    the same reason and sample as before."""
+    dec = Decoder(features=CH, n_features=len(CH))
+    enc = (lambda d: json.dumps(d).encode()) if fmt == "json" else msgpack.packb
+    cases = [
+        ({"id": "b7"}, [sample(series[i]) for i in range(10)]),
+        ({}, [sample(series[i]) for i in range(5)]),
+        ({"id": 42, "label": "Walking"},
+         [sample(series[i], **({"id": f"s{i}"} if i % 2 else {}),
+                 **({"label": "Running"} if i == 3 else {})) for i in range(8)]),
+    ]
+    for head, items in cases:
+        got = dec.decode(enc({**head, "samples": items}))
+        alone = [dec.decode(enc(item)) for item in items]
+        np.testing.assert_array_equal(got.samples, np.concatenate([a.samples for a in alone]))
+        base = head.get("id")
+        assert got.ids == tuple(it.get("id", None if base is None else f"{base}:{i}")
+                                for i, it in enumerate(items))
+        want = tuple(it.get("label", head.get("label")) for it in items)
+        assert got.labels == (want if any(v is not None for v in want) else None)
+    missing = [sample(series[i]) for i in range(4)]
+    del missing[2][CH[1]]
+    with pytest.raises(DecodeError, match=r"samples\[2\] lacks") as exc:
+        dec.decode(enc({"samples": missing}))
+    assert exc.value.reason == "missing_field"
+    bad_id = [sample(series[i], **({"id": [1]} if i == 1 else {})) for i in range(3)]
+    with pytest.raises(DecodeError) as exc:
+        dec.decode(enc({"samples": bad_id}))
+    assert exc.value.reason == "bad_id"

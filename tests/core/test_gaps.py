@@ -129,3 +129,27 @@ def test_sources_are_bounded_with_an_overflow_counter():
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="at least 1"):
         SequenceGaps(max_sources=0)
+
+
+def test_the_whole_batch_shortcut_counts_as_the_id_by_id_walk():
+    """A batch numbered as a whole is recognised at once; any other mix of ids (other batch
+    numbers, own ids, text, odd separators) gives exactly the counts of the id-by-id walk."""
+    import random
+
+    rng = random.Random(3)
+    pieces = ["7", "8", "007", "a", "a:7", "-1", "1.5", ""]
+    for _ in range(2000):
+        k = rng.randrange(2, 6)
+        base = rng.choice(pieces)
+        ids = []
+        for i in range(k):
+            r = rng.random()
+            ids.append(f"{base}:{i}" if r < 0.7 else rng.choice(
+                [f"{rng.choice(pieces)}:{i}", i, f"{base}:x", f"{base}:{i}:0", None]))
+        shortcut, walk = SequenceGaps(), SequenceGaps()
+        for n in range(3):  # a few messages, so gaps and duplicates are counted too
+            shortcut.observe("t", tuple(ids))
+            walk.observe("t", iter(list(ids)))  # not a tuple: id by id
+            ids = [v.replace(base + ":", f"{n + 9}:", 1) if isinstance(v, str) else v
+                   for v in ids]
+        assert vars(shortcut) == vars(walk), ids
