@@ -208,6 +208,11 @@ class _MessageInfo(paho.MQTTMessageInfo):
         self.rc = paho.MQTT_ERR_SUCCESS
         self._iterpos = 0
 
+    def _set_as_published(self) -> None:
+        with self._condition:  # shared: wake every waiter, each checks its own flag
+            self._published = True
+            self._condition.notify_all()
+
 
 _SHARED_CONDITION = threading.Condition()
 _MAX_PAYLOAD = 268_435_455  # MQTT's largest remaining length

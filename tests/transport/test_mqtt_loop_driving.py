@@ -296,3 +296,23 @@ def test_the_buffered_packet_reader_never_raises_and_stops_where_paho_must_take_
         for topic, payload, qos, _retain, _mid in got:
             assert isinstance(topic, str) and topic and "+" not in topic and "#" not in topic
             assert isinstance(payload, bytes) and qos in (0, 1)
+
+
+def test_light_publish_handles_still_wait_for_their_own_acknowledgement():
+    """The publish handles share one Condition: a thread blocked in ``wait_for_publish`` on
+    one of them wakes when that one is acknowledged, whichever others are acknowledged first."""
+    a, b = mqtt._MessageInfo(1), mqtt._MessageInfo(2)
+    a.rc = b.rc = paho.MQTT_ERR_SUCCESS
+    woke = threading.Event()
+
+    def wait_b():
+        b.wait_for_publish(timeout=5)
+        woke.set()
+
+    t = threading.Thread(target=wait_b)
+    t.start()
+    a._set_as_published()
+    assert not woke.wait(0.05) and a.is_published() and not b.is_published()
+    b._set_as_published()
+    assert woke.wait(5) and b.is_published()
+    t.join()
