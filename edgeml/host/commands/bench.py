@@ -20,7 +20,8 @@ Benchmarks on the host (needs the host extra: pip install 'edgeml[host]').
                    [--models light,heavy] [--out DIR]
       one run, side by side on the same Daphnet stream through one mosquitto:
       (a) raw onnxruntime at batch 1 and the max batch, (b) a raw paho subscriber that only
-      counts, (c) the plain paho + session.run script, (d) the edgeml daemon.
+      counts, (c) the plain paho + session.run script, (d) the edgeml daemon, (e) the
+      daemon answering at QoS 0 like the plain script (for parity).
       Without --rate/--max both phases run: paced at 1,000 msg/s (latency) and max (rate).
       Writes report.json, report.md and PNG charts to --out (default
       benchmarks/results/<timestamp>/) and latest.json/latest.md next to it.
