@@ -8,7 +8,9 @@ replays the same real samples through one mosquitto to:
     (the scoring limit, measured in this process);
 (b) a raw paho subscriber that only counts messages (the transport limit);
 (c) the plain script: paho ``on_message`` -> decode -> ``session.run`` per version -> publish;
-(d) edgeml: ``python -m edgeml run --config FILE`` with the same versions.
+(d) edgeml: ``python -m edgeml run --config FILE`` with the same versions;
+(e) the same daemon with ``output_qos = 0`` (answers at QoS 0, as the plain script publishes
+    them), at the largest version count, for parity.
 
 Every message carries an ``id`` and its publish time; latency is publish -> answer received,
 measured by a separate collector process. Two phases per target: paced (default 1,000 msg/s,
