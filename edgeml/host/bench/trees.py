@@ -593,6 +593,19 @@ def main(argv: list[str] | None = None) -> int:
     return run(p.parse_args(argv))
 
 
+def _print_interleaved(table: dict, key: str, what: str) -> None:
+    """One interleaved comparison of the lowered IsolationForest: per batch and variant, µs per
+    row and its ratio (median and range over the rounds)."""
+    if not table:
+        return
+    print(f"\nlowered IsolationForest, one process, interleaved: {what}")
+    for batch, variants in table.items():
+        for v, r in variants.items():
+            o = r[key]
+            print(f"  {batch:8s} {v:24s} {r['us_per_row']:8.2f}  x{o['median']:.3f} "
+                  f"({o['min']:.3f}-{o['max']:.3f})")
+
+
 def run(args: argparse.Namespace) -> int:
 
     import onnxruntime
@@ -646,22 +659,10 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows))
     for line in ratio_lines(result["ratios_skl2onnx_over_edgeml"]):
         print(line)
-    if options:
-        print("\nlowered IsolationForest, one process, interleaved: us per row (variant / "
-              "default, median and range over rounds)")
-        for batch, variants in options.items():
-            for v, r in variants.items():
-                o = r["over_default"]
-                print(f"  {batch:8s} {v:24s} {r['us_per_row']:8.2f}  x{o['median']:.3f} "
-                      f"({o['min']:.3f}-{o['max']:.3f})")
-    if orders:
-        print("\nlowered IsolationForest, one process, interleaved: us per row by the order "
-              "the rows come in (over the recording order, median and range over rounds)")
-        for batch, variants in orders.items():
-            for v, r in variants.items():
-                o = r["over_recording_order"]
-                print(f"  {batch:8s} {v:24s} {r['us_per_row']:8.2f}  x{o['median']:.3f} "
-                      f"({o['min']:.3f}-{o['max']:.3f})")
+    _print_interleaved(options, "over_default", "us per row (variant / default, median and "
+                       "range over rounds)")
+    _print_interleaved(orders, "over_recording_order", "us per row by the order the rows come "
+                       "in (over the recording order, median and range over rounds)")
     if not args.skip_sessions:
         result["session_settings"] = session_settings(
             {"IsolationForest-edgeml": (iforest, 9), "IsolationForest-skl2onnx": (iforest_skl, 9),
