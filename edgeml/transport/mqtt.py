@@ -190,8 +190,11 @@ class _BufferedSocket:
         return getattr(self.sock, name)
 
 
-_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)  # what paho passes for a plain PUBACK
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+# The PUBACK reason codes that mean success (MQTT 5): 0x00, and 0x10 "no matching
+# subscribers", which a broker sends for every publish nobody subscribed to (an answer topic
+# no one reads yet). paho is handed the same objects each time.
+_PUBACK_OK = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)}
 
 
 class _MessageInfo(paho.MQTTMessageInfo):
@@ -303,12 +306,8 @@ class _PahoClient(paho.Client):
                 stop = self._publish_fast(header, buf, i, body_end)
                 if stop is None:
                     break
-            elif kind == 0x40 and length == 2:
+            elif kind == 0x40 and self._settle_puback(buf, i, length) is not None:
                 stop = False
-                mid = (buf[i] << 8) | buf[i + 1]
-                with self._out_message_mutex:
-                    if mid in self._out_messages:
-                        self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
             else:
                 break
             pos = body_end
@@ -332,16 +331,28 @@ class _PahoClient(paho.Client):
         return rc
 
     def _handle_pubackcomp(self, cmd: Any) -> Any:
-        """A plain PUBACK (two bytes: success, no reason code or properties; every PUBACK in
-        MQTT 3.1.1) is settled without paho decoding a reason code and a properties object
-        for it; anything longer takes paho's path."""
         packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2:
-            return super()._handle_pubackcomp(cmd)
-        mid = (packet[0] << 8) | packet[1]
+        rc = self._settle_puback(packet, 0, len(packet)) if cmd == "PUBACK" else None
+        return super()._handle_pubackcomp(cmd) if rc is None else rc
+
+    def _settle_puback(self, buf: Any, start: int, length: int) -> Any:
+        """Settle a PUBACK that says success without properties (every PUBACK in MQTT 3.1.1;
+        in MQTT 5 a reason code of 0x00 or 0x10 and no properties) without paho decoding a
+        reason code and a properties object for it; paho's result code, or None for any
+        other PUBACK, which paho's own path decodes (refusals, properties, malformed ones)."""
+        if length == 2:
+            code = _PUBACK_OK[0]
+        elif length in (3, 4) and self._protocol == paho.MQTTv5 and (
+                length == 3 or buf[start + 3] == 0):
+            code = _PUBACK_OK.get(buf[start + 2])
+            if code is None:
+                return None
+        else:
+            return None
+        mid = (buf[start] << 8) | buf[start + 1]
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+                return self._do_on_publish(mid, code, _NO_PROPERTIES)
         return paho.MQTT_ERR_SUCCESS
 
     def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False,

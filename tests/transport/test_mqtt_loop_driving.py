@@ -316,3 +316,52 @@ def test_light_publish_handles_still_wait_for_their_own_acknowledgement():
     b._set_as_published()
     assert woke.wait(5) and b.is_published()
     t.join()
+
+
+@pytest.mark.parametrize("protocol", [paho.MQTTv311, paho.MQTTv5])
+def test_a_puback_that_says_success_is_settled_in_the_buffer_and_a_refusal_goes_to_paho(
+        protocol):
+    """Plain PUBACKs, and in MQTT 5 those with reason 0x10 ("no matching subscribers": every
+    publish on a topic nobody reads yet) and no properties, settle their publish in the
+    buffered pass; a refusal (0x87) stops the pass for paho to decode, and a three-byte
+    PUBACK is malformed in MQTT 3.1.1, so paho gets that too."""
+    client = mqtt._PahoClient(paho.CallbackAPIVersion.VERSION2, client_id="acks",
+                              protocol=protocol)
+    settled: list = []
+    client.on_publish = lambda c, u, mid, rc, props: settled.append((mid, rc.value))
+    for mid in (1, 2, 3, 4):
+        m = paho.MQTTMessage(mid, b"t")
+        m.qos, m.state = 1, paho.mqtt_ms_wait_for_puback
+        client._out_messages[mid] = m
+        client._inflight_messages += 1
+    sock = mqtt._BufferedSocket(None)
+    packets = [b"\x40\x02\x00\x01", b"\x40\x03\x00\x02\x10", b"\x40\x04\x00\x03\x00\x00",
+               b"\x40\x03\x00\x04\x87"]
+    sock._buf, sock._pos = b"".join(packets), 0
+    n = client.read_buffered(sock, 100)
+    if protocol == paho.MQTTv5:
+        assert n == 3 and settled == [(1, 0x00), (2, 0x10), (3, 0x00)]
+        assert list(client._out_messages) == [4]  # the refusal is paho's to decode
+    else:
+        assert n == 1 and settled == [(1, 0x00)]
+    assert sock._pos == sum(len(p) for p in packets[:n])
+
+
+def test_publishes_nobody_subscribed_to_settle_without_paho_decoding_their_pubacks(
+        broker, monkeypatch):
+    """On a real mosquitto over MQTT 5, QoS 1 publishes on a topic without subscribers come
+    back with reason 0x10; they settle without an error, and none needs paho's decoder."""
+    decoded: list = []
+    original = paho.Client._handle_pubackcomp
+    monkeypatch.setattr(paho.Client, "_handle_pubackcomp",
+                        lambda self, cmd: decoded.append(cmd) or original(self, cmd))
+
+    async def main():
+        async with MqttTransport(settings(broker, "nobody", protocol="5")) as t:
+            for i in range(300):
+                t.publish_nowait("nobody/reads/this", str(i).encode(), qos=1)
+            await t.publish("nobody/reads/this", b"last", qos=1, timeout=20)
+            await until(lambda: not t._client._out_messages)
+            assert t.stats()["publish_errors"] == 0
+    asyncio.run(main())
+    assert decoded == []
