@@ -122,13 +122,15 @@ def test_a_message_of_several_rows_is_one_array_answer_and_each_row_is_stored_on
     eg._queue = runs.append  # what would go to the writer thread
 
     sent: list[bytes] = []
+    calls: list[str] = []
 
     class Wire:
         def publish_nowait(self, topic, payload, qos=0, retain=False):
             sent.append(payload)
+            calls.append("publish")
 
         def flush(self):
-            pass
+            calls.append("flush")
 
     eg.transport = Wire()
     answers = [{"id": r.id, "topic": r.topic, "pipeline": "gait", "model": "m",
@@ -138,6 +140,7 @@ def test_a_message_of_several_rows_is_one_array_answer_and_each_row_is_stored_on
     answers[4]["output"] = {"score": np.float32(0.5)}  # packed with str(): not reusable
     eg.answers("gait", answers)
     assert len(sent) == 3  # nine rows of three messages: three array answers
+    assert calls == ["publish"] * 3 + ["flush"]  # the batch's answers leave together, now
     for k, payload in enumerate(sent):
         assert payload == msgpack_bytes(answers[3 * k:3 * k + 3])
         assert [r["input_seq"] for r in msgpack.unpackb(payload)] == [
