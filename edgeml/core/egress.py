@@ -142,11 +142,36 @@ def _packed_results(device: str, rr: ResultRecords) -> _Run:
         return _packed_run(device, "results", rr.records())
 
 
+#: what every result record of one version shares, packed once per version, not per batch:
+#: (device, pipeline, model, version, role) -> (id head, id end, packed fields)
+_VERSION_PARTS: dict[tuple, tuple[str, str, bytes]] = {}
+_VERSION_PARTS_MAX = 256  # active sets are small; a long-lived daemon must not grow this
+_RID_KEY = msgpack.packb("record_id")
+_LATE = {flag: msgpack.packb(["late", flag, "output"])[1:] for flag in (False, True)}
+_LATENCY_KEY = msgpack.packb("latency_ms")
+#: map headers by the number of the version's own fields (latency, error), then the row's
+_HEADERS = [[pack_map_header(11 + t + k) for k in range(3)] for t in range(3)]
+
+
+def _version_parts(device: str, pipeline: str, o: Any) -> tuple[str, str, bytes]:
+    key = (device, pipeline, o.name, o.version, o.role)
+    parts = _VERSION_PARTS.get(key)
+    if parts is None:
+        if len(_VERSION_PARTS) >= _VERSION_PARTS_MAX:
+            _VERSION_PARTS.clear()
+        parts = _VERSION_PARTS[key] = (
+            f"{id_part(device)}/{id_part(pipeline)}/",
+            f"/{id_part(o.name)}/{id_part(o.version)}/results",
+            result_packer().pack(["pipeline", pipeline, "model", o.name, "version", o.version,
+                                  "role", o.role])[1:])
+    return parts
+
+
 def _pack_results(device: str, rr: ResultRecords) -> _Run:
     pack = result_packer().pack
     rows = rr.rows
-    head = f"{id_part(device)}/{id_part(rr.pipeline)}/"
-    late = pack(["late", rr.late, "output"])[1:]
+    late = _LATE[bool(rr.late)] if type(rr.late) is bool else pack(
+        ["late", rr.late, "output"])[1:]
     pos, row_a, row_b, row_c, row_n = [], [], [], [], []
     for row in rows:  # the parts every version's record of this row shares
         seq, sub = row.seq, row.sub
@@ -165,22 +190,24 @@ def _pack_results(device: str, rr: ResultRecords) -> _Run:
             extra += ("true_label", row.label)
         row_c.append(pack(extra)[1:])
         row_n.append(len(extra) // 2)
-    rid_key = pack("record_id")
+    rid_key = _RID_KEY
     ids: list[str] = []
     parts: list[bytes] = []
     add_id, add_part, join = ids.append, parts.append, b"".join
     for o in rr.outcomes:  # then version by version, row by row, as records() lists them
-        end = f"/{id_part(o.name)}/{id_part(o.version)}/results"
-        ver = pack(["pipeline", rr.pipeline, "model", o.name, "version", o.version,
-                    "role", o.role])[1:]
-        tail = []
-        if o.elapsed_ms is not None:
-            tail += ("latency_ms", round(o.elapsed_ms, 3))
+        head, end, ver = _version_parts(device, rr.pipeline, o)
         if o.error:
-            tail += ("error", o.error)
-        tail_b = pack(tail)[1:]
+            tail = ["latency_ms", round(o.elapsed_ms, 3), "error", o.error] \
+                if o.elapsed_ms is not None else ["error", o.error]
+            tail_b = pack(tail)[1:]
+            n_tail = len(tail) // 2
+        elif o.elapsed_ms is not None:
+            tail_b = _LATENCY_KEY + pack(round(o.elapsed_ms, 3))
+            n_tail = 1
+        else:
+            tail_b, n_tail = b"", 0
         # record_id, the ten fields every record has, this version's own; then the row's
-        headers = [pack_map_header(11 + len(tail) // 2 + k) for k in range(3)]
+        headers = _HEADERS[n_tail]
         outputs = o.outputs if o.outputs is not None else [None] * len(rows)
         for p, a, b, c, k, out in zip(pos, row_a, row_b, row_c, row_n, outputs, strict=True):
             rid = head + p + end

@@ -433,12 +433,20 @@ class PipelineRuntime:
         records = []
         st = self.stats
         fallbacks0 = st.fallbacks
+        received = latency = rounded = None
+        same = 0  # rows in a run with one receive time (one message's rows): one latency
         for row, a in zip(batch, answers, strict=True):
-            latency = (now - row.received) * 1000.0
+            if row.received != received:
+                if same:
+                    st.answer_latency.add_repeated(latency, same)
+                received, same = row.received, 0
+                latency = (now - received) * 1000.0
+                rounded = round(latency, 3)
+            same += 1
             rec = {
                 "id": row.id, "topic": row.topic, "pipeline": self.name, "model": a.model,
                 "version": a.version, "output": a.output, "policy": policy,
-                "fallback": a.fallback, "latency_ms": round(latency, 3), "ts": row.received,
+                "fallback": a.fallback, "latency_ms": rounded, "ts": received,
                 "input_seq": row.seq,
             }
             if row.sub:
@@ -450,8 +458,9 @@ class PipelineRuntime:
                 st.unanswered += 1
             if a.fallback:
                 st.fallbacks += 1
-            st.answer_latency.add(latency)
             records.append(rec)
+        if same:
+            st.answer_latency.add_repeated(latency, same)
         st.scored += len(batch)
         # per version; an ensemble answer (mean: "a+b") belongs to no single version
         answered: dict[tuple[str, str], int] = {}

@@ -34,6 +34,15 @@ class LatencyRing:
         self.hist[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
         self.total_ms += ms
 
+    def add_repeated(self, ms: float, n: int) -> None:
+        """``n`` equal values at once: the rows of one message share their latency."""
+        if n == 1:
+            self.add(ms)
+            return
+        self._values.extend([ms] * n)
+        self.hist[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += n
+        self.total_ms += ms * n
+
     def extend(self, values) -> None:
         for v in values:
             self.add(v)

@@ -48,7 +48,8 @@ def outcomes(n: int) -> list[Outcome]:
           for i in range(n)]
     return [Outcome("activity/x", "2%", "champion", 0, outputs=ok, elapsed_ms=0.41234),
             Outcome("activity", "3", "shadow", 2, error="scoring failed: boom"),
-            Outcome("activity", "4", "canary", 1, outputs=[{"value": 1.5}] * n)]
+            Outcome("activity", "4", "canary", 1, outputs=[{"value": 1.5}] * n),
+            Outcome("activity", "5", "challenger", 3, error="bad outputs", elapsed_ms=2.0)]
 
 
 def test_batch_ids_are_the_per_record_ids():
@@ -68,23 +69,30 @@ def test_results_packed_from_columns_are_byte_for_byte_the_records():
         rr = ResultRecords("gait/1", batch, outcomes(len(batch)), late)
         run = _packed_results("watch-01", rr)
         records = list(rr)
-        assert len(records) == len(rr) == 3 * len(batch)
+        assert len(records) == len(rr) == 4 * len(batch)
         ids = row_record_ids("watch-01", records, "results")
         assert run.ids == ids
         assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, records,
                                                                       strict=True)]
         assert {r["late"] for r in records} == {late}
         assert records[1]["row"] == 1 and records[0]["true_label"] == str(DATA.y[0])
+    # what a version shares is packed once and kept: a new role must not reuse the old bytes
+    promoted = [Outcome("activity", "4", "champion", 0, outputs=[{"value": 2.5}] * len(batch))]
+    rr = ResultRecords("gait/1", batch, promoted, False)
+    assert _packed_results("watch-01", rr).parts == [
+        pack_record(rid, rec) for rid, rec in zip(
+            row_record_ids("watch-01", list(rr), "results"), rr, strict=True)]
+    assert {r["role"] for r in rr} == {"champion"}
 
 
 def test_a_result_that_cannot_be_packed_is_refused_alone(tmp_path: Path):
     batch = rows(odd_id=object())  # one message id msgpack cannot encode
     run = _packed_results("watch-01", ResultRecords("gait", batch, outcomes(len(batch)), False))
-    assert run.parts is None and len(run.records) == 3 * len(batch)
+    assert run.parts is None and len(run.records) == 4 * len(batch)
     with Outbox(tmp_path / "outbox") as ob:
         res = ob.put_groups([run.group()])
-        assert res.stored == 3 * (len(batch) - 1)  # every version's record of that row alone
-        assert ob.stats()["unencodable"] == 3
+        assert res.stored == 4 * (len(batch) - 1)  # every version's record of that row alone
+        assert ob.stats()["unencodable"] == 4
 
 
 def test_published_answers_are_stored_with_the_record_id_spliced_in():

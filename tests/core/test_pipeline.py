@@ -227,3 +227,28 @@ def test_results_are_built_only_for_an_emitter_that_keeps_them(tmp_path, windows
     champion = {r["input_seq"]: r["output"] for r in kept.results_ if r["version"] == "1"}
     assert all(champion[a["input_seq"]] == a["output"] for a in kept.answers_)
     assert [a["output"] for a in skipped.answers_] == [a["output"] for a in kept.answers_]
+
+
+def test_rows_of_one_message_share_its_latency_and_each_is_counted(tmp_path, windows,
+                                                                   activity_bundle):
+    """A batch message's rows arrive together: one latency per message, every row counted
+    in the answer-latency figures (/metrics histogram, status percentiles)."""
+    rt, sink = runtime(deadline_ms=5000)
+    rt.set_members([slot(LoadedModel, activity_bundle, "champion", 0, tmp_path)])
+    t = time.time()
+    sizes = (3, 1, 4)
+    items = []
+    for m, (size, age) in enumerate(zip(sizes, (0.5, 0.25, 0.0), strict=True)):
+        items += [Row(windows[len(items) + k], f"m{m}", "sensors/w1/imu", m, t - age, sub=k)
+                  for k in range(size)]
+    asyncio.run(score(rt, items))
+    lat = [a["latency_ms"] for a in sink.answers_]
+    assert len(lat) == sum(sizes)
+    groups = [lat[0:3], lat[3:4], lat[4:8]]
+    assert all(len(set(g)) == 1 for g in groups)  # one figure per message
+    assert groups[0][0] > groups[1][0] > groups[2][0]  # older messages waited longer
+    assert groups[0][0] >= 500 and groups[1][0] >= 250
+    ring = rt.stats.answer_latency
+    assert sum(ring.hist) == sum(sizes) == ring.summary()["n"]
+    assert ring.total_ms == pytest.approx(sum(lat), abs=0.01)
+    assert [a["ts"] for a in sink.answers_] == [r.received for r in items]
