@@ -107,9 +107,18 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     assert "output_qos = 0" in q0["config"] and "output_qos" not in edgeml["config"]
     assert ratio["qos0_vs_plain_msgs"] == pytest.approx(
         q0["phases"]["max"]["msgs_per_s"] / plain_max["msgs_per_s"])
+    # sync on keeps up: the max phase's outputs reached upstream, each answered one once
+    emax = edgeml["phases"]["max"]
+    assert emax["synced"] == emax["answered"] and emax["unsynced"] == 0
+    assert emax["sync_lag_s"] is not None and emax["sync_lag_s"] >= 0
+    assert emax["cpu_ms_per_msg_with_sync"] >= emax["cpu_ms_per_msg"]
+    assert "synced" not in nosync["phases"]["max"] and "synced" not in edgeml["phases"]["paced"]
     targets = {t["id"]: t for t in report["targets"]}
     assert {"p99", "rss", "first_answer", "no_sklearn", "p50_vs_plain", "cpu_vs_plain",
-            "max_vs_plain", "sync_on_vs_off", "samples_vs_plain", "burst_vs_plain"} <= set(targets)
+            "max_vs_plain", "sync_on_vs_off", "sync_lag", "samples_vs_plain",
+            "burst_vs_plain"} <= set(targets)
+    assert targets["sync_lag"]["value"] == emax["sync_lag_s"]
+    assert targets["sync_lag"]["met"] == (emax["sync_lag_s"] <= 2.0)
     assert targets["max_vs_plain"]["value"] == pytest.approx(ratio["edgeml_vs_plain_msgs"])
     assert targets["sync_on_vs_off"]["value"] == pytest.approx(ratio["sync_on_vs_off"])
     assert targets["sync_on_vs_off"]["met"] == (ratio["sync_on_vs_off"] >= 0.9)

@@ -342,6 +342,10 @@ def count(spec: dict) -> None:
     client.loop_stop()
     client.disconnect()
     n = len(recv_ns)
+    if spec.get("sync"):  # the uplink's batches: one entry per record, not per message
+        _save_synced(spec["out"], recv_ns[:n], payloads[:n])
+        emit("done", received=n, complete=False, cpu_s=cpu_done, sample=None)
+        return
     ids = np.full(n, -1, dtype=np.int64)
     for i, p in enumerate(payloads[:n]):
         try:
@@ -357,6 +361,27 @@ def count(spec: dict) -> None:
     sample = _decode(payloads[0]) if payloads else None
     emit("done", received=n, complete=bool(expect and n >= expect), cpu_s=cpu_done,
          sample=jsonable(sample))
+
+
+def _save_synced(out: str, recv_ns: list[int], payloads: list[bytes]) -> None:
+    """The records in the uplink's sync messages (``{"records": [...]}``): each record's
+    ``id`` and the time its message arrived. Records without an integer id get -1."""
+    times: list[int] = []
+    ids: list[int] = []
+    for t, p in zip(recv_ns, payloads, strict=True):
+        try:
+            records = _decode(p).get("records") or []
+        except (ValueError, AttributeError, TypeError):
+            continue
+        for rec in records:
+            try:
+                rid = int(str(rec.get("id")).split(":")[0])
+            except (ValueError, AttributeError):
+                rid = -1
+            times.append(t)
+            ids.append(rid)
+    np.save(out + ".recv_ns.npy", np.asarray(times, dtype=np.int64))
+    np.save(out + ".ids.npy", np.asarray(ids, dtype=np.int64))
 
 
 def jsonable(v: Any) -> Any:

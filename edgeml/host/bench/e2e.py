@@ -53,6 +53,8 @@ ROLE_ORDER = ("champion", "challenger", "shadow")
 PROBE_FIRST_ID = 900_000_000
 PIPELINE = "gait"
 PREFIX = "bench"
+SYNC_IDLE_S = 3.0  # the uplink is done when no sync batch came for this long
+SYNC_WAIT_S = 30.0  # at most this long after the phase for the rest of its sync batches
 
 
 def require_host_extra() -> None:
@@ -432,7 +434,7 @@ class Harness:
 
     # -- one measured phase ---------------------------------------------------------------------
     def phase(self, *, label: str, in_topic: str, answer_topic: str | None, target: Child | None,
-              mode: str, first_id: int) -> dict:
+              mode: str, first_id: int, sync_topic: str | None = None) -> dict:
         """Publish one stream and time its answers. ``answer_topic`` None: the raw subscriber
         on ``in_topic`` is itself the receiver. Modes: ``paced``, ``max`` (QoS 0 flood),
         ``samples`` (the flood with ``samples_per_message`` samples per message), ``burst``
@@ -460,6 +462,15 @@ class Harness:
         ready = receiver.wait_event("ready", 30)
         cpu_target = target or receiver
         cpu0, cpu_ready_recv = cpu_target.cpu_seconds(), ready.get("cpu_s", 0.0)
+        synced = None  # the daemon's uplink, watched on its sync topic (the max phase)
+        if sync_topic and mode == "max":
+            synced = _role("count", dict(self._base(), topic=sync_topic, expect=0,
+                                         timeout_s=budget + 5 + SYNC_WAIT_S, qos=1,
+                                         idle_s=SYNC_IDLE_S, sync=True, out=out + ".sync",
+                                         client_id=f"bench-sync-{name}"),
+                           self.run_dir, name + ".sync")
+            self._pin(synced.pid, load=True)
+            synced.wait_event("ready", 30)
         pub = _role("burst" if mode == "burst" else "publish",
                     dict(self._base(), topic=in_topic, messages=n, rate=rate,
                          first_id=first_id, format=s.format, qos=qos, samples=per_msg,
@@ -513,16 +524,43 @@ class Harness:
         }
         if mode == "burst":
             result["drain_s"] = span
+        if synced is not None:
+            result.update(self._sync_lag(synced, out + ".sync", first_id, n, ids_unique,
+                                         int(recv_ns.max()) if answered else None,
+                                         cpu_target, cpu0, answered))
         lost = f", {n - answered} unanswered" if answered < n else ""
         self.say(f"  {label} {mode}: {result['msgs_per_s']:,.0f} msg/s, p50 "
                  f"{_fmt(result['p50_ms'])} ms, p99 {_fmt(result['p99_ms'])} ms{lost}")
         return result
 
+    def _sync_lag(self, watcher: Child, out: str, first_id: int, n: int, answered_ids: np.ndarray,
+                  end_ns: int | None, target: Child | None, cpu0: float, answered: int) -> dict:
+        """How long after the phase's last answer its output records reached the upstream
+        broker (the uplink's sync batches), how many of the answered messages did, and the
+        daemon's CPU per message counted until then (sync included)."""
+        watcher.wait_event("done", self.settings.phase_timeout_s + SYNC_WAIT_S + 30,
+                           also_alive=target)
+        watcher.stop()
+        cpu = target.cpu_seconds() - cpu0 if target else float("nan")
+        t_ns = np.load(out + ".recv_ns.npy")
+        ids = np.load(out + ".ids.npy")
+        ok = (ids >= first_id) & (ids < first_id + n)
+        t_ns, ids = t_ns[ok], ids[ok]
+        missing = int(np.setdiff1d(answered_ids, ids).size)
+        lag = (int(t_ns.max()) - end_ns) / 1e9 if t_ns.size and end_ns is not None else None
+        self.say(f"  synced upstream: {np.unique(ids).size:,} of {answered:,} answered, last "
+                 f"{_fmt(lag, 2)} s after the last answer")
+        return {"synced": int(np.unique(ids).size), "unsynced": missing,
+                "sync_lag_s": max(lag, 0.0) if lag is not None else None,
+                "cpu_ms_per_msg_with_sync": cpu * 1000 / answered if answered else None}
+
     def _phases(self, label: str, in_topic: str, answer_topic: str | None,
-                target: Child | None, *, only: Sequence[str] | None = None) -> dict:
+                target: Child | None, *, only: Sequence[str] | None = None,
+                sync_topic: str | None = None) -> dict:
         s = self.settings
         phases = {}
-        kw = dict(label=label, in_topic=in_topic, answer_topic=answer_topic, target=target)
+        kw = dict(label=label, in_topic=in_topic, answer_topic=answer_topic, target=target,
+                  sync_topic=sync_topic)
         wanted = [m for m in s.phase_list if only is None or m in only]
         first_ids = {"paced": 0, "max": 1_000_000, "samples": 2_000_000, "burst": 3_000_000}
         for mode in wanted:
@@ -674,7 +712,9 @@ class Harness:
         start_info["status_online_s"] = ((t_online - target.started_ns) / 1e9
                                          if t_online else None)
         try:
-            phases = self._phases(tag, in_topic, out_topic, target, only=only)
+            phases = self._phases(tag, in_topic, out_topic, target, only=only,
+                                  sync_topic=f"{PREFIX}/{device}/sync/outputs" if sync
+                                  else None)
             mem = target.memory()
             device_libs = target.loaded_libraries("sklearn", "scipy", "skl2onnx")
         finally:

@@ -29,6 +29,7 @@ MAX_VS_PLAIN_MIN = 1.0        # maximum rate, everything on: at least the plain 
 SAMPLES_VS_PLAIN_MIN = 1.0    # 10 samples per message: at least the plain script's samples/s
 CPU_VS_PLAIN_MAX = 1.5        # CPU per message at the paced rate
 SYNC_ON_VS_OFF_MIN = 0.9      # syncing costs at most 10% of the maximum rate
+SYNC_LAG_MAX_S = 2.0          # ... and keeps up: the max phase synced within 2 s of its end
 HEAVY_VS_LIGHT_MIN = 0.8      # heavy model's maximum rate within 20% of the light model's
 RSS_OVER_BARE_MAX_MB = 25.0   # daemon with 3 versions vs a bare process with the same sessions
 FIRST_ANSWER_MAX_S = 1.5
@@ -263,6 +264,22 @@ def _check(tid: str, text: str, value: float | None, threshold: float, *, higher
             "unit": unit, "higher_is_better": higher, "met": met, "missed_by": by, "note": note}
 
 
+def _sync_lag_check(e: dict) -> dict:
+    """The max phase's answers reached upstream (the uplink's sync batches) within
+    :data:`SYNC_LAG_MAX_S` of the phase's last answer: sync that merely falls behind is not
+    cheap sync. An answered message whose record never arrived misses it whatever the lag."""
+    cpu = e.get("cpu_ms_per_msg_with_sync")
+    note = "" if e.get("synced") is None else (
+        f"{e['synced']:,} of {e.get('answered', 0):,} answered messages synced"
+        + (f"; CPU per message counted until then {cpu:.3f} ms" if cpu is not None else ""))
+    check = _check("sync_lag", "maximum rate, sync on: the phase's outputs synced upstream "
+                   f"within {SYNC_LAG_MAX_S:g} s of its last answer", e.get("sync_lag_s"),
+                   SYNC_LAG_MAX_S, higher=False, unit="s", model="light", note=note)
+    if e.get("unsynced"):
+        check.update(met=False, missed_by=f"{e['unsynced']:,} answered messages never synced")
+    return check
+
+
 def check_targets(report: dict) -> list[dict]:
     """The targets, each met / missed (by how much) / not measured, on the first CPU
     placement pass (the pinned one by default) and the broker configuration of the run."""
@@ -306,6 +323,7 @@ def check_targets(report: dict) -> list[dict]:
             "sync_on_vs_off", "maximum rate: sync on at least 90% of sync off",
             _ratio(e.get("msgs_per_s"), off.get("msgs_per_s")), SYNC_ON_VS_OFF_MIN,
             higher=True, unit="x", model="light"))
+        out.append(_sync_lag_check(e))
         es = _phase(report, "edgeml", "light", k, "samples")
         ps = _phase(report, "plain", "light", k, "samples")
         out.append(_check(
