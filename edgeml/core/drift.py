@@ -23,6 +23,7 @@ bins, a value equal to an edge goes into the bin above it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -178,8 +179,13 @@ def compare_inputs(reference: Mapping[str, Any], rows: np.ndarray,
 
 # ---- the device side ------------------------------------------------------------------------
 class _OutputWindow:
-    def __init__(self, ref: Mapping[str, Any], kind: str) -> None:
+    """One version's outputs against its reference. ``stagger``: rows counted as already
+    buffered at the start of each window, so the versions of one pipeline, which all see
+    the same rows, bin their buffers at different batches rather than all at once."""
+
+    def __init__(self, ref: Mapping[str, Any], kind: str, stagger: int = 0) -> None:
         self.kind = kind
+        self.stagger = stagger
         lab = ref.get("label")
         self.labels = None if lab is None else {k: i for i, k in enumerate(lab["labels"])}
         self.label_freq = None if lab is None else np.asarray(lab["freq"], dtype=np.float64)
@@ -189,7 +195,7 @@ class _OutputWindow:
 
     def reset(self) -> None:
         self.n = 0
-        self._pending = 0
+        self._pending = self.stagger
         self._pl: list = []
         self._ps: list = []
         self.label_counts = np.zeros(0 if self.labels is None else len(self.labels) + 1)
@@ -210,21 +216,39 @@ class _OutputWindow:
     def _digest(self) -> None:
         self._pending = 0
         if self._pl:
+            # counted per distinct label, then mapped: one version's labels are one type
             other = len(self.labels)
-            idx = [self.labels.get(str(x), other) for x in self._pl]
-            self.label_counts += np.bincount(idx, minlength=other + 1)
+            try:
+                counted = collections.Counter(self._pl).items()
+            except TypeError:  # a label that is a list (multi-label output)
+                counted = collections.Counter(str(x) for x in self._pl).items()
+            for label, n in counted:
+                self.label_counts[self.labels.get(str(label), other)] += n
             self._pl = []
         if self._ps:
             parts, self._ps = self._ps, []
             if self.score is None:
                 return
-            vals = [output_score(self.kind, lab, sc) for lab, sc in parts]
-            vals = [v for v in vals if v is not None]
-            if vals:
-                v = np.concatenate(vals)
+            v = self._scores(parts)
+            if v is not None:
                 v = v[np.isfinite(v)]
                 self.score_counts += np.bincount(bin_index(self.score.edges, v),
                                                  minlength=len(self.score.freq))
+
+    def _scores(self, parts: list) -> np.ndarray | None:
+        """:func:`output_score` of every buffered batch at once. At batch size 1 a flush holds
+        hundreds of one-row arrays; scoring them one by one stalled the event loop for
+        milliseconds every few hundred rows (a version each, all at the same row)."""
+        if self.kind != "regressor":
+            arrays = [sc for _, sc in parts if sc is not None]
+            if arrays:
+                try:  # one version's scores share their width; a mix falls through
+                    return output_score(self.kind, None, np.concatenate(arrays))
+                except ValueError:
+                    pass
+        vals = [output_score(self.kind, lab, sc) for lab, sc in parts]
+        vals = [v for v in vals if v is not None]
+        return np.concatenate(vals) if vals else None
 
     def figures(self) -> dict[str, float]:
         self._digest()
@@ -303,9 +327,10 @@ class DriftMonitor:
             if key not in versions:
                 del self.outputs[key]
                 self.output_current.pop(key, None)
-        for key, (ref, kind) in versions.items():
+        for i, (key, (ref, kind)) in enumerate(versions.items()):
             if key not in self.outputs and ref and ref.get("outputs"):
-                self.outputs[key] = _OutputWindow(ref["outputs"], kind)
+                self.outputs[key] = _OutputWindow(ref["outputs"], kind,
+                                                  stagger=i * OUTPUT_FLUSH // len(versions))
 
     # ---- the scoring hook --------------------------------------------------------------------
     def on_batch(self, batch: Sequence[Any], x: np.ndarray, members: Sequence[Any]) -> None:

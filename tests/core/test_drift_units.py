@@ -149,3 +149,76 @@ def test_status_says_whether_the_watch_is_on():
                             clock=lambda: 0.0)
     assert mon(True).status()["enabled"] is True
     assert mon(False).status()["enabled"] is False
+
+
+def test_output_windows_count_the_same_fed_row_by_row_or_at_once():
+    """Buffered outputs are binned in one pass (one-row batches are not scored one by one);
+    the counts are those of the same rows in one batch, for every output kind and shape."""
+    from edgeml.core.drift import OUTPUT_FLUSH, _OutputWindow, profile_outputs
+    from edgeml.host.datasets import load_basicmotions
+
+    data = load_basicmotions("TEST")
+    classes = sorted(set(data.y))
+    rng = np.random.default_rng(3)
+    n = OUTPUT_FLUSH * 2 + 7
+    probs = rng.dirichlet(np.ones(len(classes)), n).astype(np.float32)
+    labels = [classes[i] for i in probs.argmax(1)]
+    labels[5] = "never-seen"  # counted in the "other" bin
+    anomaly = rng.normal(size=(n, 1)).astype(np.float32)
+    cases = [("classifier", labels, probs), ("anomaly", [1] * n, anomaly),
+             ("anomaly", [1] * n, anomaly[:, 0]),  # 1-D scores
+             ("regressor", rng.normal(size=n).tolist(), None)]
+    for kind, labs, scores in cases:
+        ref = profile_outputs(kind, labs, scores if scores is not None else np.asarray(labs))
+        whole, rows = _OutputWindow(ref, kind), _OutputWindow(ref, kind)
+        whole.add(labs, scores)
+        for i in range(n):
+            rows.add(labs[i:i + 1], None if scores is None else scores[i:i + 1])
+        assert whole.figures() == rows.figures()
+        assert np.array_equal(whole.label_counts, rows.label_counts)
+        assert np.array_equal(whole.score_counts, rows.score_counts)
+        assert rows.score_counts.sum() == n or whole.score is None
+    # scores whose width changes between batches are still counted, one batch at a time
+    ref = profile_outputs("classifier", labels, probs)
+    mixed = _OutputWindow(ref, "classifier")
+    mixed.add(labels[:3], probs[:3])
+    mixed.add(labels[3:4], probs[3, :2].reshape(1, 2))
+    mixed.add([["a", "b"]], probs[4:5])  # a list label is counted as "other"
+    mixed.figures()
+    assert mixed.score_counts.sum() == 5 and mixed.label_counts.sum() == 5
+    assert mixed.label_counts[-1] >= 1
+
+
+def test_versions_bin_their_outputs_at_different_rows_with_the_same_figures():
+    """The versions of one pipeline see the same rows; fed one row at a time their buffered
+    outputs are binned at different rows (never all in one batch), and each window's
+    figures are those of the same rows binned at once."""
+    from edgeml.core.drift import OUTPUT_FLUSH
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(4000, 2))
+    ref = make_reference(X, ["x", "y"], None, kind="anomaly",
+                         labels=(X[:, 0] > 0).astype(int), scores=X[:, :1])
+    alerts: list = []
+    keys = ("m:1", "m:2", "m:3")
+    n = 3 * OUTPUT_FLUSH
+    m = _monitor(ref, alerts, output_window=n)
+    m.set_versions({k: (ref, "anomaly") for k in keys})
+    one = _monitor(ref, alerts, output_window=n)
+    one.set_versions({"m:1": (ref, "anomaly")})
+    x = rng.normal(size=(n - 1, 2))
+    binned_at: dict[str, list[int]] = {k: [] for k in keys}
+    for i in range(n - 1):
+        for k in keys:
+            m.observe_outputs(k, [int(x[i, 0] > 0)], x[i:i + 1, :1])
+            if not m.outputs[k]._ps:
+                binned_at[k].append(i)
+    assert all(binned_at.values())
+    for a in keys:
+        for b in keys:
+            assert a == b or not set(binned_at[a]) & set(binned_at[b])
+    one.observe_outputs("m:1", (x[:, 0] > 0).astype(int).tolist(), x[:, :1])
+    for k in keys:
+        w = m.outputs[k]
+        assert w.figures() == one.outputs["m:1"].figures()
+        assert w.n == n - 1
