@@ -547,10 +547,11 @@ class Harness:
         ok = (ids >= first_id) & (ids < first_id + n)
         t_ns, ids = t_ns[ok], ids[ok]
         missing = int(np.setdiff1d(answered_ids, ids).size)
+        synced = int(answered_ids.size) - missing  # of the answered messages
         lag = (int(t_ns.max()) - end_ns) / 1e9 if t_ns.size and end_ns is not None else None
-        self.say(f"  synced upstream: {np.unique(ids).size:,} of {answered:,} answered, last "
+        self.say(f"  synced upstream: {synced:,} of {answered:,} answered, last "
                  f"{_fmt(lag, 2)} s after the last answer")
-        return {"synced": int(np.unique(ids).size), "unsynced": missing,
+        return {"synced": synced, "unsynced": missing,
                 "sync_lag_s": max(lag, 0.0) if lag is not None else None,
                 "cpu_ms_per_msg_with_sync": cpu * 1000 / answered if answered else None}
 
