@@ -17,6 +17,12 @@ import msgpack
 from edgeml.core.scoring import ResultRecords
 from edgeml.errors import TransportError
 from edgeml.storage.outbox import record_id
+from edgeml.storage.outbox.grouping import (
+    group_position,
+    group_record,
+    message_spans,
+    row_position,
+)
 from edgeml.storage.outbox.records import (
     id_part,
     pack_each,
@@ -56,11 +62,18 @@ def by_message(records: list[dict]) -> list[list[dict]]:
     return groups
 
 
+def _position(rec: dict) -> Any:
+    rows = rec.get("rows")
+    if rows:  # a grouped record: the message's rows first to last
+        return group_position(rec["input_seq"], rows[0]["row"], rows[-1]["row"])
+    return row_position(rec["input_seq"], rec.get("row"))
+
+
 def row_record_id(device: str, rec: dict, stream: str) -> str:
-    """The outbox's stable id; ``input_seq.row`` when one message made several rows."""
-    row = rec.get("row")
-    pos = f"{rec['input_seq']}.{row}" if row else rec["input_seq"]
-    return record_id(device, rec["pipeline"], pos, rec["model"], rec["version"], stream)
+    """The outbox's stable id; ``input_seq.row`` for a row past a message's first,
+    ``input_seq.first-last`` for a grouped record."""
+    return record_id(device, rec["pipeline"], _position(rec), rec["model"], rec["version"],
+                     stream)
 
 
 def row_record_ids(device: str, records: Sequence[dict], stream: str) -> list[str]:
@@ -79,11 +92,10 @@ def row_record_ids(device: str, records: Sequence[dict], stream: str) -> list[st
             head = f"{dev}/{id_part(p)}/"
             end = f"/{id_part(m)}/{id_part(v)}{tail}"
         seq = rec["input_seq"]
-        if type(seq) is int and not rec.get("row"):  # the usual case; no "/" or "%" in an int
-            append(f"{head}{seq}{end}")
+        if type(seq) is int and not rec.get("row") and "rows" not in rec:
+            append(f"{head}{seq}{end}")  # the usual case; no "/" or "%" in an int
         else:
-            row = rec.get("row")
-            append(f"{head}{id_part(f'{seq}.{row}' if row else seq)}{end}")
+            append(f"{head}{id_part(_position(rec))}{end}")
     return ids
 
 
@@ -112,22 +124,31 @@ class _Run:
 def _packed_run(device: str, stream: str, records: list[dict],
                 published: list[bytes | None] | None = None) -> _Run:
     """A scored batch's records, with ids and packed now, while they are fresh in memory:
-    what waits for the writer thread is a few compact bytes per record, not dicts. An answer
-    published as msgpack is not packed again: ``published[i]`` (None where it cannot serve)
-    gets the record id spliced in. A batch that cannot be packed (a record that cannot be
-    encoded, a reserved field) goes as records: the outbox refuses the culprit alone."""
-    ids = row_record_ids(device, records, stream)
+    what waits for the writer thread is a few compact bytes per record, not dicts. The rows
+    of one message become one grouped record (:mod:`edgeml.storage.outbox.grouping`). An
+    answer published as msgpack is not packed again: ``published[i]`` (None where it cannot
+    serve) gets the record id spliced in. A batch that cannot be packed (a record that cannot
+    be encoded, a reserved field) goes as records, one per row: the outbox refuses the
+    culprit alone."""
     for rec in records:
         if "record_id" in rec:  # reserved: the outbox refuses it (and says why)
-            return _Run(stream, ids, records)
+            return _Run(stream, row_record_ids(device, records, stream), records)
+    spans = message_spans(records)
+    if len(spans) == len(records):
+        stored, sources = records, published
+    else:  # several rows of one message: one record
+        stored = [records[a] if b - a == 1 else group_record(records[a:b]) for a, b in spans]
+        sources = None if published is None else [
+            published[a] if b - a == 1 else None for a, b in spans]
+    ids = row_record_ids(device, stored, stream)
     try:
-        if published is None:
-            return _Run(stream, ids, None, pack_each(ids, records))
+        if sources is None:
+            return _Run(stream, ids, None, pack_each(ids, stored))
         return _Run(stream, ids, None, [
             (with_record_id(rid, p) if p is not None else None) or pack_record(rid, rec)
-            for rid, rec, p in zip(ids, records, published, strict=True)])
+            for rid, rec, p in zip(ids, stored, sources, strict=True)])
     except (TypeError, ValueError, OverflowError):
-        return _Run(stream, ids, records)
+        return _Run(stream, row_record_ids(device, records, stream), records)
 
 
 def _packed_results(device: str, rr: ResultRecords) -> _Run:
@@ -149,6 +170,7 @@ _VERSION_PARTS_MAX = 256  # active sets are small; a long-lived daemon must not 
 _RID_KEY = msgpack.packb("record_id")
 _LATE = {flag: msgpack.packb(["late", flag, "output"])[1:] for flag in (False, True)}
 _LATENCY_KEY = msgpack.packb("latency_ms")
+_ELEM3, _ELEM4 = pack_map_header(3), pack_map_header(4)  # a grouped record's row: +true_label
 #: map headers by the number of the version's own fields (latency, error), then the row's
 _HEADERS = [[pack_map_header(11 + t + k) for k in range(3)] for t in range(3)]
 
@@ -167,34 +189,74 @@ def _version_parts(device: str, pipeline: str, o: Any) -> tuple[str, str, bytes]
     return parts
 
 
+def _row_spans(rows: Sequence[Any]) -> list[tuple[int, int]]:
+    """``[start, end)`` runs of one message's rows (one seq, topic and receive time): what
+    :func:`message_spans` gives for each version's records of these rows."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i < len(rows):
+            p, r = rows[i - 1], rows[i]
+            if r.seq == p.seq and r.topic == p.topic and r.received == p.received:
+                continue
+        spans.append((start, i))
+        start = i
+    return spans
+
+
+_TOPIC_KEY = msgpack.packb("topic")
+_ROWS_KEY = msgpack.packb("rows")
+_OUTPUT_KEY = msgpack.packb("output")
+
+
 def _pack_results(device: str, rr: ResultRecords) -> _Run:
     pack = result_packer().pack
     rows = rr.rows
     late = _LATE[bool(rr.late)] if type(rr.late) is bool else pack(
         ["late", rr.late, "output"])[1:]
-    pos, row_a, row_b, row_c, row_n = [], [], [], [], []
-    for row in rows:  # the parts every version's record of this row shares
-        seq, sub = row.seq, row.sub
-        pos.append(f"{seq}" if type(seq) is int and not sub
-                   else id_part(f"{seq}.{sub}" if sub else seq))
-        row_a.append(pack(["id", row.id, "topic", row.topic])[1:])
-        row_b.append(pack(["ts", row.received, "input_seq", seq])[1:] + late)
-        if not sub and row.label is None:
-            row_c.append(b"")
-            row_n.append(0)
+    spans = _row_spans(rows)
+    # a message's rows, the parts every version's record of them shares; for a single row
+    # (pos, a, b, c, n) as one record packs them, for several (pos, head, [row parts])
+    singles: list[tuple[str, bytes, bytes, bytes, int, int] | None] = []
+    groups: list[tuple[str, bytes, list[tuple[bytes, bytes]], int, int] | None] = []
+    for start, end in spans:
+        if end - start == 1:
+            row = rows[start]
+            seq, sub = row.seq, row.sub
+            pos = (f"{seq}" if type(seq) is int and not sub
+                   else id_part(row_position(seq, sub)))
+            a = pack(["id", row.id, "topic", row.topic])[1:]
+            b = pack(["ts", row.received, "input_seq", seq])[1:] + late
+            if not sub and row.label is None:
+                c, n = b"", 0
+            else:
+                extra = []
+                if sub:
+                    extra += ("row", sub)
+                if row.label is not None:
+                    extra += ("true_label", row.label)
+                c, n = pack(extra)[1:], len(extra) // 2
+            singles.append((pos, a, b, c, n, start))
+            groups.append(None)
             continue
-        extra = []
-        if sub:
-            extra += ("row", sub)
-        if row.label is not None:
-            extra += ("true_label", row.label)
-        row_c.append(pack(extra)[1:])
-        row_n.append(len(extra) // 2)
+        first = rows[start]
+        pos = id_part(group_position(first.seq, first.sub, rows[end - 1].sub))
+        shared = pack(["ts", first.received, "input_seq", first.seq, "late", rr.late])[1:]
+        elems = []
+        for row in rows[start:end]:
+            if row.label is None:
+                elems.append((_ELEM3 + pack(["row", row.sub, "id", row.id])[1:] + _OUTPUT_KEY,
+                              b""))
+            else:
+                elems.append((_ELEM4 + pack(["row", row.sub, "id", row.id])[1:] + _OUTPUT_KEY,
+                              pack(["true_label", row.label])[1:]))
+        groups.append((pos, _TOPIC_KEY + pack(first.topic), elems, shared, start))
+        singles.append(None)
     rid_key = _RID_KEY
     ids: list[str] = []
     parts: list[bytes] = []
     add_id, add_part, join = ids.append, parts.append, b"".join
-    for o in rr.outcomes:  # then version by version, row by row, as records() lists them
+    for o in rr.outcomes:  # then version by version, message by message, as records() lists
         head, end, ver = _version_parts(device, rr.pipeline, o)
         if o.error:
             tail = ["latency_ms", round(o.elapsed_ms, 3), "error", o.error] \
@@ -209,10 +271,22 @@ def _pack_results(device: str, rr: ResultRecords) -> _Run:
         # record_id, the ten fields every record has, this version's own; then the row's
         headers = _HEADERS[n_tail]
         outputs = o.outputs if o.outputs is not None else [None] * len(rows)
-        for p, a, b, c, k, out in zip(pos, row_a, row_b, row_c, row_n, outputs, strict=True):
+        for single, group in zip(singles, groups, strict=True):
+            if single is not None:
+                p, a, b, c, k, i = single
+                rid = head + p + end
+                add_id(rid)
+                add_part(join((headers[k], rid_key, pack(rid), a, ver, b, pack(outputs[i]), c,
+                               tail_b)))
+                continue
+            p, topic, elems, shared, i = group  # type: ignore[misc]
             rid = head + p + end
             add_id(rid)
-            add_part(join((headers[k], rid_key, pack(rid), a, ver, b, pack(out), c, tail_b)))
+            body = [pack_map_header(10 + n_tail), rid_key, pack(rid), topic, ver, shared,
+                    tail_b, _ROWS_KEY, result_packer().pack_array_header(len(elems))]
+            for j, (before, after) in enumerate(elems, i):
+                body += (before, pack(outputs[j]), after)
+            add_part(join(body))
     return _Run("results", ids, None, parts)
 
 

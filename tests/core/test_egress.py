@@ -7,7 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
+import pytest
 
 from edgeml.core.assemble import Row
 from edgeml.core.egress import (
@@ -21,7 +23,8 @@ from edgeml.core.egress import (
 from edgeml.core.rendezvous import Outcome
 from edgeml.core.scoring import ResultRecords
 from edgeml.host.datasets import load_basicmotions
-from edgeml.storage.outbox import Outbox, pack_record
+from edgeml.storage.outbox import Outbox, encode_record, pack_record
+from edgeml.storage.outbox.grouping import expand_group
 
 DATA = load_basicmotions("TEST")
 
@@ -33,7 +36,7 @@ def rows(n: int = 9, *, odd_id: object = None) -> list[Row]:
     for i in range(n):
         out.append(Row(features=np.asarray(DATA.X[i], dtype=np.float32).ravel(),
                        id=f"msg/{i}" if i % 2 else 5000 + i, topic="sensors/w%1/imu",
-                       seq=100000 + i // 3, received=t + i / 1000,
+                       seq=100000 + i // 3, received=t + (i // 3) / 1000,
                        label=str(DATA.y[i]) if i % 3 == 0 else None, sub=i % 3))
     if odd_id is not None:
         out[4] = Row(features=out[4].features, id=odd_id, topic=out[4].topic, seq=out[4].seq,
@@ -63,6 +66,21 @@ def test_batch_ids_are_the_per_record_ids():
                 row_record_id(device, r, stream) for r in recs]
 
 
+def stored(run) -> list[tuple[str, dict]]:
+    """What a run stores, expanded back into per-row records (the collector's view)."""
+    out = []
+    for rid, part in zip(run.ids, run.parts, strict=True):
+        rec = msgpack.unpackb(part, strict_map_key=False)
+        assert rec.pop("record_id") == rid
+        out += expand_group(rid, rec) if "rows" in rec else [(rid, rec)]
+    return out
+
+
+def plain(records: list[dict]) -> list[dict]:
+    """Records as msgpack gives them back (numpy values as plain numbers)."""
+    return [msgpack.unpackb(encode_record(r), strict_map_key=False) for r in records]
+
+
 def test_results_packed_from_columns_are_byte_for_byte_the_records():
     batch = rows()
     for late in (False, True):
@@ -70,19 +88,64 @@ def test_results_packed_from_columns_are_byte_for_byte_the_records():
         run = _packed_results("watch-01", rr)
         records = list(rr)
         assert len(records) == len(rr) == 4 * len(batch)
-        ids = row_record_ids("watch-01", records, "results")
-        assert run.ids == ids
-        assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, records,
-                                                                      strict=True)]
+        # the columns give exactly the bytes the records give, grouped per message
+        ref = _packed_run("watch-01", "results", records)
+        assert run.ids == ref.ids and run.parts == ref.parts
+        # three messages of three rows, four versions: one record per message and version
+        assert len(run.ids) == 4 * 3
+        assert run.ids[0] == "watch-01/gait%2F1/100000.0-2/activity%2Fx/2%25/results"
+        # ... standing for exactly the per-row records, ids included
+        back = stored(run)
+        assert [rid for rid, _ in back] == row_record_ids("watch-01", records, "results")
+        assert [rec for _, rec in back] == plain(records)
         assert {r["late"] for r in records} == {late}
         assert records[1]["row"] == 1 and records[0]["true_label"] == str(DATA.y[0])
     # what a version shares is packed once and kept: a new role must not reuse the old bytes
     promoted = [Outcome("activity", "4", "champion", 0, outputs=[{"value": 2.5}] * len(batch))]
     rr = ResultRecords("gait/1", batch, promoted, False)
-    assert _packed_results("watch-01", rr).parts == [
-        pack_record(rid, rec) for rid, rec in zip(
-            row_record_ids("watch-01", list(rr), "results"), rr, strict=True)]
-    assert {r["role"] for r in rr} == {"champion"}
+    ref = _packed_run("watch-01", "results", list(rr))
+    assert _packed_results("watch-01", rr).parts == ref.parts
+    assert {r["role"] for _, r in stored(ref)} == {"champion"}
+
+
+def test_rows_of_one_message_group_only_with_every_shared_field_equal():
+    """A message's rows become one record only where they share all but their own fields;
+    single rows stay as they were, and a row answered by another version starts a record."""
+    batch = rows(6)
+    answers = [{"id": r.id, "topic": r.topic, "pipeline": "gait", "model": "m",
+                "version": "2" if i == 5 else "1", "output": {"label": "Walking"},
+                "policy": "champion", "fallback": i == 5, "latency_ms": 1.5,
+                "ts": r.received, "input_seq": r.seq, **({"row": r.sub} if r.sub else {})}
+               for i, r in enumerate(batch)]
+    run = _packed_run("watch-01", "outputs", answers)
+    assert run.ids == ["watch-01/gait/100000.0-2/m/1/outputs",
+                       "watch-01/gait/100001.0-1/m/1/outputs",
+                       "watch-01/gait/100001.2/m/2/outputs"]
+    back = stored(run)
+    assert [rid for rid, _ in back] == row_record_ids("watch-01", answers, "outputs")
+    assert [rec for _, rec in back] == plain(answers)
+    single = [dict(answers[0], input_seq=7), dict(answers[3], input_seq=8)]
+    run = _packed_run("watch-01", "outputs", single)
+    assert run.ids == ["watch-01/gait/7/m/1/outputs", "watch-01/gait/8/m/1/outputs"]
+    assert run.parts == [pack_record(rid, rec) for rid, rec in zip(run.ids, single,
+                                                                   strict=True)]
+
+
+def test_a_grouped_record_that_does_not_hold_together_is_refused():
+    good = {"pipeline": "gait", "model": "m", "version": "1", "input_seq": 5,
+            "rows": [{"row": 0, "id": "a", "output": 1}, {"row": 1, "id": "b", "output": 2}]}
+    rid = "d/gait/5.0-1/m/1/outputs"
+    assert [r for r, _ in expand_group(rid, good)] == ["d/gait/5/m/1/outputs",
+                                                         "d/gait/5.1/m/1/outputs"]
+    for bad_id, rec, why in [
+            ("d/gait/5.0-2/m/1/outputs", good, "is not that of rows 0-1"),
+            (rid, {**good, "rows": []}, "non-empty list"),
+            (rid, {**good, "rows": [1, 2]}, "non-empty list"),
+            ("d/gait/5.0-0/m/1/outputs", {**good, "rows": [{"row": 0}, {"row": 0}]},
+             "appears twice"),
+            ("gait/5.0-1/m/1", good, "six parts")]:
+        with pytest.raises(ValueError, match=why):
+            expand_group(bad_id, rec)
 
 
 def test_a_result_that_cannot_be_packed_is_refused_alone(tmp_path: Path):
@@ -101,8 +164,8 @@ def test_published_answers_are_stored_with_the_record_id_spliced_in():
                 on_status_changed=lambda: None)
     answers = [{"id": r.id, "topic": r.topic, "pipeline": "gait", "model": "m", "version": "1",
                 "output": {"label": "Walking"}, "policy": "champion", "fallback": False,
-                "latency_ms": 1.5, "ts": r.received, "input_seq": r.seq, "row": r.sub}
-               for r in rows()]
+                "latency_ms": 1.5, "ts": r.received, "input_seq": r.seq + 10 * i}
+               for i, r in enumerate(rows())]  # single-row messages: one record each
     answers[2]["output"] = {"score": np.float32(0.5)}  # published as str(): not reusable
     published = []
     for rec in answers:
@@ -117,10 +180,10 @@ def test_published_answers_are_stored_with_the_record_id_spliced_in():
     assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, answers, strict=True)]
 
 
-def test_a_message_of_several_rows_is_one_array_answer_and_each_row_is_stored_once_packed():
+def test_a_message_of_several_rows_is_one_array_answer_and_one_grouped_record():
     """Rows of one message are answered as one array, built from each row's packed answer;
-    the outbox stores those very bytes with the record id spliced in (byte for byte what
-    packing each record gives), and a row whose answer needed ``str()`` falls back alone."""
+    the outbox stores one grouped record per message, standing for exactly each row's
+    record (a row whose answer needed ``str()`` too)."""
     import msgpack
 
     runs: list = []
@@ -154,6 +217,7 @@ def test_a_message_of_several_rows_is_one_array_answer_and_each_row_is_stored_on
         assert [r["input_seq"] for r in msgpack.unpackb(payload)] == [
             answers[3 * k]["input_seq"]] * 3
     (run,) = runs
-    ids = row_record_ids("watch-01", answers, "outputs")
-    assert run.ids == ids
-    assert run.parts == [pack_record(rid, rec) for rid, rec in zip(ids, answers, strict=True)]
+    assert len(run.ids) == 3
+    back = stored(run)
+    assert [rid for rid, _ in back] == row_record_ids("watch-01", answers, "outputs")
+    assert [rec for _, rec in back] == plain(answers)

@@ -365,7 +365,8 @@ def count(spec: dict) -> None:
 
 def _save_synced(out: str, recv_ns: list[int], payloads: list[bytes]) -> None:
     """The records in the uplink's sync messages (``{"records": [...]}``): each record's
-    ``id`` and the time its message arrived. Records without an integer id get -1."""
+    ``id`` (a grouped record's: its first row's) and the time its message arrived. Records
+    without an integer id get -1."""
     times: list[int] = []
     ids: list[int] = []
     for t, p in zip(recv_ns, payloads, strict=True):
@@ -374,8 +375,10 @@ def _save_synced(out: str, recv_ns: list[int], payloads: list[bytes]) -> None:
         except (ValueError, AttributeError, TypeError):
             continue
         for rec in records:
-            try:
-                rid = int(str(rec.get("id")).split(":")[0])
+            try:  # a batch message's rows are one grouped record: its first row's id
+                rows = rec.get("rows")
+                first = rows[0] if isinstance(rows, list) and rows else rec
+                rid = int(str(first.get("id")).split(":")[0])
             except (ValueError, AttributeError):
                 rid = -1
             times.append(t)

@@ -17,8 +17,12 @@ from urllib.parse import quote
 
 import msgpack
 
+from edgeml.storage.outbox.grouping import expand_group
+
 #: streams devices sync (docs/sync.md); another name is kept too (stored, not quarantined)
 KNOWN_STREAMS = ("outputs", "results", "alerts", "deploy", "drift")
+#: streams whose records may stand for the rows of one message (``rows``), stored per row
+GROUPED_STREAMS = ("outputs", "results")
 #: an envelope's ``schema`` this collector understands
 SCHEMAS = (1,)
 #: the largest record kept as JSON; a bigger one is quarantined (it would bloat every query)
@@ -184,6 +188,13 @@ def make_row(device: str, stream: str, rec: dict, raw_json: str) -> RecordRow:
         _text(get("kind")), _text(get("stage")), rec)
 
 
+def _expand(rec: dict) -> list[dict]:
+    """A grouped record's per-row records, each with its own ``record_id``."""
+    rid = rec["record_id"]
+    return [{"record_id": row_id, **row} for row_id, row in expand_group(
+        rid, {k: v for k, v in rec.items() if k != "record_id"})]
+
+
 def parse_delivery(topic: str, payload: bytes, prefix: str = "edgeml") -> Parsed:
     """Rows and rejects of one batch message (never raises)."""
     try:
@@ -231,7 +242,17 @@ def _parse(topic: str, payload: bytes, prefix: str) -> Parsed:
             reason = f"record {i} has no record_id"
         elif not rec["record_id"].startswith(own):
             reason = f"record {i}: record_id {rec['record_id']!r} is not of device {device!r}"
-        if reason is None:
+        if reason is None and stream in GROUPED_STREAMS and "rows" in rec:
+            try:  # one record for a message's rows: stored as the rows' records
+                expanded = [make_row(device, stream, r, to_json(r)) for r in _expand(rec)]
+                if any(len(r.record) > MAX_RECORD_BYTES for r in expanded):
+                    reason = f"record {i}: a row is over {MAX_RECORD_BYTES} bytes as JSON"
+                else:
+                    rows.extend(expanded)
+                    continue
+            except Exception as exc:  # a malformed group is refused whole, nothing else
+                reason = f"record {i}: {type(exc).__name__}: {exc}"
+        elif reason is None:
             try:
                 raw_json = to_json(rec)
                 if len(raw_json) > MAX_RECORD_BYTES:

@@ -233,3 +233,57 @@ def test_a_dead_group_member_keeps_its_share_until_it_returns(broker, tmp_path):
                           "--client-id", "member-dead")
     assert wait_db(db, want, timeout=30) == want
     assert live.terminate() == 0 and back.terminate() == 0
+
+
+def test_a_batch_message_syncs_as_one_record_and_is_collected_per_row(broker, daemon_factory,
+                                                                    tmp_path, gait_bundle):
+    """Ten real samples in one message: one grouped record per stream on the wire, and in the
+    database the ten per-row records it stands for, each with the answer the device gave."""
+    import json
+
+    per_msg, n_msgs = 10, 12
+    samples = [json.loads(p) for _, p in gait_messages(per_msg * n_msgs)]
+    msgs = [("sensors/many/gait", json.dumps({"id": f"b{k}", "samples": [
+        {f: v for f, v in s.items() if f != "id"} for s in samples[k * per_msg:(k + 1) * per_msg]
+    ]}).encode()) for k in range(n_msgs)]
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    witness = Collector(broker, "edgeml/gw-01/sync/#")
+    out = Collector(broker, "edgeml/gw-01/out/gait")
+    col = CollectProcess("--source", broker.url, "--db", db, "--client-id", "collect-rows")
+    try:
+        daemon_factory(daemon_config(tmp_path, broker, gait_bundle))
+        publish_all(broker, msgs)
+        answers = [msgpack.unpackb(m.payload) for m in out.wait_count(n_msgs, timeout=60)]
+        seqs = sorted({a[0]["input_seq"] for a in answers})
+        assert len(seqs) == n_msgs
+        want = {f"gw-01/gait/{s}{f'.{r}' if r else ''}/gait/1/{stream}"
+                for s in seqs for r in range(per_msg) for stream in ("outputs", "results")}
+        have = wait_db(db, want)
+        # on the wire: one record per message and stream, never a row's own
+        wire = SyncedIds()
+        witness.wait_for(lambda m: len([i for i in wire(m) if "/outputs" in i or "/results" in i])
+                         >= 2 * n_msgs, timeout=30)
+        synced = {i for i in wire.ids if i.endswith(("/outputs", "/results"))}
+        assert synced == {f"gw-01/gait/{s}.0-{per_msg - 1}/gait/1/{stream}"
+                          for s in seqs for stream in ("outputs", "results")}
+        assert not synced & have  # the database holds the rows, not the groups
+    finally:
+        witness.close()
+        out.close()
+        assert col.terminate() == 0
+    conn = sqlite3.connect(db[len("sqlite:///"):])
+    stored = {rid: (label, input_id, json.loads(rec)) for rid, label, input_id, rec in conn.execute(
+        "SELECT record_id, label, input_id, record FROM records WHERE stream = 'outputs'")}
+    assert len(stored) == per_msg * n_msgs
+    for a in answers:  # each row as the device answered it live
+        for r in a:
+            row = r.get("row", 0)
+            rid = f"gw-01/gait/{r['input_seq']}{f'.{row}' if row else ''}/gait/1/outputs"
+            label, input_id, rec = stored[rid]
+            assert input_id == str(r["id"]) and label == str(r["output"]["label"])
+            assert rec["output"] == r["output"] and rec.get("row", 0) == row
+            assert {k: rec[k] for k in ("topic", "ts", "input_seq", "policy")} == {
+                k: r[k] for k in ("topic", "ts", "input_seq", "policy")}
+    results = conn.execute("SELECT COUNT(*), COUNT(DISTINCT input_key) FROM records "
+                           "WHERE stream = 'results'").fetchone()
+    assert results == (per_msg * n_msgs, per_msg * n_msgs)

@@ -1,0 +1,107 @@
+"""One record for the rows of one input message, and back.
+
+A message that carries several samples (``{"samples": [...]}``, a JSON array, a SenML pack)
+or completes several windows makes several rows. Their records differ only in a few fields
+(which row, its id, its output, its true label), so the device stores and syncs them as one
+*grouped* record: the shared fields once, and ``rows``, each row's own fields. That is about
+a tenth of the records and half the bytes for a ten-sample message, which is most of what
+syncing such a stream costs. A grouped record stands for exactly the per-row records
+:func:`expand_group` gives back, ids included; the collector stores those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: the fields a grouped record keeps per row (in each element of ``rows``); every other
+#: field is one the rows share
+ROW_FIELDS = frozenset(("row", "id", "output", "true_label"))
+
+
+def row_position(input_seq: Any, row: Any) -> Any:
+    """A row record's position in its id: ``input_seq``, or ``input_seq.row`` past row 0."""
+    return f"{input_seq}.{row}" if row else input_seq
+
+
+def group_position(input_seq: Any, first: Any, last: Any) -> str:
+    """A grouped record's position in its id, ``input_seq.first-last``: never a row's."""
+    return f"{input_seq}.{first}-{last}"
+
+
+def _shared(rec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k not in ROW_FIELDS}
+
+
+def message_spans(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
+    """``[start, end)`` runs of consecutive records of one input message (one ``input_seq``)
+    that share every field but :data:`ROW_FIELDS`; a record alone is a run of one."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    shared: dict[str, Any] | None = None
+    for i in range(1, len(records) + 1):
+        if i < len(records):
+            prev, rec = records[i - 1], records[i]
+            if rec.get("input_seq") == prev.get("input_seq") and "rows" not in rec \
+                    and "rows" not in prev:
+                if shared is None:
+                    shared = _shared(prev)
+                if _shared(rec) == shared:
+                    continue
+        spans.append((start, i))
+        start, shared = i, None
+    return spans
+
+
+def row_entry(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """One element of ``rows``: ``row``, ``id``, ``output`` and ``true_label`` when set."""
+    entry = {"row": rec.get("row", 0), "id": rec.get("id"), "output": rec.get("output")}
+    if "true_label" in rec:
+        entry["true_label"] = rec["true_label"]
+    return entry
+
+
+def group_record(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The grouped record of several rows' records (one run of :func:`message_spans`)."""
+    rec = _shared(records[0])
+    rec["rows"] = [row_entry(r) for r in records]
+    return rec
+
+
+def is_group(rec: Mapping[str, Any]) -> bool:
+    return "rows" in rec
+
+
+def expand_group(record_id: str, rec: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The per-row records a grouped record stands for, each with its own id, exactly as the
+    device would have written them one by one. Raises ValueError, saying why, for a grouped
+    record that does not hold together (no rows, an id that is not its rows')."""
+    from edgeml.storage.outbox.records import id_part  # one id encoding for both ends
+
+    rows = rec.get("rows")
+    if not isinstance(rows, list) or not rows or not all(isinstance(e, dict) for e in rows):
+        raise ValueError("'rows' must be a non-empty list of maps")
+    parts = record_id.split("/")
+    seq = rec.get("input_seq")
+    if len(parts) != 6 or seq is None:
+        raise ValueError("a grouped record needs an id of six parts and an 'input_seq'")
+    first, last = rows[0].get("row", 0), rows[-1].get("row", 0)
+    if parts[2] != id_part(group_position(seq, first, last)):
+        raise ValueError(f"id {record_id!r} is not that of rows {first}-{last} of input "
+                         f"{seq!r}")
+    shared = {k: v for k, v in rec.items() if k != "rows"}
+    out: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+    for e in rows:
+        row = e.get("row", 0)
+        row_rec = {"id": e.get("id"), **shared, "output": e.get("output")}
+        if row:
+            row_rec["row"] = row
+        if "true_label" in e:
+            row_rec["true_label"] = e["true_label"]
+        rid = "/".join((*parts[:2], id_part(row_position(seq, row)), *parts[3:]))
+        if rid in seen:
+            raise ValueError(f"row {row!r} appears twice")
+        seen.add(rid)
+        out.append((rid, row_rec))
+    return out
