@@ -33,23 +33,28 @@ def _shared(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if k not in ROW_FIELDS}
 
 
+def _same_shared(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two records agree on every field but :data:`ROW_FIELDS` (no dicts built)."""
+    for k, v in a.items():
+        if k not in ROW_FIELDS and (k not in b or b[k] != v):
+            return False
+    return all(k in a for k in b if k not in ROW_FIELDS)
+
+
 def message_spans(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
     """``[start, end)`` runs of consecutive records of one input message (one ``input_seq``)
     that share every field but :data:`ROW_FIELDS`; a record alone is a run of one."""
     spans: list[tuple[int, int]] = []
     start = 0
-    shared: dict[str, Any] | None = None
-    for i in range(1, len(records) + 1):
-        if i < len(records):
-            prev, rec = records[i - 1], records[i]
-            if rec.get("input_seq") == prev.get("input_seq") and "rows" not in rec \
-                    and "rows" not in prev:
-                if shared is None:
-                    shared = _shared(prev)
-                if _shared(rec) == shared:
-                    continue
+    n = len(records)
+    for i in range(1, n + 1):
+        if i < n:
+            first, rec = records[start], records[i]
+            if (rec.get("input_seq") == first.get("input_seq") and "rows" not in rec
+                    and "rows" not in first and _same_shared(first, rec)):
+                continue
         spans.append((start, i))
-        start, shared = i, None
+        start = i
     return spans
 
 
