@@ -24,7 +24,7 @@ from edgeml.core.rendezvous import Outcome
 from edgeml.core.scoring import ResultRecords
 from edgeml.host.datasets import load_basicmotions
 from edgeml.storage.outbox import Outbox, encode_record, pack_record
-from edgeml.storage.outbox.grouping import expand_group
+from edgeml.storage.outbox.grouping import expand_group, message_spans
 
 DATA = load_basicmotions("TEST")
 
@@ -124,6 +124,13 @@ def test_rows_of_one_message_group_only_with_every_shared_field_equal():
     back = stored(run)
     assert [rid for rid, _ in back] == row_record_ids("watch-01", answers, "outputs")
     assert [rec for _, rec in back] == plain(answers)
+    # a field only some rows have, or lack, splits the run too
+    extra = [dict(answers[0]), dict(answers[1], error="x"), dict(answers[2])]
+    missing = [dict(answers[0]), dict(answers[1]), dict(answers[2])]
+    del missing[2]["policy"]
+    assert message_spans(extra) == [(0, 1), (1, 2), (2, 3)]
+    assert message_spans(missing) == [(0, 2), (2, 3)]
+    assert message_spans(answers[:3]) == [(0, 3)]
     single = [dict(answers[0], input_seq=7), dict(answers[3], input_seq=8)]
     run = _packed_run("watch-01", "outputs", single)
     assert run.ids == ["watch-01/gait/7/m/1/outputs", "watch-01/gait/8/m/1/outputs"]
