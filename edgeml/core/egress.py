@@ -154,9 +154,10 @@ def _packed_run(device: str, stream: str, records: list[dict],
 def _packed_results(device: str, rr: ResultRecords) -> _Run:
     """Every version's results for a scored batch, packed straight from the columns: what
     rows share (id, topic, ts, input_seq, row, true_label) is packed once per row, what a
-    version shares once per version, and only the id and the output once per record. Byte
-    for byte ``pack_record(id, record)`` of each of ``rr.records()`` (the tests compare);
-    a value that cannot be packed sends the batch the usual way."""
+    version shares once per version, and only the id and the output once per record; a
+    message's rows as one grouped record. Byte for byte what :func:`_packed_run` gives for
+    ``rr.records()`` (the tests compare); a value that cannot be packed sends the batch the
+    usual way."""
     try:
         return _pack_results(device, rr)
     except (TypeError, ValueError, OverflowError):

@@ -3,9 +3,9 @@
 A message that carries several samples (``{"samples": [...]}``, a JSON array, a SenML pack)
 or completes several windows makes several rows. Their records differ only in a few fields
 (which row, its id, its output, its true label), so the device stores and syncs them as one
-*grouped* record: the shared fields once, and ``rows``, each row's own fields. That is about
-a tenth of the records and half the bytes for a ten-sample message, which is most of what
-syncing such a stream costs. A grouped record stands for exactly the per-row records
+*grouped* record: the shared fields once, and ``rows``, each row's own fields. That is a
+tenth of the records and a third of the bytes for a ten-sample message, and half of what
+syncing such a stream costs the device. A grouped record stands for exactly the per-row records
 :func:`expand_group` gives back, ids included; the collector stores those.
 """
 
