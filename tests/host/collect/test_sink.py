@@ -153,3 +153,97 @@ def test_postgres_sink(postgres):
         ts, rec = sink._execute("SELECT ts, record FROM records "
                                 "WHERE record_id = 'd1/p/50/m/1/results'").fetchone()
         assert ts is None and rec["note"] == "a\ufffdb"
+
+
+def _grouped_batch(stream: str = "results") -> tuple[dict, list[dict]]:
+    """A batch holding the grouped records the device's own egress packs for two messages of
+    three real rows each, and the per-row records they stand for."""
+    from edgeml.core.egress import _packed_run
+    from edgeml.host.datasets import load_daphnet
+
+    X = load_daphnet().X
+    per_row = [{"id": f"s{i}", "topic": "sensors/p1/gait", "pipeline": "gait", "model": "m",
+                "version": "1", "role": "champion", "ts": 1000.0 + i // 3,
+                "input_seq": 7 + i // 3, "late": False,
+                "output": {"label": int(X[i, 0] > 0), "score": float(X[i, 1])},
+                **({"row": i % 3} if i % 3 else {}), "latency_ms": 0.2} for i in range(6)]
+    run = _packed_run("d1", stream, per_row)
+    recs = [msgpack.unpackb(p, raw=False) for p in run.parts]
+    doc = {"schema": 1, "device": "d1", "stream": stream, "batch_seq": 1, "sent": 1.0,
+           "records": recs}
+    return doc, per_row
+
+
+def test_grouped_records_are_stored_as_the_rows_they_stand_for():
+    doc, per_row = _grouped_batch()
+    assert [r["record_id"] for r in doc["records"]] == ["d1/gait/7.0-2/m/1/results",
+                                                         "d1/gait/8.0-2/m/1/results"]
+    p = parse_delivery("edgeml/d1/sync/results", msgpack.packb(doc))
+    assert not p.rejects
+    assert [r.record_id for r in p.rows] == [
+        f"d1/gait/{s}{f'.{k}' if k else ''}/m/1/results" for s in (7, 8) for k in range(3)]
+    assert [r.input_key for r in p.rows] == [f"d1/gait/{s}{f'.{k}' if k else ''}"
+                                             for s in (7, 8) for k in range(3)]
+    for row, want in zip(p.rows, per_row, strict=True):
+        assert json.loads(row.record) == {"record_id": row.record_id, **want}
+        assert row.input_id == want["id"] and row.label == str(want["output"]["label"])
+    # another stream's "rows" field (a drift window's row count) is not a group
+    drift = {"schema": 1, "device": "d1", "stream": "drift", "sent": 1.0,
+             "records": [{"record_id": "d1/gait/drift/output/1.0", "rows": 256}]}
+    assert len(parse_delivery("edgeml/d1/sync/drift", msgpack.packb(drift)).rows) == 1
+
+
+def test_a_hostile_grouped_record_is_quarantined_alone_and_never_stops_the_parse():
+    """Mutations of a real grouped record, the way a broken or hostile sender would make
+    them: each either stands for rows of its own input, all within the device's ids, or is
+    quarantined alone; the good record beside it is always kept."""
+    import random
+
+    doc, _ = _grouped_batch()
+    good, victim = doc["records"]
+    rnd = random.Random(7)
+    junk = [None, 0, -1, 2**63, 1.5, "", "x/y", "%2F", "0-2", [], {}, [1], {"row": "a"},
+            b"\xff", True, "d2/gait/1/m/1/results", "a" * 10_000]
+
+    def mutate(rec: dict) -> dict:
+        rec = json.loads(json.dumps(rec))
+        for _ in range(rnd.randint(1, 3)):
+            what = rnd.randrange(7)
+            rows = rec.get("rows")
+            if what == 0:
+                rec["rows"] = rnd.choice(junk)
+            elif what == 1 and isinstance(rows, list) and rows:
+                rows[rnd.randrange(len(rows))] = rnd.choice(junk)
+            elif what == 2 and isinstance(rows, list) and rows:
+                k = rnd.randrange(len(rows))
+                if isinstance(rows[k], dict):
+                    rows[k]["row"] = rnd.choice(junk)
+            elif what == 3:
+                rec["input_seq"] = rnd.choice(junk)
+            elif what == 4 and isinstance(rec.get("record_id"), str):
+                parts = rec["record_id"].split("/")
+                parts[rnd.randrange(len(parts))] = str(rnd.choice(junk))
+                rec["record_id"] = "/".join(parts)
+            elif what == 5 and isinstance(rows, list):
+                rec["rows"] = rows + rows  # duplicated rows
+            else:
+                rec.pop(rnd.choice(["input_seq", "rows", "record_id"]), None)
+        return rec
+
+    outcomes = {"stored": 0, "refused": 0}
+    for _ in range(400):
+        bad = mutate(victim)
+        payload = msgpack.packb({**doc, "records": [good, bad]}, use_bin_type=True)
+        p = parse_delivery("edgeml/d1/sync/results", payload)
+        ids = [r.record_id for r in p.rows]
+        assert ids[:3] == ["d1/gait/7/m/1/results", "d1/gait/7.1/m/1/results",
+                           "d1/gait/7.2/m/1/results"]  # the good one, whatever came next
+        assert len(ids) == len(set(ids))
+        assert all(i.startswith("d1/") and i.count("/") == 5 for i in ids)
+        if len(p.rows) > 3:
+            outcomes["stored"] += 1
+            assert not p.rejects
+        else:
+            outcomes["refused"] += 1
+            assert len(p.rejects) == 1 and p.rejects[0].reason.startswith("record 1")
+    assert outcomes["refused"] > 100  # the mutations did reach the checks
