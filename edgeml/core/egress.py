@@ -18,6 +18,7 @@ from edgeml.core.scoring import ResultRecords
 from edgeml.errors import TransportError
 from edgeml.storage.outbox import record_id
 from edgeml.storage.outbox.grouping import (
+    GROUP_MAX_ROWS,
     group_position,
     group_record,
     message_spans,
@@ -191,14 +192,15 @@ def _version_parts(device: str, pipeline: str, o: Any) -> tuple[str, str, bytes]
 
 
 def _row_spans(rows: Sequence[Any]) -> list[tuple[int, int]]:
-    """``[start, end)`` runs of one message's rows (one seq, topic and receive time): what
-    :func:`message_spans` gives for each version's records of these rows."""
+    """``[start, end)`` runs of one message's rows (one seq, topic and receive time, at most
+    ``GROUP_MAX_ROWS``): what :func:`message_spans` gives for each version's records."""
     spans: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(rows) + 1):
         if i < len(rows):
             p, r = rows[i - 1], rows[i]
-            if r.seq == p.seq and r.topic == p.topic and r.received == p.received:
+            if (i - start < GROUP_MAX_ROWS and r.seq == p.seq and r.topic == p.topic
+                    and r.received == p.received):
                 continue
         spans.append((start, i))
         start = i

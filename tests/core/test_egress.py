@@ -228,3 +228,23 @@ def test_a_message_of_several_rows_is_one_array_answer_and_one_grouped_record():
     back = stored(run)
     assert [rid for rid, _ in back] == row_record_ids("watch-01", answers, "outputs")
     assert [rec for _, rec in back] == plain(answers)
+
+
+def test_a_long_message_makes_grouped_records_of_at_most_a_hundred_rows():
+    """A 250-sample message: three grouped records (0-99, 100-199, 200-249) per version, the
+    columns and the records agreeing, standing for exactly its 250 rows."""
+    t = time.time()
+    batch = [Row(features=np.asarray(DATA.X[i % 40], dtype=np.float32).ravel(), id=f"s{i}",
+                 topic="sensors/w1/imu", seq=42, received=t, label=None, sub=i)
+             for i in range(250)]
+    rr = ResultRecords("gait", batch, [
+        Outcome("gait", "1", "champion", 0, outputs=[{"label": str(DATA.y[i % 40])}
+                                                     for i in range(250)], elapsed_ms=0.3),
+        Outcome("gait", "2", "shadow", 2, error="scoring failed: boom")], False)
+    run = _packed_results("watch-01", rr)
+    ref = _packed_run("watch-01", "results", list(rr))
+    assert run.ids == ref.ids and run.parts == ref.parts
+    assert [i.split("/")[2] for i in run.ids] == ["42.0-99", "42.100-199", "42.200-249"] * 2
+    back = stored(run)
+    assert [rid for rid, _ in back] == row_record_ids("watch-01", list(rr), "results")
+    assert [rec for _, rec in back] == plain(list(rr))

@@ -18,6 +18,9 @@ from typing import Any
 #: the fields a grouped record keeps per row (in each element of ``rows``); every other
 #: field is one the rows share
 ROW_FIELDS = frozenset(("row", "id", "output", "true_label"))
+#: rows in one grouped record at most: a message of 1,000 samples makes ten records, each
+#: well inside a stored chunk (64 KiB) and any broker's message size limit
+GROUP_MAX_ROWS = 100
 
 
 def row_position(input_seq: Any, row: Any) -> Any:
@@ -40,7 +43,8 @@ def _row_fields_in(rec: Mapping[str, Any]) -> int:
 
 def message_spans(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
     """``[start, end)`` runs of consecutive records of one input message (one ``input_seq``)
-    that share every field but :data:`ROW_FIELDS`; a record alone is a run of one."""
+    that share every field but :data:`ROW_FIELDS`, at most :data:`GROUP_MAX_ROWS` long; a
+    record alone is a run of one."""
     spans: list[tuple[int, int]] = []
     start = 0
     n = len(records)
@@ -48,8 +52,8 @@ def message_spans(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]
     for i in range(1, n + 1):
         if i < n:
             first, rec = records[start], records[i]
-            if (rec.get("input_seq") == first.get("input_seq") and "rows" not in rec
-                    and "rows" not in first):
+            if (i - start < GROUP_MAX_ROWS and rec.get("input_seq") == first.get("input_seq")
+                    and "rows" not in rec and "rows" not in first):
                 if get_shared is None:
                     keys = [k for k in first if k not in ROW_FIELDS]
                     get_shared, shared, n_keys = itemgetter(*keys), None, len(keys)
