@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -185,7 +187,11 @@ class Decoder:
         if feats is None:
             return None
         try:
-            rows = [[item[f] for f in feats] for item in items]
+            if len(feats) > 1:  # a tuple of the features per sample, read at C speed
+                get = operator.itemgetter(*feats)
+                rows = [get(item) for item in items]
+            else:
+                rows = [[item[f] for f in feats] for item in items]
         except (KeyError, TypeError, IndexError):
             return None
         if not all(type(item) is dict for item in items):
@@ -221,8 +227,12 @@ class Decoder:
         return vals
 
     def _check(self, rows: list, where: str) -> np.ndarray:
-        for r in rows:
-            for v in (r if isinstance(r, list) else (r,)):
+        try:  # the usual rows (lists or tuples of plain numbers): every value's type at once
+            plain = set(map(type, chain.from_iterable(rows))) <= _NUMBER_SET
+        except TypeError:  # a row that is a single value
+            plain = False
+        for r in () if plain else rows:  # else the slow way, to name what is wrong
+            for v in (r if isinstance(r, (list, tuple)) else (r,)):
                 if type(v) not in _NUMBER_TYPES:
                     if isinstance(v, bool):
                         raise DecodeError("bad_value", f"{where}: boolean {v!r} is not a number")
@@ -234,9 +244,10 @@ class Decoder:
         except OverflowError:
             raise DecodeError("bad_value", f"{where}: a number too large for float32") from None
         except (TypeError, ValueError):
-            bad = next((v for r in rows for v in (r if isinstance(r, list) else [r])
+            bad = next((v for r in rows for v in (r if isinstance(r, (list, tuple)) else [r])
                         if isinstance(v, (str, bytes, dict, list, bool)) or v is None), None)
-            if bad is None and any(isinstance(r, list) and len(r) != len(rows[0]) for r in rows):
+            if bad is None and any(isinstance(r, (list, tuple)) and len(r) != len(rows[0])
+                                   for r in rows):
                 raise DecodeError("wrong_shape", f"{where}: rows of different lengths") from None
             raise DecodeError("bad_value", f"{where}: non-numeric value {bad!r}") from None
         if arr.ndim != 2:
@@ -252,6 +263,7 @@ class Decoder:
 
 
 _NUMBER_TYPES = (int, float)
+_NUMBER_SET = frozenset(_NUMBER_TYPES)
 MAX_ID_CHARS = 256
 
 

@@ -83,6 +83,32 @@ def test_rejections(payload, reason):
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize("bad, reason, says", [
+    (True, "bad_value", "boolean True is not a number"),
+    ("0.25", "bad_value", "'0.25' is a string"),
+    (b"\x01", "bad_value", "is a string"),
+    (None, "bad_value", "null is not a number"),
+    ([1.0], "bad_value", "non-numeric value [1.0]"),
+    ({"v": 1}, "bad_value", "non-numeric value {'v': 1}"),
+    (10**400, "bad_value", "too large for float32"),
+    (math.nan, "non_finite", "NaN or infinite"),
+])
+def test_one_bad_value_in_a_batch_of_samples_is_named(series, bad, reason, says):
+    """The fast path for a batch of maps checks every value's type at once; a bad one is
+    still rejected with the same reason and text as the sample-by-sample check gives."""
+    samples = [sample(series[i]) for i in range(5)]
+    samples[3]["gz"] = bad
+    payloads = [] if bad == 10**400 else [msgpack.packb({"samples": samples}, use_bin_type=True)]
+    if not isinstance(bad, bytes):
+        payloads.append(json.dumps({"samples": samples}).encode())
+    for payload in payloads:
+        with pytest.raises(DecodeError) as info:
+            Decoder(features=CH).decode(payload)
+        assert info.value.reason == reason and says in info.value.detail, info.value.detail
+    good = Decoder(features=CH).decode(msgpack.packb({"samples": samples[:3]}))
+    assert good.samples.shape == (3, 6) and good.samples.dtype == np.float32
+
+
 def test_wrong_feature_count_with_array_field():
     with pytest.raises(DecodeError) as info:
         Decoder(field="values", n_features=6).decode(b'{"values": [1, 2, 3]}')
