@@ -9,7 +9,6 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-import pytest
 
 from edgeml.core.assemble import Row
 from edgeml.core.egress import (
@@ -136,23 +135,6 @@ def test_rows_of_one_message_group_only_with_every_shared_field_equal():
     assert run.ids == ["watch-01/gait/7/m/1/outputs", "watch-01/gait/8/m/1/outputs"]
     assert run.parts == [pack_record(rid, rec) for rid, rec in zip(run.ids, single,
                                                                    strict=True)]
-
-
-def test_a_grouped_record_that_does_not_hold_together_is_refused():
-    good = {"pipeline": "gait", "model": "m", "version": "1", "input_seq": 5,
-            "rows": [{"row": 0, "id": "a", "output": 1}, {"row": 1, "id": "b", "output": 2}]}
-    rid = "d/gait/5.0-1/m/1/outputs"
-    assert [r for r, _ in expand_group(rid, good)] == ["d/gait/5/m/1/outputs",
-                                                         "d/gait/5.1/m/1/outputs"]
-    for bad_id, rec, why in [
-            ("d/gait/5.0-2/m/1/outputs", good, "is not that of rows 0-1"),
-            (rid, {**good, "rows": []}, "non-empty list"),
-            (rid, {**good, "rows": [1, 2]}, "non-empty list"),
-            ("d/gait/5.0-0/m/1/outputs", {**good, "rows": [{"row": 0}, {"row": 0}]},
-             "appears twice"),
-            ("gait/5.0-1/m/1", good, "six parts")]:
-        with pytest.raises(ValueError, match=why):
-            expand_group(bad_id, rec)
 
 
 def test_a_result_that_cannot_be_packed_is_refused_alone(tmp_path: Path):

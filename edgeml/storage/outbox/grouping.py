@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
+from edgeml.storage.outbox.records import id_part
+
 #: the fields a grouped record keeps per row (in each element of ``rows``); every other
 #: field is one the rows share
 ROW_FIELDS = frozenset(("row", "id", "output", "true_label"))
@@ -92,8 +94,6 @@ def expand_group(record_id: str, rec: Mapping[str, Any]) -> list[tuple[str, dict
     """The per-row records a grouped record stands for, each with its own id, exactly as the
     device would have written them one by one. Raises ValueError, saying why, for a grouped
     record that does not hold together (no rows, an id that is not its rows')."""
-    from edgeml.storage.outbox.records import id_part  # one id encoding for both ends
-
     rows = rec.get("rows")
     if not isinstance(rows, list) or not rows or not all(isinstance(e, dict) for e in rows):
         raise ValueError("'rows' must be a non-empty list of maps")
