@@ -213,7 +213,8 @@ _OUTPUT_KEY = msgpack.packb("output")
 
 
 def _pack_results(device: str, rr: ResultRecords) -> _Run:
-    pack = result_packer().pack
+    packer = result_packer()
+    pack, array_header = packer.pack, packer.pack_array_header
     rows = rr.rows
     late = _LATE[bool(rr.late)] if type(rr.late) is bool else pack(
         ["late", rr.late, "output"])[1:]
@@ -286,7 +287,7 @@ def _pack_results(device: str, rr: ResultRecords) -> _Run:
             rid = head + p + end
             add_id(rid)
             body = [pack_map_header(10 + n_tail), rid_key, pack(rid), topic, ver, shared,
-                    tail_b, _ROWS_KEY, result_packer().pack_array_header(len(elems))]
+                    tail_b, _ROWS_KEY, array_header(len(elems))]
             for j, (before, after) in enumerate(elems, i):
                 body += (before, pack(outputs[j]), after)
             add_part(join(body))

@@ -153,3 +153,21 @@ def test_a_target_of_zero_is_checked_without_a_ratio() -> None:
     assert _check("burst_lost", "nothing lost", 0, 0, higher=False, unit="msgs")["met"] is True
     assert "1.20x the limit" in _check("p99", "p99", 6.0, 5.0, higher=False,
                                        unit="ms")["missed_by"]
+
+
+def test_the_sync_watch_counts_a_grouped_record_for_its_message(tmp_path):
+    """The bench's upstream watch reads each record's input id; a batch message's rows arrive
+    as one grouped record, counted once under its first row's id."""
+    import msgpack
+    import numpy as np
+
+    from edgeml.host.bench.baselines import _save_synced
+
+    batch = {"schema": 1, "records": [
+        {"record_id": "d/gait/1/m/1/outputs", "id": 1000005, "output": 1},
+        {"record_id": "d/gait/2.0-1/m/1/outputs", "input_seq": 2,
+         "rows": [{"row": 0, "id": "2000001:0"}, {"row": 1, "id": "2000001:1"}]},
+        {"record_id": "d/gait/3/m/1/outputs", "id": "not a number"}]}
+    _save_synced(str(tmp_path / "s"), [7, 9], [msgpack.packb(batch), b"\xc1 garbage"])
+    assert np.load(tmp_path / "s.ids.npy").tolist() == [1000005, 2000001, -1]
+    assert np.load(tmp_path / "s.recv_ns.npy").tolist() == [7, 7, 7]

@@ -55,3 +55,17 @@ def test_a_grouped_record_that_does_not_hold_together_is_refused():
             ("gait/5.0-1/m/1", good, "six parts")]:
         with pytest.raises(ValueError, match=why):
             expand_group(bad_id, rec)
+
+
+def test_a_rows_own_fields_come_from_its_element_never_from_the_shared_ones():
+    """A grouped record that also carries ``id``, ``output``, ``row`` or ``true_label`` at the
+    top (no device writes that) cannot overwrite what each row says of itself."""
+    rec = {"pipeline": "p", "model": "m", "version": "1", "input_seq": 5, "id": "forged",
+           "output": "forged", "row": 7, "true_label": "forged",
+           "rows": [{"row": 0, "id": "a", "output": 1}, {"row": 1, "id": "b", "output": 2}]}
+    rows = expand_group("d/p/5.0-1/m/1/outputs", rec)
+    assert [r for _, r in rows] == [
+        {"id": "a", "pipeline": "p", "model": "m", "version": "1", "input_seq": 5,
+         "output": 1},
+        {"id": "b", "pipeline": "p", "model": "m", "version": "1", "input_seq": 5,
+         "output": 2, "row": 1}]

@@ -4,8 +4,8 @@ A message that carries several samples (``{"samples": [...]}``, a JSON array, a 
 or completes several windows makes several rows. Their records differ only in a few fields
 (which row, its id, its output, its true label), so the device stores and syncs them as one
 *grouped* record: the shared fields once, and ``rows``, each row's own fields. That is a
-tenth of the records and a third of the bytes for a ten-sample message, and half of what
-syncing such a stream costs the device. A grouped record stands for exactly the per-row records
+tenth of the records and a third of the bytes for a ten-sample message, and well under half
+of what syncing it cost the device. A grouped record stands for exactly the per-row records
 :func:`expand_group` gives back, ids included; the collector stores those.
 """
 
@@ -58,7 +58,7 @@ def message_spans(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]
                     and "rows" not in rec and "rows" not in first):
                 if get_shared is None:
                     keys = [k for k in first if k not in ROW_FIELDS]
-                    get_shared, shared, n_keys = itemgetter(*keys), None, len(keys)
+                    get_shared, n_keys = itemgetter(*keys), len(keys)
                     shared = get_shared(first)
                 try:
                     if (get_shared(rec) == shared
@@ -86,10 +86,6 @@ def group_record(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return rec
 
 
-def is_group(rec: Mapping[str, Any]) -> bool:
-    return "rows" in rec
-
-
 def expand_group(record_id: str, rec: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The per-row records a grouped record stands for, each with its own id, exactly as the
     device would have written them one by one. Raises ValueError, saying why, for a grouped
@@ -105,7 +101,8 @@ def expand_group(record_id: str, rec: Mapping[str, Any]) -> list[tuple[str, dict
     if parts[2] != id_part(group_position(seq, first, last)):
         raise ValueError(f"id {record_id!r} is not that of rows {first}-{last} of input "
                          f"{seq!r}")
-    shared = {k: v for k, v in rec.items() if k != "rows"}
+    # a row's own fields come from its element only, never from the shared ones
+    shared = {k: v for k, v in rec.items() if k != "rows" and k not in ROW_FIELDS}
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
     for e in rows:
