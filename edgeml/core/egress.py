@@ -8,13 +8,16 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 
-from edgeml.core.scoring import ResultRecords
+from edgeml.core.outputs import Outputs
+from edgeml.core.rendezvous import AnswerColumn
+from edgeml.core.scoring import AnswerRecords, ResultRecords
 from edgeml.errors import TransportError
 from edgeml.storage.outbox import record_id
 from edgeml.storage.outbox.grouping import (
@@ -29,7 +32,6 @@ from edgeml.storage.outbox.records import (
     pack_each,
     pack_map_header,
     pack_record,
-    result_packer,
     with_record_id,
 )
 from edgeml.transport.base import Transport
@@ -152,42 +154,60 @@ def _packed_run(device: str, stream: str, records: list[dict],
         return _Run(stream, row_record_ids(device, records, stream), records)
 
 
-def _packed_results(device: str, rr: ResultRecords) -> _Run:
+def _packed_results(device: str, rr: ResultRecords, parts: _RowParts | None = None) -> _Run:
     """Every version's results for a scored batch, packed straight from the columns: what
     rows share (id, topic, ts, input_seq, row, true_label) is packed once per row, what a
     version shares once per version, and only the id and the output once per record; a
     message's rows as one grouped record. Byte for byte what :func:`_packed_run` gives for
     ``rr.records()`` (the tests compare); a value that cannot be packed sends the batch the
-    usual way."""
+    usual way. ``parts``: the batch's rows already packed (by its answers)."""
     try:
-        return _pack_results(device, rr)
+        if parts is None or parts.rows is not rr.rows:
+            parts = _RowParts(rr.rows)
+        return _pack_results(device, rr, parts)
     except (TypeError, ValueError, OverflowError):
         return _packed_run(device, "results", rr.records())
 
 
-#: what every result record of one version shares, packed once per version, not per batch:
-#: (device, pipeline, model, version, role) -> (id head, id end, packed fields)
+_local = threading.local()
+
+
+def _strict_packer() -> msgpack.Packer:
+    """This thread's Packer without a fallback for odd values: a value it cannot pack sends
+    the batch the way that can (and that says which record is at fault)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
+#: what every record of one version shares, packed once per version, not per batch:
+#: (device, pipeline, model, version, role, stream) -> (id head, id end, packed fields)
 _VERSION_PARTS: dict[tuple, tuple[str, str, bytes]] = {}
 _VERSION_PARTS_MAX = 256  # active sets are small; a long-lived daemon must not grow this
-_RID_KEY = msgpack.packb("record_id")
+_K = {k: msgpack.packb(k) for k in ("record_id", "id", "topic", "row", "true_label", "output",
+                                    "rows", "latency_ms", "policy", "fallback")}
 _LATE = {flag: msgpack.packb(["late", flag, "output"])[1:] for flag in (False, True)}
-_LATENCY_KEY = msgpack.packb("latency_ms")
 _ELEM3, _ELEM4 = pack_map_header(3), pack_map_header(4)  # a grouped record's row: +true_label
 #: map headers by the number of the version's own fields (latency, error), then the row's
 _HEADERS = [[pack_map_header(11 + t + k) for k in range(3)] for t in range(3)]
+_ANSWER_HEADERS = [pack_map_header(11 + k) for k in range(3)]
 
 
-def _version_parts(device: str, pipeline: str, o: Any) -> tuple[str, str, bytes]:
-    key = (device, pipeline, o.name, o.version, o.role)
+def _version_parts(device: str, pipeline: str, name: str, version: str, role: str | None,
+                   stream: str) -> tuple[str, str, bytes]:
+    key = (device, pipeline, name, version, role, stream)
     parts = _VERSION_PARTS.get(key)
     if parts is None:
         if len(_VERSION_PARTS) >= _VERSION_PARTS_MAX:
             _VERSION_PARTS.clear()
+        fields = ["pipeline", pipeline, "model", name, "version", version]
+        if role is not None:
+            fields += ("role", role)
         parts = _VERSION_PARTS[key] = (
             f"{id_part(device)}/{id_part(pipeline)}/",
-            f"/{id_part(o.name)}/{id_part(o.version)}/results",
-            result_packer().pack(["pipeline", pipeline, "model", o.name, "version", o.version,
-                                  "role", o.role])[1:])
+            f"/{id_part(name)}/{id_part(version)}/{id_part(stream)}",
+            _strict_packer().pack(fields)[1:])
     return parts
 
 
@@ -207,91 +227,159 @@ def _row_spans(rows: Sequence[Any]) -> list[tuple[int, int]]:
     return spans
 
 
-_TOPIC_KEY = msgpack.packb("topic")
-_ROWS_KEY = msgpack.packb("rows")
-_OUTPUT_KEY = msgpack.packb("output")
+class _RowParts:
+    """A scored batch's rows packed once, for its answers and every version's results: the
+    runs of one message's rows (:func:`_row_spans`) and what each row and run contribute.
+
+    Per run: ``(start, end, position in the record id, topic field, ts and input_seq
+    fields)``. Per row: its ``id`` field, and its ``row`` and ``true_label`` fields with
+    their count (what a row record has beyond the shared ones)."""
+
+    __slots__ = ("_elems", "extras", "ids", "rows", "runs")
+
+    def __init__(self, rows: Sequence[Any]) -> None:
+        pack = _strict_packer().pack
+        k_id, k_row, k_label, k_topic = _K["id"], _K["row"], _K["true_label"], _K["topic"]
+        self.rows = rows
+        self.ids = [k_id + pack(r.id) for r in rows]
+        self.extras: list[tuple[bytes, int]] = [
+            (b"", 0) if not r.sub and r.label is None else
+            (k_row + pack(r.sub), 1) if r.label is None else
+            (k_label + pack(r.label), 1) if not r.sub else
+            (k_row + pack(r.sub) + k_label + pack(r.label), 2) for r in rows]
+        runs = []
+        for start, end in _row_spans(rows):
+            first = rows[start]
+            seq = first.seq
+            if end - start == 1:
+                sub = first.sub
+                pos = (f"{seq}" if type(seq) is int and not sub
+                       else id_part(row_position(seq, sub)))
+            else:
+                pos = id_part(group_position(seq, first.sub, rows[end - 1].sub))
+            runs.append((start, end, pos, k_topic + pack(first.topic),
+                         pack(["ts", first.received, "input_seq", seq])[1:]))
+        self.runs = runs
+        self._elems: list[tuple[bytes, bytes]] | None = None
+
+    def elems(self) -> list[tuple[bytes, bytes]]:
+        """Each row as an element of a grouped record's ``rows``, but for its output:
+        ``{row, id, output: <here>, true_label?}`` as (before, after) the output."""
+        if self._elems is None:
+            pack = _strict_packer().pack
+            k_row, k_out, k_label = _K["row"], _K["output"], _K["true_label"]
+            self._elems = [
+                (_ELEM3 + k_row + pack(r.sub) + rid + k_out, b"") if r.label is None else
+                (_ELEM4 + k_row + pack(r.sub) + rid + k_out, k_label + pack(r.label))
+                for r, rid in zip(self.rows, self.ids, strict=True)]
+        return self._elems
 
 
-def _pack_results(device: str, rr: ResultRecords) -> _Run:
-    packer = result_packer()
+def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
+    packer = _strict_packer()
     pack, array_header = packer.pack, packer.pack_array_header
     rows = rr.rows
     late = _LATE[bool(rr.late)] if type(rr.late) is bool else pack(
         ["late", rr.late, "output"])[1:]
-    spans = _row_spans(rows)
-    # a message's rows, the parts every version's record of them shares; for a single row
-    # (pos, a, b, c, n) as one record packs them, for several (pos, head, [row parts])
-    singles: list[tuple[str, bytes, bytes, bytes, int, int] | None] = []
-    groups: list[tuple[str, bytes, list[tuple[bytes, bytes]], int, int] | None] = []
-    for start, end in spans:
-        if end - start == 1:
-            row = rows[start]
-            seq, sub = row.seq, row.sub
-            pos = (f"{seq}" if type(seq) is int and not sub
-                   else id_part(row_position(seq, sub)))
-            a = pack(["id", row.id, "topic", row.topic])[1:]
-            b = pack(["ts", row.received, "input_seq", seq])[1:] + late
-            if not sub and row.label is None:
-                c, n = b"", 0
-            else:
-                extra = []
-                if sub:
-                    extra += ("row", sub)
-                if row.label is not None:
-                    extra += ("true_label", row.label)
-                c, n = pack(extra)[1:], len(extra) // 2
-            singles.append((pos, a, b, c, n, start))
-            groups.append(None)
-            continue
-        first = rows[start]
-        pos = id_part(group_position(first.seq, first.sub, rows[end - 1].sub))
-        shared = pack(["ts", first.received, "input_seq", first.seq, "late", rr.late])[1:]
-        elems = []
-        for row in rows[start:end]:
-            if row.label is None:
-                elems.append((_ELEM3 + pack(["row", row.sub, "id", row.id])[1:] + _OUTPUT_KEY,
-                              b""))
-            else:
-                elems.append((_ELEM4 + pack(["row", row.sub, "id", row.id])[1:] + _OUTPUT_KEY,
-                              pack(["true_label", row.label])[1:]))
-        groups.append((pos, _TOPIC_KEY + pack(first.topic), elems, shared, start))
-        singles.append(None)
-    rid_key = _RID_KEY
+    late_shared = pack(["late", rr.late])[1:]
+    runs = rp.runs
+    elems = rp.elems() if any(end - start > 1 for start, end, *_ in runs) else []
+    ids_b, extras = rp.ids, rp.extras
+    rid_key, rows_key = _K["record_id"], _K["rows"]
     ids: list[str] = []
     parts: list[bytes] = []
     add_id, add_part, join = ids.append, parts.append, b"".join
     for o in rr.outcomes:  # then version by version, message by message, as records() lists
-        head, end, ver = _version_parts(device, rr.pipeline, o)
+        head, end_, ver = _version_parts(device, rr.pipeline, o.name, o.version, o.role,
+                                         "results")
         if o.error:
             tail = ["latency_ms", round(o.elapsed_ms, 3), "error", o.error] \
                 if o.elapsed_ms is not None else ["error", o.error]
             tail_b = pack(tail)[1:]
             n_tail = len(tail) // 2
         elif o.elapsed_ms is not None:
-            tail_b = _LATENCY_KEY + pack(round(o.elapsed_ms, 3))
+            tail_b = _K["latency_ms"] + pack(round(o.elapsed_ms, 3))
             n_tail = 1
         else:
             tail_b, n_tail = b"", 0
-        # record_id, the ten fields every record has, this version's own; then the row's
         headers = _HEADERS[n_tail]
-        outputs = o.outputs if o.outputs is not None else [None] * len(rows)
-        for single, group in zip(singles, groups, strict=True):
-            if single is not None:
-                p, a, b, c, k, i = single
-                rid = head + p + end
-                add_id(rid)
-                add_part(join((headers[k], rid_key, pack(rid), a, ver, b, pack(outputs[i]), c,
-                               tail_b)))
-                continue
-            p, topic, elems, shared, i = group  # type: ignore[misc]
-            rid = head + p + end
+        outputs = o.outputs
+        if outputs is None:
+            outs = [b"\xc0"] * len(rows)  # nil
+        elif isinstance(outputs, Outputs):
+            outs = outputs.packed()
+        else:
+            outs = [pack(out) for out in outputs]
+        # record_id, the ten fields every record has, this version's own; then the row's
+        for start, end, pos, topic, ts_seq in runs:
+            rid = head + pos + end_
             add_id(rid)
-            body = [pack_map_header(10 + n_tail), rid_key, pack(rid), topic, ver, shared,
-                    tail_b, _ROWS_KEY, array_header(len(elems))]
-            for j, (before, after) in enumerate(elems, i):
-                body += (before, pack(outputs[j]), after)
+            if end - start == 1:
+                c, k = extras[start]
+                add_part(join((headers[k], rid_key, pack(rid), ids_b[start], topic, ver,
+                               ts_seq, late, outs[start], c, tail_b)))
+                continue
+            body = [pack_map_header(10 + n_tail), rid_key, pack(rid), topic, ver, ts_seq,
+                    late_shared, tail_b, rows_key, array_header(end - start)]
+            for j in range(start, end):
+                before, after = elems[j]
+                body += (before, outs[j], after)
             add_part(join(body))
     return _Run("results", ids, None, parts)
+
+
+def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out: _RowParts,
+                  store: bool) -> tuple[list[tuple[bytes, int]], _Run | None]:
+    """Answers that one version (``ar.answers``, an :class:`AnswerColumn`) gave every row,
+    packed from the columns: one payload per input message (a map, or an array of its rows'
+    maps) with its row count, and, when ``store``, the ``outputs`` records for the outbox
+    (a message's rows as one grouped record), byte for byte what the records give."""
+    packer = _strict_packer()
+    pack, array_header = packer.pack, packer.pack_array_header
+    col = ar.answers
+    o = col.outcome  # type: ignore[attr-defined]
+    rp = rows_out
+    rows, ids_b, extras, lat = ar.rows, rp.ids, rp.extras, ar.latency_ms
+    head, end_, pmv = _version_parts(device, ar.pipeline, o.name, o.version, None, "outputs")
+    pfl = _K["policy"] + pack(ar.policy) + _K["fallback"] + pack(col.fallback) \
+        + _K["latency_ms"]
+    k_out, headers, join = _K["output"], _ANSWER_HEADERS, b"".join
+    maps: list[bytes] = []
+    for start, end, _, topic, ts_seq in rp.runs:
+        tail = pack(lat[start]) + ts_seq
+        for i in range(start, end):
+            c, k = extras[i]
+            maps.append(join((headers[k], ids_b[i], topic, pmv, k_out, outs[i], pfl, tail, c)))
+    # one payload per input message: a message longer than a run spans several runs
+    payloads: list[tuple[bytes, int]] = []
+    i, n = 0, len(rows)
+    while i < n:
+        j, seq = i + 1, rows[i].seq
+        while j < n and rows[j].seq == seq:
+            j += 1
+        payloads.append((maps[i] if j - i == 1 else
+                         join((array_header(j - i), *maps[i:j])), j - i))
+        i = j
+    if not store:
+        return payloads, None
+    rid_key, rows_key = _K["record_id"], _K["rows"]
+    elems = rp.elems() if any(e - s > 1 for s, e, *_ in rp.runs) else []
+    ids: list[str] = []
+    parts: list[bytes] = []
+    for start, end, pos, topic, ts_seq in rp.runs:
+        rid = head + pos + end_
+        ids.append(rid)
+        if end - start == 1:
+            c, k = extras[start]
+            parts.append(join((pack_map_header(12 + k), rid_key, pack(rid), maps[start][1:])))
+            continue
+        body = [pack_map_header(11), rid_key, pack(rid), topic, pmv, pfl, pack(lat[start]),
+                ts_seq, rows_key, array_header(end - start)]
+        for j in range(start, end):
+            before, after = elems[j]
+            body += (before, outs[j], after)
+        parts.append(join(body))
+    return payloads, _Run("outputs", ids, None, parts)
 
 
 class Egress:
@@ -325,10 +413,17 @@ class Egress:
         self._answer_plain = True
         # msgpack_bytes with a Packer made once, not per answer (packb makes one per call)
         self._answer_packer = msgpack.Packer(use_bin_type=True, default=self._answer_default)
+        self._rows_cache: _RowParts | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "outbox")
 
     # ---- the pipelines' Emitter -----------------------------------------------------------
-    def answers(self, pipeline: str, records: list[dict]) -> None:
+    def answers(self, pipeline: str, records: Sequence[dict]) -> None:
+        if isinstance(records, AnswerRecords):
+            if self._answers_from_columns(pipeline, records):
+                return
+            records = records.records()
+        else:
+            records = list(records)
         transport = self.transport
         published: list[bytes | None] | None = None  # msgpack answers the outbox can reuse
         if transport is not None:
@@ -374,6 +469,51 @@ class Egress:
             # answers go out in input order: all up to here are queued
             self._marks[pipeline] = records[-1]["input_seq"]
 
+    def _answers_from_columns(self, pipeline: str, ar: AnswerRecords) -> bool:
+        """Answers that one version gave every row of the batch, published and stored packed
+        straight from the columns, byte for byte what packing the records gives; False
+        (nothing published, nothing stored) when they cannot go this way: another output
+        format, answers of several versions, a value msgpack cannot pack as it is."""
+        answers = ar.answers
+        if not isinstance(answers, AnswerColumn) or not ar.rows:
+            return False
+        outputs = answers.outcome.outputs
+        if not isinstance(outputs, Outputs):
+            return False
+        transport = self.transport
+        if transport is not None and self._out[pipeline][2] is not msgpack_bytes:
+            return False
+        try:
+            payloads, run = _pack_answers(self.device, ar, outputs.packed(),
+                                          rows_out=self._row_parts(ar.rows),
+                                          store=self.outbox is not None)
+        except (TypeError, ValueError, OverflowError):
+            return False
+        if transport is not None:
+            topic, qos, _ = self._out[pipeline]
+            for payload, n in payloads:
+                try:
+                    transport.publish_nowait(topic, payload, qos)
+                except TransportError as exc:
+                    self.publish_errors += 1  # the outbox still gets it below
+                    log.warning("answer not published: %s", exc)
+                    continue
+                self.published[pipeline] += n
+            transport.flush()  # the answers leave now, in one write
+        if run is not None:
+            self._queue(run)
+            self._marks[pipeline] = ar.rows[-1].seq  # answers go out in input order
+        return True
+
+    def _row_parts(self, rows: Sequence[Any]) -> _RowParts:
+        """The packed per-row parts of a batch, shared by its answers and every version's
+        results (the same batch object reaches both)."""
+        cached = self._rows_cache
+        if cached is not None and cached.rows is rows:
+            return cached
+        parts = self._rows_cache = _RowParts(rows)
+        return parts
+
     def _pack_answer(self, rec: dict) -> bytes:
         """:func:`msgpack_bytes`, noting whether every value was plain msgpack (no ``str()``
         fallback): then the outbox stores these very bytes with the record id spliced in."""
@@ -392,7 +532,7 @@ class Egress:
 
     def results(self, pipeline: str, records: Sequence[dict]) -> None:
         if self.outbox is not None and self.record_results and records:
-            self._queue(_packed_results(self.device, records)
+            self._queue(_packed_results(self.device, records, self._rows_cache)
                         if isinstance(records, ResultRecords)
                         else _packed_run(self.device, "results", list(records)))
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeml.bundle import Manifest, check_self_test, self_test_array
 from edgeml.core import contract
+from edgeml.core.outputs import Outputs
 from edgeml.errors import EdgemlError, ModelError
 
 log = logging.getLogger("edgeml.core.model")
@@ -142,27 +143,24 @@ class LoadedModel:
     def unload(self) -> None:
         self._session = None
 
-    def outputs(self, pred: Prediction) -> list[dict]:
-        """Per-row ``output`` fields of the record: label and/or scores, JSON/msgpack-ready."""
+    def outputs(self, pred: Prediction) -> Outputs:
+        """Per-row ``output`` fields of the record (label and/or scores), as a column that
+        builds each row's map when it is read and packs them straight from the arrays."""
         n = len(pred)
         labels = pred.labels.tolist() if pred.labels is not None else [None] * n
         kind = self.manifest.outputs.kind
         if pred.scores is None:
-            key = "value" if kind == "regressor" else "label"
-            return [{key: lab} for lab in labels]
-        scores = pred.scores.tolist()
-        if kind == "classifier" and self.classes and len(self.classes) != len(scores[0]):
+            return Outputs("value" if kind == "regressor" else "label", labels, None)
+        scores = pred.scores
+        width = scores.shape[1] if scores.ndim == 2 else 1
+        if kind == "classifier" and self.classes and len(self.classes) != width:
             # outputs that stopped fitting the manifest are an error (counted)
             raise ModelError(f"{self.name} {self.version}: output contract: scores have "
-                             f"{len(scores[0])} columns, the manifest has "
+                             f"{width} columns, the manifest has "
                              f"{len(self.classes)} classes")
-        if kind == "classifier" and self.classes and len(self.classes) == len(scores[0]):
-            cls = self._class_keys
-            return [{"label": lab, "scores": dict(zip(cls, s, strict=True))}
-                    for lab, s in zip(labels, scores, strict=True)]
-        if len(scores[0]) == 1:
-            return [{"label": lab, "score": s[0]} for lab, s in zip(labels, scores, strict=True)]
-        return [{"label": lab, "scores": s} for lab, s in zip(labels, scores, strict=True)]
+        if kind == "classifier" and self.classes:
+            return Outputs("scores", labels, scores, self._class_keys)
+        return Outputs("score" if width == 1 else "list", labels, scores)
 
 
 @dataclass(frozen=True)
@@ -196,7 +194,7 @@ class Member:
     def predict(self, x: np.ndarray) -> Prediction:
         return self.model.predict(x)
 
-    def outputs(self, pred: Prediction) -> list[dict]:
+    def outputs(self, pred: Prediction) -> Outputs:
         return self.model.outputs(pred)
 
     def with_role(self, role: str, priority: int) -> Member:

@@ -7,7 +7,7 @@ Roles: ``champion`` answers; ``challenger`` is scored, recorded and the first fa
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,30 @@ class Answer:
     error: str | None = None
 
 
+class AnswerColumn(Sequence[Answer]):
+    """Every row answered by one version: its outputs, one :class:`Answer` per row when
+    read. Egress packs such answers straight from the version's packed outputs."""
+
+    __slots__ = ("fallback", "outcome")
+
+    def __init__(self, outcome: Outcome, fallback: bool) -> None:
+        self.outcome, self.fallback = outcome, fallback
+
+    def __len__(self) -> int:
+        return len(self.outcome.outputs or ())
+
+    def __getitem__(self, i: Any) -> Any:
+        o = self.outcome
+        if isinstance(i, slice):
+            return [Answer(out, o.name, o.version, self.fallback)
+                    for out in (o.outputs or [])[i]]
+        return Answer(o.outputs[i], o.name, o.version, self.fallback)  # type: ignore[index]
+
+    def __iter__(self) -> Iterator[Answer]:
+        o, flag = self.outcome, self.fallback
+        return iter([Answer(out, o.name, o.version, flag) for out in o.outputs or ()])
+
+
 def ready(policy: str, done: Sequence[Outcome], pending_roles: Sequence[str]) -> bool:
     """Can the policy answer now, before the deadline, given what is done and what is not?"""
     pending_answering = [r for r in pending_roles if r in ANSWERING]
@@ -61,19 +85,17 @@ def ready(policy: str, done: Sequence[Outcome], pending_roles: Sequence[str]) ->
 
 
 def decide(policy: str, outcomes: Sequence[Outcome], n_rows: int, *, top_n: int = 2,
-           champion_configured: bool = True) -> list[Answer]:
+           champion_configured: bool = True) -> Sequence[Answer]:
     ok = [o for o in outcomes if o.ok]
     if policy == "first":
         cands = sorted((o for o in ok if o.role in ANSWERING), key=lambda o: o.done_at)
         if cands:
-            o = cands[0]
-            return [Answer(out, o.name, o.version, False) for out in o.outputs or ()]
+            return AnswerColumn(cands[0], False)
         return _fallback(ok, outcomes, n_rows)
     if policy == "champion":
         champ = [o for o in ok if o.role == "champion"]
         if champ:
-            o = champ[0]
-            return [Answer(out, o.name, o.version, False) for out in o.outputs or ()]
+            return AnswerColumn(champ[0], False)
         return _fallback(ok, outcomes, n_rows, flag=champion_configured)
     voters = sorted((o for o in ok if o.role in ANSWERING), key=lambda o: o.priority)
     if not voters:
@@ -87,12 +109,11 @@ def decide(policy: str, outcomes: Sequence[Outcome], n_rows: int, *, top_n: int 
 
 
 def _fallback(ok: Sequence[Outcome], outcomes: Sequence[Outcome], n_rows: int,
-              flag: bool = True) -> list[Answer]:
+              flag: bool = True) -> Sequence[Answer]:
     cands = sorted((o for o in ok if o.role in FALLBACK_ORDER),
                    key=lambda o: (FALLBACK_ORDER[o.role], o.priority))
     if cands:
-        o = cands[0]
-        return [Answer(out, o.name, o.version, flag) for out in o.outputs or ()]
+        return AnswerColumn(cands[0], flag)
     errors = "; ".join(f"{o.name} {o.version}: {o.error or 'late'}" for o in outcomes) or \
         "no model version is active"
     return [Answer(None, "", "", True, f"no answer within the deadline ({errors})")] * n_rows

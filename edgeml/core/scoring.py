@@ -24,26 +24,29 @@ import numpy as np
 from edgeml.config import PipelineConfig
 from edgeml.core.assemble import Row
 from edgeml.core.model import Member, Prediction
-from edgeml.core.rendezvous import Answer, Outcome, decide, ready
+from edgeml.core.outputs import Outputs
+from edgeml.core.rendezvous import Answer, AnswerColumn, Outcome, decide, ready
 from edgeml.core.stats import AgreementWindow, PipelineStats
 
 log = logging.getLogger("edgeml.core.scoring")
 
 MAX_PENDING_BATCHES = 2  # per version; beyond this a slow version skips batches (counted)
-# A small batch for versions that have proven fast is scored on the loop thread, one version
-# after another: three thread hand-offs cost more than three sub-millisecond runs. Anything
-# slower, failing or larger goes to the versions' own threads and runs in parallel.
-INLINE_MAX_ROWS = 4
-INLINE_MAX_MS = 0.5  # judged on the fastest of the recent runs: GIL waits inflate the rest
+# A batch is scored on the loop thread, one version after another, when every version has
+# proven it scores a batch of that size within INLINE_MAX_MS: handing a batch to three
+# threads and back costs far more than three sub-millisecond runs (measured: with ten-sample
+# messages the hand-offs were a third of the daemon's CPU). Anything slower or failing goes
+# to the versions' own threads and runs in parallel, within the deadline.
+INLINE_MAX_MS = 0.5  # predicted from the cheapest recent runs per row: GIL waits inflate the rest
 INLINE_HISTORY = 16
 
 
 class Emitter(Protocol):
     """Where a pipeline's records go: the egress stage publishes answers and fills the
-    outbox. ``results`` gets a :class:`ResultRecords` (a sequence of dicts built when read);
-    an emitter with ``wants_results = False`` gets none at all (nothing would keep them)."""
+    outbox. ``answers`` gets an :class:`AnswerRecords` and ``results`` a
+    :class:`ResultRecords`, sequences of dicts built when read; an emitter with
+    ``wants_results = False`` gets no results at all (nothing would keep them)."""
 
-    def answers(self, pipeline: str, records: list[dict]) -> None: ...
+    def answers(self, pipeline: str, records: Sequence[dict]) -> None: ...
 
     def results(self, pipeline: str, records: Sequence[dict]) -> None: ...
 
@@ -71,21 +74,77 @@ class _VersionRunner:
         )
         self.pending = 0
         self.last: asyncio.Future | None = None
-        self.inline_ok = False  # proven fast: small batches may run on the loop thread
-        self._recent: collections.deque[float] = collections.deque(maxlen=INLINE_HISTORY)
+        # the cheapest recent cost per row: a batch of n rows is predicted to take n times
+        # that (an overestimate for large batches after small ones: they go to the thread
+        # once, and teach it better)
+        self._per_row: collections.deque[float] = collections.deque(maxlen=INLINE_HISTORY)
+        self._cheapest: float | None = None
 
     def observe(self, pred: Prediction | None, exc: BaseException | None) -> None:
         """Learn from each run whether this version is fast enough to run inline. A failure
         sends it back to its thread until it has proven itself again."""
-        if exc is not None or pred is None:
-            self._recent.clear()
-            self.inline_ok = False
+        if exc is not None or pred is None or not len(pred):
+            if exc is not None or pred is None:
+                self._per_row.clear()
+                self._cheapest = None
             return
-        self._recent.append(pred.elapsed_ms)
-        self.inline_ok = len(self._recent) >= 4 and min(self._recent) <= INLINE_MAX_MS
+        self._per_row.append(pred.elapsed_ms / len(pred))
+        self._cheapest = min(self._per_row) if len(self._per_row) >= 4 else None
+
+    def inline_for(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` is predicted to score within ``INLINE_MAX_MS``."""
+        cheapest = self._cheapest
+        return cheapest is not None and cheapest * rows <= INLINE_MAX_MS
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=False)
+
+
+class AnswerRecords(Sequence[dict]):
+    """The answer record of each row of one scored batch, in row order.
+
+    A sequence of dicts built on first read (:meth:`records` defines the fields). Egress
+    need not read them as dicts: when one version answered every row it packs the answers
+    and their records straight from these columns (``rows``, ``answers``, ``latency_ms``)."""
+
+    __slots__ = ("_records", "answers", "latency_ms", "pipeline", "policy", "rows")
+
+    def __init__(self, pipeline: str, rows: Sequence[Row], answers: Sequence[Answer],
+                 policy: str, latency_ms: Sequence[float]) -> None:
+        self.pipeline, self.rows, self.answers = pipeline, rows, answers
+        self.policy, self.latency_ms = policy, latency_ms
+        self._records: list[dict[str, Any]] | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        if self._records is not None:
+            return self._records
+        records: list[dict[str, Any]] = []
+        name, policy = self.pipeline, self.policy
+        for row, a, latency in zip(self.rows, self.answers, self.latency_ms, strict=True):
+            rec = {
+                "id": row.id, "topic": row.topic, "pipeline": name, "model": a.model,
+                "version": a.version, "output": a.output, "policy": policy,
+                "fallback": a.fallback, "latency_ms": latency, "ts": row.received,
+                "input_seq": row.seq,
+            }
+            if row.sub:
+                rec["row"] = row.sub
+            if row.label is not None:  # the input's label_field: upstream scores accuracy
+                rec["true_label"] = row.label
+            if a.error:
+                rec["error"] = a.error
+            records.append(rec)
+        self._records = records
+        return records
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.records()[i]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records())
 
 
 class ResultRecords(Sequence[dict]):
@@ -320,8 +379,9 @@ class PipelineRuntime:
         members = self._members
         if self.observer is not None:
             self.observer.on_batch(batch, x, members)
-        if len(batch) <= INLINE_MAX_ROWS and members and all(
-                (r := self._runners[s.key]).inline_ok and r.pending == 0 for s in members):
+        n = len(batch)
+        if members and all((r := self._runners[s.key]).pending == 0 and r.inline_for(n)
+                           for s in members):
             self._score_inline(members, x, batch)
             return
         t_dispatch = time.monotonic()
@@ -417,7 +477,10 @@ class PipelineRuntime:
         vs.latency.add(pred.elapsed_ms)
         if late:
             vs.late += len(batch)
-        labels = [o.get("label") for o in outputs]
+        if isinstance(outputs, Outputs):  # a regressor's values are no labels
+            labels = outputs.labels if outputs.kind != "value" else [None] * len(outputs)
+        else:
+            labels = [o.get("label") for o in outputs]
         return Outcome(member.name, member.version, member.role, member.priority, outputs=outputs,
                        labels=labels, scores=pred.scores, classes=member.classes,
                        done_at=time.monotonic(), elapsed_ms=pred.elapsed_ms)
@@ -427,55 +490,53 @@ class PipelineRuntime:
         outcome = self._outcome(member, fut, batch, late=True)
         self._results(batch, [outcome], late=True)
 
-    def _emit_answers(self, batch: list[Row], answers: list[Answer]) -> None:
+    def _emit_answers(self, batch: list[Row], answers: Sequence[Answer]) -> None:
         now = self._clock()
-        policy = self.policy
-        records = []
         st = self.stats
-        fallbacks0 = st.fallbacks
-        received = latency = rounded = None
+        latencies: list[float] = []
+        received = latency = None
         same = 0  # rows in a run with one receive time (one message's rows): one latency
-        for row, a in zip(batch, answers, strict=True):
+        for row in batch:
             if row.received != received:
                 if same:
                     st.answer_latency.add_repeated(latency, same)
+                    latencies += [round(latency, 3)] * same  # type: ignore[arg-type]
                 received, same = row.received, 0
                 latency = (now - received) * 1000.0
-                rounded = round(latency, 3)
             same += 1
-            rec = {
-                "id": row.id, "topic": row.topic, "pipeline": self.name, "model": a.model,
-                "version": a.version, "output": a.output, "policy": policy,
-                "fallback": a.fallback, "latency_ms": rounded, "ts": received,
-                "input_seq": row.seq,
-            }
-            if row.sub:
-                rec["row"] = row.sub
-            if row.label is not None:  # the input's label_field: upstream scores accuracy
-                rec["true_label"] = row.label
-            if a.error:
-                rec["error"] = a.error
-                st.unanswered += 1
-            if a.fallback:
-                st.fallbacks += 1
-            records.append(rec)
         if same:
             st.answer_latency.add_repeated(latency, same)
+            latencies += [round(latency, 3)] * same  # type: ignore[arg-type]
         st.scored += len(batch)
         # per version; an ensemble answer (mean: "a+b") belongs to no single version
-        answered: dict[tuple[str, str], int] = {}
-        for a in answers:
-            key = (a.model, a.version)
-            answered[key] = answered.get(key, 0) + 1
-        for key, n in answered.items():
+        if isinstance(answers, AnswerColumn):  # one version answered every row
+            o = answers.outcome
+            key = (o.name, o.version)
             if key in self._runners:
-                self.stats.version(*key).answered += n
-        if st.fallbacks != fallbacks0:  # per version too, for /metrics
-            for key, n in collections.Counter((a.model, a.version) for a in answers
-                                              if a.fallback).items():
+                vs = self.stats.version(*key)
+                vs.answered += len(batch)
+                if answers.fallback:
+                    vs.fallbacks += len(batch)
+            if answers.fallback:
+                st.fallbacks += len(batch)
+        else:
+            answered: collections.Counter[tuple[str, str]] = collections.Counter()
+            fell_back: collections.Counter[tuple[str, str]] = collections.Counter()
+            for a in answers:
+                key = (a.model, a.version)
+                answered[key] += 1
+                if a.error:
+                    st.unanswered += 1
+                if a.fallback:
+                    st.fallbacks += 1
+                    fell_back[key] += 1
+            for key, n in answered.items():
                 if key in self._runners:
-                    self.stats.version(*key).fallbacks += n
-        self.emitter.answers(self.name, records)
+                    vs = self.stats.version(*key)
+                    vs.answered += n
+                    vs.fallbacks += fell_back[key]
+        self.emitter.answers(self.name, AnswerRecords(self.name, batch, answers, self.policy,
+                                                      latencies))
 
     def _results(self, batch: list[Row], outcomes: Sequence[Outcome], late: bool) -> None:
         if self.observer is not None:

@@ -230,3 +230,99 @@ def test_a_long_message_makes_grouped_records_of_at_most_a_hundred_rows():
     back = stored(run)
     assert [rid for rid, _ in back] == row_record_ids("watch-01", list(rr), "results")
     assert [rec for _, rec in back] == plain(list(rr))
+
+
+def _egress(fmt: str = "msgpack", *, wire: bool = True):
+    """An egress with a wire that keeps what is published and a writer queue that keeps
+    the runs."""
+    runs: list = []
+    sent: list[bytes] = []
+
+    class Wire:
+        def publish_nowait(self, topic, payload, qos=0, retain=False):
+            sent.append(payload)
+
+        def flush(self):
+            pass
+
+    eg = Egress(device="watch-01", topic=lambda *p: "/".join(p), outbox=object(),
+                record_results=True, out_formats={"gait": fmt}, out_qos={"gait": 1},
+                on_status_changed=lambda: None)
+    eg._queue = runs.append
+    eg.transport = Wire() if wire else None
+    return eg, sent, runs
+
+
+def _column_answers(batch, *, fallback=False, ids=None):
+    from edgeml.core.outputs import Outputs
+    from edgeml.core.rendezvous import AnswerColumn
+    from edgeml.core.scoring import AnswerRecords
+
+    n = len(batch)
+    rng = np.random.default_rng(n)
+    scores = rng.random((n, 4)).astype(np.float32)
+    outputs = Outputs("scores", [["Walking", "Standing", 3][i % 3] for i in range(n)],
+                      scores, ["Walking", "Standing", "Running", "3"])
+    o = Outcome("gait/m", "1.0", "champion", 0, outputs=outputs, labels=outputs.labels,
+                scores=scores, elapsed_ms=0.2)
+    latency = [round(1.5 + (r.received % 1), 3) for r in batch]
+    return AnswerRecords("gait", batch, AnswerColumn(o, fallback), "champion", latency)
+
+
+def test_answers_packed_from_columns_are_byte_for_byte_the_records():
+    """One version answered every row: answers and their outputs records are packed from
+    the columns, and must be exactly what packing each record gives (payloads, record
+    ids, stored bytes), for messages of one row, several rows, more rows than one grouped
+    record holds, with labels, odd ids and a fallback flag."""
+    t = time.time()
+    long = [Row(features=np.zeros(9, np.float32), id=f"s{i}", topic="sensors/w1/imu",
+                seq=77, received=t, label=i if i % 5 == 0 else None, sub=i)
+            for i in range(250)]
+    singles = [Row(features=np.zeros(9, np.float32), id=i, topic=f"sensors/w{i}/imu",
+                   seq=90 + i, received=t + i, label=None, sub=0) for i in range(3)]
+    for batch, fallback, wire in [(rows(), False, True), (rows(odd_id="a/b%c"), True, True),
+                                  (singles + long + rows(), False, True),
+                                  (rows(), False, False)]:
+        fast, sent_fast, runs_fast = _egress(wire=wire)
+        ar = _column_answers(batch, fallback=fallback)
+        fast.answers("gait", ar)
+        assert fast._rows_cache.rows is batch  # packed from the columns indeed
+        slow, sent_slow, runs_slow = _egress(wire=wire)
+        slow.answers("gait", list(ar.records()))
+        assert sent_fast == sent_slow
+        assert fast.published == slow.published
+        assert fast._marks == slow._marks
+        (run,), (ref,) = runs_fast, runs_slow
+        assert run.ids == ref.ids
+        assert run.parts == ref.parts
+        back = stored(run)
+        assert [rid for rid, _ in back] == row_record_ids("watch-01", ar.records(), "outputs")
+        assert [rec for _, rec in back] == plain(ar.records())
+    # the 250-row message: one answer of 250 rows, three grouped records
+    fast, sent_fast, runs_fast = _egress()
+    fast.answers("gait", _column_answers(long))
+    assert len(sent_fast) == 1 and len(msgpack.unpackb(sent_fast[0])) == 250
+    assert [i.split("/")[2] for i in runs_fast[0].ids] == ["77.0-99", "77.100-199",
+                                                         "77.200-249"]
+    # and the results of the same batch reuse the rows packed for its answers
+    rr = ResultRecords("gait", long, [_column_answers(long).answers.outcome], False)
+    assert _packed_results("watch-01", rr, fast._rows_cache).parts == \
+        _packed_run("watch-01", "results", list(rr)).parts
+
+
+def test_answers_that_cannot_go_from_the_columns_go_as_records():
+    """JSON answers, and a value msgpack cannot pack as it is (packed with ``str()`` as
+    before), take the record path, and nothing is published or stored twice."""
+    batch = rows()
+    eg, sent, runs = _egress("json")
+    eg.answers("gait", _column_answers(batch))
+    assert len(sent) == 3 and all(p.startswith(b"[{") for p in sent)
+    assert len(runs) == 1 and len(runs[0].ids) == 3
+    odd = rows(odd_id=np.int64(7))  # a numpy value: str() in the answer, as before
+    eg, sent, runs = _egress()
+    ar = _column_answers(odd)
+    eg.answers("gait", ar)
+    assert eg._rows_cache is None  # not from the columns
+    assert len(sent) == 3 and len(runs) == 1
+    assert msgpack.unpackb(sent[1])[1]["id"] == "7"
+    assert sent == [msgpack_bytes(ar.records()[3 * k:3 * k + 3]) for k in range(3)]

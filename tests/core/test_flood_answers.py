@@ -34,15 +34,20 @@ def test_qos0_flood_overflowing_the_broker_queue_does_not_stop_the_answers(
     pad = "x" * 3000
     payloads = [json.dumps({**dict(zip(DAPHNET_CHANNELS, map(float, X[i]), strict=True)),
                             "id": f"f{i}", "pad": pad}).encode() for i in range(2000)]
+    # packed once and sent back to back: the device must not keep up (it scores such
+    # messages faster than the broker forwards a lightly paced stream)
+    bursts = [[sink.packet(p) for p in payloads[i:i + 100]]
+              for i in range(0, len(payloads), 100)]
     t_end = time.monotonic() + 4.0
     while time.monotonic() < t_end:
-        for i in range(0, len(payloads), 100):
-            sink.send([sink.packet(p) for p in payloads[i:i + 100]])
-            time.sleep(0.002)
+        for burst in bursts:
+            sink.send(burst)
     sink.close()
     # the broker sheds most of the flood (QoS 0, a 10-packet queue); the device scores what
     # it received, and its QoS 1 publications (answers, the retained status every 0.5 s)
-    # must still reach the broker: the retained status catches up with the device
+    # must still reach the broker: the retained status catches up with the device. Answers
+    # the broker cannot take as fast as they come (tens of thousands waiting for their
+    # acknowledgement) are refused and counted, never silently lost.
     deadline = time.monotonic() + 60
     last, scored = -1, 0
     while time.monotonic() < deadline:  # until the device has scored what it got
@@ -52,11 +57,15 @@ def test_qos0_flood_overflowing_the_broker_queue_does_not_stop_the_answers(
         last = scored
         time.sleep(1.0)
     assert scored > 100  # the flood did reach the device
+    def caught_up(doc: dict) -> bool:
+        published = doc.get("pipelines", {}).get("gait", {}).get("published")
+        return published is not None and published > 100 and \
+            published + doc.get("publish_errors", 0) >= scored  # (errors: alerts too)
+
     status = Collector(b, "edgeml/gw-f/status")
     try:
-        status.wait_for(lambda msgs: any(
-            json.loads(m.payload).get("pipelines", {}).get("gait", {}).get("published")
-            == scored for m in msgs), timeout=30)
+        status.wait_for(lambda msgs: any(caught_up(json.loads(m.payload)) for m in msgs),
+                        timeout=30)
     finally:
         status.close()
     log = b.log_path.read_text(errors="replace")

@@ -12,7 +12,7 @@ import pytest
 from edgeml.bundle import read_bundle
 from edgeml.config import ModelSlotConfig, PipelineConfig, WindowConfig
 from edgeml.core.assemble import Row
-from edgeml.core.model import LoadedModel, Member
+from edgeml.core.model import LoadedModel, Member, Prediction
 from edgeml.core.scoring import PipelineRuntime, ScoringSettings
 from edgeml.errors import ModelError
 from edgeml.host.datasets import BASICMOTIONS_CHANNELS, load_basicmotions
@@ -252,3 +252,71 @@ def test_rows_of_one_message_share_its_latency_and_each_is_counted(tmp_path, win
     assert sum(ring.hist) == sum(sizes) == ring.summary()["n"]
     assert ring.total_ms == pytest.approx(sum(lat), abs=0.01)
     assert [a["ts"] for a in sink.answers_] == [r.received for r in items]
+
+
+class ThreadNoting(LoadedModel):
+    """A real ONNX version that notes the thread each batch is scored on, and how big, and
+    reports a scoring time of ``ms_per_row`` per row (the decision is tested, not the
+    machine's speed)."""
+
+    ms_per_row = 0.001
+
+    def predict(self, x):
+        self.seen.append((threading.current_thread() is threading.main_thread(), len(x)))
+        p = super().predict(x)
+        return Prediction(p.labels, p.scores, self.ms_per_row * len(x))
+
+
+class SlowPerRow(ThreadNoting):
+    """... 20 µs per row: fast for one row, too slow for a batch of 40 on the loop."""
+
+    ms_per_row = 0.02
+
+
+def test_batches_score_on_the_loop_once_their_versions_proved_fast_enough(
+        tmp_path, windows, activity_bundle, activity_bundle_v2):
+    """Versions go to their own threads until their runs show a batch of that size scores
+    within the inline budget; then the batch is scored on the loop thread, with no hand-off.
+    A version whose cost per row would exceed the budget keeps its thread for large
+    batches, and the answers are the same either way."""
+    from edgeml.core.scoring import INLINE_MAX_MS
+
+    async def batches(rt, sizes):
+        task = asyncio.create_task(rt.run())
+        i = 0
+        for n in sizes:  # one batch at a time
+            rt.enqueue([Row(windows[(i + k) % len(windows)], f"w{i + k}", "sensors/w1/imu",
+                            i + k, time.time()) for k in range(n)])
+            i += n
+            await asyncio.sleep(0)
+            await rt.wait_idle()
+            if rt._inflight_results:  # a late challenger: its run is counted first
+                await asyncio.wait(list(rt._inflight_results))
+        rt.stop()
+        await task
+
+    rt, sink = runtime(deadline_ms=5000, max_batch=64)
+    fast = [slot(ThreadNoting, b, role, p, tmp_path)
+            for b, role, p in ((activity_bundle, "champion", 0),
+                               (activity_bundle_v2, "challenger", 10))]
+    for m in fast:
+        m.model.seen = []
+    rt.set_members(fast)
+    asyncio.run(batches(rt, [8] * 6 + [40] * 3))
+    for m in fast:
+        seen = m.model.seen
+        assert not any(on_loop for on_loop, _ in seen[:4])  # threads until proven
+        assert INLINE_MAX_MS >= 0.001 * 40  # these are fast: 40 rows fit the budget ...
+        assert all(on_loop for on_loop, _ in seen[6:])  # ... and ran on the loop
+    labels = fast[0].predict(np.stack([windows[i % len(windows)] for i in range(168)])).labels
+    assert [a["output"]["label"] for a in sink.answers_] == labels.tolist()
+
+    rt, sink = runtime(deadline_ms=5000, max_batch=64)
+    slow = slot(SlowPerRow, activity_bundle, "champion", 0, tmp_path)
+    slow.model.seen = []
+    rt.set_members([slow])
+    asyncio.run(batches(rt, [1] * 6 + [40] * 2 + [1] * 2))
+    seen = slow.model.seen
+    assert [on_loop for on_loop, n in seen if n == 40] == [False, False]  # 0.8 ms: thread
+    assert seen[-1] == (True, 1)  # a single row still fits on the loop
+    assert len(sink.answers_) == 88
