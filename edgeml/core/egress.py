@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -260,19 +261,26 @@ class _RowParts:
             runs.append((start, end, pos, k_topic + pack(first.topic),
                          pack(["ts", first.received, "input_seq", seq])[1:]))
         self.runs = runs
-        self._elems: list[tuple[bytes, bytes]] | None = None
+        self._elems: tuple[list[bytes], list[bytes]] | None = None
 
-    def elems(self) -> list[tuple[bytes, bytes]]:
+    def elems(self) -> tuple[list[bytes], list[bytes]]:
         """Each row as an element of a grouped record's ``rows``, but for its output:
-        ``{row, id, output: <here>, true_label?}`` as (before, after) the output."""
+        ``{row, id, output: <here>, true_label?}`` as the bytes before and after it."""
         if self._elems is None:
             pack = _strict_packer().pack
             k_row, k_out, k_label = _K["row"], _K["output"], _K["true_label"]
-            self._elems = [
-                (_ELEM3 + k_row + pack(r.sub) + rid + k_out, b"") if r.label is None else
-                (_ELEM4 + k_row + pack(r.sub) + rid + k_out, k_label + pack(r.label))
-                for r, rid in zip(self.rows, self.ids, strict=True)]
+            self._elems = (
+                [(_ELEM3 if r.label is None else _ELEM4) + k_row + pack(r.sub) + rid + k_out
+                 for r, rid in zip(self.rows, self.ids, strict=True)],
+                [b"" if r.label is None else k_label + pack(r.label) for r in self.rows])
         return self._elems
+
+
+def _rows_array(body: list[bytes], before: list[bytes], outs: list[bytes],
+                after: list[bytes], start: int, end: int) -> None:
+    """Append a grouped record's ``rows`` elements ``start:end`` to ``body``."""
+    body += chain.from_iterable(zip(before[start:end], outs[start:end], after[start:end],
+                                    strict=True))
 
 
 def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
@@ -283,7 +291,7 @@ def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
         ["late", rr.late, "output"])[1:]
     late_shared = pack(["late", rr.late])[1:]
     runs = rp.runs
-    elems = rp.elems() if any(end - start > 1 for start, end, *_ in runs) else []
+    before, after = rp.elems() if any(e - b > 1 for b, e, *_ in runs) else ([], [])
     ids_b, extras = rp.ids, rp.extras
     rid_key, rows_key = _K["record_id"], _K["rows"]
     ids: list[str] = []
@@ -321,9 +329,7 @@ def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
                 continue
             body = [pack_map_header(10 + n_tail), rid_key, pack(rid), topic, ver, ts_seq,
                     late_shared, tail_b, rows_key, array_header(end - start)]
-            for j in range(start, end):
-                before, after = elems[j]
-                body += (before, outs[j], after)
+            _rows_array(body, before, outs, after, start, end)
             add_part(join(body))
     return _Run("results", ids, None, parts)
 
@@ -346,10 +352,10 @@ def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out
     k_out, headers, join = _K["output"], _ANSWER_HEADERS, b"".join
     maps: list[bytes] = []
     for start, end, _, topic, ts_seq in rp.runs:
-        tail = pack(lat[start]) + ts_seq
-        for i in range(start, end):
-            c, k = extras[i]
-            maps.append(join((headers[k], ids_b[i], topic, pmv, k_out, outs[i], pfl, tail, c)))
+        middle = topic + pmv + k_out
+        tail = pfl + pack(lat[start]) + ts_seq
+        maps += [join((headers[k], rid, middle, out, tail, c)) for rid, out, (c, k) in zip(
+            ids_b[start:end], outs[start:end], extras[start:end], strict=True)]
     # one payload per input message: a message longer than a run spans several runs
     payloads: list[tuple[bytes, int]] = []
     i, n = 0, len(rows)
@@ -363,21 +369,19 @@ def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out
     if not store:
         return payloads, None
     rid_key, rows_key = _K["record_id"], _K["rows"]
-    elems = rp.elems() if any(e - s > 1 for s, e, *_ in rp.runs) else []
+    before, after = rp.elems() if any(e - b > 1 for b, e, *_ in rp.runs) else ([], [])
     ids: list[str] = []
     parts: list[bytes] = []
     for start, end, pos, topic, ts_seq in rp.runs:
         rid = head + pos + end_
         ids.append(rid)
         if end - start == 1:
-            c, k = extras[start]
+            k = extras[start][1]
             parts.append(join((pack_map_header(12 + k), rid_key, pack(rid), maps[start][1:])))
             continue
         body = [pack_map_header(11), rid_key, pack(rid), topic, pmv, pfl, pack(lat[start]),
                 ts_seq, rows_key, array_header(end - start)]
-        for j in range(start, end):
-            before, after = elems[j]
-            body += (before, outs[j], after)
+        _rows_array(body, before, outs, after, start, end)
         parts.append(join(body))
     return payloads, _Run("outputs", ids, None, parts)
 
