@@ -365,3 +365,26 @@ def test_publishes_nobody_subscribed_to_settle_without_paho_decoding_their_pubac
             assert t.stats()["publish_errors"] == 0
     asyncio.run(main())
     assert decoded == []
+
+
+def test_the_window_releases_the_oldest_waiting_publish_and_follows_a_reconnect_reset():
+    """Publishes beyond the in-flight window wait in order; each acknowledgement sends the
+    oldest waiting one (found without walking the window). A reconnect's reset decides
+    anew which wait, and the queue of waiting ones follows it."""
+    client = mqtt._PahoClient(paho.CallbackAPIVersion.VERSION2, client_id="window")
+    client.max_inflight_messages_set(3)
+    client.max_queued_messages_set(0)
+    sent: list[int] = []
+    client._send_publish = lambda mid, *a, **k: sent.append(mid) or paho.MQTT_ERR_SUCCESS
+    client._topics["w/t"] = b"w/t"
+    mids = [client.publish("w/t", str(i).encode(), qos=1).mid for i in range(8)]
+    assert sent == mids[:3] and list(client._queued) == mids[3:]
+    client._do_on_publish(mids[1], paho.ReasonCode(paho.PacketTypes.PUBACK), None)
+    assert sent == mids[:4]  # the oldest waiting one, and only it
+    # a reconnect: paho's reset marks every held message to be resent on CONNACK, so none
+    # waits for the window any more, and none is sent twice
+    client._messages_reconnect_reset_out()
+    assert not client._queued
+    assert {m.state for m in client._out_messages.values()} == {paho.mqtt_ms_publish}
+    client._update_inflight()
+    assert sent == mids[:4]
