@@ -360,6 +360,12 @@ class PipelineRuntime:
             self._last_batch = len(batch)
             try:
                 await self._score(loop, batch)
+                if q:
+                    # a batch scored on the loop never yields: let the loop read, write and
+                    # acknowledge before the next one (without this a flood's queue was
+                    # scored in one stretch while the sockets waited: 25% fewer messages
+                    # per second)
+                    await asyncio.sleep(0)
             except Exception:  # a bug here must not stop the pipeline
                 self.stats.errors += 1
                 log.exception("pipeline %s: batch of %d rows failed", self.name, len(batch))
