@@ -10,6 +10,7 @@ import paho.mqtt.client as paho
 import pytest
 from conftest import publish_all
 
+from edgeml.errors import PublishError
 from edgeml.transport import mqtt
 from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
@@ -388,3 +389,21 @@ def test_the_window_releases_the_oldest_waiting_publish_and_follows_a_reconnect_
     assert {m.state for m in client._out_messages.values()} == {paho.mqtt_ms_publish}
     client._update_inflight()
     assert sent == mids[:4]
+
+
+def test_a_publish_refused_for_want_of_packet_ids_says_so(broker):
+    """When every packet id is held by a QoS 1 message the broker has not acknowledged yet
+    (a flood it cannot keep up with), a further publish is refused with an error that says
+    so, counted, and the connection carries on."""
+    async def main():
+        async with MqttTransport(settings(broker, "ids")) as t:
+            client = t._client
+            real = client._mid_generate
+            t.publish_nowait("ids/t", b"first", qos=1)  # waits for its PUBACK until we yield
+            client._mid_generate = lambda: next(iter(client._out_messages))  # ids all taken
+            with pytest.raises(PublishError, match="waiting for the broker's acknowledgement"):
+                t.publish_nowait("ids/t", b"second", qos=1)
+            assert t.stats()["publish_errors"] == 1
+            client._mid_generate = real
+            await t.publish("ids/t", b"third", qos=1, timeout=10)
+    asyncio.run(main())
