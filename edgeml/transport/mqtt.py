@@ -1165,9 +1165,10 @@ class MqttTransport:
         self._stats["publish_errors"] += 1
         if rc == paho.MQTT_ERR_QUEUE_SIZE:  # every packet id is taken by a waiting message
             raise PublishError(
-                f"publish to {topic!r} refused: {len(self._client._out_messages)} QoS 1/2 "
-                "messages are waiting for the broker's acknowledgement (the most MQTT packet "
-                "ids allow); it takes them slower than they come")
+                f"publish to {topic!r} refused: queue full: "
+                f"{len(self._client._out_messages)} QoS 1/2 messages wait for the broker's "
+                "acknowledgement, as many as MQTT packet ids allow (the broker takes them "
+                "slower than they come)")
         raise PublishError(f"publish to {topic!r} refused: {paho.error_string(rc)}")
 
     def publish_nowait(self, topic: str, payload: bytes, qos: int = 0,

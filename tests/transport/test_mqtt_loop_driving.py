@@ -401,7 +401,7 @@ def test_a_publish_refused_for_want_of_packet_ids_says_so(broker):
             real = client._mid_generate
             t.publish_nowait("ids/t", b"first", qos=1)  # waits for its PUBACK until we yield
             client._mid_generate = lambda: next(iter(client._out_messages))  # ids all taken
-            with pytest.raises(PublishError, match="waiting for the broker's acknowledgement"):
+            with pytest.raises(PublishError, match="wait for the broker's acknowledgement"):
                 t.publish_nowait("ids/t", b"second", qos=1)
             assert t.stats()["publish_errors"] == 1
             client._mid_generate = real
