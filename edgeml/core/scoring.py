@@ -100,14 +100,30 @@ class _VersionRunner:
         self.pool.shutdown(wait=False, cancel_futures=False)
 
 
-class AnswerRecords(Sequence[dict]):
+class _LazyRecords(Sequence[dict]):
+    """Records of one scored batch as a sequence of dicts built on first read
+    (:meth:`records`); their consumers may read the columns instead."""
+
+    __slots__ = ("_records",)
+
+    def records(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.records()[i]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records())
+
+
+class AnswerRecords(_LazyRecords):
     """The answer record of each row of one scored batch, in row order.
 
     A sequence of dicts built on first read (:meth:`records` defines the fields). Egress
     need not read them as dicts: when one version answered every row it packs the answers
     and their records straight from these columns (``rows``, ``answers``, ``latency_ms``)."""
 
-    __slots__ = ("_records", "answers", "latency_ms", "pipeline", "policy", "rows")
+    __slots__ = ("answers", "latency_ms", "pipeline", "policy", "rows")
 
     def __init__(self, pipeline: str, rows: Sequence[Row], answers: Sequence[Answer],
                  policy: str, latency_ms: Sequence[float]) -> None:
@@ -140,21 +156,15 @@ class AnswerRecords(Sequence[dict]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: Any) -> Any:
-        return self.records()[i]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.records())
-
-
-class ResultRecords(Sequence[dict]):
+class ResultRecords(_LazyRecords):
     """Every version's result record for one scored batch, version by version, row by row.
 
     A sequence of dicts built on first read (:meth:`records` defines the fields). The outbox
     need not read them as dicts: it packs the same fields straight from these columns
     (``rows``, ``outcomes``), which costs far less than a dict per record."""
 
-    __slots__ = ("_records", "late", "outcomes", "pipeline", "rows")
+    __slots__ = ("late", "outcomes", "pipeline", "rows")
 
     def __init__(self, pipeline: str, rows: Sequence[Row], outcomes: Sequence[Outcome],
                  late: bool) -> None:
@@ -190,12 +200,6 @@ class ResultRecords(Sequence[dict]):
 
     def __len__(self) -> int:
         return len(self.rows) * len(self.outcomes)
-
-    def __getitem__(self, i: Any) -> Any:
-        return self.records()[i]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.records())
 
 
 class PipelineRuntime:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -320,3 +321,50 @@ def test_batches_score_on_the_loop_once_their_versions_proved_fast_enough(
     assert [on_loop for on_loop, n in seen if n == 40] == [False, False]  # 0.8 ms: thread
     assert seen[-1] == (True, 1)  # a single row still fits on the loop
     assert len(sink.answers_) == 88
+
+
+def test_the_loop_gets_a_turn_between_batches_scored_on_it(tmp_path, windows, activity_bundle):
+    """A queue of several batches, all scored on the loop: between two of them the loop
+    runs its other work (in the daemon: reading and writing the sockets), rather than
+    after the whole queue."""
+    rt, sink = runtime(deadline_ms=5000, max_batch=8)
+    m = slot(ThreadNoting, activity_bundle, "champion", 0, tmp_path)
+    m.model.seen = []
+    rt.set_members([m])
+    events: list[str] = []
+
+    class Noting(Sink):
+        def answers(self, pipeline, records):
+            events.append("batch")
+            super().answers(pipeline, records)
+
+    rt.emitter = sink = Noting()
+
+    def rows_from(i, n):
+        return [Row(windows[(i + k) % len(windows)], f"w{i + k}", "sensors/w1/imu", i + k,
+                    time.time()) for k in range(n)]
+
+    async def main():
+        task = asyncio.create_task(rt.run())
+        for i in range(5):  # proven fast first, one batch at a time
+            rt.enqueue(rows_from(i * 8, 8))
+            await asyncio.sleep(0)
+            await rt.wait_idle()
+        events.clear()
+        rt.enqueue(rows_from(100, 32))  # four batches at once
+
+        async def other_work():
+            while not rt._idle.is_set() or not events:
+                events.append("loop")
+                await asyncio.sleep(0)
+        await asyncio.gather(other_work(), rt.wait_idle())
+        rt.stop()
+        await task
+
+    asyncio.run(main())
+    assert all(on_loop for on_loop, _ in m.model.seen[4:])  # scored on the loop
+    batches = [i for i, e in enumerate(events) if e == "batch"]
+    assert len(batches) == 4
+    # the other work ran between the batches, not only before the first and after the last
+    assert all("loop" in events[a + 1:b] for a, b in pairwise(batches))
+    assert len(sink.answers_) == 5 * 8 + 32
