@@ -142,6 +142,9 @@ def test_node_killed_mid_stream_uplink_fails_over_nothing_missing(
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     collect = CollectProcess("--source", survivors, "--db", db)  # before the devices sync
     try:
+        # its first status comes once its durable consumer exists: the MQTT layer's stream
+        # keeps a message only for consumers that exist when it arrives (interest retention)
+        collect.wait_status(lambda s: True, timeout=60)
         urls = ", ".join(f'"{n.mqtt_url}"' for n in c.nodes)  # the victim first
         up = (f"[upstream]\nurls = [{urls}]\nprotocol = \"3.1.1\"\nfailover_after_s = 3.0\n"
               "[sync]\nbatch_max_wait_s = 0.05\nbatch_max_records = 40\n")
