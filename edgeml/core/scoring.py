@@ -100,6 +100,15 @@ class _VersionRunner:
         self.pool.shutdown(wait=False, cancel_futures=False)
 
 
+def _add_row_fields(rec: dict[str, Any], row: Row) -> None:
+    """A row record's own optional fields: its place in a message of several rows, and the
+    input's label (``label_field``: upstream scores accuracy)."""
+    if row.sub:
+        rec["row"] = row.sub
+    if row.label is not None:
+        rec["true_label"] = row.label
+
+
 class _LazyRecords(Sequence[dict]):
     """Records of one scored batch as a sequence of dicts built on first read
     (:meth:`records`); their consumers may read the columns instead."""
@@ -143,10 +152,7 @@ class AnswerRecords(_LazyRecords):
                 "fallback": a.fallback, "latency_ms": latency, "ts": row.received,
                 "input_seq": row.seq,
             }
-            if row.sub:
-                rec["row"] = row.sub
-            if row.label is not None:  # the input's label_field: upstream scores accuracy
-                rec["true_label"] = row.label
+            _add_row_fields(rec, row)
             if a.error:
                 rec["error"] = a.error
             records.append(rec)
@@ -186,10 +192,7 @@ class ResultRecords(_LazyRecords):
                     "input_seq": row.seq, "late": late,
                     "output": outputs[i] if outputs is not None else None,
                 }
-                if row.sub:
-                    rec["row"] = row.sub
-                if row.label is not None:
-                    rec["true_label"] = row.label
+                _add_row_fields(rec, row)
                 if latency is not None:  # per version, so upstream can compare
                     rec["latency_ms"] = latency
                 if o.error:
