@@ -9,6 +9,7 @@ rows straight from the score array: the bytes are exactly what msgpack gives for
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,23 @@ _LABEL_HEAD = b"\x82" + _packb("label")  # {"label": ..., "scores": {...}}
 
 #: below this many rows, packing each map costs less than the array set-up
 VECTOR_MIN_ROWS = 16
+
+
+#: per key tuple: ``"scores"`` and the map header; each key packed, with msgpack's float64
+#: marker after it; a packer of ``key, score, key, score, ...``
+_LAYOUTS: dict[tuple[str, ...], tuple[bytes, tuple[bytes, ...], Any]] = {}
+
+
+def _scores_layout(keys: tuple[str, ...]) -> tuple[bytes, tuple[bytes, ...], Any]:
+    layout = _LAYOUTS.get(keys)
+    if layout is None:
+        if len(_LAYOUTS) >= 256:  # active sets are small; a long-lived daemon must not grow
+            _LAYOUTS.clear()
+        cb = tuple(_packb(c) + b"\xcb" for c in keys)
+        fmt = ">" + "".join(f"{len(c)}sd" for c in cb)
+        layout = _LAYOUTS[keys] = (_packb("scores") + _map_header(len(keys)), cb,
+                                   struct.Struct(fmt).pack)
+    return layout
 
 
 def _map_header(n: int) -> bytes:
@@ -70,9 +88,11 @@ class Outputs(Sequence[dict]):
     def _pack(self) -> list[bytes]:
         scores = self.scores
         if (self.kind != "scores" or scores is None or scores.ndim != 2
-                or scores.dtype.kind != "f" or len(scores) < VECTOR_MIN_ROWS):
+                or scores.dtype.kind != "f"):
             pack = _packb
             return [pack(m) for m in self.maps()]
+        if len(scores) < VECTOR_MIN_ROWS:
+            return self._pack_few()
         # {"label": <label>, "scores": {<key>: <float64>, ...}}: the part after the label is
         # laid out in one array, a row of bytes per output, the scores written in as
         # big-endian float64 (msgpack's 0xcb), as packing each float would give
@@ -100,6 +120,16 @@ class Outputs(Sequence[dict]):
         pack = _packb
         return [b"".join((_LABEL_HEAD, pack(lab), rows[i * width:(i + 1) * width]))
                 for i, lab in enumerate(labels)]
+
+    def _pack_few(self) -> list[bytes]:
+        """A few classifier rows without building their maps: what follows the label is one
+        struct per row, the keys' bytes as constants between the big-endian float64s."""
+        head, keys, row = _scores_layout(self._keys)
+        pack = _packb
+        return [b"".join((_LABEL_HEAD, pack(lab), head,
+                          row(*[v for pair in zip(keys, s, strict=True) for v in pair])))
+                for lab, s in zip(self.labels, self.scores.tolist(),  # type: ignore[union-attr]
+                                  strict=True)]
 
     def __len__(self) -> int:
         return len(self.labels)
