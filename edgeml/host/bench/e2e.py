@@ -98,7 +98,7 @@ class E2ESettings:
     extra_phases: tuple[str, ...] = ("burst", "samples")
     burst_messages: int = 20000
     samples_per_message: int = 10
-    sync_off: bool = True                 # the daemon again with outbox and uplink off (max)
+    sync_off: bool = True                 # the daemon again, outbox and uplink off (max, samples)
     #: "split": the target alone on the last core, broker/load/receivers on the others;
     #: "none": unpinned. Each one is a full pass.
     affinity: tuple[str, ...] = ("split", "none")
@@ -880,7 +880,8 @@ def _run_pass(h: Harness, s: E2ESettings, models: dict[str, list[BenchModel]], r
                     elif variant == "edgeml-qos0":
                         run = h.run_edgeml(kind, ms, output_qos=0)
                     else:
-                        run = h.run_edgeml(kind, ms, sync=False, only=("max",))
+                        # the max phase, and the ten-sample flood where syncing weighs most
+                        run = h.run_edgeml(kind, ms, sync=False, only=("max", "samples"))
                 except BenchError as exc:
                     say(f"  FAILED: {exc}")
                     report["errors"].append({"variant": variant, "model": kind,

@@ -103,7 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--samples", type=int, default=10, metavar="K",
                    help="samples per message in the samples phase (default: 10)")
     e.add_argument("--no-sync-off", action="store_true",
-                   help="skip the daemon's second max phase with outbox and uplink off")
+                   help="skip the daemon's second run with outbox and uplink off (its max and "
+                        "samples phases: the sync on/off column)")
     e.add_argument("--affinity", default="split,none",
                    help="CPU placement passes: split (the target alone on the last core, "
                    "broker, load generator and receivers on the others), none (unpinned); "
