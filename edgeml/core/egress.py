@@ -11,10 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from itertools import chain
+from itertools import chain, repeat
+from operator import attrgetter
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from edgeml.core.outputs import Outputs
 from edgeml.core.rendezvous import AnswerColumn
@@ -193,6 +195,10 @@ _ELEM3, _ELEM4 = pack_map_header(3), pack_map_header(4)  # a grouped record's ro
 #: map headers by the number of the version's own fields (latency, error), then the row's
 _HEADERS = [[pack_map_header(11 + t + k) for k in range(3)] for t in range(3)]
 _ANSWER_HEADERS = [pack_map_header(11 + k) for k in range(3)]
+_UNSET = object()
+#: the start of a grouped record's row element, ``{row: <n>, id: ...``, for n below 128
+_ELEM_HEADS = {n: _ELEM3 + _K["row"] + msgpack.packb(n) for n in range(128)}
+_LABEL_OF, _SUB_OF = attrgetter("label"), attrgetter("sub")
 
 
 def _version_parts(device: str, pipeline: str, name: str, version: str, role: str | None,
@@ -236,7 +242,7 @@ class _RowParts:
     fields)``. Per row: its ``id`` field, and its ``row`` and ``true_label`` fields with
     their count (what a row record has beyond the shared ones)."""
 
-    __slots__ = ("_elems", "extras", "ids", "rows", "runs")
+    __slots__ = ("_elems", "_matrix", "extras", "ids", "rows", "runs")
 
     def __init__(self, rows: Sequence[Any]) -> None:
         pack = _strict_packer().pack
@@ -262,6 +268,7 @@ class _RowParts:
                          pack(["ts", first.received, "input_seq", seq])[1:]))
         self.runs = runs
         self._elems: tuple[list[bytes], list[bytes]] | None = None
+        self._matrix: np.ndarray | object | None = _UNSET
 
     def elems(self) -> tuple[list[bytes], list[bytes]]:
         """Each row as an element of a grouped record's ``rows``, but for its output:
@@ -274,6 +281,45 @@ class _RowParts:
                  for r, rid in zip(self.rows, self.ids, strict=True)],
                 [b"" if r.label is None else k_label + pack(r.label) for r in self.rows])
         return self._elems
+
+
+    def elem_matrix(self) -> np.ndarray | None:
+        """What :meth:`elems` gives before each output, as one row of a ``uint8`` array per
+        row, when every row's is the same width (no true labels, row numbers below 128, ids
+        that pack to one length, as a numbered batch's ``"<id>:<row>"`` do): then a grouped
+        record's elements are one slice of this array beside the outputs' own
+        (:meth:`~edgeml.core.outputs.Outputs.matrix`), not three parts per row. Else None."""
+        if self._matrix is _UNSET:
+            self._matrix = self._elem_matrix()
+        return self._matrix  # type: ignore[return-value]
+
+    def _elem_matrix(self) -> np.ndarray | None:
+        rows, ids = self.rows, self.ids
+        if set(map(_LABEL_OF, rows)) != {None}:
+            return None
+        if any(e - b == 1 for b, e, *_ in self.runs):
+            # a lone row's element is never read: it stands in as a grouped row's
+            ids = list(ids)
+            stand_in = next(ids[b] for b, e, *_ in self.runs if e - b > 1)
+            for b, e, *_ in self.runs:
+                if e - b == 1:
+                    ids[b] = stand_in
+        if len(set(map(len, ids))) != 1:
+            return None
+        try:
+            heads = [_ELEM_HEADS[sub] for sub in map(_SUB_OF, rows)]
+        except (KeyError, TypeError):  # a row number msgpack packs in more than a byte
+            return None
+        data = b"".join(chain.from_iterable(zip(heads, ids, repeat(_K["output"]))))
+        return np.frombuffer(data, dtype=np.uint8).reshape(len(rows), -1)
+
+
+def _side_by_side(rows: np.ndarray | None, outputs: np.ndarray | None) -> bytes | None:
+    """Each row's element of a grouped record, all rows in one string of bytes (a row of
+    :meth:`_RowParts.elem_matrix` and one of :meth:`Outputs.matrix` each), or None."""
+    if rows is None or outputs is None or len(rows) != len(outputs):
+        return None
+    return np.concatenate((rows, outputs), axis=1).tobytes()
 
 
 def _rows_array(body: list[bytes], before: list[bytes], outs: list[bytes],
@@ -291,7 +337,10 @@ def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
         ["late", rr.late, "output"])[1:]
     late_shared = pack(["late", rr.late])[1:]
     runs = rp.runs
-    before, after = rp.elems() if any(e - b > 1 for b, e, *_ in runs) else ([], [])
+    grouped = any(e - b > 1 for b, e, *_ in runs)
+    elem_rows = rp.elem_matrix() if grouped else None
+    before: list[bytes] | None = None
+    after: list[bytes] = []
     ids_b, extras = rp.ids, rp.extras
     rid_key, rows_key = _K["record_id"], _K["rows"]
     ids: list[str] = []
@@ -312,7 +361,14 @@ def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
             tail_b, n_tail = b"", 0
         headers = _HEADERS[n_tail]
         outputs = o.outputs
-        if outputs is None:
+        # every row's grouped element in one string: a message's elements are one slice
+        flat = _side_by_side(elem_rows, outputs.matrix()) \
+            if elem_rows is not None and isinstance(outputs, Outputs) else None
+        if flat is not None:
+            width = len(flat) // len(rows)
+            skip = width - outputs.matrix().shape[1]  # type: ignore[union-attr]
+            outs = None
+        elif outputs is None:
             outs = [b"\xc0"] * len(rows)  # nil
         elif isinstance(outputs, Outputs):
             outs = outputs.packed()
@@ -324,18 +380,26 @@ def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
             add_id(rid)
             if end - start == 1:
                 c, k = extras[start]
+                out = outs[start] if outs is not None else \
+                    flat[start * width + skip:(start + 1) * width]  # type: ignore[index]
                 add_part(join((headers[k], rid_key, pack(rid), ids_b[start], topic, ver,
-                               ts_seq, late, outs[start], c, tail_b)))
+                               ts_seq, late, out, c, tail_b)))
                 continue
             body = [pack_map_header(10 + n_tail), rid_key, pack(rid), topic, ver, ts_seq,
                     late_shared, tail_b, rows_key, array_header(end - start)]
-            _rows_array(body, before, outs, after, start, end)
+            if flat is not None:
+                body.append(flat[start * width:end * width])
+            else:
+                if before is None:
+                    before, after = rp.elems()
+                _rows_array(body, before, outs, after, start, end)  # type: ignore[arg-type]
             add_part(join(body))
     return _Run("results", ids, None, parts)
 
 
 def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out: _RowParts,
-                  store: bool) -> tuple[list[tuple[bytes, int]], _Run | None]:
+                  store: bool, matrix: np.ndarray | None = None,
+                  ) -> tuple[list[tuple[bytes, int]], _Run | None]:
     """Answers that one version (``ar.answers``, an :class:`AnswerColumn`) gave every row,
     packed from the columns: one payload per input message (a map, or an array of its rows'
     maps) with its row count, and, when ``store``, the ``outputs`` records for the outbox
@@ -369,7 +433,10 @@ def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out
     if not store:
         return payloads, None
     rid_key, rows_key = _K["record_id"], _K["rows"]
-    before, after = rp.elems() if any(e - b > 1 for b, e, *_ in rp.runs) else ([], [])
+    grouped = any(e - b > 1 for b, e, *_ in rp.runs)
+    flat = _side_by_side(rp.elem_matrix(), matrix) if grouped else None
+    width = len(flat) // len(rows) if flat is not None else 0
+    before, after = rp.elems() if grouped and flat is None else ([], [])
     ids: list[str] = []
     parts: list[bytes] = []
     for start, end, pos, topic, ts_seq in rp.runs:
@@ -381,7 +448,10 @@ def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out
             continue
         body = [pack_map_header(11), rid_key, pack(rid), topic, pmv, pfl, pack(lat[start]),
                 ts_seq, rows_key, array_header(end - start)]
-        _rows_array(body, before, outs, after, start, end)
+        if flat is not None:
+            body.append(flat[start * width:end * width])
+        else:
+            _rows_array(body, before, outs, after, start, end)
         parts.append(join(body))
     return payloads, _Run("outputs", ids, None, parts)
 
@@ -488,9 +558,10 @@ class Egress:
         if transport is not None and self._out[pipeline][2] is not msgpack_bytes:
             return False
         try:
+            store = self.outbox is not None
             payloads, run = _pack_answers(self.device, ar, outputs.packed(),
-                                          rows_out=self._row_parts(ar.rows),
-                                          store=self.outbox is not None)
+                                          rows_out=self._row_parts(ar.rows), store=store,
+                                          matrix=outputs.matrix() if store else None)
         except (TypeError, ValueError, OverflowError):
             return False
         if transport is not None:

@@ -23,6 +23,7 @@ _LABEL_HEAD = b"\x82" + _packb("label")  # {"label": ..., "scores": {...}}
 
 #: below this many rows, packing each map costs less than the array set-up
 VECTOR_MIN_ROWS = 16
+_UNSET = object()
 
 
 #: per key tuple: ``"scores"`` and the map header; each key packed, with msgpack's float64
@@ -53,13 +54,14 @@ class Outputs(Sequence[dict]):
     the class as a string), ``score`` (one score column), ``list`` (scores as a list) or
     ``label`` / ``value`` (no scores)."""
 
-    __slots__ = ("_keys", "_maps", "_packed", "kind", "labels", "scores")
+    __slots__ = ("_keys", "_maps", "_matrix", "_packed", "kind", "labels", "scores")
 
     def __init__(self, kind: str, labels: list, scores: np.ndarray | None,
                  keys: Sequence[str] = ()) -> None:
         self.kind, self.labels, self.scores, self._keys = kind, labels, scores, tuple(keys)
         self._maps: list[dict] | None = None
         self._packed: list[bytes] | None = None
+        self._matrix: np.ndarray | object | None = _UNSET
 
     def maps(self) -> list[dict]:
         if self._maps is None:
@@ -85,41 +87,73 @@ class Outputs(Sequence[dict]):
             self._packed = self._pack()
         return self._packed
 
-    def _pack(self) -> list[bytes]:
+    def matrix(self) -> np.ndarray | None:
+        """Every row's packed map as one row of a ``uint8`` array (``n x width``), when they
+        all have one width: a classifier's rows with small integer labels, enough of them
+        for the array to pay (:data:`VECTOR_MIN_ROWS`); else None. The rows of a grouped
+        record are then slices of this array beside the rows' own fields."""
+        if self._matrix is _UNSET:
+            self._matrix = self._vector(small_only=True)
+        return self._matrix  # type: ignore[return-value]
+
+    def _vectorable(self) -> bool:
         scores = self.scores
-        if (self.kind != "scores" or scores is None or scores.ndim != 2
-                or scores.dtype.kind != "f"):
-            pack = _packb
-            return [pack(m) for m in self.maps()]
-        if len(scores) < VECTOR_MIN_ROWS:
-            return self._pack_few()
-        # {"label": <label>, "scores": {<key>: <float64>, ...}}: the part after the label is
-        # laid out in one array, a row of bytes per output, the scores written in as
-        # big-endian float64 (msgpack's 0xcb), as packing each float would give
-        n, k = scores.shape
+        return (self.kind == "scores" and scores is not None and scores.ndim == 2
+                and scores.dtype.kind == "f" and len(scores) >= VECTOR_MIN_ROWS)
+
+    def _vector(self, *, small_only: bool) -> np.ndarray | None:
+        """{"label": <label>, "scores": {<key>: <float64>, ...}} laid out in one array, a row
+        of bytes per output, the scores written in as big-endian float64 (msgpack's 0xcb),
+        as packing each float would give. With small integer labels the label is in it (one
+        byte, msgpack's positive fixint); otherwise the array holds what follows the label
+        (None with ``small_only``)."""
+        if not self._vectorable():
+            return None
+        scores = self.scores
+        n, k = scores.shape  # type: ignore[union-attr]
         labels = self.labels
         small = set(map(type, labels)) == {int} and min(labels) >= 0 and max(labels) < 128
+        if small_only and not small:
+            return None
         keys = [_packb(c) for c in self._keys]
         head = (_LABEL_HEAD + b"\x00" if small else b"") + _packb("scores") + _map_header(k)
         width = len(head) + sum(len(c) + 9 for c in keys)
         out = np.empty((n, width), dtype=np.uint8)
         out[:, :len(head)] = np.frombuffer(head, dtype=np.uint8)
-        if small:  # the label is one byte (msgpack's positive fixint), in place
+        if small:
             out[:, len(_LABEL_HEAD)] = labels
         at = len(head)
-        as_f8 = scores.astype(">f8").view(np.uint8).reshape(n, k * 8)
+        as_f8 = scores.astype(">f8").view(np.uint8).reshape(n, k * 8)  # type: ignore[union-attr]
         for j, c in enumerate(keys):
             out[:, at:at + len(c)] = np.frombuffer(c, dtype=np.uint8)
             at += len(c)
             out[:, at] = 0xCB
             out[:, at + 1:at + 9] = as_f8[:, j * 8:(j + 1) * 8]
             at += 9
-        rows = out.tobytes()
         if small:
-            return [rows[i:i + width] for i in range(0, n * width, width)]
+            self._matrix = out
+        return out
+
+    def _pack(self) -> list[bytes]:
+        if not self._vectorable():
+            scores = self.scores
+            if (self.kind == "scores" and scores is not None and scores.ndim == 2
+                    and scores.dtype.kind == "f"):
+                return self._pack_few()
+            pack = _packb
+            return [pack(m) for m in self.maps()]
+        out = self.matrix()
+        if out is not None:  # small integer labels: each row's bytes whole
+            width = out.shape[1]
+            rows = out.tobytes()
+            return [rows[i:i + width] for i in range(0, len(rows), width)]
+        out = self._vector(small_only=False)
+        assert out is not None
+        width = out.shape[1]
+        rows = out.tobytes()
         pack = _packb
         return [b"".join((_LABEL_HEAD, pack(lab), rows[i * width:(i + 1) * width]))
-                for i, lab in enumerate(labels)]
+                for i, lab in enumerate(self.labels)]
 
     def _pack_few(self) -> list[bytes]:
         """A few classifier rows without building their maps: what follows the label is one

@@ -326,3 +326,52 @@ def test_answers_that_cannot_go_from_the_columns_go_as_records():
     assert len(sent) == 3 and len(runs) == 1
     assert msgpack.unpackb(sent[1])[1]["id"] == "7"
     assert sent == [msgpack_bytes(ar.records()[3 * k:3 * k + 3]) for k in range(3)]
+
+
+def test_numbered_batches_pack_their_rows_as_one_slice_byte_for_byte():
+    """The usual flood of numbered batch messages (ids "<n>:<row>", no true labels, a
+    classifier with integer labels): each grouped record's rows are a slice of one array of
+    every row's bytes. Answers, their outputs records and every version's results must still
+    be exactly what packing each record gives; with a lone row between the messages, a
+    failed version, and a batch whose ids change length (packed row by row)."""
+    from edgeml.core.outputs import Outputs
+    from edgeml.core.rendezvous import AnswerColumn
+    from edgeml.core.scoring import AnswerRecords
+
+    t = time.time()
+    x = np.asarray(DATA.flat(), dtype=np.float32)
+
+    def message(n: int, seq: int, k: int = 10) -> list[Row]:
+        return [Row(x[(seq + i) % len(x)], f"{n}:{i}" if k > 1 else n, "sensors/w1/imu", seq,
+                    t + seq / 1000, None, i) for i in range(k)]
+
+    def outcome(batch, v: int, role: str) -> Outcome:
+        rng = np.random.default_rng(v)
+        scores = rng.random((len(batch), 3)).astype(np.float32)
+        labels = scores.argmax(1).tolist()
+        o = Outputs("scores", labels, scores, ["0", "1", "2"])
+        return Outcome("gait", str(v), role, v, outputs=o, labels=labels, scores=scores,
+                       elapsed_ms=0.1 * v)
+
+    numbered = message(2000001, 10) + message(2000002, 11) + message(3, 12, k=1) \
+        + message(2000004, 13)
+    widths = message(999, 20) + message(1000, 21)  # "999:0" and "1000:0": two widths
+    for batch, whole in ((numbered, True), (widths, False)):
+        outs = [outcome(batch, 1, "champion"), outcome(batch, 2, "challenger"),
+                Outcome("gait", "3", "shadow", 3, error="scoring failed: boom")]
+        fast, sent_fast, runs_fast = _egress()
+        ar = AnswerRecords("gait", batch, AnswerColumn(outs[0], False), "champion",
+                           [1.25] * len(batch))
+        fast.answers("gait", ar)
+        fast.results("gait", ResultRecords("gait", batch, outs, False))
+        assert (fast._rows_cache.elem_matrix() is not None) == whole
+        slow, sent_slow, runs_slow = _egress()
+        slow.answers("gait", list(ar.records()))
+        slow.results("gait", list(ResultRecords("gait", batch, outs, False)))
+        assert sent_fast == sent_slow
+        assert [r.ids for r in runs_fast] == [r.ids for r in runs_slow]
+        assert [r.parts for r in runs_fast] == [r.parts for r in runs_slow]
+        # and they stand for the per-row records
+        answers, results = stored(runs_fast[0]), stored(runs_fast[1])
+        assert len(answers) == len(batch) and len(results) == 3 * len(batch)
+        assert [rec["id"] for _, rec in answers] == [r.id for r in batch]

@@ -55,6 +55,14 @@ def test_packed_outputs_are_the_packed_maps(labels_of, n, k, dtype):
         # maps compared as packed bytes: NaN is never equal to itself
         want_packed = [msgpack.packb(m, use_bin_type=True) for m in want]
         assert out.packed() == want_packed, kind
+        # one array of every row's bytes: a classifier's rows with small int labels, enough
+        # of them; read before packed() and after
+        whole = kind == "scores" and n >= VECTOR_MIN_ROWS and all(
+            type(lab) is int and 0 <= lab < 128 for lab in labels)
+        for mat in (Outputs(kind, labels, scores, keys).matrix(), out.matrix()):
+            assert (mat is not None) == whole
+            if mat is not None:
+                assert [bytes(r) for r in mat] == want_packed
         assert [msgpack.packb(m, use_bin_type=True) for m in out] == want_packed
         assert len(out) == n
 
