@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,9 @@ import numpy as np
 from edgeml.config import DriftConfig as DriftSettings
 from edgeml.core.health import AlertGate, RateTracker
 
+_TOPIC = operator.attrgetter("topic")
 log = logging.getLogger("edgeml.core.drift")
+_TOPIC = operator.attrgetter("topic")
 
 REFERENCE_VERSION = 1
 DEFAULT_BINS = 10
@@ -342,7 +345,7 @@ class DriftMonitor:
                 self.rows += len(batch)
                 self.batch_sizes[min(len(batch).bit_length(), 7)] += 1
                 return
-            self.observe_rows([r.topic for r in batch], x)
+            self.observe_rows(list(map(_TOPIC, batch)), x)
         except Exception:
             self._fault("inputs")
 
@@ -398,8 +401,9 @@ class DriftMonitor:
         else:
             x = x.reshape(n, self.nf)
             per = 1
-        for t in topics:
-            self.rates.add(t, per)
+        add = self.rates.add
+        for t, k in collections.Counter(topics).items():
+            add(t, k * per)
         start = 0
         while start < n:  # split at window boundaries: a window holds `window` samples
             room = self.s.window - self._wn - self._buffered
@@ -449,16 +453,26 @@ class DriftMonitor:
         owners: dict[str, list[int]] = {}
         i = 0
         for topics, _per in parts:
-            for t in topics:
-                owners.setdefault(t, []).append(i)
-                i += 1
+            first = topics[0]
+            if topics.count(first) == len(topics):  # the usual part: one source's rows
+                owners.setdefault(first, []).extend(range(i, i + len(topics)))
+            else:
+                for t in topics:
+                    owners.setdefault(t, []).append(i)
+                    i += 1
+                continue
+            i += len(topics)
         blocks = x.reshape(-1, per, x.shape[1]) if per > 1 else None
+        whole = len(owners) == 1
         for t, idx in owners.items():
             s = self._src.get(t)
             if s is None and len(self._src) >= self.s.max_sources:
                 self._src_other += len(idx)
                 continue
-            block = x[idx] if blocks is None else blocks[idx].reshape(-1, x.shape[1])
+            if whole:  # one source: every row is its own, in order
+                block = x
+            else:
+                block = x[idx] if blocks is None else blocks[idx].reshape(-1, x.shape[1])
             lo, hi = block.min(0), block.max(0)
             if s is None:
                 self._src[t] = [lo, hi, len(block)]
