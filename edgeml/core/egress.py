@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from itertools import chain, repeat
+from itertools import chain, groupby, repeat
 from operator import attrgetter
 from typing import Any
 
@@ -199,6 +199,9 @@ _UNSET = object()
 #: the start of a grouped record's row element, ``{row: <n>, id: ...``, for n below 128
 _ELEM_HEADS = {n: _ELEM3 + _K["row"] + msgpack.packb(n) for n in range(128)}
 _LABEL_OF, _SUB_OF = attrgetter("label"), attrgetter("sub")
+_MESSAGE_OF = attrgetter("seq", "topic", "received")
+#: a row's own fields beyond the shared ones when it has no true label: ``row`` past row 0
+_ROW_EXTRAS = {n: (_K["row"] + msgpack.packb(n), 1) if n else (b"", 0) for n in range(128)}
 
 
 def _version_parts(device: str, pipeline: str, name: str, version: str, role: str | None,
@@ -223,14 +226,13 @@ def _row_spans(rows: Sequence[Any]) -> list[tuple[int, int]]:
     ``GROUP_MAX_ROWS``): what :func:`message_spans` gives for each version's records."""
     spans: list[tuple[int, int]] = []
     start = 0
-    for i in range(1, len(rows) + 1):
-        if i < len(rows):
-            p, r = rows[i - 1], rows[i]
-            if (i - start < GROUP_MAX_ROWS and r.seq == p.seq and r.topic == p.topic
-                    and r.received == p.received):
-                continue
-        spans.append((start, i))
-        start = i
+    for _, same in groupby(rows, _MESSAGE_OF):
+        end = start + len(list(same))
+        while end - start > GROUP_MAX_ROWS:
+            spans.append((start, start + GROUP_MAX_ROWS))
+            start += GROUP_MAX_ROWS
+        spans.append((start, end))
+        start = end
     return spans
 
 
@@ -249,11 +251,16 @@ class _RowParts:
         k_id, k_row, k_label, k_topic = _K["id"], _K["row"], _K["true_label"], _K["topic"]
         self.rows = rows
         self.ids = [k_id + pack(r.id) for r in rows]
-        self.extras: list[tuple[bytes, int]] = [
-            (b"", 0) if not r.sub and r.label is None else
-            (k_row + pack(r.sub), 1) if r.label is None else
-            (k_label + pack(r.label), 1) if not r.sub else
-            (k_row + pack(r.sub) + k_label + pack(r.label), 2) for r in rows]
+        try:  # the usual rows: no true label, a row number below 128
+            if set(map(_LABEL_OF, rows)) != {None}:
+                raise KeyError
+            self.extras: list[tuple[bytes, int]] = [_ROW_EXTRAS[s] for s in map(_SUB_OF, rows)]
+        except (KeyError, TypeError):
+            self.extras = [
+                (b"", 0) if not r.sub and r.label is None else
+                (k_row + pack(r.sub), 1) if r.label is None else
+                (k_label + pack(r.label), 1) if not r.sub else
+                (k_row + pack(r.sub) + k_label + pack(r.label), 2) for r in rows]
         runs = []
         for start, end in _row_spans(rows):
             first = rows[start]
