@@ -194,9 +194,15 @@ class Decoder:
                 rows = [[item[f] for f in feats] for item in items]
         except (KeyError, TypeError, IndexError):
             return None
-        if not all(type(item) is dict for item in items):
+        if set(map(type, items)) != {dict}:
             return None
         idf = self.id_field
+        lf = self.label_field
+        if sum(map(len, items)) == len(items) * len(feats) and not (
+                doc and lf and doc.get(lf) is not None):
+            # the usual samples: the features and nothing else (no ids, no labels of their own)
+            return Decoded(self._check(rows, "batch"), (None,) * len(items) if base is None
+                           else tuple([f"{base}:{i}" for i in range(len(items))]), None)
         sids = [item.get(idf) for item in items]
         if all(v is None for v in sids):
             ids = (None,) * len(items) if base is None else \
@@ -205,7 +211,6 @@ class Decoder:
             ids = tuple([_check_id(v) if v is not None else _sub_id(base, i)
                          for i, v in enumerate(sids)])
         labels = None
-        lf = self.label_field
         if lf:
             labs = [item.get(lf) for item in items]
             if doc and doc.get(lf) is not None:
