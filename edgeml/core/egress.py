@@ -421,22 +421,36 @@ def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out
     pfl = _K["policy"] + pack(ar.policy) + _K["fallback"] + pack(col.fallback) \
         + _K["latency_ms"]
     k_out, headers, join = _K["output"], _ANSWER_HEADERS, b"".join
-    maps: list[bytes] = []
-    for start, end, _, topic, ts_seq in rp.runs:
-        middle = topic + pmv + k_out
-        tail = pfl + pack(lat[start]) + ts_seq
-        maps += [join((headers[k], rid, middle, out, tail, c)) for rid, out, (c, k) in zip(
-            ids_b[start:end], outs[start:end], extras[start:end], strict=True)]
-    # one payload per input message: a message longer than a run spans several runs
+    # one payload per input message (a message longer than a run spans several runs): its
+    # map, or the array of its rows' maps, joined at once from the parts
+    runs = rp.runs
     payloads: list[tuple[bytes, int]] = []
-    i, n = 0, len(rows)
-    while i < n:
-        j, seq = i + 1, rows[i].seq
-        while j < n and rows[j].seq == seq:
-            j += 1
-        payloads.append((maps[i] if j - i == 1 else
-                         join((array_header(j - i), *maps[i:j])), j - i))
-        i = j
+    lone: dict[int, bytes] = {}  # a one-row message's map: its outputs record reuses it
+    r, n_runs = 0, len(runs)
+    while r < n_runs:
+        first = runs[r][0]
+        seq = rows[first].seq
+        m = r + 1
+        while m < n_runs and rows[runs[m][0]].seq == seq:
+            m += 1
+        last = runs[m - 1][1]
+        if last - first == 1:
+            _, _, _, topic, ts_seq = runs[r]
+            c, k = extras[first]
+            one = join((headers[k], ids_b[first], topic + pmv + k_out, outs[first],
+                        pfl + pack(lat[first]) + ts_seq, c))
+            lone[first] = one
+            payloads.append((one, 1))
+        else:
+            pieces = [array_header(last - first)]
+            for start, end, _, topic, ts_seq in runs[r:m]:
+                middle = topic + pmv + k_out
+                tail = pfl + pack(lat[start]) + ts_seq
+                for rid, out, (c, k) in zip(ids_b[start:end], outs[start:end],
+                                            extras[start:end], strict=True):
+                    pieces += (headers[k], rid, middle, out, tail, c)
+            payloads.append((join(pieces), last - first))
+        r = m
     if not store:
         return payloads, None
     rid_key, rows_key = _K["record_id"], _K["rows"]
@@ -450,8 +464,11 @@ def _pack_answers(device: str, ar: AnswerRecords, outs: list[bytes], *, rows_out
         rid = head + pos + end_
         ids.append(rid)
         if end - start == 1:
-            k = extras[start][1]
-            parts.append(join((pack_map_header(12 + k), rid_key, pack(rid), maps[start][1:])))
+            c, k = extras[start]
+            one = lone.get(start) or join((  # the last row of a long message: not kept
+                headers[k], ids_b[start], topic + pmv + k_out, outs[start],
+                pfl + pack(lat[start]) + ts_seq, c))
+            parts.append(join((pack_map_header(12 + k), rid_key, pack(rid), one[1:])))
             continue
         body = [pack_map_header(11), rid_key, pack(rid), topic, pmv, pfl, pack(lat[start]),
                 ts_seq, rows_key, array_header(end - start)]

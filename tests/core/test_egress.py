@@ -282,6 +282,7 @@ def test_answers_packed_from_columns_are_byte_for_byte_the_records():
                    seq=90 + i, received=t + i, label=None, sub=0) for i in range(3)]
     for batch, fallback, wire in [(rows(), False, True), (rows(odd_id="a/b%c"), True, True),
                                   (singles + long + rows(), False, True),
+                                  (long[:201] + singles, False, True),  # a last run of one
                                   (rows(), False, False)]:
         fast, sent_fast, runs_fast = _egress(wire=wire)
         ar = _column_answers(batch, fallback=fallback)
