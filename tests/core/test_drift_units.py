@@ -222,3 +222,32 @@ def test_versions_bin_their_outputs_at_different_rows_with_the_same_figures():
         w = m.outputs[k]
         assert w.figures() == one.outputs["m:1"].figures()
         assert w.n == n - 1
+
+
+def test_a_flush_counts_each_channel_as_binning_it_alone_does():
+    """The live window's bin counts and out-of-range tallies, fed in one flush, are what
+    binning each channel on its own gives (searchsorted, side=right), on real Daphnet
+    samples against a reference from other samples, values on the edges included."""
+    from edgeml.core.drift import bin_index
+    from edgeml.host.datasets import DAPHNET_CHANNELS, load_daphnet
+
+    X = np.asarray(load_daphnet().X, dtype=np.float32)
+    feats = list(DAPHNET_CHANNELS)
+    ref = make_reference(X[:3000], feats, None, kind="regressor")
+    ref["inputs"].pop(feats[4])  # a channel without a reference is skipped
+    m = DriftMonitor("p", DriftConfig(window=100_000), features=feats, window=None, hop=None,
+                     record=lambda d: None, clock=lambda: 0.0, alert=lambda k, d: None)
+    m.set_reference(ref, "m:1")
+    live = X[5000:7000].copy()
+    cols = m._cols
+    live[:5, 0] = cols[0].edges[:5]  # values exactly on edges fall in the bin above
+    m.observe_rows(["sensors/a"] * len(live), live)
+    m._flush()
+    for i, c in enumerate(cols):
+        if c is None:
+            assert not m._counts[i].any()
+            continue
+        want = np.bincount(bin_index(c.edges, live[:, i]), minlength=len(c.freq))
+        assert m._counts[i].tolist() == want.tolist(), feats[i]
+        assert m._oor[i] == np.count_nonzero((live[:, i] < c.lo) | (live[:, i] > c.hi))
+    assert sum(int(m._counts[i].sum()) for i, c in enumerate(cols) if c) == 8 * len(live)
