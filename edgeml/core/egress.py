@@ -251,12 +251,13 @@ class _RowParts:
         k_id, k_row, k_label, k_topic = _K["id"], _K["row"], _K["true_label"], _K["topic"]
         self.rows = rows
         self.ids = [k_id + pack(r.id) for r in rows]
-        try:  # the usual rows: no true label, a row number below 128
-            if set(map(_LABEL_OF, rows)) != {None}:
-                raise KeyError
-            self.extras: list[tuple[bytes, int]] = [_ROW_EXTRAS[s] for s in map(_SUB_OF, rows)]
-        except (KeyError, TypeError):
-            self.extras = [
+        extras: list[tuple[bytes, int]] | None = None
+        if set(map(_LABEL_OF, rows)) == {None}:  # the usual rows: no true label
+            try:
+                extras = [_ROW_EXTRAS[s] for s in map(_SUB_OF, rows)]
+            except (KeyError, TypeError):  # a row number msgpack packs in more than a byte
+                extras = None
+        self.extras = extras if extras is not None else [
                 (b"", 0) if not r.sub and r.label is None else
                 (k_row + pack(r.sub), 1) if r.label is None else
                 (k_label + pack(r.label), 1) if not r.sub else
@@ -288,7 +289,6 @@ class _RowParts:
                  for r, rid in zip(self.rows, self.ids, strict=True)],
                 [b"" if r.label is None else k_label + pack(r.label) for r in self.rows])
         return self._elems
-
 
     def elem_matrix(self) -> np.ndarray | None:
         """What :meth:`elems` gives before each output, as one row of a ``uint8`` array per
@@ -369,11 +369,12 @@ def _pack_results(device: str, rr: ResultRecords, rp: _RowParts) -> _Run:
         headers = _HEADERS[n_tail]
         outputs = o.outputs
         # every row's grouped element in one string: a message's elements are one slice
-        flat = _side_by_side(elem_rows, outputs.matrix()) \
-            if elem_rows is not None and isinstance(outputs, Outputs) else None
+        out_rows = outputs.matrix() if elem_rows is not None and isinstance(outputs, Outputs) \
+            else None
+        flat = _side_by_side(elem_rows, out_rows)
         if flat is not None:
             width = len(flat) // len(rows)
-            skip = width - outputs.matrix().shape[1]  # type: ignore[union-attr]
+            skip = width - out_rows.shape[1]  # type: ignore[union-attr]  # the row's fields
             outs = None
         elif outputs is None:
             outs = [b"\xc0"] * len(rows)  # nil
