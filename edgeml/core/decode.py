@@ -198,8 +198,8 @@ class Decoder:
             return None
         idf = self.id_field
         lf = self.label_field
-        if sum(map(len, items)) == len(items) * len(feats) and not (
-                doc and lf and doc.get(lf) is not None):
+        if sum(map(len, items)) == len(items) * len(feats) and idf not in feats \
+                and lf not in feats and not (doc and lf and doc.get(lf) is not None):
             # the usual samples: the features and nothing else (no ids, no labels of their own)
             return Decoded(self._check(rows, "batch"), (None,) * len(items) if base is None
                            else tuple([f"{base}:{i}" for i in range(len(items))]), None)

@@ -36,7 +36,6 @@ import numpy as np
 from edgeml.config import DriftConfig as DriftSettings
 from edgeml.core.health import AlertGate, RateTracker
 
-_TOPIC = operator.attrgetter("topic")
 log = logging.getLogger("edgeml.core.drift")
 _TOPIC = operator.attrgetter("topic")
 

@@ -150,6 +150,8 @@ def test_a_batch_of_maps_decodes_as_its_samples_do_one_by_one(series, fmt):
         ({"id": 42, "label": "Walking"},
          [sample(series[i], **({"id": f"s{i}"} if i % 2 else {}),
                  **({"label": "Running"} if i == 3 else {})) for i in range(8)]),
+        ({"id": "b8", "label": "Walking"}, [sample(series[i]) for i in range(4)]),
+        ({"id": "b9"}, [sample(series[i], t=i) for i in range(4)]),  # a key of its own
     ]
     for head, items in cases:
         got = dec.decode(enc({**head, "samples": items}))
