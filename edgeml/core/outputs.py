@@ -96,10 +96,14 @@ class Outputs(Sequence[dict]):
             self._matrix = self._vector(small_only=True)
         return self._matrix  # type: ignore[return-value]
 
-    def _vectorable(self) -> bool:
+    def _float_scores(self) -> bool:
+        """A classifier's rows with a float score per class: packed without their maps."""
         scores = self.scores
         return (self.kind == "scores" and scores is not None and scores.ndim == 2
-                and scores.dtype.kind == "f" and len(scores) >= VECTOR_MIN_ROWS)
+                and scores.dtype.kind == "f")
+
+    def _vectorable(self) -> bool:
+        return self._float_scores() and len(self.labels) >= VECTOR_MIN_ROWS
 
     def _vector(self, *, small_only: bool) -> np.ndarray | None:
         """{"label": <label>, "scores": {<key>: <float64>, ...}} laid out in one array, a row
@@ -130,18 +134,14 @@ class Outputs(Sequence[dict]):
             out[:, at] = 0xCB
             out[:, at + 1:at + 9] = as_f8[:, j * 8:(j + 1) * 8]
             at += 9
-        if small:
-            self._matrix = out
         return out
 
     def _pack(self) -> list[bytes]:
-        if not self._vectorable():
-            scores = self.scores
-            if (self.kind == "scores" and scores is not None and scores.ndim == 2
-                    and scores.dtype.kind == "f"):
-                return self._pack_few()
+        if not self._float_scores():
             pack = _packb
             return [pack(m) for m in self.maps()]
+        if not self._vectorable():
+            return self._pack_few()
         out = self.matrix()
         if out is not None:  # small integer labels: each row's bytes whole
             width = out.shape[1]
