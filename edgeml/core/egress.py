@@ -196,12 +196,14 @@ _ELEM3, _ELEM4 = pack_map_header(3), pack_map_header(4)  # a grouped record's ro
 _HEADERS = [[pack_map_header(11 + t + k) for k in range(3)] for t in range(3)]
 _ANSWER_HEADERS = [pack_map_header(11 + k) for k in range(3)]
 _UNSET = object()
-#: the start of a grouped record's row element, ``{row: <n>, id: ...``, for n below 128
-_ELEM_HEADS = {n: _ELEM3 + _K["row"] + msgpack.packb(n) for n in range(128)}
+#: the ``row`` field of row numbers below 128 (msgpack packs them in one byte)
+_ROW_FIELD = {n: _K["row"] + msgpack.packb(n) for n in range(128)}
+#: the start of a grouped record's row element, ``{row: <n>, id: ...``
+_ELEM_HEADS = {n: _ELEM3 + field for n, field in _ROW_FIELD.items()}
+#: a row's own fields beyond the shared ones when it has no true label: ``row`` past row 0
+_ROW_EXTRAS = {n: (field, 1) if n else (b"", 0) for n, field in _ROW_FIELD.items()}
 _LABEL_OF, _SUB_OF = attrgetter("label"), attrgetter("sub")
 _MESSAGE_OF = attrgetter("seq", "topic", "received")
-#: a row's own fields beyond the shared ones when it has no true label: ``row`` past row 0
-_ROW_EXTRAS = {n: (_K["row"] + msgpack.packb(n), 1) if n else (b"", 0) for n in range(128)}
 
 
 def _version_parts(device: str, pipeline: str, name: str, version: str, role: str | None,
@@ -244,7 +246,7 @@ class _RowParts:
     fields)``. Per row: its ``id`` field, and its ``row`` and ``true_label`` fields with
     their count (what a row record has beyond the shared ones)."""
 
-    __slots__ = ("_elems", "_matrix", "extras", "ids", "rows", "runs")
+    __slots__ = ("_elems", "_matrix", "_unlabelled", "extras", "ids", "rows", "runs")
 
     def __init__(self, rows: Sequence[Any]) -> None:
         pack = _strict_packer().pack
@@ -252,7 +254,8 @@ class _RowParts:
         self.rows = rows
         self.ids = [k_id + pack(r.id) for r in rows]
         extras: list[tuple[bytes, int]] | None = None
-        if set(map(_LABEL_OF, rows)) == {None}:  # the usual rows: no true label
+        self._unlabelled = set(map(_LABEL_OF, rows)) == {None}  # the usual rows
+        if self._unlabelled:
             try:
                 extras = [_ROW_EXTRAS[s] for s in map(_SUB_OF, rows)]
             except (KeyError, TypeError):  # a row number msgpack packs in more than a byte
@@ -302,7 +305,7 @@ class _RowParts:
 
     def _elem_matrix(self) -> np.ndarray | None:
         rows, ids = self.rows, self.ids
-        if set(map(_LABEL_OF, rows)) != {None}:
+        if not self._unlabelled:
             return None
         if any(e - b == 1 for b, e, *_ in self.runs):
             # a lone row's element is never read: it stands in as a grouped row's
