@@ -213,7 +213,7 @@ def _broker(r: Table, base: Path | None, default_client_id: str,
     tls_insecure = r.bool("tls_insecure", False)
     keepalive = r.int("keepalive", 30)
     protocol = r.choice("protocol", ("auto", "5", "3.1.1"), "auto")
-    max_inflight = r.int("max_inflight", 100)
+    max_inflight = r.int("max_inflight", None)
     r.finish()
     try:
         return BrokerSettings(

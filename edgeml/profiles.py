@@ -60,7 +60,7 @@ class OrtSettings:
 class BatchingSettings:
     """Micro-batching of messages."""
 
-    max_batch: int = 64
+    max_batch: int = 256
     max_wait_ms: float = 2.0
 
     @property

@@ -50,7 +50,7 @@ def test_good_config_and_defaults(tmp_path):
     assert p.window.size == 100 and p.window.hop == 100
     assert p.models[0].role == "champion" and p.models[0].version == "1"
     assert cfg.broker.client_id == "edgeml-watch-01" and not cfg.broker.clean_start
-    assert cfg.broker.max_inflight == 100
+    assert cfg.broker.max_inflight is None  # unset: the device sizes it to the batch
     assert cfg.topic("out", "activity") == "edgeml/watch-01/out/activity"
     assert p.subscriptions == ("sensors/+/imu",)
 

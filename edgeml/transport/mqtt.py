@@ -69,7 +69,7 @@ from edgeml.errors import (
     TransportError,
 )
 from edgeml.transport.base import Message, Publication, validate_filter
-from edgeml.transport.settings import BrokerSettings, parse_broker_url
+from edgeml.transport.settings import DEFAULT_MAX_INFLIGHT, BrokerSettings, parse_broker_url
 
 __all__ = ["BrokerSettings", "Message", "MqttTransport", "Publication",
            "parse_broker_url", "validate_filter"]
@@ -554,7 +554,7 @@ class MqttTransport:
         c.enable_logger(paho_log)
         # A window of 20 (paho's default) made every PUBACK release one queued answer, sent
         # alone; with 100 a scored batch's answers go out together (see _update_inflight).
-        c.max_inflight_messages_set(settings.max_inflight)
+        c.max_inflight_messages_set(settings.max_inflight or DEFAULT_MAX_INFLIGHT)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         if self._manual_ack:

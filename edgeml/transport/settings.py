@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from edgeml.errors import ConfigError
 
 PROTOCOLS = ("auto", "5", "3.1.1")
+#: QoS 1 publishes in flight when the settings name no window
+DEFAULT_MAX_INFLIGHT = 100
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +34,8 @@ class BrokerSettings:
     clean_start: bool = False
     #: "auto": MQTT 5, and 3.1.1 on a connection whose broker refuses 5 (amqtt, NATS)
     protocol: str = "3.1.1"
-    max_inflight: int = 100
+    #: None: DEFAULT_MAX_INFLIGHT (the device sizes its publishing window to the batch)
+    max_inflight: int | None = None
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
     connect_timeout_s: float = 10.0
@@ -52,7 +55,7 @@ class BrokerSettings:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"must be 'auto', '5' or '3.1.1', not {self.protocol!r}",
                               key="broker.protocol")
-        if not 1 <= self.max_inflight <= 65535:
+        if self.max_inflight is not None and not 1 <= self.max_inflight <= 65535:
             raise ConfigError(f"must be between 1 and 65535, not {self.max_inflight}",
                               key="broker.max_inflight")
         if self.clean_start is False and not self.client_id:

@@ -189,3 +189,31 @@ async def test_outbox_records_carry_stable_ids_and_reach_the_uplink(
             f"{DEVICE}/activity/99/activity/1/outputs",
             f"{DEVICE}/activity/99/activity/1/results"}, "both records upstream")
         assert np.isfinite(synced()[0].get("latency_ms", 0.0))
+
+
+@pytest.mark.parametrize(("broker_table", "profile", "window"), [
+    ("", "x86-gateway", 512),            # unset: two batches of 256 rows
+    ("", "pi-zero-2w", 100),             # never below the transport's default
+    ("max_inflight = 30\n", "x86-gateway", 30),  # the config's own value wins
+])
+@sync
+async def test_the_answer_window_holds_two_scored_batches(tmp_path, activity_bundle,
+                                                          broker_table, profile, window):
+    """The publishing connection's QoS 1 window is sized to the profile's batch, so a scored
+    batch's answers leave together instead of one per returning PUBACK."""
+    rig = Rig(tmp_path, [{"name": "activity", "version": "1", "bundle": str(activity_bundle)}])
+    path = rig.config.source
+    path.write_text(path.read_text().replace('profile = "x86-gateway"', f'profile = "{profile}"')
+                    .replace("[broker]\n", "[broker]\n" + broker_table))
+    rig.config = load_config(path)
+    seen: dict[str, object] = {}
+
+    def connector(settings, **kw):
+        seen[settings.client_id] = settings
+        return rig.broker.connector(settings, **kw)
+
+    rig.device = Device(rig.config, connector=connector)
+    async with rig:
+        cid = rig.config.broker.client_id
+        assert seen[f"{cid}-out"].max_inflight == window
+        assert seen[cid].max_inflight == rig.config.broker.max_inflight
