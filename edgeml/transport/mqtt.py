@@ -433,6 +433,14 @@ class _PahoClient(paho.Client):
                 return rc
         return paho.MQTT_ERR_SUCCESS
 
+    def set_window(self, inflight: int) -> None:
+        """The in-flight window, also on an established connection (paho's setter refuses
+        then): only :meth:`publish` and :meth:`_update_inflight` read it, and both are ours.
+        A wider window sends what waited for it at once."""
+        with self._out_message_mutex:
+            self._max_inflight_messages = inflight
+            self._update_inflight()
+
     def _messages_reconnect_reset_out(self) -> None:
         """paho's reset on reconnect decides anew which messages wait for the window: the
         queue of them follows."""
@@ -538,6 +546,8 @@ class MqttTransport:
         # for this connection (amqtt, NATS and older brokers speak 3.1.1 only)
         self.protocol = "3.1.1" if settings.protocol == "3.1.1" else "5"
         self._downgraded = False
+        #: the broker's Receive Maximum from the last MQTT 5 CONNACK (None: not announced)
+        self.receive_maximum: int | None = None
         self._socket_opened = False
         self._client = self._build_client()
 
@@ -838,6 +848,7 @@ class MqttTransport:
             return
         self._session += 1
         self._is_connected = True
+        self._apply_receive_maximum(client, properties)
         for pub in self._birth:  # bytes made on the loop; nothing else is read here
             client.publish(pub.topic, pub.payload, pub.qos, pub.retain)
         unsub = self._unsub_pending
@@ -847,6 +858,22 @@ class MqttTransport:
         if subs:
             client.subscribe(list(subs.items()))
         self._event("connected", getattr(flags, "session_present", None))
+
+    def _apply_receive_maximum(self, client: _PahoClient, properties: Any) -> None:
+        """The in-flight window of this session: ours, or the broker's Receive Maximum from an
+        MQTT 5 CONNACK where that is smaller (a client must not have more QoS 1 publishes
+        unacknowledged; paho does not look at it). mosquitto announces its
+        ``max_inflight_messages``, 20 by default."""
+        window = self.settings.max_inflight or DEFAULT_MAX_INFLIGHT
+        server = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        if isinstance(server, int) and 0 < server < window:
+            if self.receive_maximum != server:
+                log.debug("%s: the broker takes at most %d unacknowledged QoS 1 messages "
+                         "(its Receive Maximum); sending at most %d at a time instead of %d",
+                         self.settings.client_id, server, server, window)
+            window = server
+        self.receive_maximum = server if isinstance(server, int) else None
+        client.set_window(window)
 
     def _may_downgrade(self) -> bool:
         return self.protocol == "5" and self.settings.protocol == "auto" \

@@ -407,3 +407,26 @@ def test_a_publish_refused_for_want_of_packet_ids_says_so(broker):
             client._mid_generate = real
             await t.publish("ids/t", b"third", qos=1, timeout=10)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("protocol", "in_flight"), [("5", 5), ("3.1.1", 60)])
+def test_the_brokers_receive_maximum_caps_the_in_flight_window(broker_factory, collector,
+                                                              protocol, in_flight):
+    """An MQTT 5 broker announces how many QoS 1 publishes it takes unacknowledged (mosquitto:
+    its max_inflight_messages); the client sends no more than that at a time, whatever its
+    own window, and queues the rest. MQTT 3.1.1 has no such limit. Everything arrives."""
+    b = broker_factory("receive-max", extra_config="max_inflight_messages 5\n")
+    b.start()
+    coll = collector("rm/#", qos=1, broker=b)
+
+    async def main():
+        async with MqttTransport(settings(b, f"rm-{protocol}", protocol=protocol,
+                                          max_inflight=100)) as t:
+            assert t.receive_maximum == (5 if protocol == "5" else None)
+            for i in range(60):
+                t.publish_nowait("rm/t", str(i).encode(), qos=1)
+            assert t._client._inflight_messages == in_flight  # before any PUBACK is read
+            await t.publish("rm/t", b"60", qos=1, timeout=30)
+            assert t.stats()["publish_errors"] == 0
+    asyncio.run(main())
+    assert [int(m.payload) for m in coll.wait_count(61, timeout=30)] == list(range(61))
