@@ -435,8 +435,9 @@ class _PahoClient(paho.Client):
 
     def set_window(self, inflight: int) -> None:
         """The in-flight window, also on an established connection (paho's setter refuses
-        then): only :meth:`publish` and :meth:`_update_inflight` read it, and both are ours.
-        A wider window sends what waited for it at once."""
+        then): :meth:`publish` and :meth:`_update_inflight` apply it, and both are ours (paho's
+        reconnect reset reads it too, and resends what was in flight whatever it says). A
+        wider window sends what waited for it at once."""
         with self._out_message_mutex:
             self._max_inflight_messages = inflight
             self._update_inflight()
@@ -563,7 +564,9 @@ class MqttTransport:
             paho_log.addFilter(_QueuedWhileOffline())
         c.enable_logger(paho_log)
         # A window of 20 (paho's default) made every PUBACK release one queued answer, sent
-        # alone; with 100 a scored batch's answers go out together (see _update_inflight).
+        # alone; with one that holds a scored batch (the device sizes its publishing
+        # connection's to the batch) the answers go out together (see _update_inflight).
+        # An MQTT 5 broker's Receive Maximum may narrow it when it accepts the connection.
         c.max_inflight_messages_set(settings.max_inflight or DEFAULT_MAX_INFLIGHT)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
@@ -869,8 +872,8 @@ class MqttTransport:
         if isinstance(server, int) and 0 < server < window:
             if self.receive_maximum != server:
                 log.debug("%s: the broker takes at most %d unacknowledged QoS 1 messages "
-                         "(its Receive Maximum); sending at most %d at a time instead of %d",
-                         self.settings.client_id, server, server, window)
+                          "(its Receive Maximum); sending at most %d at a time instead of %d",
+                          self.settings.client_id, server, server, window)
             window = server
         self.receive_maximum = server if isinstance(server, int) else None
         client.set_window(window)
