@@ -567,7 +567,7 @@ class MqttTransport:
         # alone; with one that holds a scored batch (the device sizes its publishing
         # connection's to the batch) the answers go out together (see _update_inflight).
         # An MQTT 5 broker's Receive Maximum may narrow it when it accepts the connection.
-        c.max_inflight_messages_set(settings.max_inflight or DEFAULT_MAX_INFLIGHT)
+        c.max_inflight_messages_set(self._own_window)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
         if self._manual_ack:
@@ -867,7 +867,7 @@ class MqttTransport:
         MQTT 5 CONNACK where that is smaller (a client must not have more QoS 1 publishes
         unacknowledged; paho does not look at it). mosquitto announces its
         ``max_inflight_messages``, 20 by default."""
-        window = self.settings.max_inflight or DEFAULT_MAX_INFLIGHT
+        window = self._own_window
         server = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
         if isinstance(server, int) and 0 < server < window:
             if self.receive_maximum != server:
@@ -877,6 +877,11 @@ class MqttTransport:
             window = server
         self.receive_maximum = server if isinstance(server, int) else None
         client.set_window(window)
+
+    @property
+    def _own_window(self) -> int:
+        """The in-flight window the settings ask for, before any broker narrows it."""
+        return self.settings.max_inflight or DEFAULT_MAX_INFLIGHT
 
     def _may_downgrade(self) -> bool:
         return self.protocol == "5" and self.settings.protocol == "auto" \
