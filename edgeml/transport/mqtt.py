@@ -433,18 +433,36 @@ class _PahoClient(paho.Client):
                 return rc
         return paho.MQTT_ERR_SUCCESS
 
-    def set_window(self, inflight: int) -> None:
-        """The in-flight window, also on an established connection (paho's setter refuses
-        then): :meth:`publish` and :meth:`_update_inflight` apply it, and both are ours (paho's
-        reconnect reset reads it too, and resends what was in flight whatever it says). A
-        wider window sends what waited for it at once."""
+    def set_window(self, inflight: int, *, reserve: int = 0) -> None:
+        """The in-flight window of a new session, set from ``on_connect``, before paho sends
+        again what the last session left unacknowledged (paho's setter refuses while
+        connected). :meth:`publish` and :meth:`_update_inflight` apply it, and both are ours.
+
+        paho's reconnect reset means to resend at most a window of messages, but counts none
+        of them, so it marks every unacknowledged one for resending: a device that kept
+        hundreds of QoS 1 messages while offline would send them all at once, beyond the
+        broker's Receive Maximum (a strict broker disconnects for that, and the reconnect
+        would do it again). Here the oldest ``inflight - reserve`` are marked, the rest wait
+        for acknowledgements, in order; ``reserve``: QoS 1 births published before them."""
         with self._out_message_mutex:
             self._max_inflight_messages = inflight
-            self._update_inflight()
+            room = max(inflight - reserve, 0) if inflight else None  # None: no window
+            for m in self._out_messages.values():
+                if m.qos == 0 or m.state not in (paho.mqtt_ms_publish, paho.mqtt_ms_queued):
+                    continue
+                if room is None or room > 0:
+                    if room is not None:
+                        room -= 1
+                    m.state = paho.mqtt_ms_publish
+                else:
+                    m.state = paho.mqtt_ms_queued
+            self._queued = collections.deque(
+                mid for mid, m in self._out_messages.items() if m.state == paho.mqtt_ms_queued)
 
     def _messages_reconnect_reset_out(self) -> None:
         """paho's reset on reconnect decides anew which messages wait for the window: the
-        queue of them follows."""
+        queue of them follows (:meth:`set_window` decides again once the broker's CONNACK
+        has said how many it takes)."""
         super()._messages_reconnect_reset_out()
         with self._out_message_mutex:
             self._queued = collections.deque(
@@ -876,7 +894,8 @@ class MqttTransport:
                           self.settings.client_id, server, server, window)
             window = server
         self.receive_maximum = server if isinstance(server, int) else None
-        client.set_window(window)
+        # births go out first, on the window too: the messages paho sends again wait for them
+        client.set_window(window, reserve=sum(1 for p in self._birth if p.qos > 0))
 
     @property
     def _own_window(self) -> int:

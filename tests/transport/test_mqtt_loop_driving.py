@@ -12,6 +12,7 @@ from conftest import publish_all
 
 from edgeml.errors import PublishError
 from edgeml.transport import mqtt
+from edgeml.transport.base import Publication
 from edgeml.transport.mqtt import MqttTransport
 from edgeml.transport.settings import BrokerSettings
 
@@ -430,3 +431,36 @@ def test_the_brokers_receive_maximum_caps_the_in_flight_window(broker_factory, c
             assert t.stats()["publish_errors"] == 0
     asyncio.run(main())
     assert [int(m.payload) for m in coll.wait_count(61, timeout=30)] == list(range(61))
+
+
+def test_what_waited_offline_goes_out_within_the_brokers_receive_maximum(broker_factory,
+                                                                         collector):
+    """QoS 1 messages kept while the broker was away are sent again after the reconnect at
+    most a Receive Maximum at a time (paho alone marks every one of them for sending at
+    once, which a strict MQTT 5 broker answers with a disconnect), the birth first, then
+    the rest in order as acknowledgements come back."""
+    b = broker_factory("rm-reconnect", extra_config="max_inflight_messages 5\n")
+    b.start()
+    coll = collector("rm/#", qos=1, broker=b, client_id="rm-collector", clean=False)
+
+    async def main():
+        t = MqttTransport(settings(b, "rm-offline", protocol="5", max_inflight=100))
+        t.set_birth([Publication("rm/birth", b"online", qos=1)])
+        async with t:
+            b.stop()
+            await until(lambda: not t.connected)
+            for i in range(60):
+                t.publish_nowait("rm/t", str(i).encode(), qos=1)
+            b.start()
+            seen = 0
+            while t._client._out_messages or not t.connected:
+                if t.connected:  # paho has sent what it sends on the CONNACK by now
+                    seen = max(seen, t._client._inflight_messages)
+                await asyncio.sleep(0.001)
+            assert t.receive_maximum == 5
+            assert 0 < seen <= 5
+            assert t.stats()["publish_errors"] == 0
+    asyncio.run(main())
+    got = coll.wait_for(lambda ms: sum(m.topic == "rm/t" for m in ms) >= 60)
+    assert [int(m.payload) for m in got if m.topic == "rm/t"] == list(range(60))
+    assert [m.topic for m in got].index("rm/birth") < [m.topic for m in got].index("rm/t")
