@@ -15,7 +15,7 @@ broker, load generator and receiver share the others, as in bench_e2e.py. Per ph
     python benchmarks/bench_stages.py                       # both phases, 3 rounds each
     python benchmarks/bench_stages.py --phases samples --rounds 5
 
-Prints a table; writes benchmarks/results/stages-<timestamp>.json (or --out). Needs the host
+Prints a table; writes benchmarks/results/stages.json (or --out). Needs the host
 extra (pip install -e '.[host]') and, for the stage table, py-spy allowed to attach (root or
 ptrace_scope 0); without it only CPU and wake-ups per message are reported.
 """
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true",
                    help="skip the py-spy round: CPU and wake-ups per message only")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON report path (default: benchmarks/results/stages-<timestamp>.json)")
+                   help="JSON report path (default: benchmarks/results/stages.json)")
     args = p.parse_args(argv)
     args.phase_list = [x for x in args.phases.split(",") if x]
     bad = [x for x in args.phase_list if x not in PHASES]
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except e2e.BenchError as exc:
         print(f"bench_stages: {exc}", file=sys.stderr)
         return 1
-    out = args.out or HERE / "results" / f"stages-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or HERE / "results" / "stages.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(render(report))
