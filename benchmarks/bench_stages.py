@@ -10,7 +10,12 @@ broker, load generator and receiver share the others, as in bench_e2e.py. Per ph
    /proc) and its sleeps per message (voluntary context switches: each is a wake-up);
 2. one more round runs under ``py-spy record`` (1,000 samples/s); each sample goes to the
    stage of its innermost frame that belongs to one (edgeml.host.bench.stages), and a
-   stage's ms per message is its share of the busy samples times the unprofiled CPU.
+   stage's ms per message is its share of the busy samples times the unprofiled CPU;
+3. the same rounds measure two references in the daemon's place: the plain script as
+   bench_e2e.py runs it (one callback, a session.run per version, answers at QoS 0), and the
+   same script made durable the simplest way (each payload appended to a file, every
+   version's result into SQLite committed every 50 ms, answers at QoS 1): what the daemon's
+   extra work costs when a script does it too.
 
     python benchmarks/bench_stages.py                       # both phases, 3 rounds each
     python benchmarks/bench_stages.py --phases samples --rounds 5
@@ -65,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the private mosquitto's settings (default: stock)")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the py-spy round: CPU and wake-ups per message only")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the plain script and the durable plain script")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON report path (default: benchmarks/results/stages.json)")
     args = p.parse_args(argv)
@@ -107,6 +114,7 @@ class Rig:
         config.write_text(e2e.edgeml_config(
             device="stages", profile="x86-gateway", data_dir=data, broker_url=broker.url,
             in_topic=self.in_topic, models=models, fmt="auto"), encoding="utf-8")
+        self.models = models
         self.status = e2e.StatusWatch("127.0.0.1", broker.port, f"{e2e.PREFIX}/stages/status")
         self.daemon = e2e.Child("daemon", [sys.executable, "-m", "edgeml", "run", "--config",
                                            str(config)], log_path=work / "daemon.log")
@@ -118,6 +126,22 @@ class Rig:
     in_topic = f"{e2e.PREFIX}/stages/in"
     out_topic = f"{e2e.PREFIX}/stages/out/{e2e.PIPELINE}"
 
+    def plain(self, name: str, **durable: object) -> tuple[e2e.Child, str, str]:
+        """A plain script in the daemon's place (which idles meanwhile): the child, its input
+        and its answer topic. ``durable``: the plain role's archive / store / out_qos."""
+        from edgeml.host.datasets import DAPHNET_CHANNELS
+
+        in_topic, out_topic = f"{e2e.PREFIX}/{name}/in", f"{e2e.PREFIX}/{name}/out"
+        spec = {"host": "127.0.0.1", "port": self.broker.port, "topic": in_topic,
+                "out_topic": out_topic, "features": list(DAPHNET_CHANNELS), "threads": 1,
+                "client_id": f"stages-{name}", **durable,
+                "models": [{"name": m.name, "version": m.version, "path": str(m.onnx)}
+                           for m in self.models]}
+        child = e2e._role("plain", spec, self.work, name)
+        self._pin(child.pid, self.target_cpus)
+        child.wait_event("ready", 60)
+        return child, in_topic, out_topic
+
     @staticmethod
     def _pin(pid: int, cpus: set[int] | None) -> None:
         if cpus:
@@ -125,17 +149,20 @@ class Rig:
                 os.sched_setaffinity(pid, cpus)
 
     def round(self, *, messages: int, samples: int, rate: float,
-              profile_to: Path | None = None) -> dict:
-        """One stream through the daemon; its CPU and sleeps per message while it lasted."""
+              profile_to: Path | None = None,
+              target: tuple[e2e.Child, str, str] | None = None) -> dict:
+        """One stream through the daemon (or ``target``: a child, its input and answer
+        topics); the target's CPU and sleeps per message while it lasted."""
+        proc, in_topic, out_topic = target or (self.daemon, self.in_topic, self.out_topic)
         self._round += 1
         name = f"r{self._round}"
         base = {"host": "127.0.0.1", "port": self.broker.port}
-        recv = e2e._role("count", dict(base, topic=self.out_topic, expect=messages,
+        recv = e2e._role("count", dict(base, topic=out_topic, expect=messages,
                                        timeout_s=120, idle_s=10, out=str(self.work / name),
                                        client_id=f"stages-recv-{name}"), self.work, name + ".recv")
         self._pin(recv.pid, self.load_cpus)
         recv.wait_event("ready", 30)
-        pub = e2e._role("publish", dict(base, topic=self.in_topic, messages=messages,
+        pub = e2e._role("publish", dict(base, topic=in_topic, messages=messages,
                                         samples=samples, rate=rate,
                                         first_id=self._round * 1_000_000,
                                         out=str(self.work / name), client_id=f"stages-{name}"),
@@ -145,16 +172,16 @@ class Rig:
         spy = None
         if profile_to is not None:
             spy = subprocess.Popen(
-                [_pyspy() or "py-spy", "record", "-p", str(self.daemon.pid), "-r", "1000",
+                [_pyspy() or "py-spy", "record", "-p", str(proc.pid), "-r", "1000",
                  "--format", "raw", "-o", str(profile_to), "--threads", "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             self._pin(spy.pid, self.load_cpus)
-        cpu0, sleeps0 = self.daemon.cpu_seconds(), _sleeps(self.daemon.pid)
+        cpu0, sleeps0 = proc.cpu_seconds(), _sleeps(proc.pid)
         try:
-            pub.wait_event("done", 120, also_alive=self.daemon)
-            done = recv.wait_event("done", 130, also_alive=self.daemon)
+            pub.wait_event("done", 120, also_alive=proc)
+            done = recv.wait_event("done", 130, also_alive=proc)
         finally:
-            cpu1, sleeps1 = self.daemon.cpu_seconds(), _sleeps(self.daemon.pid)
+            cpu1, sleeps1 = proc.cpu_seconds(), _sleeps(proc.pid)
             pub.stop()
             recv.stop()
             if spy is not None:
@@ -171,6 +198,44 @@ class Rig:
     def close(self) -> None:
         self.daemon.stop()
         self.status.close()
+
+
+#: the references measured in the daemon's place: the plain script's spec additions
+REFERENCES: dict[str, dict] = {
+    "plain script": {},
+    "plain script, durable": {"archive": "archive.bin", "store": "results.db", "out_qos": 1},
+}
+
+
+def _reference(rig: Rig, name: str, durable: dict, kw: dict, rounds: int, phase: str) -> dict:
+    tag = f"{phase}-{name.replace(' ', '-').replace(',', '')}"
+    files = {k: str(rig.work / f"{tag}-{v}") for k, v in durable.items()
+             if k in ("archive", "store")}
+    child, in_topic, out_topic = rig.plain(tag, **{**durable, **files})
+    try:
+        runs = [rig.round(**kw, target=(child, in_topic, out_topic)) for _ in range(rounds)]
+    finally:
+        child.stop()
+    out = {"rounds": runs,
+           "cpu_ms_per_msg": statistics.median(r["cpu_ms_per_msg"] for r in runs),
+           "sleeps_per_msg": statistics.median(r["sleeps_per_msg"] for r in runs),
+           "answered_all": all(r["answered"] == r["messages"] for r in runs)}
+    if files:
+        out["kept"] = _kept(Path(files["archive"]), Path(files["store"]))
+    return out
+
+
+def _kept(archive: Path, store: Path) -> dict:
+    """What the durable plain script kept: payloads archived, results stored."""
+    import sqlite3
+
+    data, archived, at = archive.read_bytes(), 0, 0
+    while at + 4 <= len(data):
+        at += 4 + int.from_bytes(data[at:at + 4], "big")
+        archived += 1
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        results = db.execute("SELECT count(*) FROM results").fetchone()[0]
+    return {"archived": archived, "results": results}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -205,6 +270,10 @@ def run(args: argparse.Namespace) -> dict:
                         raw = work / f"{phase}.pyspy.txt"
                         entry["profiled_round"] = rig.round(**kw, profile_to=raw)
                         entry["stages"] = stage_table(read_raw_file(raw), cpu)
+                    if not args.no_reference:
+                        entry["references"] = {
+                            name: _reference(rig, name, durable, kw, args.rounds, phase)
+                            for name, durable in REFERENCES.items()}
                     report["phases"][phase] = entry
                     print(f"[stages] {phase}: {cpu:.3f} ms CPU per message", file=sys.stderr)
             finally:
@@ -221,6 +290,10 @@ def render(report: dict) -> str:
                       f"{p['cpu_ms_per_msg']:.3f} ms CPU per message (median of "
                       f"{len(p['rounds'])}), {p['sleeps_per_msg']:.2f} wake-ups per message"
                       + ("" if p["answered_all"] else "; NOT every message was answered")]
+        for name, ref in p.get("references", {}).items():
+            lines.append(f"  {name}: {ref['cpu_ms_per_msg']:.3f} ms CPU per message; the "
+                         f"daemon takes {p['cpu_ms_per_msg'] / ref['cpu_ms_per_msg']:.2f}x"
+                         + ("" if ref["answered_all"] else " (NOT every message answered)"))
         if "stages" in p:
             lines += [f"  {'stage':38s} {'share':>7s} {'ms/msg':>8s}", "  " + "-" * 55]
             for row in p["stages"]:

@@ -87,8 +87,17 @@ def test_the_script_profiles_the_real_daemon(tmp_path: Path) -> None:
         assert phase["answered_all"], phase["rounds"]
         assert phase["cpu_ms_per_msg"] > 0
         assert phase["sleeps_per_msg"] >= 0
+        # the plain script and its durable twin answered the same stream in its place
+        refs = phase["references"]
+        assert set(refs) == {"plain script", "plain script, durable"}
+        for ref in refs.values():
+            assert ref["answered_all"], ref["rounds"]
+            assert ref["cpu_ms_per_msg"] > 0
     if not profile:
         pytest.skip("py-spy is not installed: the stage table was not checked")
+    # the durable twin really kept what it was sent: every payload, every version's result
+    work_files = report["phases"]["paced"]["references"]["plain script, durable"]
+    assert work_files["kept"] == {"archived": 500, "results": 1500}
     paced = report["phases"]["paced"]
     assert paced["profiled_round"]["answered"] == 500
     stages = {r["stage"]: r for r in paced["stages"]}
