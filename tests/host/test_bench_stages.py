@@ -78,11 +78,13 @@ def test_the_script_profiles_the_real_daemon(tmp_path: Path) -> None:
     bench = _script()
     out = tmp_path / "stages.json"
     profile = shutil.which("py-spy") is not None
-    argv = ["--rounds", "1", "--paced-messages", "500", "--flood-messages", "100",
+    # the paced phase only: the flood is the same rounds with other figures (and the suite's
+    # time is better spent elsewhere)
+    argv = ["--phases", "paced", "--rounds", "1", "--paced-messages", "500",
             "--out", str(out)] + ([] if profile else ["--no-profile"])
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report["phases"]) == {"paced", "samples"}
+    assert set(report["phases"]) == {"paced"}
     for phase in report["phases"].values():
         assert phase["answered_all"], phase["rounds"]
         assert phase["cpu_ms_per_msg"] > 0
