@@ -201,7 +201,8 @@ class Decoder:
         if sum(map(len, items)) == len(items) * len(feats) and idf not in feats \
                 and lf not in feats and not (doc and lf and doc.get(lf) is not None):
             # the usual samples: the features and nothing else (no ids, no labels of their own)
-            return Decoded(self._check(rows, "batch"), (None,) * len(items) if base is None
+            return Decoded(self._check_uniform(rows, "batch"), (None,) * len(items)
+                           if base is None
                            else tuple([f"{base}:{i}" for i in range(len(items))]), None)
         sids = [item.get(idf) for item in items]
         if all(v is None for v in sids):
@@ -217,7 +218,7 @@ class Decoder:
                 labs = [doc[lf] if lab is None else lab for lab in labs]
             if any(lab is not None for lab in labs):
                 labels = tuple(labs)
-        return Decoded(self._check(rows, "batch"), ids, labels)
+        return Decoded(self._check_uniform(rows, "batch"), ids, labels)
 
     def _row(self, item: dict, where: str = "sample") -> list:
         if self.features is not None:
@@ -230,6 +231,23 @@ class Decoder:
         if not isinstance(vals, list):
             raise DecodeError("missing_field", f"{where} lacks array field '{self.field}'")
         return vals
+
+    def _check_uniform(self, rows: list, where: str) -> np.ndarray:
+        """:meth:`_check` for rows of one length (a value per feature, as the column-wise
+        batch reads them): every value in one pass, the array filled from it without numpy
+        working out a nested shape. Anything unusual goes to :meth:`_check`, which says what
+        is wrong exactly as before."""
+        flat = list(chain.from_iterable(rows))
+        if flat and set(map(type, flat)) <= _NUMBER_SET:
+            try:
+                arr = np.fromiter(flat, np.float32, len(flat)).reshape(len(rows), -1)
+            except (OverflowError, ValueError):
+                return self._check(rows, where)
+            if self.n_features is None or arr.shape[1] == self.n_features:
+                if not np.isfinite(arr).all():  # numbers only: no null among them
+                    raise DecodeError("non_finite", f"{where}: NaN or infinite value")
+                return arr
+        return self._check(rows, where)
 
     def _check(self, rows: list, where: str) -> np.ndarray:
         try:  # the usual rows (lists or tuples of plain numbers): every value's type at once
