@@ -442,11 +442,13 @@ class _PahoClient(paho.Client):
         of them, so it marks every unacknowledged one for resending: a device that kept
         hundreds of QoS 1 messages while offline would send them all at once, beyond the
         broker's Receive Maximum (a strict broker disconnects for that, and the reconnect
-        would do it again). Here the oldest ``inflight - reserve`` are marked, the rest wait
-        for acknowledgements, in order; ``reserve``: QoS 1 births published before them."""
+        would do it again). Here the oldest are marked, as many as the window has room for
+        beside ``reserve`` (QoS 1 births published before them) and any publish already sent
+        on this connection; the rest wait for acknowledgements, in order."""
         with self._out_message_mutex:
             self._max_inflight_messages = inflight
-            room = max(inflight - reserve, 0) if inflight else None  # None: no window
+            room = (max(inflight - reserve - self._inflight_messages, 0) if inflight
+                    else None)  # None: no window
             for m in self._out_messages.values():
                 if m.qos == 0 or m.state not in (paho.mqtt_ms_publish, paho.mqtt_ms_queued):
                     continue

@@ -466,6 +466,8 @@ def plain(spec: dict) -> None:
     client.loop_forever()
     if store is not None:
         store.close()
+    if archive_fd is not None:
+        os.close(archive_fd)
     emit("done", rss_kb=rss_kb())
 
 
