@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the plain script and the durable plain script")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON report path (default: benchmarks/results/stages.json)")
+    p.add_argument("--keep-profiles", type=Path, default=None, metavar="DIR",
+                   help="also keep py-spy's raw (collapsed-stack) file of each profiled "
+                        "round in DIR, as <phase>.pyspy.txt, for a flame graph or a closer "
+                        "look than the stage table")
     args = p.parse_args(argv)
     args.phase_list = [x for x in args.phases.split(",") if x]
     bad = [x for x in args.phase_list if x not in PHASES]
@@ -270,6 +274,9 @@ def run(args: argparse.Namespace) -> dict:
                         raw = work / f"{phase}.pyspy.txt"
                         entry["profiled_round"] = rig.round(**kw, profile_to=raw)
                         entry["stages"] = stage_table(read_raw_file(raw), cpu)
+                        if args.keep_profiles is not None:
+                            args.keep_profiles.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(raw, args.keep_profiles / raw.name)
                     if not args.no_reference:
                         entry["references"] = {
                             name: _reference(rig, name, durable, kw, args.rounds, phase)
