@@ -332,6 +332,37 @@ def test_disk_use_stays_near_the_budget_and_shrinks_when_drained(tmp_path: Path)
     assert sentinel.read_bytes() == b"x" * 1000
 
 
+def test_space_freed_while_records_wait_is_reused_not_given_back(tmp_path: Path):
+    """A backlog that drains while the stream goes on: the pages its acknowledged records
+    free are where the next records go. Giving them back mid-stream moved the live pages to
+    the file's start every 64 acknowledgements (a rewrite of the backlog, for the file to
+    grow straight back); only a drained outbox returns its space."""
+    budget = 8 * 2**20
+    db = tmp_path / "outbox" / "outbox.db"
+    with Outbox(tmp_path / "outbox", budget_bytes=budget) as ob:
+        def write(start: int, n: int) -> None:
+            for s in range(start, start + n, 50):
+                ob.put_many([item(i, v) for i in range(s, s + 25) for v in ("1", "2")])
+
+        write(100000, 16000)
+        used = ob.stats()["bytes_used"]
+        assert ob.stats()["dropped"] == 0 and used > 4 * 2**20
+        full = os.path.getsize(db)
+        acks = acked = 0
+        while ob.stats()["bytes_used"] > used // 4:  # three quarters acknowledged
+            acked += ob.ack(ob.next_batch("results", max_records=50, max_bytes=1 << 20))
+            acks += 1
+        assert acks > 128  # the old policy looked every 64 acknowledgements
+        kept = os.path.getsize(db)
+        assert kept >= full  # not shrunk (pages the WAL held may have joined it)
+        # the stream goes on (as many again, two versions per id): into the free pages
+        write(200000, acked // 2)
+        assert os.path.getsize(db) <= kept * 1.05
+        assert ob.stats()["dropped"] == 0
+        drain(ob, "results")
+        assert ob.stats()["file_bytes"] < budget / 8  # drained: the space goes back
+
+
 def test_concurrent_writer_and_reader_lose_nothing(tmp_path: Path):
     with Outbox(tmp_path / "outbox") as ob:
         n = 3000
