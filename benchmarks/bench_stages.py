@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="samples per message in the samples phase (default: 10)")
     p.add_argument("--flood-messages", type=int, default=2000,
                    help="messages per samples round; keep it within the stock broker's queue "
-                        "(default: 2000, as bench_e2e.py's samples phase)")
+                        "(default: 2000; bench_e2e.py's samples phase sends 10000)")
     p.add_argument("--rounds", type=int, default=3,
                    help="unprofiled rounds per phase; the CPU figures are their medians "
                         "(default: 3)")

@@ -67,7 +67,8 @@ def test_e2e_side_by_side_small(tmp_path: Path, broker) -> None:
     settings = E2ESettings(
         out_dir=tmp_path / "run", broker_url=broker.url, paced_rate=400.0, paced_seconds=0.5,
         messages=300, versions=(1,), models=("light",), onnx_seconds=0.05,
-        phase_timeout_s=20.0, burst_messages=300, samples_per_message=10, affinity=("split",),
+        phase_timeout_s=20.0, burst_messages=300, samples_per_message=10, samples_messages=30,
+        affinity=("split",),
     )
     lines: list[str] = []
     report = run_e2e(settings, progress=lines.append)

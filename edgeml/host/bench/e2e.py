@@ -98,6 +98,9 @@ class E2ESettings:
     extra_phases: tuple[str, ...] = ("burst", "samples")
     burst_messages: int = 20000
     samples_per_message: int = 10
+    #: messages in the samples phase: long enough (about a second) that start-up and the
+    #: last batch do not decide the rate
+    samples_messages: int = 10000
     sync_off: bool = True                 # the daemon again, outbox and uplink off (max, samples)
     #: "split": the target alone on the last core, broker/load/receivers on the others;
     #: "none": unpinned. Each one is a full pass.
@@ -142,6 +145,9 @@ class E2ESettings:
             raise BenchError(f"--burst-messages: {self.burst_messages} is too few (at least 10)")
         if not 2 <= self.samples_per_message <= 1024:
             raise BenchError(f"--samples: {self.samples_per_message} must be 2..1024")
+        if self.samples_messages < 10:
+            raise BenchError(f"--samples-messages: {self.samples_messages} is too few "
+                             "(at least 10)")
 
     @property
     def phase_list(self) -> tuple[str, ...]:
@@ -447,7 +453,7 @@ class Harness:
         elif mode == "burst":
             n, rate, budget = s.burst_messages, 0.0, s.phase_timeout_s
         elif mode == "samples":
-            n, rate, budget = max(10, s.messages // per_msg), 0.0, s.phase_timeout_s
+            n, rate, budget = s.samples_messages, 0.0, s.phase_timeout_s
         else:
             n, rate, budget = s.messages, 0.0, s.phase_timeout_s
         name = self._name(f"{label}-{mode}")

@@ -102,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="messages in the QoS 1 burst (default: 20000)")
     e.add_argument("--samples", type=int, default=10, metavar="K",
                    help="samples per message in the samples phase (default: 10)")
+    e.add_argument("--samples-messages", type=int, default=10000, metavar="N",
+                   help="messages in the samples phase (default: 10000, about a second of "
+                        "the plain script's work: shorter, start-up and the last batch "
+                        "decide the rate)")
     e.add_argument("--no-sync-off", action="store_true",
                    help="skip the daemon's second run with outbox and uplink off (its max and "
                         "samples phases: the sync on/off column)")
@@ -179,6 +183,7 @@ def _run_e2e(args: argparse.Namespace) -> int:
         extra_phases=() if args.rate is not None or args.max else
         tuple(p.strip() for p in args.phases.split(",") if p.strip()),
         burst_messages=args.burst_messages, samples_per_message=args.samples,
+        samples_messages=args.samples_messages,
         sync_off=not args.no_sync_off,
         affinity=tuple(a.strip() for a in args.affinity.split(",") if a.strip()),
     )
