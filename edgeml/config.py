@@ -126,6 +126,9 @@ class DriftConfig:
     enabled: bool = True
     window: int = 2000  # input samples per drift window
     output_window: int = 500  # rows per version per output window
+    #: a window also lasts at least this long (monotonic seconds): in a flood the windows
+    #: grow instead of closing hundreds of times a second, one record each
+    min_window_s: float = 1.0
     psi_warn: float = 0.1
     psi_alert: float = 0.25
     ks_alert: float | None = None  # off unless set
@@ -506,7 +509,8 @@ def _metrics(m: Table) -> MetricsConfig:
 
 
 def _drift(d: Table) -> DriftConfig:
-    d.known = ("enabled", "window", "output_window", "psi_warn", "psi_alert", "ks_alert",
+    d.known = ("enabled", "window", "output_window", "min_window_s", "psi_warn", "psi_alert",
+               "ks_alert",
                "consecutive", "out_of_range", "stuck_min_samples", "rate_interval_s",
                "rate_drop_ratio", "max_sources")
     psi_warn = d.number("psi_warn", 0.1, min=0, min_open=True)
@@ -514,6 +518,7 @@ def _drift(d: Table) -> DriftConfig:
         enabled=d.bool("enabled", True),
         window=d.int("window", 2000, min=100),
         output_window=d.int("output_window", 500, min=10),
+        min_window_s=d.number("min_window_s", 1.0, min=0),
         psi_warn=psi_warn,
         psi_alert=d.number("psi_alert", 0.25, min=psi_warn),
         ks_alert=d.number("ks_alert", None, min=0, min_open=True, max=1),

@@ -27,6 +27,7 @@ import collections
 import logging
 import math
 import operator
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -185,7 +186,8 @@ class _OutputWindow:
     buffered at the start of each window, so the versions of one pipeline, which all see
     the same rows, bin their buffers at different batches rather than all at once."""
 
-    def __init__(self, ref: Mapping[str, Any], kind: str, stagger: int = 0) -> None:
+    def __init__(self, ref: Mapping[str, Any], kind: str, stagger: int = 0,
+                 opened: float = 0.0) -> None:
         self.kind = kind
         self.stagger = stagger
         lab = ref.get("label")
@@ -193,9 +195,11 @@ class _OutputWindow:
         self.label_freq = None if lab is None else np.asarray(lab["freq"], dtype=np.float64)
         sc = ref.get("score")
         self.score = None if sc is None else ColumnRef.parse(sc)
-        self.reset()
+        self.reset(opened)
 
-    def reset(self) -> None:
+    def reset(self, opened: float) -> None:
+        """A new window, opened at ``opened`` (the monitor's monotonic clock)."""
+        self.opened = opened
         self.n = 0
         self._pending = self.stagger
         self._pl: list = []
@@ -278,7 +282,8 @@ class DriftMonitor:
     def __init__(self, pipeline: str, settings: DriftSettings, *, features: Sequence[str],
                  window: int | None, hop: int | None,
                  alert: Callable[[str, dict], None], record: Callable[[dict], None],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.pipeline = pipeline
         self.s = settings
         self.features = tuple(features)
@@ -287,7 +292,8 @@ class DriftMonitor:
         self.take = hop if window and hop else window  # new samples per window row
         self._alert = alert
         self._record = record
-        self._clock = clock
+        self._clock = clock  # wall time, for the records' ts
+        self._mono = monotonic  # window ages (min_window_s): immune to clock jumps
         self.ref: dict[str, Any] | None = None
         self.ref_version: str | None = None
         self._cols: list[ColumnRef | None] = []
@@ -332,7 +338,8 @@ class DriftMonitor:
         for i, (key, (ref, kind)) in enumerate(versions.items()):
             if key not in self.outputs and ref and ref.get("outputs"):
                 self.outputs[key] = _OutputWindow(ref["outputs"], kind,
-                                                  stagger=i * OUTPUT_FLUSH // len(versions))
+                                                  stagger=i * OUTPUT_FLUSH // len(versions),
+                                                  opened=self._mono())
 
     # ---- the scoring hook --------------------------------------------------------------------
     def on_batch(self, batch: Sequence[Any], x: np.ndarray, members: Sequence[Any]) -> None:
@@ -406,6 +413,9 @@ class DriftMonitor:
         start = 0
         while start < n:  # split at window boundaries: a window holds `window` samples
             room = self.s.window - self._wn - self._buffered
+            if room <= 0 and not self._input_due():
+                # full, but younger than min_window_s: it takes rows a flush at a time
+                room = FLUSH_SAMPLES
             k = min(n - start, max(1, -(-room // per)))
             self._buf.append(x[start * per:(start + k) * per])
             self._buf_topics.append((tuple(topics[start:start + k]), per))
@@ -419,13 +429,32 @@ class DriftMonitor:
         if w is None:
             return
         w.add(labels, scores)
-        if w.n >= self.s.output_window:
+        if w.n >= self.s.output_window and self._mono() - w.opened >= self.s.min_window_s:
             self._close_output(key, w)
+
+    def _input_due(self) -> bool:
+        """The input window may close once it holds ``window`` samples (and rows buffered
+        for it) and is at least ``min_window_s`` old."""
+        return (self._wn + self._buffered >= self.s.window
+                and self._mono() - self._opened >= self.s.min_window_s)
+
+    def close_due(self) -> None:
+        """Close the windows that are full and old enough: a stream that stops right after
+        filling a young window still gets its record (called from :meth:`tick`)."""
+        if self._input_due():
+            self._flush()  # closes it, unless nothing was buffered:
+            if self._wn >= self.s.window:
+                self._close_input()
+        now = self._mono()
+        for key, w in list(self.outputs.items()):
+            if w.n >= self.s.output_window and now - w.opened >= self.s.min_window_s:
+                self._close_output(key, w)
 
     # ---- windows ---------------------------------------------------------------------------
     def _reset_window(self) -> None:
         nb = [len(c.freq) if c is not None else 1 for c in self._cols] if hasattr(
             self, "_cols") else []
+        self._opened = self._mono()
         self._wn = 0
         self._counts = [np.zeros(b, dtype=np.int64) for b in nb]
         self._oor = np.zeros(len(nb), dtype=np.int64)
@@ -481,7 +510,7 @@ class DriftMonitor:
                 s[2] += len(block)
         self._wn += len(x)
         self.samples += len(x)
-        if self._wn >= self.s.window:
+        if self._wn >= self.s.window and self._mono() - self._opened >= self.s.min_window_s:
             self._close_input()
 
     def _close_input(self) -> None:
@@ -547,7 +576,7 @@ class DriftMonitor:
         doc = {"pipeline": self.pipeline, "kind": "output", "ts": self._clock(),
                "version": key, "rows": w.n, **figs}
         self.output_current[key] = doc
-        w.reset()
+        w.reset(self._mono())
         self._record(doc)
         worst = max((v for k, v in figs.items() if k.endswith("psi")), default=None)
         if worst is None:
@@ -558,7 +587,12 @@ class DriftMonitor:
                     "threshold": self.s.psi_alert})
 
     def tick(self, now: float | None = None) -> None:
-        """Message rates per source since the last tick; ``rate_drop`` alerts."""
+        """Message rates per source since the last tick; ``rate_drop`` alerts; windows that
+        waited for ``min_window_s`` closed."""
+        try:
+            self.close_due()
+        except Exception:
+            self._fault("windows")
         for src, bad, figs in self.rates.tick(self._clock() if now is None else now):
             self._gate("rate_drop", src, bad, {"source": src, **figs,
                                               "ratio": self.s.rate_drop_ratio,

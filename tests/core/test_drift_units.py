@@ -50,7 +50,9 @@ def test_rate_tracker_flags_a_drop_after_warmup_and_bounds_sources():
 
 
 def _monitor(ref, alerts, **cfg):
-    m = DriftMonitor("p", DriftConfig(**{"window": 1000, **cfg}), features=["x", "y"],
+    # windows by count alone here (min_window_s 0); the time floor has tests of its own
+    m = DriftMonitor("p", DriftConfig(**{"window": 1000, "min_window_s": 0, **cfg}),
+                     features=["x", "y"],
                      window=None, hop=None, record=lambda d: None, clock=lambda: 0.0,
                      alert=lambda k, d: alerts.append((k, d["state"], d)))
     m.set_reference(ref, "m:1")
@@ -131,7 +133,8 @@ def test_wrong_shaped_training_data_gives_no_reference_not_a_failure(caplog):
 
 def test_without_a_reference_a_stuck_channel_still_raises_and_clears():
     alerts: list = []
-    m = DriftMonitor("p", DriftConfig(window=1000, consecutive=1), features=["x", "y"],
+    m = DriftMonitor("p", DriftConfig(window=1000, consecutive=1, min_window_s=0),
+                     features=["x", "y"],
                      window=None, hop=None, record=lambda d: None, clock=lambda: 0.0,
                      alert=lambda k, d: alerts.append((k, d["state"])))
     rng = np.random.default_rng(4)
@@ -251,3 +254,68 @@ def test_a_flush_counts_each_channel_as_binning_it_alone_does():
         assert m._counts[i].tolist() == want.tolist(), feats[i]
         assert m._oor[i] == np.count_nonzero((live[:, i] < c.lo) | (live[:, i] > c.hi))
     assert sum(int(m._counts[i].sum()) for i, c in enumerate(cols) if c) == 8 * len(live)
+
+
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_flood_grows_windows_to_min_window_s_instead_of_closing_them_by_the_hundred():
+    """At a flood's rate ``window`` samples come in milliseconds: each window also lasts
+    ``min_window_s``, so the records upstream (and the alerts' pace) stay bounded by time
+    while every sample is still counted. Wall-clock jumps do not move the ages."""
+    rng = np.random.default_rng(7)
+    train = rng.normal(size=(5000, 2))
+    ref = make_reference(train, ["x", "y"], None, kind="classifier",
+                         labels=(train[:, 0] > 0).astype(int))
+    clock, records = _Clock(), []
+    wall = iter(range(10**6))
+    m = DriftMonitor("p", DriftConfig(window=1000, output_window=100, min_window_s=1.0),
+                     features=["x", "y"], window=None, hop=None, record=records.append,
+                     clock=lambda: float(next(wall)) * -1e6,  # a wall clock gone mad
+                     monotonic=clock, alert=lambda k, d: None)
+    m.set_reference(ref, "m:1")
+    m.set_versions({"m:1": (ref, "classifier")})
+    for step in range(25):  # 2.5 s of a flood: 25 batches of 1,000 rows, 0.1 s apart
+        clock.t = 100.0 + step / 10
+        x = rng.normal(size=(1000, 2))
+        m.observe_rows(["s"] * 1000, x)
+        m.observe_outputs("m:1", (x[:, 0] > 0).astype(int).tolist(), None)
+    inputs = [r for r in records if r["kind"] == "input"]
+    outputs = [r for r in records if r["kind"] == "output"]
+    # count alone: 25 input and 250 output windows; by time: one of each per second
+    assert len(inputs) == 2 and len(outputs) == 2
+    assert all(r["samples"] >= 10_000 for r in inputs)  # every sample counted, none lost
+    assert all(r["rows"] >= 10_000 for r in outputs)
+    assert sum(r["samples"] for r in inputs) + m.status()["window_fill"] == 25_000
+    assert all(r["psi"]["x"] < 0.1 for r in inputs)  # larger windows: figures as good
+
+
+def test_a_full_window_closes_when_old_enough_even_if_the_stream_stops():
+    clock, records = _Clock(), []
+    m = DriftMonitor("p", DriftConfig(window=1000, min_window_s=5.0), features=["x"],
+                     window=None, hop=None, record=records.append, clock=lambda: 0.0,
+                     monotonic=clock, alert=lambda k, d: None)
+    m.observe_rows(["s"] * 1200, np.zeros((1200, 1)))
+    m.tick()
+    assert records == []  # full, but 0 s old
+    clock.t += 5.0
+    m.tick()  # the stream has stopped: the rate tick closes it
+    assert [(r["kind"], r["samples"]) for r in records] == [("input", 1200)]
+    m.tick()
+    assert len(records) == 1  # an empty new window is not closed
+
+
+def test_min_window_s_zero_closes_windows_by_count_alone():
+    records: list = []
+    m = DriftMonitor("p", DriftConfig(window=1000, min_window_s=0), features=["x"],
+                     window=None, hop=None, record=records.append, clock=lambda: 0.0,
+                     monotonic=lambda: 0.0, alert=lambda k, d: None)
+    m.observe_rows(["s"] * 5000, np.zeros((5000, 1)))
+    assert [r["samples"] for r in records] == [1000] * 5

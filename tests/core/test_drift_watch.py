@@ -22,9 +22,12 @@ from edgeml.host.datasets import (
     load_daphnet,
 )
 
-DRIFT = '[drift]\nwindow = 2000\nconsecutive = 2\n[metrics]\nlisten = "127.0.0.1:0"\n'
+# windows by count (min_window_s 0): the stream is published faster than one window a second
+DRIFT = ('[drift]\nwindow = 2000\nconsecutive = 2\nmin_window_s = 0\n'
+         '[metrics]\nlisten = "127.0.0.1:0"\n')
 TOPIC = "sensors/a/imu"
-NO_METRICS = '[metrics]\nlisten = ""\n'  # [drift] at its defaults
+# [drift] at its defaults but for min_window_s (0: windows by count, as the stream is fast)
+NO_METRICS = '[metrics]\nlisten = ""\n[drift]\nmin_window_s = 0\n'
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +159,8 @@ def gait_stream(X: np.ndarray, tag: str) -> list[tuple[str, bytes]]:
 
 @sync
 async def test_daphnet_walking_time_split_no_alert_and_a_shifted_copy_alerts(tmp_path, walking):
-    """Default [drift] settings (window 2,000, PSI 0.25, k = 2). Stream order: the second
+    """Default [drift] settings (window 2,000, PSI 0.25, k = 2; windows by count, as the
+    stream comes faster than a window a second). Stream order: the second
     half of the walking part in time order, twice (5,632 samples, 2 full windows), then the
     same with leg_vert + 0.5 of its reference std, twice."""
     from conftest import gait_pipeline
@@ -188,7 +192,8 @@ async def test_daphnet_walking_time_split_no_alert_and_a_shifted_copy_alerts(tmp
 
 def _daphnet_run(ref, X, window=2000):
     raised = []
-    mon = DriftMonitor("gait", DriftConfig(window=window), features=DAPHNET_CHANNELS,
+    mon = DriftMonitor("gait", DriftConfig(window=window, min_window_s=0),
+                       features=DAPHNET_CHANNELS,
                        window=None, hop=None, record=lambda d: None, clock=lambda: 0.0,
                        alert=lambda k, d: raised.append((k, d["state"], d.get("channel"))))
     mon.set_reference(ref, "gait:1")

@@ -78,7 +78,8 @@ def test_metrics_endpoint_counts_what_was_streamed(broker, daemon_factory, tmp_p
                                                    activity_bundle):
     cfg = write_config(tmp_path / "edgeml.toml", broker=broker, data_dir=tmp_path / "data",
                        models=[{"name": "activity", "version": "1", "bundle": activity_bundle}],
-                       extra='[metrics]\nlisten = "127.0.0.1:0"\n[drift]\nwindow = 1000\n')
+                       extra='[metrics]\nlisten = "127.0.0.1:0"\n[drift]\nwindow = 1000\n'
+                             'min_window_s = 0\n')
     out = Collector(broker, OUT)
     try:
         d = daemon_factory(cfg)

@@ -68,7 +68,7 @@ def test_report_equals_figures_from_the_raw_answers(broker, collector, daemon_fa
                     {"name": "activity", "version": "2", "role": "challenger",
                      "bundle": activity_bundle_v2}],
             device_id=dev, pipeline={"topics": [f"sensors/{dev}/imu"]},
-            extra='\n[metrics]\nlisten = ""\n[drift]\noutput_window = 10\n'
+            extra='\n[metrics]\nlisten = ""\n[drift]\noutput_window = 10\nmin_window_s = 0\n'
                   '[sync]\nbatch_max_wait_s = 0.05\n')
         daemon_factory(cfg)
     test = load_basicmotions("TEST")
