@@ -103,9 +103,12 @@ def test_the_script_profiles_the_real_daemon(tmp_path: Path) -> None:
     paced = report["phases"]["paced"]
     assert paced["profiled_round"]["answered"] == 500
     stages = {r["stage"]: r for r in paced["stages"]}
-    # the daemon's own work shows up where it belongs
-    assert stages["onnx session.run"]["samples"] > 0
+    # the daemon's own work shows up where it belongs (a short round on a busy machine
+    # may catch no sample of a small stage such as session.run: the large ones are asked)
     assert stages["transport (paho, sockets)"]["samples"] > 0
     busy = [r for r in paced["stages"] if r["stage"] != WAIT]
+    named = [r for r in busy if r["samples"] and r["stage"] != "other"]
+    assert len(named) >= 4, busy
+    assert stages.get("other", {"share": 0.0})["share"] < 0.5, busy
     assert sum(r["share"] for r in busy) == pytest.approx(1.0)
     assert sum(r["ms_per_msg"] for r in busy) == pytest.approx(paced["cpu_ms_per_msg"])
