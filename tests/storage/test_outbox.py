@@ -363,6 +363,34 @@ def test_space_freed_while_records_wait_is_reused_not_given_back(tmp_path: Path)
         assert ob.stats()["file_bytes"] < budget / 8  # drained: the space goes back
 
 
+def test_a_drained_outbox_shrinks_and_keeps_its_marks_counters_and_order(tmp_path: Path):
+    """Drained, the file is rebuilt (VACUUM): what is not a record (marks, drop counters,
+    the chunk numbering the uplink's order rests on) comes through it, and the same
+    records are refused as duplicates afterwards as before."""
+    budget = 2 * 2**20
+    with Outbox(tmp_path / "outbox", budget_bytes=budget) as ob:
+        for start in range(100000, 112000, 64):  # past the budget: some dropped
+            ob.put_many([item(i, v) for i in range(start, start + 32) for v in ("1", "2")],
+                        marks={"activity": start})
+        dropped = ob.stats()["dropped"]
+        assert dropped > 0
+        last_seq = ob._db.execute("SELECT max(seq) FROM chunks").fetchone()[0]
+        statements: list[str] = []
+        ob._db.set_trace_callback(statements.append)
+        drain(ob, "results")
+        ob._db.set_trace_callback(None)
+        assert "VACUUM" in statements
+        assert ob.stats()["file_bytes"] < budget / 8
+        assert ob.marks() == {"activity": 111968}
+        assert ob.stats()["dropped"] == dropped
+        ob.put_many([item(200000)])
+        assert ob._db.execute("SELECT min(seq) FROM chunks").fetchone()[0] > last_seq
+        assert drain(ob, "results") == [item(200000)[1]]
+    with Outbox(tmp_path / "outbox", budget_bytes=budget) as ob:  # and after a restart
+        assert ob.marks() == {"activity": 111968} and ob.stats()["dropped"] == dropped
+        assert ob.check_integrity() == []
+
+
 def test_concurrent_writer_and_reader_lose_nothing(tmp_path: Path):
     with Outbox(tmp_path / "outbox") as ob:
         n = 3000

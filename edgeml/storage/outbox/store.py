@@ -774,15 +774,21 @@ class Outbox:
                         or now - self._drained_vacuum_at < DRAINED_VACUUM_INTERVAL_S):
                     return
                 self._drained_vacuum_at = now
-                pages = free
-            else:
-                total = self._db.execute("PRAGMA page_count").fetchone()[0]
-                beyond = total * page - self.budget_bytes
-                if beyond < max(1 << 20, self.budget_bytes // 8):
-                    return
-                pages = min(free, -(-beyond // page))
+                # Nothing is stored: VACUUM rebuilds the few pages of counters and marks
+                # (seqs survive: AUTOINCREMENT) at a tenth of what freeing page by page
+                # costs (10 against 100 ms of CPU for 47 MB on the test host).
+                try:
+                    self._db.execute("VACUUM")
+                except sqlite3.OperationalError:  # a statement still open: page by page
+                    self._db.executescript("PRAGMA incremental_vacuum;")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                return
+            total = self._db.execute("PRAGMA page_count").fetchone()[0]
+            beyond = total * page - self.budget_bytes
+            if beyond < max(1 << 20, self.budget_bytes // 8):
+                return
             # executescript steps the pragma to completion (execute frees one page)
-            self._db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+            self._db.executescript(f"PRAGMA incremental_vacuum({min(free, -(-beyond // page))});")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.warning("outbox vacuum failed: %s", exc)
