@@ -577,14 +577,14 @@ class Device:
 
     # ---- drift, metrics, readiness -------------------------------------------------------------
     def _monitor(self, pcfg: PipelineConfig) -> Any:
-        from edgeml.core.drift import DriftMonitor
+        from edgeml.core.drift import DriftMonitor, drift_record_id
 
         name = pcfg.name
 
         def record(doc: dict) -> None:  # one record per drift window, synced on sync/drift
             if self.egress.outbox is not None:
-                rid = f"{self.config.device_id}/{name}/drift/{doc['kind']}/{doc['ts']:.6f}"
-                self.egress.record("drift", rid, doc)
+                self.egress.record("drift", drift_record_id(self.config.device_id, name, doc),
+                                   doc)
 
         win = pcfg.window
         mon = DriftMonitor(name, self.config.drift, features=pcfg.features or (),

@@ -180,6 +180,17 @@ def compare_inputs(reference: Mapping[str, Any], rows: np.ndarray,
             for i, f in enumerate(features) if f in refs}
 
 
+def drift_record_id(device: str, pipeline: str, doc: Mapping[str, Any]) -> str:
+    """The ``record_id`` of one closed window's record on the outbox's ``drift`` stream.
+    Output windows name their version: several versions' windows may close at the same
+    microsecond (the same batch, or one rate tick), and records with one id are one record
+    to the outbox and upstream."""
+    kind, ts = doc["kind"], f"{doc['ts']:.6f}"
+    if kind == "output":
+        return f"{device}/{pipeline}/drift/output/{doc['version']}/{ts}"
+    return f"{device}/{pipeline}/drift/{kind}/{ts}"
+
+
 # ---- the device side ------------------------------------------------------------------------
 class _OutputWindow:
     """One version's outputs against its reference. ``stagger``: rows counted as already

@@ -319,3 +319,28 @@ def test_min_window_s_zero_closes_windows_by_count_alone():
                      monotonic=lambda: 0.0, alert=lambda k, d: None)
     m.observe_rows(["s"] * 5000, np.zeros((5000, 1)))
     assert [r["samples"] for r in records] == [1000] * 5
+
+
+def test_versions_closing_their_output_windows_at_once_get_records_of_their_own():
+    """Two versions' output windows closed by the same rate tick, in the same microsecond of
+    a wall clock: one id would have made them one record in the outbox and upstream."""
+    from edgeml.core.drift import drift_record_id
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(5000, 2))
+    ref = make_reference(train, ["x", "y"], None, kind="classifier",
+                         labels=(train[:, 0] > 0).astype(int))
+    clock, records = _Clock(), []
+    m = DriftMonitor("p", DriftConfig(window=1000, output_window=100, min_window_s=1.0),
+                     features=["x", "y"], window=None, hop=None, record=records.append,
+                     clock=lambda: 1_700_000_000.0, monotonic=clock, alert=lambda k, d: None)
+    m.set_versions({"m:1": (ref, "classifier"), "m:2": (ref, "classifier")})
+    for key in ("m:1", "m:2"):
+        m.observe_outputs(key, [1, 0] * 100, None)
+    clock.t += 1.0
+    m.tick()
+    assert sorted(r["version"] for r in records) == ["m:1", "m:2"]
+    ids = {drift_record_id("dev", "p", r) for r in records}
+    assert ids == {"dev/p/drift/output/m:1/1700000000.000000",
+                   "dev/p/drift/output/m:2/1700000000.000000"}
+    assert drift_record_id("dev", "p", {"kind": "input", "ts": 1.5}) == "dev/p/drift/input/1.500000"
