@@ -128,6 +128,36 @@ async def test_a_stuck_channel_raises_sensor_stuck(tmp_path, activity_bundle, te
         assert recs[0]["rejected"] == 0.0 and recs[3]["stuck"][0]["channel"] == "gx"
 
 
+@sync
+async def test_a_stream_faster_than_a_window_a_second_makes_larger_windows_not_more(
+        tmp_path, activity_bundle, test_set):
+    """``[drift] min_window_s`` at its default (1 s): 4,000 samples sent at once against
+    windows of 500 make a few large windows (by count alone: eight in well under a second),
+    every sample counted, and each closed window's record goes upstream."""
+    order = np.random.default_rng(11).permutation(len(test_set.X))
+    extra = '[metrics]\nlisten = ""\n[drift]\nwindow = 500\nrate_interval_s = 0.5\n'
+    async with Rig(tmp_path, [{"name": "activity", "version": "1",
+                               "bundle": str(activity_bundle)}], extra=extra) as rig:
+        mon = rig.device.monitors["activity"]
+        assert mon.s.min_window_s == 1.0
+        start = time.monotonic()
+        rig.send(stream(test_set, order))
+
+        def synced() -> list[dict]:
+            return [r for p in rig.broker.payloads(f"edgeml/{DEVICE}/sync/drift")
+                    for r in msgpack.unpackb(p, raw=False)["records"] if r["kind"] == "input"]
+
+        def counted() -> int:  # closed windows upstream, and the open one
+            return sum(r["samples"] for r in synced()) + mon.status()["window_fill"]
+        # every sample is counted once: in a window's record or the window still open
+        await _until(lambda: mon.windows >= 1 and len(synced()) == mon.windows
+                     and counted() == 4000, "every sample counted, a window closed",
+                     timeout=60)
+        elapsed = time.monotonic() - start
+        assert mon.windows <= elapsed / mon.s.min_window_s + 1  # at most one a second
+        assert all(r["samples"] >= 500 for r in synced())
+
+
 @pytest.fixture(scope="module")
 def walking(tmp_path_factory):
     """The walking part of the recording (from :func:`daphnet_walking_start`) split in time:
